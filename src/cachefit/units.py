@@ -367,6 +367,8 @@ class Unit:
     """Transformer dimensions, where known (None for live-module profiles)."""
     layer: int | None = None
     """Index of the transformer layer it belongs to, if any."""
+    compression: tuple[str, ...] = ()
+    """Names of the compression techniques applied to it, in order (empty: as profiled)."""
 
     def __post_init__(self) -> None:
         if not self.name:
