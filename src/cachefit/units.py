@@ -6,8 +6,8 @@ seed paper's ``size(l_j) = weights + activations + buffers``, with the parts tha
 
 Stacking units on one card is *not* a plain sum here: weights and the persistent part of the
 activations (KV cache in decode, saved-for-backward tensors in train) stay resident, while the
-transient part (scratch a unit frees when it returns) and the workspace buffers are reused by the
-next unit, so a card needs their maximum, not their sum (see :func:`stack_footprints`). The plain
+transient part (scratch a unit frees when it returns) and its workspace buffers are reused by the
+next unit, so a card needs the largest of them, not their sum (see :func:`stack_footprints`). The plain
 sum, the seed paper's accounting, is available with ``reuse=False`` for comparison.
 """
 
@@ -275,9 +275,11 @@ class Footprint:
 def stack_footprints(footprints: Iterable[Footprint], *, reuse: bool = True) -> Footprint:
     """Bytes a card needs to hold several units and run them one after another.
 
-    With ``reuse`` (the default) weights and persistent activations add up, while transient
-    activations and buffers are reused: the card needs the largest of them, not their sum.
-    ``reuse=False`` is the seed paper's plain sum of ``size(l_j)``.
+    With ``reuse`` (the default) weights and persistent activations add up, while a unit's transient
+    activations and its buffers live only while it runs: the card's peak is reached while its most
+    demanding unit runs, so it needs ``max_i(transient_i + buffers_i)`` on top of the resident bytes,
+    not the sum. The stacked footprint reports that unit's transient part as activations and its
+    buffers as buffers. ``reuse=False`` is the seed paper's plain sum of ``size(l_j)``.
     """
     fps = tuple(footprints)
     weights = sum(f.weight_bytes for f in fps)
@@ -286,9 +288,11 @@ def stack_footprints(footprints: Iterable[Footprint], *, reuse: bool = True) -> 
     for f in fps:
         for role, nbytes in f.weight_roles:
             roles[role] = roles.get(role, 0) + nbytes
-    if reuse:
-        transient = max((f.transient_activation_bytes for f in fps), default=0)
-        buffers = max((f.buffer_bytes for f in fps), default=0)
+    if not fps:
+        transient = buffers = 0
+    elif reuse:
+        peak = max(fps, key=lambda f: f.transient_activation_bytes + f.buffer_bytes)
+        transient, buffers = peak.transient_activation_bytes, peak.buffer_bytes
     else:
         transient = sum(f.transient_activation_bytes for f in fps)
         buffers = sum(f.buffer_bytes for f in fps)

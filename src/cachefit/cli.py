@@ -1,0 +1,242 @@
+"""The ``cachefit`` command line: one typer app, thin commands (parse, call the library, render).
+
+Exit codes: 0 success, 2 bad input, 3 no feasible plan, 1 anything else. A traceback is printed only
+with ``--debug``. torch is imported only inside commands that need it, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from cachefit.errors import CachefitError, ConfigError
+
+app = typer.Typer(
+    name="cachefit",
+    help="Plan layer-wise deployments whose every card partition fits on-chip memory (SRAM / L2).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+_console = Console()
+_err = Console(stderr=True)
+_STATE = {"debug": False}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _handles_errors(func: F) -> F:
+    """Turn cachefit errors into a one-line message and an exit code (traceback only with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CachefitError as exc:
+            if _STATE["debug"]:
+                raise
+            kind = "no feasible plan" if exc.exit_code == 3 else "error"
+            _err.print(f"[bold red]{kind}:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+) -> None:
+    _STATE["debug"] = debug
+
+
+class ModeOpt(str, Enum):
+    prefill = "prefill"
+    decode = "decode"
+    train = "train"
+
+
+class DtypeOpt(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp8 = "fp8"
+
+
+class AttentionOpt(str, Enum):
+    eager = "eager"
+    flash = "flash"
+
+
+class GranularityOpt(str, Enum):
+    layer = "layer"
+    block = "block"
+
+
+# Workload options shared by every command that profiles a model.
+BatchOpt = Annotated[int, typer.Option("--batch", "-b", help="Sequences per step.", min=1)]
+SeqOpt = Annotated[int, typer.Option("--seq", "-s", help="Tokens per sequence (prefill/train) or KV-cache length (decode).", min=1)]
+ModeOption = Annotated[ModeOpt, typer.Option("--mode", help="prefill, decode (with KV cache) or train.")]
+DtypeOption = Annotated[DtypeOpt, typer.Option("--dtype", help="Weight dtype before compression.")]
+ActDtypeOption = Annotated[Optional[DtypeOpt], typer.Option("--act-dtype", help="Activation dtype (default: --dtype).")]
+AttnOption = Annotated[AttentionOpt, typer.Option("--attention", help="eager materializes attention scores; flash does not.")]
+GranOption = Annotated[GranularityOpt, typer.Option("--granularity", "-g", help="layer: whole layers; block: attention and MLP blocks as units.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print stable JSON instead of a table.")]
+
+
+def _workload(batch: int, seq: int, mode: ModeOpt, dtype: DtypeOpt, act_dtype: DtypeOpt | None,
+              attention: AttentionOpt, micro_batches: int = 1):
+    from cachefit.units import Workload
+
+    return Workload(
+        batch=batch,
+        seq_len=seq,
+        mode=mode.value,
+        weight_dtype=dtype.value,
+        act_dtype=(act_dtype or dtype).value,
+        attention=attention.value,
+        micro_batches=micro_batches,
+    )
+
+
+def _print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+@app.command()
+@_handles_errors
+def profile(
+    model: Annotated[Optional[str], typer.Argument(help="A preset name, a config.json, or a Hugging Face model directory.")] = None,
+    batch: BatchOpt = 1,
+    seq: SeqOpt = 1024,
+    mode: ModeOption = ModeOpt.decode,
+    dtype: DtypeOption = DtypeOpt.fp16,
+    act_dtype: ActDtypeOption = None,
+    attention: AttnOption = AttentionOpt.eager,
+    granularity: GranOption = GranularityOpt.layer,
+    list_presets: Annotated[bool, typer.Option("--list", help="List the built-in model presets.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Profile a model into ordered units with exact bytes (weights, activations, buffers) and FLOPs."""
+    if list_presets:
+        from cachefit.profile.presets import list_presets as _list
+
+        presets = _list()
+        if as_json:
+            _print_json([{"name": p.name, "family": p.family, "params": p.params, "source": p.source,
+                          "as_of": p.as_of} for p in presets])
+            return
+        from rich.table import Table
+
+        table = Table(title="built-in presets", title_justify="left")
+        for col in ("name", "family", "params", "source"):
+            table.add_column(col, justify="right" if col == "params" else "left")
+        for p in presets:
+            table.add_row(p.name, p.family, f"{p.params:,}", p.source)
+        _console.print(table)
+        return
+    if model is None:
+        raise ConfigError("give a MODEL (a preset name, a config.json or a model directory); see `cachefit profile --list`")
+    from cachefit.profile import profile_model
+    from cachefit.report.serialize import profile_to_dict
+    from cachefit.report.tables import profile_table
+
+    prof = profile_model(model, _workload(batch, seq, mode, dtype, act_dtype, attention), granularity=granularity.value)
+    if as_json:
+        _print_json(profile_to_dict(prof))
+    else:
+        _console.print(profile_table(prof))
+
+
+@app.command()
+@_handles_errors
+def devices(
+    name: Annotated[Optional[str], typer.Argument(help="Show one device (catalog name or device file) in full.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the device catalog: on-chip levels and exact capacities, with public sources."""
+    from cachefit.hardware.devices import device_to_dict, list_devices, resolve_device
+    from cachefit.report.tables import devices_table
+
+    devs = (resolve_device(name),) if name else list_devices()
+    if as_json:
+        _print_json([device_to_dict(d) for d in devs])
+    else:
+        _console.print(devices_table(devs))
+
+
+def _read_sizes(sizes: str | None, sizes_file: Path | None) -> list[int]:
+    from cachefit.sizes import parse_bytes
+
+    if (sizes is None) == (sizes_file is None):
+        raise ConfigError("give exactly one of --sizes 3,5,2 or --sizes-file FILE (one size a line)")
+    if sizes is not None:
+        items = [s for s in sizes.split(",")]
+        where = "--sizes"
+    else:
+        try:
+            text = sizes_file.read_text()  # type: ignore[union-attr]
+        except OSError as exc:
+            raise ConfigError(f"--sizes-file {sizes_file}: cannot read it ({exc.strerror})") from None
+        items = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        where = f"--sizes-file {sizes_file}"
+    if not items:
+        raise ConfigError(f"{where}: no sizes given")
+    return [parse_bytes(item.strip(), what=f"{where} item {i}") for i, item in enumerate(items)]
+
+
+@app.command()
+@_handles_errors
+def partition(
+    sizes: Annotated[Optional[str], typer.Option("--sizes", help="Comma-separated unit sizes (bytes or with units: 3MB,5MB).")] = None,
+    sizes_file: Annotated[Optional[Path], typer.Option("--sizes-file", help="File with one size a line.")] = None,
+    capacity: Annotated[Optional[str], typer.Option("--capacity", "-c", help="Capacity of every card, e.g. 50MB.")] = None,
+    cards: Annotated[Optional[int], typer.Option("--cards", "-k", help="Use at most K cards, minimizing the largest part.", min=1)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Split a list of sizes, in order, into contiguous parts that each fit a capacity."""
+    from cachefit.partition.contiguous import balanced, fewest_cards
+    from cachefit.sizes import format_bytes, parse_bytes
+
+    values = _read_sizes(sizes, sizes_file)
+    cap = parse_bytes(capacity, what="--capacity") if capacity is not None else None
+    if cards is None:
+        if cap is None:
+            raise ConfigError("give --capacity C (and optionally --cards K); without --cards the fewest cards that fit C are found")
+        result = fewest_cards(values, cap)
+    else:
+        result = balanced(values, cards, capacity=cap)
+    doc = {
+        "parts": [list(p) for p in result.parts],
+        "part_sizes": list(result.part_sizes),
+        "bottleneck": result.bottleneck,
+        "cards": result.cards,
+    }
+    if as_json:
+        _print_json(doc)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{result.cards} part(s), largest {format_bytes(result.bottleneck)}", title_justify="left")
+    for col in ("part", "units", "size", "capacity", "utilization"):
+        table.add_column(col, justify="left" if col == "units" else "right")
+    for i, ((start, end), size) in enumerate(zip(result.parts, result.part_sizes)):
+        table.add_row(str(i), f"{start}..{end - 1}", format_bytes(size),
+                      format_bytes(cap) if cap else "-", f"{size / cap * 100:.1f}%" if cap else "-")
+    _console.print(table)
+
+
+def main() -> None:
+    """Entry point of the ``cachefit`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

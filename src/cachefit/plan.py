@@ -1,0 +1,154 @@
+"""``Stage`` and ``Plan``: the planner's decision as a plain, serializable value.
+
+``cost``, ``report`` and ``deploy`` read a Plan; nothing downstream re-decides it. The JSON form is
+versioned (``schema``: ``cachefit.plan/1``) and documented in ``docs/plan-schema.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cachefit.errors import ConfigError
+from cachefit.units import Footprint
+
+PLAN_SCHEMA = "cachefit.plan/1"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stage:
+    """What one card holds: a contiguous range of units (or one shard of a split unit)."""
+
+    card: int
+    """Index of the card in the cluster."""
+    device: str
+    """Catalog name of the card's device."""
+    level: str
+    """The on-chip memory level the stage must fit (e.g. ``l2``)."""
+    units: tuple[int, int]
+    """``(start, end_exclusive)`` indices into the profile's units."""
+    unit_names: tuple[str, ...]
+    footprint: Footprint
+    """Bytes the card needs for the stage, stacked as :func:`cachefit.units.stack_footprints` does."""
+    capacity_bytes: int
+    """What the card offers after headroom and reserved bytes."""
+    shard: tuple[int, int] | None = None
+    """``(index, count)`` when the stage holds one shard of a unit split over ``count`` cards."""
+    compression: tuple[str, ...] = ()
+    """Techniques applied to the stage's units."""
+
+    def __post_init__(self) -> None:
+        start, end = self.units
+        if not 0 <= start < end:
+            raise ConfigError(f"stage on card {self.card}: empty or negative unit range {self.units}")
+        if len(self.unit_names) != end - start:
+            raise ConfigError(f"stage on card {self.card}: {len(self.unit_names)} names for units {self.units}")
+        if self.capacity_bytes <= 0:
+            raise ConfigError(f"stage on card {self.card}: capacity must be positive")
+
+    @property
+    def total_bytes(self) -> int:
+        return self.footprint.total_bytes
+
+    @property
+    def utilization(self) -> float:
+        return self.footprint.total_bytes / self.capacity_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.footprint.total_bytes <= self.capacity_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        fp = self.footprint
+        return {
+            "card": self.card,
+            "device": self.device,
+            "level": self.level,
+            "units": [self.units[0], self.units[1]],
+            "unit_names": list(self.unit_names),
+            "shard": list(self.shard) if self.shard else None,
+            "compression": list(self.compression),
+            "weight_bytes": fp.weight_bytes,
+            "activation_bytes": fp.activation_bytes,
+            "buffer_bytes": fp.buffer_bytes,
+            "total_bytes": fp.total_bytes,
+            "capacity_bytes": self.capacity_bytes,
+            "utilization": round(self.utilization, 6),
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """A deployment: one stage per card, in pipeline order."""
+
+    model: str
+    workload: Mapping[str, Any]
+    devices: tuple[str, ...]
+    """Device name of each card, in order."""
+    objective: str
+    """``fewest_cards`` or ``balanced``."""
+    stages: tuple[Stage, ...]
+    num_units: int
+    stacking: str = "reuse"
+    """How a card's bytes are stacked: ``reuse`` (transient scratch shared) or ``sum`` (the seed's plain sum)."""
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        expected = 0
+        for stage in self.stages:
+            start, end = stage.units
+            if stage.shard is None or stage.shard[0] == 0:
+                if start != expected:
+                    raise ConfigError(
+                        f"plan of {self.model}: stage on card {stage.card} starts at unit {start}, expected {expected}"
+                    )
+                expected = end
+        if self.stages and expected != self.num_units:
+            raise ConfigError(f"plan of {self.model}: stages cover units 0..{expected}, model has {self.num_units}")
+
+    @property
+    def cards(self) -> int:
+        return len(self.stages)
+
+    @property
+    def feasible(self) -> bool:
+        return all(stage.fits for stage in self.stages)
+
+    @property
+    def bottleneck_bytes(self) -> int:
+        return max(stage.total_bytes for stage in self.stages)
+
+    @property
+    def mean_utilization(self) -> float:
+        return sum(s.utilization for s in self.stages) / len(self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        from cachefit import __version__
+
+        utils = [s.utilization for s in self.stages]
+        return {
+            "schema": PLAN_SCHEMA,
+            "cachefit_version": __version__,
+            "model": self.model,
+            "workload": dict(self.workload),
+            "devices": list(self.devices),
+            "objective": self.objective,
+            "stacking": self.stacking,
+            "feasible": self.feasible,
+            "cards": self.cards,
+            "num_units": self.num_units,
+            "summary": {
+                "bottleneck_bytes": self.bottleneck_bytes,
+                "mean_utilization": round(self.mean_utilization, 6),
+                "min_utilization": round(min(utils), 6),
+                "max_utilization": round(max(utils), 6),
+                "spread": round(max(utils) - min(utils), 6),
+            },
+            "stages": [s.to_dict() for s in self.stages],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"

@@ -1,0 +1,69 @@
+"""PNG charts (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from cachefit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cachefit.plan import Plan
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _unit_scale(max_bytes: float) -> tuple[float, str]:
+    for scale, name in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+        if max_bytes >= scale:
+            return scale, name
+    return 1.0, "B"
+
+
+def plot_plan(plan: Plan, path: str | os.PathLike) -> None:
+    """Per-card stacked bars (weights, activations, buffers) against each card's capacity line."""
+    plt = _pyplot()
+    stages = plan.stages
+    peak = max(max(s.total_bytes for s in stages), max(s.capacity_bytes for s in stages))
+    scale, unit = _unit_scale(peak)
+    xs = list(range(len(stages)))
+    weights = [s.footprint.weight_bytes / scale for s in stages]
+    acts = [s.footprint.activation_bytes / scale for s in stages]
+    bufs = [s.footprint.buffer_bytes / scale for s in stages]
+    width = max(6.0, min(18.0, 0.45 * len(stages) + 3))
+    fig, ax = plt.subplots(figsize=(width, 4.5), dpi=120)
+    ax.bar(xs, weights, color="#4C72B0", label="weights")
+    ax.bar(xs, acts, bottom=weights, color="#DD8452", label="activations")
+    ax.bar(xs, bufs, bottom=[w + a for w, a in zip(weights, acts)], color="#55A868", label="buffers")
+    for x, stage in zip(xs, stages):
+        cap = stage.capacity_bytes / scale
+        ax.hlines(cap, x - 0.45, x + 0.45, colors="#C44E52", linewidth=2,
+                  label="capacity" if x == 0 else None)
+        ax.text(x, stage.total_bytes / scale, f"{stage.utilization * 100:.0f}%", ha="center",
+                va="bottom", fontsize=7)
+    ax.set_xticks(xs)
+    labels = [
+        s.unit_names[0] if len(s.unit_names) == 1 else f"{s.unit_names[0]}\n…{s.unit_names[-1]}"
+        for s in stages
+    ]
+    ax.set_xticklabels(labels, fontsize=6, rotation=90 if len(stages) > 12 else 0)
+    ax.set_xlabel("card (first … last unit)")
+    ax.set_ylabel(f"bytes ({unit})")
+    verdict = "every card fits" if plan.feasible else "DOES NOT FIT"
+    ax.set_title(f"{plan.model}: {plan.cards} card(s), {plan.objective} · {verdict}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.margins(y=0.15)
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the plot to {os.fspath(path)!r}: {exc.strerror}; pick a writable path") from None
+    finally:
+        plt.close(fig)
