@@ -163,11 +163,13 @@ def devices(
 ) -> None:
     """List the device catalog: on-chip levels and exact capacities, with public sources."""
     from cachefit.hardware.devices import device_to_dict, list_devices, resolve_device
-    from cachefit.report.tables import devices_table
+    from cachefit.report.tables import device_figures_table, devices_table
 
     devs = (resolve_device(name),) if name else list_devices()
     if as_json:
         _print_json([device_to_dict(d) for d in devs])
+    elif name:
+        _console.print(device_figures_table(devs[0]))
     else:
         _console.print(devices_table(devs))
 
@@ -231,6 +233,97 @@ def partition(
         table.add_row(str(i), f"{start}..{end - 1}", format_bytes(size),
                       format_bytes(cap) if cap else "-", f"{size / cap * 100:.1f}%" if cap else "-")
     _console.print(table)
+
+
+class StackingOpt(str, Enum):
+    reuse = "reuse"
+    sum = "sum"
+
+
+def _cluster(devices: list[str] | None, capacity: str | None, level: str | None, headroom: float,
+             reserve: str | None):
+    """Cards from --device (repeatable; a name or a device / cluster file) and --capacity / --level."""
+    from cachefit.hardware.devices import (
+        Cluster,
+        device_from_capacity,
+        make_cluster,
+        resolve_cluster,
+        resolve_device,
+    )
+    from cachefit.sizes import parse_bytes
+
+    reserved = parse_bytes(reserve, what="--reserve") if reserve else 0
+    if not devices:
+        if capacity is None:
+            raise ConfigError("give --device NAME|FILE (see `cachefit devices`) or --capacity SIZE")
+        dev = device_from_capacity(capacity, level=level or "sram")
+        return make_cluster(dev, headroom=headroom, reserved_bytes=reserved)
+    if len(devices) == 1:
+        if capacity is not None:
+            dev = device_from_capacity(capacity, level=level or resolve_device(devices[0]).default_level,
+                                       base=resolve_device(devices[0]))
+            return make_cluster(dev, headroom=headroom, reserved_bytes=reserved)
+        return resolve_cluster(devices[0], level=level, headroom=headroom, reserved_bytes=reserved) \
+            if (level or headroom or reserved) else resolve_cluster(devices[0])
+    if capacity is not None:
+        raise ConfigError("--capacity overrides one device; with several --device cards put capacities in a cluster file")
+    devs = [resolve_device(d) for d in devices]
+    cluster = make_cluster(devs, level=level, headroom=headroom, reserved_bytes=reserved)
+    assert isinstance(cluster, Cluster)
+    return cluster
+
+
+@app.command()
+@_handles_errors
+def plan(
+    model: Annotated[str, typer.Argument(help="A preset name, a config.json, or a Hugging Face model directory.")],
+    device: Annotated[Optional[list[str]], typer.Option("--device", "-d", help="Catalog name or device/cluster file; repeat for a heterogeneous cluster in order.")] = None,
+    cards: Annotated[Optional[int], typer.Option("--cards", "-k", help="Use exactly K cards, balanced; default: the fewest that fit.", min=1)] = None,
+    capacity: Annotated[Optional[str], typer.Option("--capacity", "-c", help="Override the on-chip capacity per card, e.g. 50MB.")] = None,
+    level: Annotated[Optional[str], typer.Option("--level", help="Memory level to fit (default: the device's planning level, e.g. l2).")] = None,
+    headroom: Annotated[float, typer.Option("--headroom", help="Fraction of each card kept free, in [0, 1).")] = 0.0,
+    reserve: Annotated[Optional[str], typer.Option("--reserve", help="Bytes kept free on every card, e.g. 2MiB.")] = None,
+    allow: Annotated[str, typer.Option("--allow", help="Compression the planner may apply: int8,int4,sparse50,sparse75,sparse24,ckpt,fuse,batch.")] = "",
+    stacking: Annotated[StackingOpt, typer.Option("--stacking", help="reuse: units on a card share scratch (peak); sum: the seed's plain sum.")] = StackingOpt.reuse,
+    batch: BatchOpt = 1,
+    seq: SeqOpt = 1024,
+    mode: ModeOption = ModeOpt.decode,
+    dtype: DtypeOption = DtypeOpt.fp16,
+    act_dtype: ActDtypeOption = None,
+    attention: AttnOption = AttentionOpt.eager,
+    micro_batches: Annotated[int, typer.Option("--micro-batches", help="Micro-batches per step in the pipeline.", min=1)] = 1,
+    granularity: GranOption = GranularityOpt.layer,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of per-card bytes against capacity.")] = None,
+    candidates: Annotated[bool, typer.Option("--candidates", help="Also show every technique set tried (cards, risk).")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Plan a model over cards so every card's partition fits its on-chip memory."""
+    from cachefit.partition.search import plan_partition
+    from cachefit.profile import profile_model
+    from cachefit.report.tables import candidates_table, plan_table
+
+    cluster = _cluster(device, capacity, level, headroom, reserve)
+    prof = profile_model(model, _workload(batch, seq, mode, dtype, act_dtype, attention, micro_batches),
+                         granularity=granularity.value)
+    result, tried = plan_partition(prof, cluster, num_cards=cards, allow=[a for a in allow.split(",") if a.strip()],
+                                   stacking=stacking.value)
+    if plot is not None:
+        from cachefit.report.plots import plot_plan
+
+        plot_plan(result, plot)
+    if as_json:
+        doc = result.to_dict()
+        if candidates:
+            doc["candidates"] = [c.to_dict() for c in tried]
+        _print_json(doc)
+        return
+    _console.print(plan_table(result))
+    for note in result.notes:
+        _console.print(f"[dim]note:[/] {note}")
+    if candidates:
+        _console.print(candidates_table(tried))
+    if plot is not None:
+        _console.print(f"chart written to {plot}")
 
 
 def main() -> None:

@@ -37,7 +37,11 @@ class Stage:
     shard: tuple[int, int] | None = None
     """``(index, count)`` when the stage holds one shard of a unit split over ``count`` cards."""
     compression: tuple[str, ...] = ()
-    """Techniques applied to the stage's units."""
+    """Techniques applied to any of the stage's units (canonical order)."""
+    unit_compression: tuple[tuple[str, ...], ...] = ()
+    """Techniques applied to each unit of the stage (aligned with ``unit_names``; empty: none)."""
+    collective_bytes_per_token: int = 0
+    """Bytes this card sends per token in the collectives of a split stage (0 when not split)."""
 
     def __post_init__(self) -> None:
         start, end = self.units
@@ -45,6 +49,8 @@ class Stage:
             raise ConfigError(f"stage on card {self.card}: empty or negative unit range {self.units}")
         if len(self.unit_names) != end - start:
             raise ConfigError(f"stage on card {self.card}: {len(self.unit_names)} names for units {self.units}")
+        if self.unit_compression and len(self.unit_compression) != end - start:
+            raise ConfigError(f"stage on card {self.card}: unit_compression does not match units {self.units}")
         if self.capacity_bytes <= 0:
             raise ConfigError(f"stage on card {self.card}: capacity must be positive")
 
@@ -70,12 +76,16 @@ class Stage:
             "unit_names": list(self.unit_names),
             "shard": list(self.shard) if self.shard else None,
             "compression": list(self.compression),
+            "unit_compression": {
+                name: list(techs) for name, techs in zip(self.unit_names, self.unit_compression) if techs
+            },
             "weight_bytes": fp.weight_bytes,
             "activation_bytes": fp.activation_bytes,
             "buffer_bytes": fp.buffer_bytes,
             "total_bytes": fp.total_bytes,
             "capacity_bytes": self.capacity_bytes,
             "utilization": round(self.utilization, 6),
+            "collective_bytes_per_token": self.collective_bytes_per_token,
         }
 
 

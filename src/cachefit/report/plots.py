@@ -29,8 +29,11 @@ def _unit_scale(max_bytes: float) -> tuple[float, str]:
 
 def plot_plan(plan: Plan, path: str | os.PathLike) -> None:
     """Per-card stacked bars (weights, activations, buffers) against each card's capacity line."""
+    from cachefit.report.tables import stage_groups
+
     plt = _pyplot()
-    stages = plan.stages
+    groups = stage_groups(plan)
+    stages = [stage for stage, _ in groups]
     peak = max(max(s.total_bytes for s in stages), max(s.capacity_bytes for s in stages))
     scale, unit = _unit_scale(peak)
     xs = list(range(len(stages)))
@@ -50,16 +53,17 @@ def plot_plan(plan: Plan, path: str | os.PathLike) -> None:
                 va="bottom", fontsize=7)
     ax.set_xticks(xs)
     labels = [
-        s.unit_names[0] if len(s.unit_names) == 1 else f"{s.unit_names[0]}\n…{s.unit_names[-1]}"
-        for s in stages
+        (s.unit_names[0] if len(s.unit_names) == 1 else f"{s.unit_names[0]}\n…{s.unit_names[-1]}")
+        + (f"\n×{count} cards" if count > 1 else "")
+        for s, count in groups
     ]
     ax.set_xticklabels(labels, fontsize=6, rotation=90 if len(stages) > 12 else 0)
-    ax.set_xlabel("card (first … last unit)")
+    ax.set_xlabel("stage (first … last unit; a split stage shows the bytes of each of its cards)")
     ax.set_ylabel(f"bytes ({unit})")
     verdict = "every card fits" if plan.feasible else "DOES NOT FIT"
     ax.set_title(f"{plan.model}: {plan.cards} card(s), {plan.objective} · {verdict}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
-    ax.margins(y=0.15)
+    ax.set_ylim(0, peak / scale * 1.3)
+    ax.legend(fontsize=8, loc="upper center", ncol=4, frameon=False)
     fig.tight_layout()
     try:
         fig.savefig(path)

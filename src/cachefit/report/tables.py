@@ -12,7 +12,8 @@ from cachefit.units import ModelProfile
 
 if TYPE_CHECKING:
     from cachefit.hardware.devices import DeviceSpec
-    from cachefit.plan import Plan
+    from cachefit.partition.search import Candidate
+    from cachefit.plan import Plan, Stage
 
 
 def _num(n: int) -> str:
@@ -68,9 +69,19 @@ def _unit_range(names: tuple[str, ...]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} … {names[-1]} ({len(names)})"
 
 
+def stage_groups(plan: Plan) -> list[tuple[Stage, int]]:
+    """Consecutive stages that are shards of one split stage, as (first stage, shard count)."""
+    groups: list[tuple[Stage, int]] = []
+    for stage in plan.stages:
+        if stage.shard is not None and stage.shard[0] > 0 and groups:
+            continue
+        groups.append((stage, stage.shard[1] if stage.shard else 1))
+    return groups
+
+
 def plan_table(plan: Plan) -> Table:
-    """One row per card: the units it holds, bytes by kind, capacity, utilization."""
-    verdict = "[green]fits[/]" if plan.feasible else "[bold red]DOES NOT FIT[/]"
+    """One row per card (one per tensor-parallel group, with its card range): units, bytes, utilization."""
+    verdict = "[green]every card fits[/]" if plan.feasible else "[bold red]DOES NOT FIT[/]"
     title = f"{plan.model} on {plan.cards} card(s) · objective {plan.objective} · {verdict}"
     table = Table(title=title, title_justify="left")
     for name, justify in (
@@ -86,13 +97,14 @@ def plan_table(plan: Plan) -> Table:
         ("utilization", "left"),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for stage in plan.stages:
+    for stage, count in stage_groups(plan):
         fp = stage.footprint
-        shard = f" [shard {stage.shard[0] + 1}/{stage.shard[1]}]" if stage.shard else ""
+        cards = str(stage.card) if count == 1 else f"{stage.card}-{stage.card + count - 1}"
+        split = f" [{count}-way split, per card]" if count > 1 else ""
         table.add_row(
-            str(stage.card),
+            cards,
             f"{stage.device}:{stage.level}",
-            _unit_range(stage.unit_names) + shard,
+            _unit_range(stage.unit_names) + split,
             ",".join(stage.compression) or "-",
             format_bytes(fp.weight_bytes),
             format_bytes(fp.activation_bytes),
@@ -104,34 +116,78 @@ def plan_table(plan: Plan) -> Table:
     return table
 
 
+def _domain(source: str) -> str:
+    text = source.split(";")[0].strip()
+    text = text.split("://", 1)[-1]
+    return text.split("/", 1)[0].removeprefix("www.")
+
+
 def devices_table(devices: tuple[DeviceSpec, ...]) -> Table:
-    """The catalog: on-chip levels and capacities, off-chip, peak FP16, with sources."""
-    table = Table(title="device catalog (on-chip level a plan targets in bold)", title_justify="left")
-    table.add_column("name")
+    """The catalog, one row per device: the level a plan targets, other levels, off-chip, peak FP16."""
+    table = Table(title="device catalog ((U): uncertain figure; `cachefit devices NAME` shows every source)",
+                  title_justify="left")
+    table.add_column("name", no_wrap=True)
     table.add_column("device")
-    table.add_column("on-chip levels")
+    table.add_column("plans for", no_wrap=True)
+    table.add_column("other on-chip")
     table.add_column("off-chip", justify="right")
-    table.add_column("FP16/BF16 dense", justify="right")
-    table.add_column("as of")
-    table.add_column("source of the planning level", overflow="fold")
+    table.add_column("FP16 dense", justify="right")
+    table.add_column("source", overflow="fold")
     for dev in devices:
-        levels = []
-        for lvl in dev.levels:
-            text = f"{lvl.name} {format_bytes(lvl.capacity_bytes)}" + (" (U)" if lvl.uncertain else "")
-            levels.append(f"[bold]{text}[/]" if lvl.name == dev.default_level else text)
+        level = dev.level()
+        target = f"{level.name} {format_bytes(level.total_bytes)}" + (" (U)" if level.uncertain else "")
+        others = ", ".join(
+            f"{lvl.name} {format_bytes(lvl.total_bytes)}" + (" (U)" if lvl.uncertain else "")
+            for lvl in dev.levels if lvl.name != level.name
+        )
         off = "none"
         if dev.offchip_capacity_bytes:
             bw = dev.offchip_bandwidth_bytes_per_s
             off = format_bytes(dev.offchip_capacity_bytes) + (f" @ {bw / 1e12:.2f} TB/s" if bw else "")
         fp16 = dev.peak_flops("fp16") or dev.peak_flops("bf16")
-        level = dev.level()
         table.add_row(
             dev.name,
             dev.full_name,
-            "\n".join(levels),
+            target,
+            others or "-",
             off,
             f"{fp16 / 1e12:,.0f} TFLOP/s" if fp16 else "unknown",
-            level.as_of,
-            level.source,
+            f"{_domain(level.source)} ({level.as_of})" if level.as_of else _domain(level.source),
+        )
+    return table
+
+
+def device_figures_table(device: DeviceSpec) -> Table:
+    """Every figure of one device with its value, source and date."""
+    table = Table(title=f"{device.name}: {device.full_name}", title_justify="left")
+    for col in ("figure", "value", "as of", "source"):
+        table.add_column(col, overflow="fold")
+    for key, fig in device.iter_figures():
+        if fig.value is None:
+            value = "unknown"
+        elif key.endswith("bandwidth") or "bandwidth" in key:
+            value = f"{fig.value / 1e12:,.3f} TB/s"
+        elif "flops" in key:
+            value = f"{fig.value / 1e12:,.1f} TFLOP/s"
+        else:
+            value = f"{int(fig.value):,} B ({format_bytes(fig.value)})"
+        if fig.uncertain:
+            value += " (U)"
+        table.add_row(key, value, fig.as_of, fig.source + (f" — {fig.note}" if fig.note else ""))
+    return table
+
+
+def candidates_table(candidates: tuple[Candidate, ...]) -> Table:
+    """Every technique set the planner tried: cards needed, quality risk, utilization."""
+    table = Table(title="technique sets tried (least lossy first)", title_justify="left")
+    for col in ("techniques", "risk", "cards", "largest part", "mean utilization"):
+        table.add_column(col, justify="left" if col == "techniques" else "right")
+    for c in candidates:
+        table.add_row(
+            ",".join(c.techniques) or "none",
+            f"{c.risk:.2f}",
+            str(c.cards) if c.cards is not None else "does not fit",
+            format_bytes(c.bottleneck_bytes) if c.bottleneck_bytes is not None else "-",
+            f"{c.mean_utilization * 100:.1f}%" if c.mean_utilization is not None else "-",
         )
     return table

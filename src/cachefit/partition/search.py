@@ -1,0 +1,468 @@
+"""Plan search: choose compression per unit and a contiguous partition so every card fits.
+
+The search tries the allowed technique sets (each a valid combination of the allowed names) from the
+least to the most lossy, partitions the compressed units optimally for each (``contiguous``), keeps
+the Pareto front of (cards, quality risk, mean utilization), and then picks the plan the objective
+asks for. Chosen a technique set, units that do not need it are reverted to their uncompressed form
+one at a time (smallest saving first) as long as the plan keeps its card count: compression is
+applied only where it is needed. Batch reduction is a last resort: sets with ``batch`` are tried
+only when nothing without it fits, and the plan says so.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cachefit.compress.techniques import (
+    CompressionConfig,
+    compress_unit,
+    compression_risk,
+    resolve_techniques,
+)
+from cachefit.errors import ConfigError, InfeasiblePlanError, UnsupportedCompressionError
+from cachefit.hardware.devices import Card, Cluster
+from cachefit.partition.contiguous import Partition, balanced, fewest_cards
+from cachefit.partition.split import max_shards, shard_unit
+from cachefit.plan import Plan, Stage
+from cachefit.sizes import format_bytes
+from cachefit.units import ModelProfile, Unit, stack_footprints
+
+_log = logging.getLogger(__name__)
+
+STACKING = ("reuse", "sum")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Candidate:
+    """One technique set tried on every unit, and the best partition it gives."""
+
+    techniques: tuple[str, ...]
+    risk: float
+    cards: int | None
+    """Cards the partition uses (None: no partition fits)."""
+    bottleneck_bytes: int | None
+    mean_utilization: float | None
+
+    @property
+    def feasible(self) -> bool:
+        return self.cards is not None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "techniques": list(self.techniques),
+            "risk": round(self.risk, 6),
+            "cards": self.cards,
+            "bottleneck_bytes": self.bottleneck_bytes,
+            "mean_utilization": None if self.mean_utilization is None else round(self.mean_utilization, 6),
+        }
+
+
+def _cost_arrays(units: Sequence[Unit], stacking: str) -> tuple[list[int], list[int] | None]:
+    """Per-unit resident and transient bytes for the partitioner (see ``stack_footprints``)."""
+    if stacking == "sum":
+        return [u.total_bytes for u in units], None
+    resident = [u.footprint.weight_bytes + u.footprint.persistent_activation_bytes for u in units]
+    transient = [u.footprint.transient_activation_bytes + u.footprint.buffer_bytes for u in units]
+    return resident, transient
+
+
+def technique_sets(allow: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    """Every valid combination of the allowed techniques, least lossy first, ``batch`` ones last."""
+    names = resolve_techniques(tuple(allow))
+    combos: list[tuple[str, ...]] = [()]
+    for r in range(1, len(names) + 1):
+        for combo in itertools.combinations(names, r):
+            try:
+                combos.append(resolve_techniques(combo))
+            except UnsupportedCompressionError:
+                continue  # e.g. int8 with int4: they exclude each other
+    return tuple(sorted(set(combos), key=lambda c: ("batch" in c, compression_risk(c), len(c), c)))
+
+
+class _Cards:
+    """The cards a plan may use: a fixed cluster, or unlimited copies of one card."""
+
+    def __init__(self, cluster: Cluster, num_cards: int | None) -> None:
+        self.cluster = cluster
+        self.unlimited = len(cluster) == 1 and num_cards is None
+        if num_cards is not None and len(cluster) > 1 and num_cards > len(cluster):
+            raise ConfigError(
+                f"--cards {num_cards}: the cluster has only {len(cluster)} cards; give at most {len(cluster)} "
+                "or add cards to the cluster file"
+            )
+        self.num_cards = num_cards
+
+    def card(self, index: int) -> Card:
+        return self.cluster.cards[0] if len(self.cluster) == 1 else self.cluster.cards[index]
+
+    def capacity_arg(self) -> int | tuple[int, ...]:
+        if len(self.cluster) == 1:
+            return self.cluster.cards[0].capacity_bytes
+        return self.cluster.capacities()
+
+    def partition(self, sizes: list[int], transient: list[int] | None) -> Partition:
+        cap = self.capacity_arg()
+        if self.num_cards is None:
+            return fewest_cards(sizes, cap, transient=transient)
+        if isinstance(cap, tuple):
+            cap = cap[: self.num_cards]
+        return balanced(sizes, self.num_cards, capacity=cap, transient=transient, exact=True)
+
+
+def _try(cards: _Cards, units: Sequence[Unit], stacking: str) -> Partition | None:
+    resident, transient = _cost_arrays(units, stacking)
+    try:
+        return cards.partition(resident, transient)
+    except InfeasiblePlanError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """One pipeline stage: units [start, end) on ``shards`` cards (1: no split)."""
+
+    start: int
+    end: int
+    shards: int
+    units: tuple[Unit, ...]
+    """The stage's units as one card holds them (the largest shard when split)."""
+    collective_bytes_per_token: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    groups: tuple[_Group, ...]
+    stacking: str
+
+    @property
+    def cards(self) -> int:
+        return sum(g.shards for g in self.groups)
+
+    def stage_bytes(self, g: _Group) -> int:
+        return stack_footprints((u.footprint for u in g.units), reuse=self.stacking == "reuse").total_bytes
+
+    @property
+    def bottleneck(self) -> int:
+        return max(self.stage_bytes(g) for g in self.groups)
+
+
+def _layout_from_partition(part: Partition, units: Sequence[Unit], stacking: str) -> _Layout:
+    return _Layout(tuple(_Group(a, b, 1, tuple(units[a:b])) for a, b in part.parts), stacking)
+
+
+class _ShardTable:
+    """Each unit's largest shard for every split degree, compressed with one technique set."""
+
+    def __init__(self, profile: ModelProfile, combo: tuple[str, ...], config: CompressionConfig,
+                 compressed: Sequence[Unit]) -> None:
+        self.profile, self.combo, self.config = profile, combo, config
+        self.cache: dict[tuple[int, int], tuple[Unit, int]] = {
+            (i, 1): (u, 0) for i, u in enumerate(compressed)
+        }
+
+    def get(self, i: int, shards: int) -> tuple[Unit, int] | None:
+        key = (i, shards)
+        if key not in self.cache:
+            unit = self.profile.units[i]
+            if shards > max_shards(unit):
+                return None
+            shard = shard_unit(unit, shards, self.profile.workload)
+            got = compress_unit(shard.unit, self.combo, self.profile.workload, self.config) if self.combo else shard.unit
+            self.cache[key] = (got, shard.collective_bytes_per_token)
+        return self.cache[key]
+
+
+def _split_layout(table: _ShardTable, capacity: int, stacking: str, degrees: Sequence[int]) -> _Layout | None:
+    """Fewest cards when stages may be split over several cards (tensor parallel), by dynamic programming.
+
+    ``best[j]`` is the cheapest layout of units [0, j): (cards, largest stage utilization). A stage
+    [i, j) split over s cards holds the largest shard of each of its units; extending it is monotone
+    (``stack_footprints`` never shrinks), so the inner loop stops at the first unit that overflows.
+    """
+    n = len(table.profile.units)
+    inf = (float("inf"), float("inf"))
+    best: list[tuple[float, float]] = [inf] * (n + 1)
+    back: list[tuple[int, int] | None] = [None] * (n + 1)
+    best[0] = (0, 0.0)
+    reuse = stacking == "reuse"
+    for i in range(n):
+        if best[i] == inf:
+            continue
+        for s in degrees:
+            resident = 0
+            peak = 0
+            for j in range(i, n):
+                got = table.get(j, s)
+                if got is None:
+                    break
+                fp = got[0].footprint
+                if reuse:
+                    resident += fp.weight_bytes + fp.persistent_activation_bytes
+                    peak = max(peak, fp.transient_activation_bytes + fp.buffer_bytes)
+                else:
+                    resident += fp.total_bytes
+                total = resident + peak
+                if total > capacity:
+                    break
+                cand = (best[i][0] + s, max(best[i][1], total / capacity))
+                if cand < best[j + 1]:
+                    best[j + 1], back[j + 1] = cand, (i, s)
+    if best[n] == inf:
+        return None
+    groups: list[_Group] = []
+    j = n
+    while j > 0:
+        i, s = back[j]  # type: ignore[misc]
+        members = tuple(table.get(k, s)[0] for k in range(i, j))  # type: ignore[index]
+        traffic = sum(table.get(k, s)[1] for k in range(i, j))  # type: ignore[index]
+        groups.append(_Group(i, j, s, members, traffic))
+        j = i
+    return _Layout(tuple(reversed(groups)), stacking)
+
+
+def _split_for_cards(table: _ShardTable, capacity: int, stacking: str, degrees: Sequence[int],
+                     num_cards: int) -> _Layout | None:
+    """The layout on at most ``num_cards`` cards with the smallest largest stage (bisection on the bound)."""
+    top = _split_layout(table, capacity, stacking, degrees)
+    if top is None or top.cards > num_cards:
+        return None
+    lo, hi, best = 1, capacity, top
+    while lo < hi:
+        mid = (lo + hi) // 2
+        got = _split_layout(table, mid, stacking, degrees)
+        if got is not None and got.cards <= num_cards:
+            hi, best = mid, got
+        else:
+            lo = mid + 1
+    return best
+
+
+def plan_partition(
+    profile: ModelProfile,
+    cluster: Cluster,
+    *,
+    num_cards: int | None = None,
+    allow: Sequence[str] = (),
+    stacking: str = "reuse",
+    config: CompressionConfig | None = None,
+) -> tuple[Plan, tuple[Candidate, ...]]:
+    """Plan ``profile`` on the cards of ``cluster``.
+
+    Args:
+        profile: the model's units for one workload.
+        cluster: one card (then as many copies as needed, or ``num_cards``) or a fixed cluster.
+        num_cards: use exactly this many cards, balancing the largest part; None: the fewest cards.
+        allow: compression techniques the search may apply (``int8``, ``int4``, ``sparse50``, ...).
+        stacking: ``reuse`` (transient scratch shared by a card's units) or ``sum`` (the seed's sum).
+        config: options of the techniques.
+
+    Returns:
+        The plan and every candidate technique set tried, with the cards it needs.
+
+    Raises:
+        InfeasiblePlanError: nothing allowed fits; the message names the unit or constraint and the
+            minimal change that would make it fit.
+    """
+    if stacking not in STACKING:
+        raise ConfigError(f"stacking must be one of {STACKING}, got {stacking!r}")
+    if num_cards is not None and num_cards > len(profile.units):
+        raise ConfigError(
+            f"--cards {num_cards}: the model has only {len(profile.units)} units at this granularity; "
+            "use fewer cards or --granularity block"
+        )
+    cards = _Cards(cluster, num_cards)
+    config = config or CompressionConfig()
+    wl = profile.workload
+    sets = technique_sets(allow)
+
+    candidates: list[Candidate] = []
+    variants: dict[tuple[str, ...], tuple[Unit, ...]] = {}
+    best: tuple[tuple[str, ...], _Layout] | None = None
+    for combo in sets:
+        if best is not None and "batch" in combo:
+            break  # batch reduction only as a last resort
+        units = tuple(compress_unit(u, combo, wl, config) for u in profile.units) if combo else profile.units
+        variants[combo] = units
+        layout = _layout(cards, profile, combo, config, units, stacking)
+        candidates.append(
+            Candidate(
+                techniques=combo,
+                risk=compression_risk(combo) if combo else 0.0,
+                cards=layout.cards if layout else None,
+                bottleneck_bytes=layout.bottleneck if layout else None,
+                mean_utilization=_layout_util(layout, cards) if layout else None,
+            )
+        )
+        if layout is None:
+            continue
+        # sets come least lossy first: with a fixed card count the first that fits wins; for the
+        # fewest cards a lossier set is kept only if it saves a card
+        if best is None or (num_cards is None and layout.cards < best[1].cards):
+            best = (combo, layout)
+    if best is None:
+        raise _infeasible(profile, cards, variants, stacking)
+
+    combo, layout = best
+    if combo and all(g.shards == 1 for g in layout.groups):
+        layout = _revert_unneeded(profile.units, list(variants[combo]), cards, stacking, layout)
+    plan = _build_plan(profile, cards, layout, combo)
+    return plan, tuple(candidates)
+
+
+_DEGREES = (*range(1, 17), 24, 32, 48, 64)
+
+
+def _layout(cards: _Cards, profile: ModelProfile, combo: tuple[str, ...], config: CompressionConfig,
+            units: Sequence[Unit], stacking: str) -> _Layout | None:
+    """The best layout for one technique set: contiguous if every unit fits a card, else with splits."""
+    part = _try(cards, units, stacking)
+    if part is not None:
+        return _layout_from_partition(part, units, stacking)
+    caps = cards.cluster.capacities()
+    capacity = min(caps)
+    if all(u.total_bytes <= max(caps) for u in units) or not cards.cluster.is_homogeneous:
+        return None  # not a unit too large for a card: splitting would not help (or cards differ)
+    limit = max(max_shards(u) for u in profile.units)
+    degrees = tuple(d for d in _DEGREES if d <= limit)
+    table = _ShardTable(profile, combo, config, units)
+    if cards.num_cards is None:
+        if cards.unlimited:
+            return _split_layout(table, capacity, stacking, degrees)
+        got = _split_layout(table, capacity, stacking, degrees)
+        return got if got is not None and got.cards <= len(cards.cluster) else None
+    return _split_for_cards(table, capacity, stacking, degrees, cards.num_cards)
+
+
+def _layout_util(layout: _Layout, cards: _Cards) -> float:
+    total, idx = 0.0, 0
+    for g in layout.groups:
+        for _ in range(g.shards):
+            total += layout.stage_bytes(g) / cards.card(idx).capacity_bytes
+            idx += 1
+    return total / layout.cards
+
+
+def _revert_unneeded(
+    original: Sequence[Unit],
+    compressed: list[Unit],
+    cards: _Cards,
+    stacking: str,
+    layout: _Layout,
+) -> _Layout:
+    """Undo compression on units that do not need it, keeping the card count."""
+    order = sorted(
+        (i for i in range(len(original)) if compressed[i] is not original[i]),
+        key=lambda i: original[i].total_bytes - compressed[i].total_bytes,
+    )
+    for i in order:
+        trial = list(compressed)
+        trial[i] = original[i]
+        got = _try(cards, trial, stacking)
+        if got is not None and got.cards <= layout.cards:
+            compressed, layout = trial, _layout_from_partition(got, trial, stacking)
+    return layout
+
+
+def _build_plan(profile: ModelProfile, cards: _Cards, layout: _Layout, combo: tuple[str, ...]) -> Plan:
+    stages = []
+    idx = 0
+    reuse = layout.stacking == "reuse"
+    for g in layout.groups:
+        footprint = stack_footprints((u.footprint for u in g.units), reuse=reuse)
+        applied = resolve_techniques(sorted({t for u in g.units for t in u.compression}))
+        for r in range(g.shards):
+            card = cards.card(idx)
+            stages.append(
+                Stage(
+                    card=idx,
+                    device=card.device.name,
+                    level=card.level_name,
+                    units=(g.start, g.end),
+                    unit_names=tuple(u.name for u in g.units),
+                    unit_compression=tuple(u.compression for u in g.units),
+                    footprint=footprint,
+                    capacity_bytes=card.capacity_bytes,
+                    compression=applied,
+                    shard=(r, g.shards) if g.shards > 1 else None,
+                    collective_bytes_per_token=g.collective_bytes_per_token,
+                )
+            )
+            idx += 1
+    notes = []
+    if "batch" in combo:
+        notes.append(
+            f"batch reduced from {profile.workload.batch} to the compression config's target: the last resort, "
+            "nothing else allowed fits"
+        )
+    compressed = sum(1 for g in layout.groups for u in g.units if u.compression)
+    if compressed:
+        notes.append(
+            f"{compressed} of {len(profile.units)} units compressed ({', '.join(combo)}); the rest need none"
+        )
+    split = [g for g in layout.groups if g.shards > 1]
+    if split:
+        notes.append(
+            f"{len(split)} stage(s) split tensor-parallel (Megatron-style) over "
+            f"{', '.join(sorted({str(g.shards) for g in split}))} cards; bytes shown are the largest shard's"
+        )
+    if cards.num_cards is not None and layout.cards < cards.num_cards:
+        notes.append(f"uses {layout.cards} of the {cards.num_cards} cards asked for: the split layout found "
+                     "no better bottleneck with more")
+    return Plan(
+        model=profile.model,
+        workload=profile.workload.to_dict(),
+        devices=tuple(s.device for s in stages),
+        objective="fewest_cards" if cards.num_cards is None else "balanced",
+        stages=tuple(stages),
+        num_units=len(profile.units),
+        stacking=layout.stacking,
+        notes=tuple(notes),
+    )
+
+
+def _infeasible(
+    profile: ModelProfile,
+    cards: _Cards,
+    variants: dict[tuple[str, ...], tuple[Unit, ...]],
+    stacking: str,
+) -> InfeasiblePlanError:
+    """Say which unit or constraint cannot be met, and the minimal change that would fix it."""
+    capacity = max(cards.cluster.capacities())
+    lightest = min(variants, key=lambda c: sum(u.total_bytes for u in variants[c]))
+    units = variants[lightest]
+    too_big = [(i, u) for i, u in enumerate(units) if u.total_bytes > capacity]
+    if too_big:
+        i, unit = max(too_big, key=lambda t: t[1].total_bytes)
+        fp = unit.footprint
+        raw = profile.units[i]
+        fixes = []
+        if not lightest:
+            for combo in (("int8",), ("int8", "fuse"), ("int4", "fuse"), ("int4", "sparse50", "fuse")):
+                got = compress_unit(raw, combo, profile.workload)
+                if got.total_bytes <= capacity:
+                    fixes.append(f"allow {','.join(combo)} ({format_bytes(got.total_bytes)})")
+                    break
+        shards = -(-fp.weight_bytes // max(1, capacity - (fp.activation_bytes + fp.buffer_bytes)))
+        if capacity > fp.activation_bytes + fp.buffer_bytes:
+            fixes.append(f"split it over >= {shards} cards (tensor parallel)")
+        fixes.append(f"a card with >= {format_bytes(unit.total_bytes)}")
+        used = f" even with {','.join(lightest)}" if lightest else ""
+        message = (
+            f'unit {i} "{unit.name}" needs {format_bytes(unit.total_bytes)} (weights {format_bytes(fp.weight_bytes)} '
+            f"+ activations {format_bytes(fp.activation_bytes)} + buffers {format_bytes(fp.buffer_bytes)}){used}, "
+            f"but the largest card offers {format_bytes(capacity)}; " + " or ".join(fixes)
+        )
+        return InfeasiblePlanError(message, report={"unit": unit.name, "index": i, "bytes": unit.total_bytes,
+                                                    "capacity_bytes": capacity, "fixes": fixes})
+    resident, transient = _cost_arrays(units, stacking)
+    need = fewest_cards(resident, capacity, transient=transient)
+    given = cards.num_cards if cards.num_cards is not None else len(cards.cluster)
+    message = (
+        f"{profile.model} needs {need.cards} cards of {format_bytes(capacity)} "
+        f"{'with ' + ','.join(lightest) if lightest else 'uncompressed'}; {given} given: "
+        f"use --cards {need.cards} or more, or allow more compression"
+    )
+    return InfeasiblePlanError(message, report={"cards_needed": need.cards, "cards_given": given})

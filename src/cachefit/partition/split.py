@@ -1,0 +1,181 @@
+"""Intra-layer splits: one unit's tensors sharded over ``s`` cards (tensor / vocabulary parallel).
+
+A shard is itself a :class:`~cachefit.units.Unit`: the same tensor names with the split axis cut
+(Megatron-LM's scheme, Shoeybi et al. 2019, sec. 3: Q/K/V and MLP up/gate column-parallel, attention
+output and MLP down row-parallel, embedding and LM head split along the vocabulary), with the parts
+that cannot be split replicated on every shard (norms, output biases, the residual stream, KV heads
+when there are fewer than shards). Because a shard is a unit, compression applies to it unchanged and
+its bytes are counted from its tensors like any other unit's.
+
+Splits may be uneven: with 32 heads over 3 cards the largest shard has 11 heads; every figure here
+is the **largest** shard's, the one that must fit.
+
+Collectives per token (forward): a row-parallel layer ends in an all-reduce of the hidden state
+(``hidden x act bytes``): one after attention, one after the MLP; a vocabulary-parallel embedding ends
+in an all-reduce of its output; a vocabulary-parallel head all-gathers its logits
+(``vocab x act bytes``). A ring all-reduce moves ``2 (s-1)/s`` times the tensor per card, an all-gather
+``(s-1)/s`` (Patarasuk and Yuan 2009; NCCL's performance notes use the same factors).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
+
+from cachefit.activations import estimate_activations, estimate_flops_per_token
+from cachefit.errors import ConfigError
+from cachefit.units import Footprint, LayerShape, TensorSpec, Unit, Workload, dtype_bytes
+
+# Matrices stored (in, out) instead of nn.Linear's (out, in): GPT-2's Conv1D.
+_TRANSPOSED = ("*.c_attn.weight", "*.q_attn.weight", "*.c_proj.weight", "*.c_fc.weight")
+_KV_NAMES = ("k_proj", "v_proj", ".key.", ".value.", "k_lin", "v_lin")
+_Q_NAMES = ("q_proj", ".query.", "q_lin")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Shard:
+    """The largest of ``count`` shards of a unit, and what the split costs in traffic."""
+
+    unit: Unit
+    """The largest shard as a unit (same tensor names, split shapes)."""
+    count: int
+    collective_bytes_per_token: int
+    """Bytes each card sends per token in the shard's collectives (forward)."""
+    collectives: tuple[str, ...]
+    """What they are, e.g. ``all-reduce hidden after attention``."""
+
+
+def _ceil_frac(size: int, shards: int) -> tuple[int, int]:
+    """(largest slice, whole) of a dimension of ``size`` split over ``shards``."""
+    return -(-size // shards), size
+
+
+def _split_axis(t: TensorSpec, shape: LayerShape) -> int | None:
+    """Axis of ``t`` a split cuts, or None if the tensor is replicated."""
+    dims = t.shape
+    transposed = any(fnmatchcase(t.name, pat) for pat in _TRANSPOSED)
+    if t.role in ("norm", "router", "pos_embed", "other", "conv", "scales", "metadata"):
+        return None
+    if t.role in ("embed", "head"):
+        if len(dims) == 2 and shape.vocab_size and shape.vocab_size in dims:
+            return dims.index(shape.vocab_size)
+        return None  # a head's norm or pooler bias etc. stays whole
+    if len(dims) == 1:
+        # biases: those of column-parallel projections are split, output biases (hidden) are not
+        return None if dims[0] == shape.hidden_size and t.role in ("attn_out", "mlp", "experts") else 0
+    if t.role == "qkv":
+        return (1 if transposed else 0) if len(dims) == 2 else None
+    if t.role == "attn_out":
+        return (0 if transposed else 1) if len(dims) == 2 else None
+    if t.role in ("mlp", "experts"):
+        f = shape.intermediate_size
+        axes = [i for i, d in enumerate(dims) if i >= len(dims) - 2 and f and d % f == 0 and d != shape.hidden_size]
+        if not axes:
+            axes = [i for i, d in enumerate(dims) if i >= len(dims) - 2 and f and d % f == 0]
+        return axes[0] if axes else None
+    return None
+
+
+def _qkv_fraction(t: TensorSpec, shape: LayerShape, shards: int) -> tuple[int, int]:
+    a, g = shape.num_heads, shape.num_kv_heads
+    qa, _ = _ceil_frac(a, shards)
+    qg = min(g, -(-g // shards))  # fewer KV heads than shards: each shard keeps (a copy of) one
+    if any(k in t.name for k in _KV_NAMES):
+        return qg, g
+    if any(k in t.name for k in _Q_NAMES):
+        return qa, a
+    return qa + 2 * qg, a + 2 * g  # fused q, k, v
+
+
+def _shard_tensor(t: TensorSpec, shape: LayerShape, shards: int) -> TensorSpec:
+    axis = _split_axis(t, shape)
+    if axis is None or shards == 1:
+        return t
+    if t.role == "qkv" and shape.num_heads:
+        part, whole = _qkv_fraction(t, shape, shards)
+    elif t.role in ("attn_out",) and shape.num_heads:
+        part, whole = _ceil_frac(shape.num_heads, shards)
+    elif t.role in ("embed", "head"):
+        part, whole = _ceil_frac(shape.vocab_size, shards)
+    else:
+        part, whole = _ceil_frac(shape.intermediate_size, shards)
+    dims = list(t.shape)
+    dims[axis] = -(-dims[axis] * part // whole)
+    return replace(t, shape=tuple(dims))
+
+
+def _shard_shape(shape: LayerShape, shards: int) -> LayerShape:
+    return replace(
+        shape,
+        num_heads=-(-shape.num_heads // shards) if shape.num_heads else 0,
+        num_kv_heads=min(shape.num_kv_heads, -(-shape.num_kv_heads // shards)) if shape.num_kv_heads else 0,
+        intermediate_size=-(-shape.intermediate_size // shards) if shape.intermediate_size else 0,
+        vocab_size=-(-shape.vocab_size // shards) if shape.vocab_size else 0,
+    )
+
+
+def max_shards(unit: Unit) -> int:
+    """How many shards a unit can be split into at most (1: not splittable)."""
+    sizes = [d.size for d in unit.split_dims if d.name in ("heads", "mlp_columns", "vocab", "experts")]
+    return max(sizes, default=1) if unit.shape is not None else 1
+
+
+def _collectives(unit: Unit, shape: LayerShape, shards: int, workload: Workload) -> tuple[int, tuple[str, ...]]:
+    if shards == 1:
+        return 0, ()
+    e = dtype_bytes(workload.act_dtype, 1)
+    ring = 2 * (shards - 1) / shards
+    gather = (shards - 1) / shards
+    h = shape.hidden_size
+    items: list[tuple[str, float]] = []
+    if shape.part in ("layer", "attention"):
+        items.append(("all-reduce hidden after attention", ring * h * e))
+    if shape.part in ("layer", "mlp") and not (shape.part == "layer" and shape.parallel_attn_mlp):
+        items.append(("all-reduce hidden after the MLP", ring * h * e))
+    if shape.part == "embedding":
+        items.append(("all-reduce embedding output", ring * h * e))
+    if shape.part == "head":
+        items.append(("all-gather logits", gather * shape.vocab_size * e))
+    return int(math.ceil(sum(v for _, v in items))), tuple(name for name, _ in items)
+
+
+def shard_unit(unit: Unit, shards: int, workload: Workload) -> Shard:
+    """The largest of ``shards`` tensor-parallel shards of ``unit`` (uncompressed).
+
+    Raises:
+        ConfigError: the unit has no transformer shape (live-module profile) or ``shards`` exceeds
+            what its split dimensions allow.
+    """
+    if shards < 1:
+        raise ConfigError(f"unit {unit.name}: shards must be >= 1, got {shards}")
+    if shards == 1:
+        return Shard(unit=unit, count=1, collective_bytes_per_token=0, collectives=())
+    if unit.shape is None:
+        raise ConfigError(f"unit {unit.name}: has no transformer shape, so cachefit cannot split it across cards")
+    limit = max_shards(unit)
+    if shards > limit:
+        raise ConfigError(
+            f"unit {unit.name}: cannot be split over {shards} cards; its split dimensions allow at most {limit}"
+        )
+    shape = _shard_shape(unit.shape, shards)
+    tensors = tuple(_shard_tensor(t, unit.shape, shards) for t in unit.tensors)
+    wdt = workload.weight_dtype
+    roles: dict[str, int] = {}
+    for t in tensors:
+        roles[t.role] = roles.get(t.role, 0) + dtype_bytes(wdt, t.numel)
+    act = estimate_activations(shape, workload)
+    footprint = Footprint(
+        weight_bytes=sum(roles.values()),
+        activation_bytes=act.activation_bytes,
+        buffer_bytes=act.buffer_bytes,
+        persistent_activation_bytes=act.persistent_bytes,
+        weight_roles=tuple(sorted(roles.items())),
+        activation_parts=act.parts,
+        buffer_parts=act.buffer_parts,
+    )
+    params = sum(t.numel for t in tensors if t.tied_to is None)
+    flops = estimate_flops_per_token(shape, workload)
+    shard = replace(unit, footprint=footprint, params=params, flops_per_token=flops, tensors=tensors, shape=shape)
+    traffic, names = _collectives(unit, unit.shape, shards, workload)
+    return Shard(unit=shard, count=shards, collective_bytes_per_token=traffic, collectives=names)
