@@ -348,6 +348,8 @@ class LayerShape:
     """Attention window (KV-cache length cap) where the model has one."""
     vocab_size: int = 0
     """Vocabulary (embedding and head units)."""
+    embedding_tables: int = 1
+    """Embedding unit: lookup tables summed into its output (token, learned position, token type)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -154,23 +154,30 @@ def _layout_from_partition(part: Partition, units: Sequence[Unit], stacking: str
 
 
 class _ShardTable:
-    """Each unit's largest shard for every split degree, compressed with one technique set."""
+    """Each unit's largest shard for every split degree, compressed with one technique set.
+
+    ``raw`` marks units kept uncompressed (the revert pass flips them one at a time).
+    """
 
     def __init__(self, profile: ModelProfile, combo: tuple[str, ...], config: CompressionConfig,
                  compressed: Sequence[Unit]) -> None:
         self.profile, self.combo, self.config = profile, combo, config
-        self.cache: dict[tuple[int, int], tuple[Unit, int]] = {
-            (i, 1): (u, 0) for i, u in enumerate(compressed)
+        self.raw: set[int] = set()
+        self.cache: dict[tuple[int, int, bool], tuple[Unit, int]] = {
+            (i, 1, False): (u, 0) for i, u in enumerate(compressed)
         }
+        for i, u in enumerate(profile.units):
+            self.cache[(i, 1, True)] = (u, 0)
 
     def get(self, i: int, shards: int) -> tuple[Unit, int] | None:
-        key = (i, shards)
+        raw = i in self.raw or not self.combo
+        key = (i, shards, raw)
         if key not in self.cache:
             unit = self.profile.units[i]
             if shards > max_shards(unit):
                 return None
             shard = shard_unit(unit, shards, self.profile.workload)
-            got = compress_unit(shard.unit, self.combo, self.profile.workload, self.config) if self.combo else shard.unit
+            got = shard.unit if raw else compress_unit(shard.unit, self.combo, self.profile.workload, self.config)
             self.cache[key] = (got, shard.collective_bytes_per_token)
         return self.cache[key]
 
@@ -306,8 +313,8 @@ def plan_partition(
         raise _infeasible(profile, cards, variants, stacking)
 
     combo, layout = best
-    if combo and all(g.shards == 1 for g in layout.groups):
-        layout = _revert_unneeded(profile.units, list(variants[combo]), cards, stacking, layout)
+    if combo:
+        layout = _revert_unneeded(profile, combo, config, list(variants[combo]), cards, stacking, layout)
     plan = _build_plan(profile, cards, layout, combo)
     return plan, tuple(candidates)
 
@@ -322,17 +329,21 @@ def _layout(cards: _Cards, profile: ModelProfile, combo: tuple[str, ...], config
     if part is not None:
         return _layout_from_partition(part, units, stacking)
     caps = cards.cluster.capacities()
-    capacity = min(caps)
     if all(u.total_bytes <= max(caps) for u in units) or not cards.cluster.is_homogeneous:
         return None  # not a unit too large for a card: splitting would not help (or cards differ)
-    limit = max(max_shards(u) for u in profile.units)
-    degrees = tuple(d for d in _DEGREES if d <= limit)
     table = _ShardTable(profile, combo, config, units)
+    return _split_layouts(cards, table, stacking)
+
+
+def _split_layouts(cards: _Cards, table: _ShardTable, stacking: str) -> _Layout | None:
+    capacity = min(cards.cluster.capacities())
+    limit = max(max_shards(u) for u in table.profile.units)
+    degrees = tuple(d for d in _DEGREES if d <= limit)
     if cards.num_cards is None:
-        if cards.unlimited:
-            return _split_layout(table, capacity, stacking, degrees)
         got = _split_layout(table, capacity, stacking, degrees)
-        return got if got is not None and got.cards <= len(cards.cluster) else None
+        if got is not None and not cards.unlimited and got.cards > len(cards.cluster):
+            return None
+        return got
     return _split_for_cards(table, capacity, stacking, degrees, cards.num_cards)
 
 
@@ -346,23 +357,35 @@ def _layout_util(layout: _Layout, cards: _Cards) -> float:
 
 
 def _revert_unneeded(
-    original: Sequence[Unit],
+    profile: ModelProfile,
+    combo: tuple[str, ...],
+    config: CompressionConfig,
     compressed: list[Unit],
     cards: _Cards,
     stacking: str,
     layout: _Layout,
 ) -> _Layout:
-    """Undo compression on units that do not need it, keeping the card count."""
+    """Undo compression on units that do not need it (smallest saving first), keeping the card count."""
+    original = profile.units
     order = sorted(
         (i for i in range(len(original)) if compressed[i] is not original[i]),
         key=lambda i: original[i].total_bytes - compressed[i].total_bytes,
     )
+    split = any(g.shards > 1 for g in layout.groups)
+    table = _ShardTable(profile, combo, config, compressed) if split else None
     for i in order:
         trial = list(compressed)
         trial[i] = original[i]
-        got = _try(cards, trial, stacking)
-        if got is not None and got.cards <= layout.cards:
-            compressed, layout = trial, _layout_from_partition(got, trial, stacking)
+        if table is None:
+            got = _try(cards, trial, stacking)
+            new = _layout_from_partition(got, trial, stacking) if got is not None else None
+        else:
+            table.raw.add(i)
+            new = _split_layouts(cards, table, stacking)
+        if new is not None and new.cards <= layout.cards:
+            compressed, layout = trial, new
+        elif table is not None:
+            table.raw.discard(i)
     return layout
 
 

@@ -153,6 +153,11 @@ def shard_unit(unit: Unit, shards: int, workload: Workload) -> Shard:
         return Shard(unit=unit, count=1, collective_bytes_per_token=0, collectives=())
     if unit.shape is None:
         raise ConfigError(f"unit {unit.name}: has no transformer shape, so cachefit cannot split it across cards")
+    if unit.compression:
+        raise ConfigError(
+            f"unit {unit.name}: is compressed ({', '.join(unit.compression)}); split the profiled unit first, "
+            "then compress each shard"
+        )
     limit = max_shards(unit)
     if shards > limit:
         raise ConfigError(

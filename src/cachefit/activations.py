@@ -1,0 +1,645 @@
+"""Activation bytes and forward FLOPs of a transformer unit, recomputed from its shapes.
+
+``estimate_activations(shape, workload)`` is a pure function of a :class:`~cachefit.units.LayerShape`
+and a :class:`~cachefit.units.Workload`, so compression can ask again with another workload (flash
+attention, a fused MLP, checkpointing, a smaller batch) or another shape (fewer MLP columns).
+
+Inference (prefill, decode): a liveness walk through the ops of a standard eager PyTorch
+implementation. Every op writes one new tensor (out of place); a tensor is live from the op that
+writes it to the last op that reads it, and the unit's activation peak is the largest sum of live
+tensors over its ops. ``parts`` names the tensors live at that op. Decode adds the KV cache, which
+stays resident. Train: the tensors autograd saves for backward (Korthikanti et al. 2022,
+"Reducing Activation Recomputation in Large Transformer Models", arXiv:2205.05198, sec. 4.1,
+generalized term by term) stay resident, and on top of them the gradients of the backward pass,
+whose liveness mirrors the forward walk. docs/activations.md derives every formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cachefit.errors import ConfigError
+from cachefit.units import Attention, LayerShape, Mode, Workload, dtype_bytes
+
+PARTS: tuple[str, ...] = ("embedding", "layer", "attention", "mlp", "head")
+
+# torch.nn.Embedding looks up int64 indices (torch.long): 8 bytes per token.
+_INDEX_BYTES = 8
+# Dropout masks are torch.bool (aten::native_dropout): 1 byte per element.
+_MASK_BYTES = 1
+# Flash attention's log-sum-exp (softmax statistics) is fp32 whatever the activation dtype
+# (FlashAttention-2, Dao 2023, Algorithm 1: L_i saved for the backward pass).
+_LSE_BYTES = 4
+# Hugging Face's causal-LM loss upcasts logits to fp32 before cross-entropy
+# (transformers ``loss/loss_utils.py``, ``ForCausalLMLoss``: ``logits = logits.float()``).
+_LOSS_BYTES = 4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActivationEstimate:
+    """Activation and workspace bytes of one unit under one workload."""
+
+    activation_bytes: int
+    """Peak of the activations live while the unit runs (persistent part included)."""
+    persistent_bytes: int
+    """The part that stays resident after the unit returns (KV cache in decode; saved-for-backward in train)."""
+    buffer_bytes: int
+    """Workspace: attention mask, rotary cos/sin tables."""
+    parts: tuple[tuple[str, int], ...] = ()
+    """The tensors that make the activation peak; sums to ``activation_bytes``."""
+    buffer_parts: tuple[tuple[str, int], ...] = ()
+    """The buffers; sums to ``buffer_bytes``."""
+
+    def __post_init__(self) -> None:
+        for name in ("activation_bytes", "persistent_bytes", "buffer_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"activation estimate: {name} must be a non-negative int of bytes, got {value!r}")
+        if self.persistent_bytes > self.activation_bytes:
+            raise ConfigError(
+                f"activation estimate: persistent {self.persistent_bytes} B exceeds the peak {self.activation_bytes} B"
+            )
+        for name, total, parts in (
+            ("parts", self.activation_bytes, self.parts),
+            ("buffer_parts", self.buffer_bytes, self.buffer_parts),
+        ):
+            if sum(v for _, v in parts) != total:
+                raise ConfigError(f"activation estimate: {name} sum to {sum(v for _, v in parts)} B, not {total} B")
+
+    @property
+    def transient_bytes(self) -> int:
+        """Scratch freed when the unit returns."""
+        return self.activation_bytes - self.persistent_bytes
+
+
+# --------------------------------------------------------------------------------------------------
+# The op graph and its liveness walk
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    name: str
+    block: str  # "attn", "mlp", "embed", "head": which unit part runs it
+    outputs: tuple[str, ...]
+    inputs: tuple[str, ...]  # names not in the graph (the KV cache, weights) cost nothing here
+
+
+@dataclass(slots=True)
+class _Graph:
+    sizes: dict[str, int] = field(default_factory=dict)  # tensor -> bytes, in creation order
+    ops: list[_Op] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # live before the first op
+    outputs: list[str] = field(default_factory=list)  # live after the last op
+
+    def add_input(self, name: str, nbytes: int) -> None:
+        self.sizes[name] = nbytes
+        self.inputs.append(name)
+
+    def add_op(self, name: str, block: str, outputs: dict[str, int], inputs: tuple[str, ...]) -> None:
+        for tensor, nbytes in outputs.items():
+            self.sizes[tensor] = nbytes
+        self.ops.append(_Op(name, block, tuple(outputs), inputs))
+
+    def intervals(self) -> dict[str, tuple[int, int]]:
+        """Op index range [first, last] over which each tensor is allocated."""
+        start = {t: -1 for t in self.inputs}
+        end = {t: -1 for t in self.inputs}
+        for i, op in enumerate(self.ops):
+            for t in op.outputs:
+                start[t] = i
+                end[t] = i  # written and never read: freed right after its op
+            for t in op.inputs:
+                if t in self.sizes:
+                    end[t] = max(end[t], i)
+        for t in self.outputs:
+            end[t] = len(self.ops)
+        return {t: (start[t], end[t]) for t in self.sizes}
+
+    def peak(self, blocks: tuple[str, ...]) -> tuple[int, tuple[tuple[str, int], ...]]:
+        """Largest sum of live tensors over the ops of ``blocks``, and the tensors live there."""
+        spans = self.intervals()
+        best: tuple[int, tuple[tuple[str, int], ...]] = (-1, ())
+        for i, op in enumerate(self.ops):
+            if op.block not in blocks:
+                continue
+            live = tuple((t, self.sizes[t]) for t, (lo, hi) in spans.items() if lo <= i <= hi)
+            total = sum(b for _, b in live)
+            if total > best[0]:
+                best = (total, live)
+        return best if best[0] >= 0 else (0, ())
+
+    def block_inputs(self, blocks: tuple[str, ...]) -> tuple[str, ...]:
+        """Tensors written before the first op of ``blocks`` and still live there: the block's inputs."""
+        spans = self.intervals()
+        first = min(i for i, op in enumerate(self.ops) if op.block in blocks)
+        return tuple(t for t, (lo, hi) in spans.items() if lo < first <= hi)
+
+
+@dataclass(frozen=True, slots=True)
+class _Dims:
+    batch: int  # B
+    tokens: int  # N = B x T, tokens per step
+    query_len: int  # T (1 in decode)
+    kv_len: int  # keys each query attends to (decode: the cache, capped by a sliding window)
+    hidden: int  # h
+    heads: int  # a
+    kv_heads: int
+    head_dim: int  # d
+    inter: int  # f (per expert)
+    experts: int  # E (0: dense)
+    top_k: int  # experts per token
+
+
+def _dims(shape: LayerShape, workload: Workload) -> _Dims:
+    kv_len = workload.kv_len
+    if workload.mode is Mode.DECODE and shape.sliding_window:
+        # A sliding-window cache keeps only the last `window` tokens. Eager prefill still
+        # materializes the full seq_len x seq_len score matrix (the window lives in the mask).
+        kv_len = min(kv_len, shape.sliding_window)
+    return _Dims(
+        batch=workload.batch,
+        tokens=workload.tokens,
+        query_len=workload.query_len,
+        kv_len=kv_len,
+        hidden=shape.hidden_size,
+        heads=shape.num_heads,
+        kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        inter=shape.intermediate_size,
+        experts=shape.num_experts,
+        top_k=shape.experts_per_token if shape.num_experts else 0,
+    )
+
+
+def _check_shape(shape: LayerShape) -> None:
+    where = f"LayerShape(part={shape.part!r})"
+    if shape.part not in PARTS:
+        raise ConfigError(f"{where}: unknown part; use one of {', '.join(PARTS)}")
+    if shape.hidden_size < 1:
+        raise ConfigError(f"{where}: hidden_size must be >= 1, got {shape.hidden_size}")
+    if shape.part in ("layer", "attention"):
+        for name in ("num_heads", "num_kv_heads", "head_dim"):
+            if getattr(shape, name) < 1:
+                raise ConfigError(f"{where}: {name} must be >= 1 for an attention block, got {getattr(shape, name)}")
+        if shape.num_heads % shape.num_kv_heads:
+            raise ConfigError(
+                f"{where}: num_heads ({shape.num_heads}) is not a multiple of num_kv_heads ({shape.num_kv_heads})"
+            )
+        if not 0 <= shape.rotary_dim <= shape.head_dim:
+            raise ConfigError(f"{where}: rotary_dim {shape.rotary_dim} outside 0..head_dim ({shape.head_dim})")
+        if shape.sliding_window is not None and shape.sliding_window < 1:
+            raise ConfigError(f"{where}: sliding_window must be >= 1 or None, got {shape.sliding_window}")
+    if shape.part in ("layer", "mlp"):
+        if shape.intermediate_size < 1:
+            raise ConfigError(f"{where}: intermediate_size must be >= 1, got {shape.intermediate_size}")
+        if shape.num_experts < 0 or (shape.num_experts and not 1 <= shape.experts_per_token <= shape.num_experts):
+            raise ConfigError(
+                f"{where}: experts_per_token ({shape.experts_per_token}) must be in "
+                f"1..num_experts ({shape.num_experts})"
+            )
+    if shape.vocab_size < 0:
+        raise ConfigError(f"{where}: vocab_size must be >= 0, got {shape.vocab_size}")
+    if shape.embedding_tables < 1:
+        raise ConfigError(f"{where}: embedding_tables must be >= 1, got {shape.embedding_tables}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward op graphs (the walk). Tensor names are the ``parts`` names.
+
+
+def _add_mlp_ops(g: _Graph, shape: LayerShape, workload: Workload, rows: int, x_in: str, prefix: str) -> str:
+    """Up (+ gate), activation, down over ``rows`` tokens; returns the name of the down output."""
+    act = workload.act_dtype
+    inter = dtype_bytes(act, rows * shape.intermediate_size)
+    if shape.gated_mlp:
+        if workload.fused_mlp:
+            # One kernel computes act(gate(x)) * up(x): only its product is materialized.
+            g.add_op(f"{prefix}gate_up_act", "mlp", {f"{prefix}hidden": inter}, (x_in,))
+        else:
+            # Llama order: down(act(gate(x)) * up(x)) evaluates gate, act, up, then the product.
+            g.add_op(f"{prefix}gate_proj", "mlp", {f"{prefix}gate": inter}, (x_in,))
+            g.add_op(f"{prefix}act_fn", "mlp", {f"{prefix}act": inter}, (f"{prefix}gate",))
+            g.add_op(f"{prefix}up_proj", "mlp", {f"{prefix}up": inter}, (x_in,))
+            g.add_op(f"{prefix}mul", "mlp", {f"{prefix}hidden": inter}, (f"{prefix}act", f"{prefix}up"))
+        down_in = f"{prefix}hidden"
+    else:
+        if workload.fused_mlp:
+            g.add_op(f"{prefix}up_act", "mlp", {f"{prefix}act": inter}, (x_in,))
+        else:
+            g.add_op(f"{prefix}up_proj", "mlp", {f"{prefix}up": inter}, (x_in,))
+            g.add_op(f"{prefix}act_fn", "mlp", {f"{prefix}act": inter}, (f"{prefix}up",))
+        down_in = f"{prefix}act"
+    out = f"{prefix}down_out"
+    g.add_op(f"{prefix}down_proj", "mlp", {out: dtype_bytes(act, rows * shape.hidden_size)}, (down_in,))
+    return out
+
+
+def _layer_graph(shape: LayerShape, workload: Workload) -> _Graph:
+    """Forward ops of one transformer layer (attention block, then MLP block)."""
+    dims = _dims(shape, workload)
+    act = workload.act_dtype
+    n, h, a, kv, d = dims.tokens, dims.hidden, dims.heads, dims.kv_heads, dims.head_dim
+    train = workload.mode is Mode.TRAIN
+    dropout = train and workload.dropout  # dropout is the identity in inference
+    eager = workload.attention is Attention.EAGER
+
+    def b(numel: int) -> int:
+        return dtype_bytes(act, numel)
+
+    g = _Graph()
+    g.add_input("residual", b(n * h))
+    g.add_op("attn_norm", "attn", {"attn_norm": b(n * h)}, ("residual",))
+    g.add_op("q_proj", "attn", {"q": b(n * a * d)}, ("attn_norm",))
+    g.add_op("k_proj", "attn", {"k": b(n * kv * d)}, ("attn_norm",))
+    g.add_op("v_proj", "attn", {"v": b(n * kv * d)}, ("attn_norm",))
+    q, k, v = "q", "k", "v"
+    if shape.rotary_dim:
+        # apply_rotary_pos_emb returns new tensors q_embed, k_embed.
+        g.add_op("rotary_q", "attn", {"q_rot": b(n * a * d)}, (q,))
+        g.add_op("rotary_k", "attn", {"k_rot": b(n * kv * d)}, (k,))
+        q, k = "q_rot", "k_rot"
+    kv_numel = dims.batch * dims.kv_len * kv * d
+    if workload.mode is Mode.DECODE:
+        # The new key/value are written into the pre-allocated cache in place; attention then
+        # reads the whole cache (persistent, counted outside the walk). A cache stored in another
+        # dtype than the activations is read through a dequantized copy of keys and values.
+        deq = {}
+        if workload.kv_cache_dtype != act:
+            deq = {"k_dequant": b(kv_numel), "v_dequant": b(kv_numel)}
+        g.add_op("kv_cache_update", "attn", deq, (k, v))
+        k, v = ("k_dequant", "v_dequant") if deq else ("kv_cache.k", "kv_cache.v")
+    scores = dims.batch * a * dims.query_len * dims.kv_len
+    if eager:
+        if a != kv:
+            # repeat_kv expands GQA/MQA keys and values to every query head (a copy).
+            rep = b(dims.batch * a * dims.kv_len * d)
+            g.add_op("repeat_k", "attn", {"k_rep": rep}, (k,))
+            g.add_op("repeat_v", "attn", {"v_rep": rep}, (v,))
+            k, v = "k_rep", "v_rep"
+        g.add_op("qk", "attn", {"scores": b(scores)}, (q, k))
+        g.add_op("softmax", "attn", {"probs": b(scores)}, ("scores",))  # out of place: both live
+        p = "probs"
+        if dropout:
+            masked = {"probs_dropout": b(scores), "probs_dropout_mask": scores * _MASK_BYTES}
+            g.add_op("attn_dropout", "attn", masked, (p,))
+            p = "probs_dropout"
+        g.add_op("pv", "attn", {"context": b(n * a * d)}, (p, v))
+    else:
+        # A fused kernel keeps scores in on-chip tiles; it writes the context and a B x a x T
+        # fp32 log-sum-exp, and needs no repeated keys/values for GQA.
+        lse = dims.batch * a * dims.query_len * _LSE_BYTES
+        g.add_op("flash_attention", "attn", {"context": b(n * a * d), "lse": lse}, (q, k, v))
+    g.add_op("o_proj", "attn", {"attn_out": b(n * h)}, ("context",))
+    attn_out = "attn_out"
+    if dropout:
+        dropped = {"attn_out_dropped": b(n * h), "attn_out_dropout_mask": n * h * _MASK_BYTES}
+        g.add_op("attn_out_dropout", "attn", dropped, (attn_out,))
+        attn_out = "attn_out_dropped"
+    if shape.parallel_attn_mlp:
+        # GPT-J / Falcon: the MLP reads the attention's normed input; both outputs are summed.
+        mlp_in = "attn_norm"
+    else:
+        g.add_op("attn_residual", "attn", {"attn_residual_out": b(n * h)}, ("residual", attn_out))
+        g.add_op("mlp_norm", "mlp", {"mlp_norm": b(n * h)}, ("attn_residual_out",))
+        mlp_in = "mlp_norm"
+    if dims.experts:
+        pairs = n * dims.top_k  # token-expert pairs: only routed tokens flow through an expert
+        g.add_op("router", "mlp", {"router_logits": b(n * dims.experts)}, (mlp_in,))
+        g.add_op("router_softmax", "mlp", {"router_probs": b(n * dims.experts)}, ("router_logits",))
+        topk = {"routing_weights": b(pairs), "expert_index": pairs * _INDEX_BYTES}
+        g.add_op("router_topk", "mlp", topk, ("router_probs",))
+        g.add_op("expert_gather", "mlp", {"expert_in": b(pairs * h)}, (mlp_in, "expert_index"))
+        expert_out = _add_mlp_ops(g, shape, workload, pairs, "expert_in", "expert_")
+        g.add_op(
+            "expert_combine", "mlp", {"moe_out": b(n * h)}, (expert_out, "routing_weights", "expert_index")
+        )
+        mlp_out = "moe_out"
+    else:
+        mlp_out = _add_mlp_ops(g, shape, workload, n, mlp_in, "")
+    if dropout:
+        dropped = {"mlp_out_dropped": b(n * h), "mlp_dropout_mask": n * h * _MASK_BYTES}
+        g.add_op("mlp_dropout", "mlp", dropped, (mlp_out,))
+        mlp_out = "mlp_out_dropped"
+    if shape.parallel_attn_mlp:
+        g.add_op("residual_sum", "mlp", {"layer_out": b(n * h)}, ("residual", attn_out, mlp_out))
+    else:
+        g.add_op("mlp_residual", "mlp", {"layer_out": b(n * h)}, ("attn_residual_out", mlp_out))
+    g.outputs.append("layer_out")
+    return g
+
+
+def _embedding_graph(shape: LayerShape, workload: Workload) -> _Graph:
+    act = workload.act_dtype
+    out = dtype_bytes(act, workload.tokens * shape.hidden_size)
+    g = _Graph()
+    g.add_op("token_lookup", "embed", {"token_embeds": out}, ())
+    running = "token_embeds"
+    for i in range(1, shape.embedding_tables):
+        # Learned position / token-type lookups, each up to B x T x h, summed out of place.
+        g.add_op(f"lookup_{i}", "embed", {f"table_{i}_embeds": out}, ())
+        g.add_op(f"embed_sum_{i}", "embed", {f"embed_sum_{i}": out}, (running, f"table_{i}_embeds"))
+        running = f"embed_sum_{i}"
+    g.outputs.append(running)
+    return g
+
+
+def _head_graph(shape: LayerShape, workload: Workload) -> _Graph:
+    act = workload.act_dtype
+    n, h = workload.tokens, shape.hidden_size
+    g = _Graph()
+    g.add_input("residual", dtype_bytes(act, n * h))
+    g.add_op("final_norm", "head", {"final_norm": dtype_bytes(act, n * h)}, ("residual",))
+    if shape.vocab_size:
+        # Logits for every position of the step (prefill: all T; decode: the one new token).
+        g.add_op("lm_head", "head", {"logits": dtype_bytes(act, n * shape.vocab_size)}, ("final_norm",))
+        out = "logits"
+        if workload.mode is Mode.TRAIN:
+            logits_fp32 = n * shape.vocab_size * _LOSS_BYTES
+            g.add_op("loss_upcast", "head", {"logits_fp32": logits_fp32}, ("logits",))
+            g.add_op("log_softmax", "head", {"log_probs": logits_fp32}, ("logits_fp32",))
+            g.add_op("nll_loss", "head", {"loss": _LOSS_BYTES}, ("log_probs",))
+            out = "loss"
+    else:
+        # No LM head: a pooler (BERT) on the first token of each sequence, dense + tanh.
+        pooled = dtype_bytes(act, workload.batch * h)
+        g.add_op("pooler_dense", "head", {"pooled": pooled}, ("final_norm",))
+        g.add_op("pooler_act", "head", {"pooler_out": pooled}, ("pooled",))
+        out = "pooler_out"
+    g.outputs.append(out)
+    return g
+
+
+# --------------------------------------------------------------------------------------------------
+# Train: tensors saved for backward (Korthikanti et al. 2022, sec. 4.1, term by term)
+
+
+def _saved_layer(shape: LayerShape, workload: Workload, blocks: tuple[str, ...]) -> list[tuple[str, int, str | None]]:
+    """(name, bytes, graph tensor it is) of every tensor autograd keeps for the backward pass.
+
+    The paper's per-layer count for 16-bit activations, MHA, f = 4h, with dropout, eager softmax:
+    attention 11sbh + 5as^2b, MLP 19sbh, two layer norms 4sbh; total sbh(34 + 5as/h).
+    """
+    dims = _dims(shape, workload)
+    act = workload.act_dtype
+    n, h, a, kv, d, f = dims.tokens, dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.inter
+    s = dims.query_len  # train: T == seq_len
+    eager = workload.attention is Attention.EAGER
+    dropout = workload.dropout
+
+    def b(numel: int) -> int:
+        return dtype_bytes(act, numel)
+
+    saved: list[tuple[str, int, str | None]] = []
+    if "attn" in blocks:
+        scores = dims.batch * a * s * s
+        saved.append(("attn_norm.input", b(n * h), "residual"))  # norm backward: its input (paper: 2sbh)
+        saved.append(("qkv_proj.input", b(n * h), "attn_norm"))  # shared input of Q, K, V (2sbh)
+        saved.append(("q", b(n * a * d), None))  # QK^T keeps Q and K (paper: 4sbh with MHA)
+        if eager and a != kv:
+            # Eager GQA/MQA: the matmuls read the repeated copies, so those are what autograd keeps.
+            rep = b(dims.batch * a * s * d)
+            saved.append(("k_rep", rep, None))
+            saved.append(("v_rep", rep, None))
+        else:
+            saved.append(("k", b(n * kv * d), None))
+            saved.append(("v", b(n * kv * d), None))  # attention over V keeps V (2sbh)
+        if eager:
+            saved.append(("softmax.output", b(scores), None))  # 2as^2b
+            if dropout:
+                saved.append(("attn_dropout.mask", scores * _MASK_BYTES, None))  # as^2b
+                saved.append(("attn_dropout.output", b(scores), None))  # PV input, 2as^2b
+        else:
+            # Flash attention recomputes scores in backward from Q, K, V, its output and the LSE;
+            # its dropout regenerates the mask from the RNG state instead of storing it.
+            saved.append(("flash.lse", dims.batch * a * s * _LSE_BYTES, None))
+        saved.append(("o_proj.input", b(n * a * d), "context"))  # 2sbh (also flash's saved output)
+        if dropout:
+            saved.append(("attn_out_dropout.mask", n * h * _MASK_BYTES, None))  # sbh
+    if "mlp" in blocks:
+        if not shape.parallel_attn_mlp:
+            saved.append(("mlp_norm.input", b(n * h), "attn_residual_out"))  # 2sbh
+            saved.append(("mlp.input", b(n * h), "mlp_norm"))  # first MLP linear input, 2sbh
+        elif "attn" not in blocks:
+            # Parallel layer split into blocks: the MLP unit keeps its own reference to the shared norm output.
+            saved.append(("mlp.input", b(n * h), "attn_norm"))
+        rows, prefix = n, ""
+        if dims.experts:
+            pairs = n * dims.top_k
+            saved.append(("router.probs", b(n * dims.experts), None))  # softmax output
+            saved.append(("router.index", pairs * _INDEX_BYTES, None))  # top-k indices (gather/scatter)
+            saved.append(("routing_weights", b(pairs), None))  # combine: weight x expert output
+            saved.append(("experts.input", b(pairs * h), None))  # gathered copies read by the experts
+            rows, prefix = pairs, "experts."
+        inter = b(rows * f)
+        if shape.gated_mlp:
+            saved.append((f"{prefix}gate.output", inter, None))  # act(gate) keeps its input
+            if not workload.fused_mlp:
+                saved.append((f"{prefix}act.output", inter, None))  # act * up keeps both factors
+            saved.append((f"{prefix}up.output", inter, None))
+            saved.append((f"{prefix}down.input", inter, None))  # down_proj keeps its input
+        else:
+            saved.append((f"{prefix}act.input", inter, None))  # GeLU keeps its input (paper: 8sbh)
+            saved.append((f"{prefix}down.input", inter, None))  # second linear keeps its input (8sbh)
+        if dims.experts:
+            saved.append(("experts.output", b(n * dims.top_k * h), None))  # combine keeps the expert outputs
+        if dropout:
+            saved.append(("mlp_dropout.mask", n * h * _MASK_BYTES, None))  # sbh
+    return saved
+
+
+def _saved_embedding(shape: LayerShape, workload: Workload) -> list[tuple[str, int, str | None]]:
+    n = workload.tokens
+    # Embedding backward needs only the indices (one int64 index tensor per lookup table).
+    saved: list[tuple[str, int, str | None]] = [("input_ids", n * _INDEX_BYTES * shape.embedding_tables, "input_ids")]
+    if workload.dropout:
+        saved.append(("embed_dropout.mask", n * shape.hidden_size * _MASK_BYTES, None))
+    return saved
+
+
+def _saved_head(shape: LayerShape, workload: Workload) -> list[tuple[str, int, str | None]]:
+    act = workload.act_dtype
+    n, h = workload.tokens, shape.hidden_size
+    saved: list[tuple[str, int, str | None]] = [
+        ("final_norm.input", dtype_bytes(act, n * h), "residual"),
+        ("final_norm.output", dtype_bytes(act, n * h), "final_norm"),  # LM head / pooler input
+    ]
+    if shape.vocab_size:
+        saved.append(("loss.log_probs", n * shape.vocab_size * _LOSS_BYTES, None))  # fp32 log-softmax output
+    else:
+        saved.append(("pooler.tanh_output", dtype_bytes(act, workload.batch * h), None))
+    return saved
+
+
+# --------------------------------------------------------------------------------------------------
+# Buffers
+
+
+def _buffers(shape: LayerShape, workload: Workload) -> tuple[tuple[str, int], ...]:
+    if shape.part not in ("layer", "attention"):
+        return ()
+    dims = _dims(shape, workload)
+    act = workload.act_dtype
+    out: list[tuple[str, int]] = []
+    if workload.attention is Attention.EAGER:
+        # Additive float mask B x 1 x T x S_kv in the model dtype (transformers masking_utils.eager_mask).
+        out.append(("attention_mask", dtype_bytes(act, dims.batch * dims.query_len * dims.kv_len)))
+    elif not shape.causal:
+        # Flash kernels take causality as a flag; an encoder batch with padding passes a 2-D
+        # B x S_kv boolean key-padding mask (transformers masking_utils.flash_attention_mask).
+        out.append(("padding_mask", dims.batch * dims.kv_len))
+    if shape.rotary_dim:
+        # cos and sin, each B x T x rotary_dim in the activation dtype (LlamaRotaryEmbedding.forward).
+        out.append(("rotary_cos_sin", 2 * dtype_bytes(act, dims.tokens * shape.rotary_dim)))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# The estimate
+
+
+def _blocks_of(part: str) -> tuple[tuple[str, ...], ...]:
+    """Op blocks whose peaks make the unit: one group per scratch region."""
+    return {
+        "layer": (("attn",), ("mlp",)),
+        "attention": (("attn",),),
+        "mlp": (("mlp",),),
+        "embedding": (("embed",),),
+        "head": (("head",),),
+    }[part]
+
+
+def _walk_peak(g: _Graph, part: str, workload: Workload) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """Transient peak of the unit's ops, with the workload's buffer reuse for a whole layer."""
+    groups = _blocks_of(part)
+    if len(groups) == 1 or workload.buffer_reuse:
+        return g.peak(tuple(blk for grp in groups for blk in grp))
+    # No reuse: the attention's and the MLP's scratch are separate regions; only the residual
+    # stream entering each block is shared. peak = residual + attn scratch + MLP scratch.
+    residual = g.sizes["residual"]
+    parts: list[tuple[str, int]] = [("residual", residual)]
+    for grp in groups:
+        _, live = g.peak(grp)
+        res_name = "residual" if grp == ("attn",) or "attn_residual_out" not in g.sizes else "attn_residual_out"
+        parts.extend((f"{grp[0]}.{t}", nb) for t, nb in live if t != res_name)
+    return sum(nb for _, nb in parts), tuple(parts)
+
+
+def estimate_activations(shape: LayerShape, workload: Workload) -> ActivationEstimate:
+    """Activation peak, persistent part and buffers of one unit under ``workload``.
+
+    Args:
+        shape: the unit's dimensions; ``shape.part`` selects embedding, layer, attention, mlp or head.
+        workload: batch, sequence, mode, dtypes and kernel choices.
+
+    Raises:
+        ConfigError: the shape is inconsistent (unknown part, heads not a multiple of kv heads, ...).
+    """
+    _check_shape(shape)
+    part = shape.part
+    if part == "embedding":
+        graph = _embedding_graph(shape, workload)
+    elif part == "head":
+        graph = _head_graph(shape, workload)
+    else:
+        graph = _layer_graph(shape, workload)
+    buffer_parts = _buffers(shape, workload)
+    walk_bytes, walk_parts = _walk_peak(graph, part, workload)
+
+    if workload.mode is not Mode.TRAIN:
+        persistent_parts: tuple[tuple[str, int], ...] = ()
+        if workload.mode is Mode.DECODE and part in ("layer", "attention"):
+            dims = _dims(shape, workload)
+            # Keys and values of every cached token: 2 x B x S_kv x kv_heads x head_dim, for each
+            # micro-batch in flight (each has its own sequences and cache).
+            one = dtype_bytes(workload.kv_cache_dtype, dims.batch * dims.kv_len * dims.kv_heads * dims.head_dim)
+            persistent_parts = (("kv_cache", 2 * one * workload.micro_batches),)
+        # Checkpointing changes nothing here: inference keeps nothing for a backward pass.
+        parts = persistent_parts + walk_parts
+        persistent = sum(nb for _, nb in persistent_parts)
+    else:
+        if part == "embedding":
+            saved = _saved_embedding(shape, workload)
+            inputs: tuple[str, ...] = ("input_ids",)
+            input_sizes = {"input_ids": saved[0][1]}
+        elif part == "head":
+            saved = _saved_head(shape, workload)
+            inputs, input_sizes = ("residual",), {"residual": graph.sizes["residual"]}
+        else:
+            blocks = tuple(grp[0] for grp in _blocks_of(part))
+            saved = _saved_layer(shape, workload, blocks)
+            inputs = graph.block_inputs(blocks)
+            input_sizes = {t: graph.sizes[t] for t in inputs}
+        # Backward: the gradient of a tensor lives from the backward of its last reader to the
+        # backward of its writer, the forward interval mirrored, so the gradients' peak is the
+        # forward walk's peak; added to the saved set this bounds both passes from above.
+        grad_parts = tuple((f"grad.{t}", nb) for t, nb in walk_parts)
+        if workload.checkpointing:
+            # Only the unit's inputs stay resident; backward first recomputes the saved set.
+            persistent_parts = tuple((f"input.{t}", input_sizes[t]) for t in inputs)
+            recompute = tuple((f"recompute.{name}", nb) for name, nb, alias in saved if alias not in inputs)
+            parts = persistent_parts + recompute + grad_parts
+        else:
+            persistent_parts = tuple((f"saved.{name}", nb) for name, nb, _ in saved)
+            parts = persistent_parts + grad_parts
+        persistent = sum(nb for _, nb in persistent_parts)
+    return ActivationEstimate(
+        activation_bytes=sum(nb for _, nb in parts),
+        persistent_bytes=persistent,
+        buffer_bytes=sum(nb for _, nb in buffer_parts),
+        parts=parts,
+        buffer_parts=buffer_parts,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def _attention_context(shape: LayerShape, workload: Workload, dims: _Dims) -> tuple[int, int]:
+    """(numerator, denominator) of the mean number of keys a query is scored against."""
+    if workload.mode is Mode.DECODE:
+        return dims.kv_len, 1
+    s = workload.seq_len
+    if workload.attention is Attention.EAGER or not shape.causal:
+        return s, 1  # eager computes the full s x s matrix; the mask discards half of it
+    # A causal flash kernel skips masked tiles: query i (1-based) reads min(i, window) keys.
+    w = min(shape.sliding_window or s, s)
+    total = w * (w + 1) // 2 + (s - w) * w
+    return total, s
+
+
+def estimate_flops_per_token(shape: LayerShape, workload: Workload) -> int:
+    """Forward FLOPs per token (2 per multiply-accumulate) of one unit under ``workload``.
+
+    Matmuls only, as in Kaplan et al. 2020 ("Scaling Laws for Neural Language Models", Table 1:
+    C_forward ~ 2N + 2 n_layer n_ctx d_attn) and PaLM (Chowdhery et al. 2022, appendix B, which
+    counts both attention matmuls: 4 x heads x head_dim x context per layer and token). Norms,
+    activations and softmax are left out. MoE counts the router and the experts_per_token experts.
+    """
+    _check_shape(shape)
+    h = shape.hidden_size
+    if shape.part == "embedding":
+        return 0  # lookups, no multiply-accumulates
+    if shape.part == "head":
+        if shape.vocab_size:
+            return 2 * h * shape.vocab_size
+        return 2 * h * h // workload.query_len  # pooler: one h x h matmul per sequence
+    dims = _dims(shape, workload)
+    flops = 0
+    if shape.part in ("layer", "attention"):
+        a, kv, d = dims.heads, dims.kv_heads, dims.head_dim
+        flops += 2 * h * (a + 2 * kv) * d  # Q, K, V projections
+        flops += 2 * a * d * h  # output projection
+        num, den = _attention_context(shape, workload, dims)
+        flops += 4 * a * d * num // den  # QK^T and PV: 2 x 2 x a x d per key
+    if shape.part in ("layer", "mlp"):
+        matrices = 3 if shape.gated_mlp else 2
+        per_expert = 2 * h * dims.inter * matrices
+        if dims.experts:
+            flops += 2 * h * dims.experts + dims.top_k * per_expert  # router + routed experts
+        else:
+            flops += per_expert
+    return flops
+
+
+__all__ = ["PARTS", "ActivationEstimate", "estimate_activations", "estimate_flops_per_token"]
