@@ -326,6 +326,20 @@ def plan(
         _console.print(f"chart written to {plot}")
 
 
+def _register_commands() -> None:
+    """Add the commands defined in ``cachefit.commands`` (one module each, ``register(app)``)."""
+    import importlib
+    import pkgutil
+
+    from cachefit import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        importlib.import_module(f"cachefit.commands.{info.name}").register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     """Entry point of the ``cachefit`` script."""
     app()

@@ -7,6 +7,7 @@ versioned (``schema``: ``cachefit.plan/1``) and documented in ``docs/plan-schema
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,7 @@ class Stage:
             },
             "weight_bytes": fp.weight_bytes,
             "activation_bytes": fp.activation_bytes,
+            "persistent_activation_bytes": fp.persistent_activation_bytes,
             "buffer_bytes": fp.buffer_bytes,
             "total_bytes": fp.total_bytes,
             "capacity_bytes": self.capacity_bytes,
@@ -162,3 +164,63 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "plan") -> Plan:
+        """Read a plan back from its JSON form (``schema`` must be ``cachefit.plan/1``)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        if data.get("schema") != PLAN_SCHEMA:
+            raise ConfigError(
+                f"{where}: schema is {data.get('schema')!r}, expected {PLAN_SCHEMA!r}; write it with `cachefit plan --json`"
+            )
+        try:
+            stages = tuple(
+                Stage(
+                    card=int(st["card"]),
+                    device=str(st["device"]),
+                    level=str(st["level"]),
+                    units=(int(st["units"][0]), int(st["units"][1])),
+                    unit_names=tuple(st["unit_names"]),
+                    unit_compression=tuple(
+                        tuple(st.get("unit_compression", {}).get(name, ())) for name in st["unit_names"]
+                    ) if st.get("unit_compression") else (),
+                    footprint=Footprint(
+                        weight_bytes=int(st["weight_bytes"]),
+                        activation_bytes=int(st["activation_bytes"]),
+                        buffer_bytes=int(st["buffer_bytes"]),
+                        persistent_activation_bytes=int(st.get("persistent_activation_bytes", 0)),
+                    ),
+                    capacity_bytes=int(st["capacity_bytes"]),
+                    shard=(int(st["shard"][0]), int(st["shard"][1])) if st.get("shard") else None,
+                    compression=tuple(st.get("compression", ())),
+                    collective_bytes_per_token=int(st.get("collective_bytes_per_token", 0)),
+                )
+                for st in data["stages"]
+            )
+            plan = cls(
+                model=str(data["model"]),
+                workload=dict(data["workload"]),
+                devices=tuple(data["devices"]),
+                objective=str(data["objective"]),
+                stages=stages,
+                num_units=int(data["num_units"]),
+                stacking=str(data.get("stacking", "reuse")),
+                notes=tuple(data.get("notes", ())),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ConfigError(f"{where}: malformed plan ({type(exc).__name__}: {exc}); regenerate it with `cachefit plan --json`") from None
+        return plan
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read a plan JSON file written by ``cachefit plan --json``."""
+    try:
+        text = open(path, encoding="utf-8").read()  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(f"plan file {os.fspath(path)!r}: cannot read it ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"plan file {os.fspath(path)!r}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    return Plan.from_dict(data, where=f"plan file {os.fspath(path)!r}")

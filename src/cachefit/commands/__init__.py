@@ -1,0 +1,5 @@
+"""Extra CLI commands: each module here defines ``register(app)`` adding its command(s).
+
+Modules are discovered and registered by ``cachefit.cli`` at start-up, so they must import
+nothing heavy (no torch) at module level: import inside the command function.
+"""
