@@ -41,7 +41,7 @@ def profile_table(profile: ModelProfile) -> Table:
     table = Table(title=title, show_footer=True, title_justify="left")
     totals = profile.totals()
     table.add_column("#", justify="right", footer="")
-    table.add_column("unit", footer="total")
+    table.add_column("unit", footer="total", no_wrap=True)
     table.add_column("kind")
     table.add_column("params", justify="right", footer=_num(totals["params"]))
     table.add_column("weights", justify="right", footer=format_bytes(totals["weight_bytes"]))
