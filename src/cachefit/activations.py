@@ -16,6 +16,7 @@ whose liveness mirrors the forward walk. docs/activations.md derives every formu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from cachefit.errors import ConfigError
@@ -524,6 +525,9 @@ def _walk_peak(g: _Graph, part: str, workload: Workload) -> tuple[int, tuple[tup
     return sum(nb for _, nb in parts), tuple(parts)
 
 
+# A pure function of two frozen values, called for every unit, shard and technique set the planner
+# tries: memoized (the result is an immutable value too).
+@functools.lru_cache(maxsize=65536)
 def estimate_activations(shape: LayerShape, workload: Workload) -> ActivationEstimate:
     """Activation peak, persistent part and buffers of one unit under ``workload``.
 
@@ -608,6 +612,7 @@ def _attention_context(shape: LayerShape, workload: Workload, dims: _Dims) -> tu
     return total, s
 
 
+@functools.lru_cache(maxsize=65536)
 def estimate_flops_per_token(shape: LayerShape, workload: Workload) -> int:
     """Forward FLOPs per token (2 per multiply-accumulate) of one unit under ``workload``.
 

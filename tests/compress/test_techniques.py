@@ -461,11 +461,21 @@ def test_bad_arguments_raise_cachefit_errors():
         compress_unit(make_layer(DECODE), ["int8"], {"batch": 1})
 
 
-def test_ambiguous_intermediate_axis_raises():
-    # hidden == intermediate: a (64, 64) MLP matrix could be pruned along either axis
+def test_ambiguous_intermediate_axis_is_resolved_by_name_or_raises():
+    # hidden == intermediate (a tensor-parallel shard, say): a (64, 64) MLP matrix could be pruned
+    # along either axis; the projection's name decides (up/gate: rows, down: columns)
     unit = make_layer(DECODE, hidden=64, inter=64)
+    pruned = compress_unit(unit, ["sparse50"], DECODE)
+    mlp = {t.name: t for t in unit.tensors if t.role == "mlp" and len(t.shape) == 2}
+    assert mlp and any("up_proj" in n or "down_proj" in n for n in mlp)
+    # half the neurons go: every MLP matrix loses half of one axis
+    assert pruned.footprint.roles["mlp"] == unit.footprint.roles["mlp"] // 2
+    anonymous = replace(
+        unit,
+        tensors=tuple(replace(t, name=f"mlp.m{i}.weight") if t.role == "mlp" else t for i, t in enumerate(unit.tensors)),
+    )
     with pytest.raises(UnsupportedCompressionError, match="cannot tell which dimension"):
-        compress_unit(unit, ["sparse50"], DECODE)
+        compress_unit(anonymous, ["sparse50"], DECODE)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -583,6 +583,22 @@ def _quantize(state: _State, name: str, config: CompressionConfig) -> tuple[_Sta
     )
 
 
+_UP_NAMES = ("up_proj", "gate_proj", "gate_up_proj", "fc1", "c_fc", "intermediate.dense", "dense_h_to_4h", "w1", "w3", "fc_in")
+_DOWN_NAMES = ("down_proj", "fc2", "c_proj", "output.dense", "dense_4h_to_h", "w2", "fc_out")
+
+
+def _mlp_side(name: str) -> str | None:
+    """``up`` for projections into the intermediate, ``down`` for the one out of it, by FQN."""
+    parts = name.split(".")
+    for i in range(len(parts)):
+        tail = ".".join(parts[i:i + 2])
+        if parts[i] in _DOWN_NAMES or tail in _DOWN_NAMES:
+            return "down"
+        if parts[i] in _UP_NAMES or tail in _UP_NAMES:
+            return "up"
+    return None
+
+
 def _intermediate_axes(t: TensorSpec, shape: LayerShape) -> tuple[int, int] | None:
     """(axis, multiple of the intermediate width) of an MLP tensor's intermediate dimension, or None.
 
@@ -599,6 +615,17 @@ def _intermediate_axes(t: TensorSpec, shape: LayerShape) -> tuple[int, int] | No
         elif shape.gated_mlp and t.shape[axis] == 2 * width:
             hits.append((axis, 2))
     if len(hits) > 1:
+        # hidden == intermediate (e.g. a tensor-parallel shard): decide by the projection's name
+        side = _mlp_side(t.name)
+        if side is not None and len(t.shape) >= 2:
+            transposed = any(fnmatchcase(t.name, pat) for pat in GPT2_CONV1D_PATTERNS)
+            out_axis, in_axis = len(t.shape) - 2, len(t.shape) - 1
+            if transposed:
+                out_axis, in_axis = in_axis, out_axis
+            axis = out_axis if side == "up" else in_axis
+            chosen = [hit for hit in hits if hit[0] == axis]
+            if chosen:
+                return chosen[0]
         raise UnsupportedCompressionError(
             f"structured sparsity: cannot tell which dimension of {t.name} {t.shape} is the MLP intermediate "
             f"({width}): axes {[ax for ax, _ in hits]} all match (the hidden size equals the intermediate "

@@ -25,10 +25,10 @@ from cachefit.compress.techniques import (
 from cachefit.errors import ConfigError, InfeasiblePlanError, UnsupportedCompressionError
 from cachefit.hardware.devices import Card, Cluster
 from cachefit.partition.contiguous import Partition, balanced, fewest_cards
-from cachefit.partition.split import max_shards, shard_unit
+from cachefit.partition.split import Shard, max_shards, shard_unit
 from cachefit.plan import Plan, Stage
 from cachefit.sizes import format_bytes
-from cachefit.units import ModelProfile, Unit, stack_footprints
+from cachefit.units import Footprint, ModelProfile, Unit, stack_footprints
 
 _log = logging.getLogger(__name__)
 
@@ -69,9 +69,23 @@ def _cost_arrays(units: Sequence[Unit], stacking: str) -> tuple[list[int], list[
     return resident, transient
 
 
+def pareto_front(candidates: Sequence[Candidate]) -> tuple[Candidate, ...]:
+    """The candidates no other beats on both cards and quality risk (fewer cards first)."""
+    feasible = sorted((c for c in candidates if c.feasible), key=lambda c: (c.cards, c.risk, -(c.mean_utilization or 0)))
+    front: list[Candidate] = []
+    for cand in feasible:
+        if not front or cand.risk < min(f.risk for f in front):
+            front.append(cand)
+    return tuple(front)
+
+
 def technique_sets(allow: Sequence[str]) -> tuple[tuple[str, ...], ...]:
     """Every valid combination of the allowed techniques, least lossy first, ``batch`` ones last."""
-    names = resolve_techniques(tuple(allow))
+    names: list[str] = []
+    for name in allow:  # validate each name; exclusive pairs (int8/int4) are simply never combined
+        (canonical,) = resolve_techniques((name,))
+        if canonical not in names:
+            names.append(canonical)
     combos: list[tuple[str, ...]] = [()]
     for r in range(1, len(names) + 1):
         for combo in itertools.combinations(names, r):
@@ -160,8 +174,9 @@ class _ShardTable:
     """
 
     def __init__(self, profile: ModelProfile, combo: tuple[str, ...], config: CompressionConfig,
-                 compressed: Sequence[Unit]) -> None:
+                 compressed: Sequence[Unit], shards: dict[tuple[int, int], Shard] | None = None) -> None:
         self.profile, self.combo, self.config = profile, combo, config
+        self.shards = shards if shards is not None else {}  # uncompressed shards, shared across sets
         self.raw: set[int] = set()
         self.cache: dict[tuple[int, int, bool], tuple[Unit, int]] = {
             (i, 1, False): (u, 0) for i, u in enumerate(compressed)
@@ -176,7 +191,9 @@ class _ShardTable:
             unit = self.profile.units[i]
             if shards > max_shards(unit):
                 return None
-            shard = shard_unit(unit, shards, self.profile.workload)
+            shard = self.shards.get((i, shards))
+            if shard is None:
+                shard = self.shards[(i, shards)] = shard_unit(unit, shards, self.profile.workload)
             got = shard.unit if raw else compress_unit(shard.unit, self.combo, self.profile.workload, self.config)
             self.cache[key] = (got, shard.collective_bytes_per_token)
         return self.cache[key]
@@ -255,6 +272,7 @@ def plan_partition(
     allow: Sequence[str] = (),
     stacking: str = "reuse",
     config: CompressionConfig | None = None,
+    max_risk: float = 1.0,
 ) -> tuple[Plan, tuple[Candidate, ...]]:
     """Plan ``profile`` on the cards of ``cluster``.
 
@@ -265,6 +283,7 @@ def plan_partition(
         allow: compression techniques the search may apply (``int8``, ``int4``, ``sparse50``, ...).
         stacking: ``reuse`` (transient scratch shared by a card's units) or ``sum`` (the seed's sum).
         config: options of the techniques.
+        max_risk: skip technique sets whose combined quality risk exceeds this (0: lossless only).
 
     Returns:
         The plan and every candidate technique set tried, with the cards it needs.
@@ -283,17 +302,23 @@ def plan_partition(
     cards = _Cards(cluster, num_cards)
     config = config or CompressionConfig()
     wl = profile.workload
-    sets = technique_sets(allow)
+    sets = tuple(c for c in technique_sets(allow) if not c or compression_risk(c) <= max_risk)
 
     candidates: list[Candidate] = []
     variants: dict[tuple[str, ...], tuple[Unit, ...]] = {}
     best: tuple[tuple[str, ...], _Layout] | None = None
+    seen: dict[tuple[Footprint, ...], _Layout | None] = {}
+    shard_cache: dict[tuple[int, int], Shard] = {}
     for combo in sets:
         if best is not None and "batch" in combo:
             break  # batch reduction only as a last resort
         units = tuple(compress_unit(u, combo, wl, config) for u in profile.units) if combo else profile.units
         variants[combo] = units
-        layout = _layout(cards, profile, combo, config, units, stacking)
+        # a technique that changed no unit (ckpt in decode, say) gives the layout of the set without it
+        key = tuple(u.footprint for u in units)
+        if key not in seen:
+            seen[key] = _layout(cards, profile, combo, config, units, stacking, shard_cache)
+        layout = seen[key]
         candidates.append(
             Candidate(
                 techniques=combo,
@@ -314,7 +339,7 @@ def plan_partition(
 
     combo, layout = best
     if combo:
-        layout = _revert_unneeded(profile, combo, config, list(variants[combo]), cards, stacking, layout)
+        layout = _revert_unneeded(profile, combo, config, list(variants[combo]), cards, stacking, layout, shard_cache)
     plan = _build_plan(profile, cards, layout, combo)
     return plan, tuple(candidates)
 
@@ -323,7 +348,7 @@ _DEGREES = (*range(1, 17), 24, 32, 48, 64)
 
 
 def _layout(cards: _Cards, profile: ModelProfile, combo: tuple[str, ...], config: CompressionConfig,
-            units: Sequence[Unit], stacking: str) -> _Layout | None:
+            units: Sequence[Unit], stacking: str, shard_cache: dict[tuple[int, int], Shard]) -> _Layout | None:
     """The best layout for one technique set: contiguous if every unit fits a card, else with splits."""
     part = _try(cards, units, stacking)
     if part is not None:
@@ -331,7 +356,7 @@ def _layout(cards: _Cards, profile: ModelProfile, combo: tuple[str, ...], config
     caps = cards.cluster.capacities()
     if all(u.total_bytes <= max(caps) for u in units) or not cards.cluster.is_homogeneous:
         return None  # not a unit too large for a card: splitting would not help (or cards differ)
-    table = _ShardTable(profile, combo, config, units)
+    table = _ShardTable(profile, combo, config, units, shard_cache)
     return _split_layouts(cards, table, stacking)
 
 
@@ -364,6 +389,7 @@ def _revert_unneeded(
     cards: _Cards,
     stacking: str,
     layout: _Layout,
+    shard_cache: dict[tuple[int, int], Shard],
 ) -> _Layout:
     """Undo compression on units that do not need it (smallest saving first), keeping the card count."""
     original = profile.units
@@ -372,7 +398,7 @@ def _revert_unneeded(
         key=lambda i: original[i].total_bytes - compressed[i].total_bytes,
     )
     split = any(g.shards > 1 for g in layout.groups)
-    table = _ShardTable(profile, combo, config, compressed) if split else None
+    table = _ShardTable(profile, combo, config, compressed, shard_cache) if split else None
     for i in order:
         trial = list(compressed)
         trial[i] = original[i]
