@@ -294,25 +294,30 @@ def plan(
     micro_batches: Annotated[int, typer.Option("--micro-batches", help="Micro-batches per step in the pipeline.", min=1)] = 1,
     granularity: GranOption = GranularityOpt.layer,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of per-card bytes against capacity.")] = None,
+    max_risk: Annotated[float, typer.Option("--max-risk", help="Skip technique sets whose combined quality risk exceeds this (0..1).", min=0.0, max=1.0)] = 1.0,
     candidates: Annotated[bool, typer.Option("--candidates", help="Also show every technique set tried (cards, risk).")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Plan a model over cards so every card's partition fits its on-chip memory."""
-    from cachefit.partition.search import plan_partition
+    from cachefit.partition.search import pareto_front, plan_partition
     from cachefit.profile import profile_model
     from cachefit.report.tables import candidates_table, plan_table
 
     cluster = _cluster(device, capacity, level, headroom, reserve)
     prof = profile_model(model, _workload(batch, seq, mode, dtype, act_dtype, attention, micro_batches),
                          granularity=granularity.value)
-    result, tried = plan_partition(prof, cluster, num_cards=cards, allow=[a for a in allow.split(",") if a.strip()],
-                                   stacking=stacking.value)
+    allowed = [a.strip() for a in allow.split(",") if a.strip()]
+    result, tried = plan_partition(prof, cluster, num_cards=cards, allow=allowed, stacking=stacking.value,
+                                   max_risk=max_risk)
+    front = pareto_front(tried)
     if plot is not None:
         from cachefit.report.plots import plot_plan
 
         plot_plan(result, plot)
     if as_json:
         doc = result.to_dict()
+        if allowed:
+            doc["pareto_front"] = [c.to_dict() for c in front]
         if candidates:
             doc["candidates"] = [c.to_dict() for c in tried]
         _print_json(doc)
@@ -322,6 +327,10 @@ def plan(
         _console.print(f"[dim]note:[/] {note}")
     if candidates:
         _console.print(candidates_table(tried))
+    elif len(front) > 1:
+        table = candidates_table(front)
+        table.title = "Pareto front: cards vs quality risk (--candidates shows every set tried)"
+        _console.print(table)
     if plot is not None:
         _console.print(f"chart written to {plot}")
 
