@@ -66,7 +66,7 @@ def profile_table(profile: ModelProfile) -> Table:
 
 
 def _unit_range(names: tuple[str, ...]) -> str:
-    return names[0] if len(names) == 1 else f"{names[0]} … {names[-1]} ({len(names)})"
+    return names[0] if len(names) == 1 else f"{names[0]}…{names[-1]}"
 
 
 def stage_groups(plan: Plan) -> list[tuple[Stage, int]]:
@@ -80,39 +80,53 @@ def stage_groups(plan: Plan) -> list[tuple[Stage, int]]:
 
 
 def plan_table(plan: Plan) -> Table:
-    """One row per card (one per tensor-parallel group, with its card range): units, bytes, utilization."""
+    """One row per card (one per tensor-parallel group, with its card range): units, bytes, utilization.
+
+    Buffers are in the JSON and the chart; the table keeps to what fits an 80-column terminal.
+    """
     verdict = "[green]every card fits[/]" if plan.feasible else "[bold red]DOES NOT FIT[/]"
-    title = f"{plan.model} on {plan.cards} card(s) · objective {plan.objective} · {verdict}"
+    kinds = {(s.device, s.level, s.capacity_bytes) for s in plan.stages}
+    where = ""
+    if len(kinds) == 1:
+        device, level, cap = next(iter(kinds))
+        where = f" x {device} {level} ({format_bytes(cap)})"
+    title = f"{plan.model} on {plan.cards} card(s){where} · {plan.objective} · {verdict}"
     table = Table(title=title, title_justify="left")
-    for name, justify in (
-        ("card", "right"),
-        ("device", "left"),
-        ("units", "left"),
-        ("compression", "left"),
-        ("weights", "right"),
-        ("activations", "right"),
-        ("buffers", "right"),
-        ("total", "right"),
-        ("capacity", "right"),
-        ("utilization", "left"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for stage, count in stage_groups(plan):
+    table.add_column("cards", justify="right", no_wrap=True)
+    if len(kinds) > 1:
+        table.add_column("device", no_wrap=True)
+    groups = stage_groups(plan)
+    any_split = any(count > 1 for _, count in groups)
+    any_compressed = any(s.compression for s in plan.stages)
+    table.add_column("units", no_wrap=True)
+    if any_split:
+        table.add_column("split", justify="right", no_wrap=True)
+    if any_compressed:
+        table.add_column("compression")
+    table.add_column("weights", justify="right", no_wrap=True)
+    table.add_column("acts", justify="right", no_wrap=True)
+    table.add_column("total", justify="right", no_wrap=True)
+    table.add_column("used", justify="right", no_wrap=True)
+    for stage, count in groups:
         fp = stage.footprint
         cards = str(stage.card) if count == 1 else f"{stage.card}-{stage.card + count - 1}"
-        split = f" [{count}-way split, per card]" if count > 1 else ""
-        table.add_row(
-            cards,
-            f"{stage.device}:{stage.level}",
-            _unit_range(stage.unit_names) + split,
-            ",".join(stage.compression) or "-",
+        row = [cards]
+        if len(kinds) > 1:
+            row.append(f"{stage.device}:{stage.level} {format_bytes(stage.capacity_bytes)}")
+        util = stage.utilization
+        style = "green" if util <= 0.9 else ("yellow" if util <= 1.0 else "bold red")
+        row.append(_unit_range(stage.unit_names))
+        if any_split:
+            row.append(f"×{count}" if count > 1 else "-")
+        if any_compressed:
+            row.append(",".join(stage.compression) or "-")
+        row += [
             format_bytes(fp.weight_bytes),
             format_bytes(fp.activation_bytes),
-            format_bytes(fp.buffer_bytes),
             format_bytes(fp.total_bytes),
-            format_bytes(stage.capacity_bytes),
-            _util_text(stage.utilization),
-        )
+            Text(f"{util * 100:.1f}%", style=style),
+        ]
+        table.add_row(*row)
     return table
 
 
