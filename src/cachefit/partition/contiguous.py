@@ -56,7 +56,7 @@ from __future__ import annotations
 import logging
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -392,7 +392,7 @@ def _as_capacities(capacity: Any, *, what: str = "capacity") -> tuple[tuple[int,
 class _Costs:
     """Interval costs of the units: additive, or resident + per-row maxima of transient bytes."""
 
-    __slots__ = ("n", "prefix", "prefix_list", "rows", "single", "single_list", "_guess")
+    __slots__ = ("n", "prefix", "prefix_list", "rows", "single", "single_list", "slack", "_guess")
 
     def __init__(self, sizes: Any, transient: Any = None) -> None:
         resident = _as_bytes_array(sizes, what="sizes")
@@ -421,6 +421,9 @@ class _Costs:
         self.single = resident if rows is None else resident + rows.sum(axis=0)
         # per-unit costs as Python ints, for the galloping search (transient model only)
         self.single_list: list[int] = [] if rows is None else self.single.tolist()
+        # Adding one unit to a part raises its cost by at most this (its resident bytes plus the
+        # largest transient of each row).
+        self.slack = int(resident.max()) + (0 if rows is None else int(rows.max(axis=1).sum()))
         self._guess = 16
 
     def cost(self, i: int, j: int) -> int:
@@ -429,6 +432,23 @@ class _Costs:
         if self.rows is not None and j > i:
             c += int(self.rows[:, i:j].max(axis=1).sum())
         return c
+
+    def part_costs(self, cuts: Sequence[int], *, grown: bool = False) -> np.ndarray:
+        """Costs of the parts ``[cuts[t], cuts[t+1])``, or with ``grown`` of each part extended by
+        its next unit (then every ``cuts[t+1] < n``), vectorized."""
+        starts = np.asarray(cuts[:-1], dtype=np.int64)
+        ends = np.asarray(cuts[1:], dtype=np.int64) + (1 if grown else 0)
+        out = self.prefix[ends] - self.prefix[starts]
+        if self.rows is not None:
+            stop = int(ends[-1])
+            for row in self.rows:
+                # maximum.reduceat over [starts[t], starts[t+1]) then the last part up to `stop`;
+                # grown parts overlap their successor by one unit, so add that unit back.
+                seg = np.maximum.reduceat(row[:stop], starts) if not grown else np.maximum(
+                    np.maximum.reduceat(row[: int(cuts[-1])], starts), row[ends - 1]
+                )
+                out = out + seg
+        return out
 
     def reach(self, p: int, cap: int) -> int:
         """The largest ``q >= p`` with ``cost[p, q) <= cap`` (``q == p``: unit ``p`` does not fit)."""
@@ -452,10 +472,14 @@ class _Costs:
         # non-decreasing, so searchsorted finds the last that fits. Window grows 4x when needed.
         width = self._guess
         base = self.prefix_list[p]
+        rows = self.rows
         while True:
             end = min(n, p + width)
             costs = self.prefix[p + 1 : end + 1] - base
-            costs = costs + np.maximum.accumulate(self.rows[:, p:end], axis=1).sum(axis=0)
+            if len(rows) == 1:
+                costs += np.maximum.accumulate(rows[0, p:end])
+            else:
+                costs += np.maximum.accumulate(rows[:, p:end], axis=1).sum(axis=0)
             fit = int(np.searchsorted(costs, cap, side="right"))
             if fit < end - p or end == n:
                 self._guess = max(16, 2 * fit)
@@ -597,30 +621,28 @@ class _Problem:
 
     # ---- the objective's numbers ----------------------------------------------------------------
     def value(self, cuts: Sequence[int]) -> Any:
-        pairs = list(zip(cuts[:-1], cuts[1:]))
         if self.objective == "max_part":
-            return max(self.costs.cost(a, b) for a, b in pairs)
+            return int(self.costs.part_costs(cuts).max())
         if self.objective == "max_utilization":
-            return max(Fraction(self.costs.cost(a, b), self.caps[t]) for t, (a, b) in enumerate(pairs))
+            costs = self.costs.part_costs(cuts).tolist()
+            return max(Fraction(c, self.caps[t]) for t, c in enumerate(costs))
+        pairs = zip(cuts[:-1], cuts[1:])
         return max(self.times.time(a, b) for a, b in pairs)  # type: ignore[union-attr]
 
     def jump(self, greedy: Sequence[int]) -> Any:
         """Smallest bound under which some greedy part grows by one unit (None: none can)."""
-        best = None
-        for t in range(len(greedy) - 1):
-            a, b = greedy[t], greedy[t + 1]
-            grown = self.costs.cost(a, b + 1)
-            if grown > self.caps[t]:
-                continue  # the card itself is full: no bound lets this part grow
-            if self.objective == "max_part":
-                value: Any = grown
-            elif self.objective == "max_utilization":
-                value = Fraction(grown, self.caps[t])
-            else:
-                value = self.times.time(a, b + 1)  # type: ignore[union-attr]
-            if best is None or value < best:
-                best = value
-        return best
+        grown = self.costs.part_costs(greedy, grown=True)
+        room = grown <= np.asarray(self.caps[: len(greedy) - 1])  # else the card itself is full
+        if not room.any():
+            return None
+        if self.objective == "max_part":
+            return int(grown[room].min())
+        if self.objective == "max_utilization":
+            return min(Fraction(int(grown[t]), self.caps[t]) for t in np.flatnonzero(room).tolist())
+        return min(
+            self.times.time(greedy[t], greedy[t + 1] + 1)  # type: ignore[union-attr]
+            for t in np.flatnonzero(room).tolist()
+        )
 
     def top(self) -> Any:
         if self.objective == "max_part":
@@ -728,11 +750,13 @@ def _minimize(problem: _Problem, num_cards: int, *, exact: bool) -> list[int] | 
     top = problem.top()
     lower = problem.lower(num_cards)
     first = None
-    if problem.objective == "max_part" and lower + int(problem.costs.single.max()) < top:
-        # Additive cost: greedy under B = total / K + largest unit always fits in K parts (every
-        # closed part exceeds B - largest >= total / K), a cheap first upper bound. It is only a
-        # probe: if it fails (transient costs, small cards), the check at the top decides.
-        first = problem.check(lower + int(problem.costs.single.max()), num_cards=num_cards)
+    probe = lower + problem.costs.slack if problem.objective == "max_part" else top
+    if probe < top:
+        # Greedy under B = sum(resident) / K + slack fits in K parts: every closed part plus its
+        # next unit exceeds B, so its resident bytes exceed B - slack >= sum(resident) / K, and K
+        # closed parts would hold more than everything. A cheap first upper bound when every card
+        # offers B; a probe only (small heterogeneous cards may fail it; the top check decides).
+        first = problem.check(probe, num_cards=num_cards)
     if first is None or first.cuts is None:
         first = problem.check(top, num_cards=num_cards)
     if first.cuts is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
@@ -70,11 +71,14 @@ def _card_capacities(capacity: Any, count: int) -> list[int] | None:
     """Capacities of the first ``count`` cards (None: unlimited)."""
     if capacity is None:
         return None
-    if isinstance(capacity, int):
+    if isinstance(capacity, numbers.Integral):
         if capacity <= 0:
             raise ConfigError(f"capacity must be positive, got {capacity}")
-        return [capacity] * count
-    caps = [int(c) for c in capacity]
+        return [int(capacity)] * count
+    try:
+        caps = [int(c) for c in capacity]
+    except (TypeError, ValueError):
+        raise ConfigError(f"capacity: an int of bytes or one int per card, got {capacity!r}") from None
     if not caps or any(c <= 0 for c in caps):
         raise ConfigError(f"capacity: one positive int per card, got {caps}")
     return caps[:count]
