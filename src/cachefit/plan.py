@@ -6,6 +6,7 @@ versioned (``schema``: ``cachefit.plan/1``) and documented in ``docs/plan-schema
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -106,6 +107,9 @@ class Plan:
     stacking: str = "reuse"
     """How a card's bytes are stacked: ``reuse`` (transient scratch shared) or ``sum`` (the seed's plain sum)."""
     notes: tuple[str, ...] = ()
+    provenance: Mapping[str, str] | None = None
+    """SHA-256 digests of what the plan was made from: ``profile`` (units, bytes, workload),
+    ``cluster`` (cards, capacities, device figures), and the cachefit ``version``."""
 
     def __post_init__(self) -> None:
         expected = 0
@@ -160,6 +164,7 @@ class Plan:
             },
             "stages": [s.to_dict() for s in self.stages],
             "notes": list(self.notes),
+            "provenance": dict(self.provenance) if self.provenance else None,
         }
 
     def to_json(self) -> str:
@@ -184,7 +189,7 @@ class Plan:
                     unit_names=tuple(st["unit_names"]),
                     unit_compression=tuple(
                         tuple(st.get("unit_compression", {}).get(name, ())) for name in st["unit_names"]
-                    ) if st.get("unit_compression") else (),
+                    ),
                     footprint=Footprint(
                         weight_bytes=int(st["weight_bytes"]),
                         activation_bytes=int(st["activation_bytes"]),
@@ -207,6 +212,7 @@ class Plan:
                 num_units=int(data["num_units"]),
                 stacking=str(data.get("stacking", "reuse")),
                 notes=tuple(data.get("notes", ())),
+                provenance=dict(data["provenance"]) if data.get("provenance") else None,
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ConfigError(f"{where}: malformed plan ({type(exc).__name__}: {exc}); regenerate it with `cachefit plan --json`") from None
@@ -224,3 +230,34 @@ def load_plan(path: str | os.PathLike) -> Plan:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"plan file {os.fspath(path)!r}: not JSON ({exc.msg} at line {exc.lineno})") from None
     return Plan.from_dict(data, where=f"plan file {os.fspath(path)!r}")
+
+
+def cluster_digest(cluster_dict: Mapping[str, Any]) -> str:
+    """SHA-256 of a cluster's canonical JSON (``cachefit.hardware.devices.cluster_to_dict``)."""
+    text = json.dumps(cluster_dict, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_provenance(plan: Plan, *, profile_digest: str | None = None, cluster_digest_: str | None = None) -> None:
+    """Refuse a plan made for another model, workload or set of cards, saying what differs.
+
+    Raises:
+        ConfigError: the plan has no provenance, or a digest differs.
+    """
+    if not plan.provenance:
+        raise ConfigError(
+            f"plan of {plan.model}: records no provenance (made by an older cachefit?); re-run `cachefit plan --json`"
+        )
+    problems = []
+    if profile_digest is not None and plan.provenance.get("profile") != profile_digest:
+        problems.append(
+            "the model or workload differs from the one the plan was made for (profile digest "
+            f"{plan.provenance.get('profile', '?')[:12]} in the plan, {profile_digest[:12]} now)"
+        )
+    if cluster_digest_ is not None and plan.provenance.get("cluster") != cluster_digest_:
+        problems.append(
+            "the cards differ from the ones the plan was made for (cluster digest "
+            f"{plan.provenance.get('cluster', '?')[:12]} in the plan, {cluster_digest_[:12]} now)"
+        )
+    if problems:
+        raise ConfigError(f"plan of {plan.model}: " + "; ".join(problems) + "; re-plan with `cachefit plan`")

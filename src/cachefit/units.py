@@ -14,6 +14,8 @@ sum, the seed paper's accounting, is available with ``reuse=False`` for comparis
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -426,6 +428,27 @@ class ModelProfile:
             "buffer_bytes": sum(u.footprint.buffer_bytes for u in self.units),
             "total_bytes": sum(u.total_bytes for u in self.units),
         }
+
+    def digest(self) -> str:
+        """SHA-256 of everything a plan depends on: units, their tensors, bytes and FLOPs, the workload.
+
+        Two profiles with the same digest plan identically; a changed model (a layer, a shape, a
+        dtype) changes it. The model's name and source are left out: the same model loaded from a
+        preset or from its config.json gives the same digest.
+        """
+        canonical = {
+            "granularity": self.granularity,
+            "workload": self.workload.to_dict(),
+            "units": [
+                [u.name, u.kind, u.params, u.flops_per_token, list(u.compression),
+                 [u.footprint.weight_bytes, u.footprint.activation_bytes, u.footprint.buffer_bytes,
+                  u.footprint.persistent_activation_bytes],
+                 [[t.name, list(t.shape), t.role, t.tied_to] for t in u.tensors]]
+                for u in self.units
+            ],
+        }
+        text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def unit(self, name: str) -> Unit:
         for u in self.units:

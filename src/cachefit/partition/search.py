@@ -23,10 +23,10 @@ from cachefit.compress.techniques import (
     resolve_techniques,
 )
 from cachefit.errors import ConfigError, InfeasiblePlanError, UnsupportedCompressionError
-from cachefit.hardware.devices import Card, Cluster
+from cachefit.hardware.devices import Card, Cluster, cluster_to_dict
 from cachefit.partition.contiguous import Partition, balanced, fewest_cards
 from cachefit.partition.split import Shard, max_shards, shard_unit
-from cachefit.plan import Plan, Stage
+from cachefit.plan import Plan, Stage, cluster_digest
 from cachefit.sizes import format_bytes
 from cachefit.units import Footprint, ModelProfile, Unit, stack_footprints
 
@@ -460,6 +460,8 @@ def _build_plan(profile: ModelProfile, cards: _Cards, layout: _Layout, combo: tu
     if cards.num_cards is not None and layout.cards < cards.num_cards:
         notes.append(f"uses {layout.cards} of the {cards.num_cards} cards asked for: the split layout found "
                      "no better bottleneck with more")
+    from cachefit import __version__
+
     return Plan(
         model=profile.model,
         workload=profile.workload.to_dict(),
@@ -469,6 +471,11 @@ def _build_plan(profile: ModelProfile, cards: _Cards, layout: _Layout, combo: tu
         num_units=len(profile.units),
         stacking=layout.stacking,
         notes=tuple(notes),
+        provenance={
+            "version": __version__,
+            "profile": profile.digest(),
+            "cluster": cluster_digest(cluster_to_dict(cards.cluster)),
+        },
     )
 
 
