@@ -35,3 +35,18 @@ def test_core_imports_no_torch():
         + "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_python_api_is_lazy_and_complete():
+    code = (
+        "import sys, cachefit\n"
+        "assert 'cachefit.partition.search' not in sys.modules\n"
+        "prof = cachefit.profile_model('gpt2', cachefit.Workload(batch=1, seq_len=128, mode='decode'))\n"
+        "plan, _ = cachefit.plan_partition(prof, cachefit.make_cluster(cachefit.device_from_capacity('100MB')))\n"
+        "assert plan.feasible\n"
+        "assert not any(m.split('.')[0] == 'torch' for m in sys.modules)\n"
+        "for name in cachefit.__all__:\n"
+        "    if name != 'profile_module':\n"
+        "        getattr(cachefit, name)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

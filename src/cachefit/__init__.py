@@ -1,10 +1,82 @@
 """cachefit: plan layer-wise deployments whose every card partition fits on-chip memory.
 
-Importing ``cachefit`` imports no torch: the planning core is pure Python + numpy.
+The Python API, in the order of the flow (profile -> plan -> cost -> deploy)::
+
+    import cachefit
+    profile = cachefit.profile_model("llama-3.1-8b", cachefit.Workload(batch=1, seq_len=2048, mode="decode"))
+    cluster = cachefit.make_cluster(cachefit.get_device("h100"))
+    plan, candidates = cachefit.plan_partition(profile, cluster, allow=["int8"])
+    open("plan.json", "w").write(plan.to_json())
+    plan = cachefit.load_plan("plan.json")
+
+Importing ``cachefit`` imports no torch: the names below load their modules on first use.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# name -> module that defines it (loaded lazily, PEP 562)
+_API = {
+    "Workload": "cachefit.units",
+    "Mode": "cachefit.units",
+    "Footprint": "cachefit.units",
+    "Unit": "cachefit.units",
+    "ModelProfile": "cachefit.units",
+    "profile_model": "cachefit.profile",
+    "profile_module": "cachefit.profile.module",
+    "get_device": "cachefit.hardware.devices",
+    "list_devices": "cachefit.hardware.devices",
+    "resolve_device": "cachefit.hardware.devices",
+    "make_cluster": "cachefit.hardware.devices",
+    "device_from_capacity": "cachefit.hardware.devices",
+    "compress_unit": "cachefit.compress.techniques",
+    "plan_partition": "cachefit.partition.search",
+    "pareto_front": "cachefit.partition.search",
+    "fewest_cards": "cachefit.partition.contiguous",
+    "balanced": "cachefit.partition.contiguous",
+    "Plan": "cachefit.plan",
+    "load_plan": "cachefit.plan",
+    "parse_bytes": "cachefit.sizes",
+    "format_bytes": "cachefit.sizes",
+    "CachefitError": "cachefit.errors",
+    "ConfigError": "cachefit.errors",
+    "InfeasiblePlanError": "cachefit.errors",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cachefit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs only
+    from cachefit.compress.techniques import compress_unit
+    from cachefit.errors import CachefitError, ConfigError, InfeasiblePlanError
+    from cachefit.hardware.devices import (
+        device_from_capacity,
+        get_device,
+        list_devices,
+        make_cluster,
+        resolve_device,
+    )
+    from cachefit.partition.contiguous import balanced, fewest_cards
+    from cachefit.partition.search import pareto_front, plan_partition
+    from cachefit.plan import Plan, load_plan
+    from cachefit.profile import profile_model
+    from cachefit.profile.module import profile_module
+    from cachefit.sizes import format_bytes, parse_bytes
+    from cachefit.units import Footprint, Mode, ModelProfile, Unit, Workload
