@@ -85,3 +85,37 @@ def test_shards_compress_like_units():
     assert roles["qkv"] == 3 * 1024 * 4096
     # one fp16 scale per output row: q/k/v 3 x 1024, o_proj 4096, up 4096, down 4096
     assert roles["scales"] == (3 * 1024 + 3 * 4096) * 2
+
+
+def test_uneven_gqa_split_keeps_query_heads_with_their_kv_head():
+    layer = profile_model("llama-3.1-8b", WL).unit("layers.0")  # 32 query heads in 8 groups of 4
+    shard = shard_unit(layer, 3, WL)
+    # 8 KV groups over 3 cards: the largest shard has 3 groups = 12 query heads
+    assert (shard.unit.shape.num_heads, shard.unit.shape.num_kv_heads) == (12, 3)
+    assert _tensor(shard.unit, "q_proj.weight").shape == (12 * 128, 4096)
+    assert _tensor(shard.unit, "o_proj.weight").shape == (4096, 12 * 128)
+    assert _tensor(shard.unit, "v_proj.weight").shape == (3 * 128, 4096)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from cachefit.profile.hf_config import load_transformer_spec  # noqa: E402
+from cachefit.profile.transformer import profile_transformer  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(8, 8), (8, 4), (8, 2), (8, 1), (12, 4), (6, 3)]), st.integers(1, 24))
+def test_any_split_of_a_gqa_layer_covers_the_layer(heads, shards):
+    a, g = heads
+    cfg = {"model_type": "llama", "hidden_size": 16 * a, "num_attention_heads": a, "num_key_value_heads": g,
+           "num_hidden_layers": 1, "intermediate_size": 48, "vocab_size": 64}
+    prof = profile_transformer(load_transformer_spec(cfg), WL)
+    layer = prof.unit("layers.0")
+    if shards > max_shards(layer):
+        return
+    shard = shard_unit(layer, shards, WL).unit
+    sa, sg = shard.shape.num_heads, shard.shape.num_kv_heads
+    assert sa % sg == 0 and sa * shards >= a and sg <= g
+    # the shards together hold at least the whole layer, and each at most all of it
+    assert shards * shard.footprint.weight_bytes >= layer.footprint.weight_bytes
+    assert shard.footprint.weight_bytes <= layer.footprint.weight_bytes

@@ -77,10 +77,23 @@ def _split_axis(t: TensorSpec, shape: LayerShape) -> int | None:
     return None
 
 
+def _heads_per_shard(shape: LayerShape, shards: int) -> tuple[int, int]:
+    """(query heads, KV heads) on the largest shard.
+
+    Query heads travel with their KV head (grouped-query attention): with no more shards than KV
+    heads a shard takes ceil(g / s) whole groups; with more, each shard keeps (a copy of) one KV head
+    and ceil(a / s) of its query heads.
+    """
+    a, g = shape.num_heads, shape.num_kv_heads
+    if shards <= g:
+        groups = -(-g // shards)
+        return groups * (a // g), groups
+    return -(-a // shards), 1
+
+
 def _qkv_fraction(t: TensorSpec, shape: LayerShape, shards: int) -> tuple[int, int]:
     a, g = shape.num_heads, shape.num_kv_heads
-    qa, _ = _ceil_frac(a, shards)
-    qg = min(g, -(-g // shards))  # fewer KV heads than shards: each shard keeps (a copy of) one
+    qa, qg = _heads_per_shard(shape, shards)
     if any(k in t.name for k in _KV_NAMES):
         return qg, g
     if any(k in t.name for k in _Q_NAMES):
@@ -95,7 +108,7 @@ def _shard_tensor(t: TensorSpec, shape: LayerShape, shards: int) -> TensorSpec:
     if t.role == "qkv" and shape.num_heads:
         part, whole = _qkv_fraction(t, shape, shards)
     elif t.role in ("attn_out",) and shape.num_heads:
-        part, whole = _ceil_frac(shape.num_heads, shards)
+        part, whole = _heads_per_shard(shape, shards)[0], shape.num_heads
     elif t.role in ("embed", "head"):
         part, whole = _ceil_frac(shape.vocab_size, shards)
     else:
@@ -106,10 +119,11 @@ def _shard_tensor(t: TensorSpec, shape: LayerShape, shards: int) -> TensorSpec:
 
 
 def _shard_shape(shape: LayerShape, shards: int) -> LayerShape:
+    heads, kv_heads = _heads_per_shard(shape, shards) if shape.num_heads else (0, 0)
     return replace(
         shape,
-        num_heads=-(-shape.num_heads // shards) if shape.num_heads else 0,
-        num_kv_heads=min(shape.num_kv_heads, -(-shape.num_kv_heads // shards)) if shape.num_kv_heads else 0,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
         intermediate_size=-(-shape.intermediate_size // shards) if shape.intermediate_size else 0,
         vocab_size=-(-shape.vocab_size // shards) if shape.vocab_size else 0,
     )
