@@ -294,6 +294,10 @@ def plan(
     micro_batches: Annotated[int, typer.Option("--micro-batches", help="Micro-batches per step in the pipeline.", min=1)] = 1,
     granularity: GranOption = GranularityOpt.layer,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of per-card bytes against capacity.")] = None,
+    pin: Annotated[Optional[list[str]], typer.Option("--pin", help="Pin units to a card: 'layers.0-3=0' (repeatable).")] = None,
+    cut_after: Annotated[Optional[list[str]], typer.Option("--cut-after", help="Force a stage boundary after a unit (repeatable).")] = None,
+    keep_whole: Annotated[Optional[list[str]], typer.Option("--keep-whole", help="Never split these units across cards, e.g. 'layers.*' (repeatable).")] = None,
+    forbid: Annotated[Optional[list[str]], typer.Option("--forbid", help="Never apply techniques to units: 'head:int8,int4' (repeatable).")] = None,
     max_risk: Annotated[float, typer.Option("--max-risk", help="Skip technique sets whose combined quality risk exceeds this (0..1).", min=0.0, max=1.0)] = 1.0,
     candidates: Annotated[bool, typer.Option("--candidates", help="Also show every technique set tried (cards, risk).")] = False,
     as_json: JsonOption = False,
@@ -306,9 +310,17 @@ def plan(
     cluster = _cluster(device, capacity, level, headroom, reserve)
     prof = profile_model(model, _workload(batch, seq, mode, dtype, act_dtype, attention, micro_batches),
                          granularity=granularity.value)
+    from cachefit.partition.overrides import Overrides, parse_forbid, parse_pin
+
+    overrides = Overrides(
+        pins=tuple(parse_pin(p) for p in pin or ()),
+        cut_after=tuple(cut_after or ()),
+        keep_whole=tuple(keep_whole or ()),
+        forbid=tuple(parse_forbid(f) for f in forbid or ()),
+    )
     allowed = [a.strip() for a in allow.split(",") if a.strip()]
     result, tried = plan_partition(prof, cluster, num_cards=cards, allow=allowed, stacking=stacking.value,
-                                   max_risk=max_risk)
+                                   max_risk=max_risk, overrides=overrides)
     front = pareto_front(tried)
     if plot is not None:
         from cachefit.report.plots import plot_plan

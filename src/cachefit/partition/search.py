@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cachefit.compress.techniques import (
@@ -25,6 +25,7 @@ from cachefit.compress.techniques import (
 from cachefit.errors import ConfigError, InfeasiblePlanError, UnsupportedCompressionError
 from cachefit.hardware.devices import Card, Cluster, cluster_to_dict
 from cachefit.partition.contiguous import Partition, balanced, fewest_cards
+from cachefit.partition.overrides import Overrides, ResolvedOverrides, constrained_partition, resolve_overrides
 from cachefit.partition.split import Shard, max_shards, shard_unit
 from cachefit.plan import Plan, Stage, cluster_digest
 from cachefit.sizes import format_bytes
@@ -99,8 +100,10 @@ def technique_sets(allow: Sequence[str]) -> tuple[tuple[str, ...], ...]:
 class _Cards:
     """The cards a plan may use: a fixed cluster, or unlimited copies of one card."""
 
-    def __init__(self, cluster: Cluster, num_cards: int | None) -> None:
+    def __init__(self, cluster: Cluster, num_cards: int | None,
+                 overrides: ResolvedOverrides | None = None) -> None:
         self.cluster = cluster
+        self.overrides = overrides or ResolvedOverrides()
         self.unlimited = len(cluster) == 1 and num_cards is None
         if num_cards is not None and len(cluster) > 1 and num_cards > len(cluster):
             raise ConfigError(
@@ -119,6 +122,20 @@ class _Cards:
 
     def partition(self, sizes: list[int], transient: list[int] | None) -> Partition:
         cap = self.capacity_arg()
+        if self.overrides.shapes_partition:
+            if isinstance(cap, int):
+                caps: list[int] = [cap] * (self.num_cards or len(sizes))
+            else:
+                caps = list(cap[: self.num_cards] if self.num_cards else cap)
+            parts = constrained_partition(sizes, transient, caps, num_cards=self.num_cards, overrides=self.overrides)
+            if parts is None:
+                raise InfeasiblePlanError("no partition honours the overrides")
+            trans = transient or [0] * len(sizes)
+            return Partition(
+                parts=tuple(parts),
+                part_sizes=tuple(sum(sizes[a:b]) + max(trans[a:b]) for a, b in parts),
+                capacities=tuple(caps[: len(parts)]),
+            )
         if self.num_cards is None:
             return fewest_cards(sizes, cap, transient=transient)
         if isinstance(cap, tuple):
@@ -177,6 +194,8 @@ class _ShardTable:
                  compressed: Sequence[Unit], shards: dict[tuple[int, int], Shard] | None = None) -> None:
         self.profile, self.combo, self.config = profile, combo, config
         self.shards = shards if shards is not None else {}  # uncompressed shards, shared across sets
+        self.keep_whole: frozenset[int] = frozenset()
+        self.forbid: Mapping[int, frozenset[str]] = {}
         self.raw: set[int] = set()
         self.cache: dict[tuple[int, int, bool], tuple[Unit, int]] = {
             (i, 1, False): (u, 0) for i, u in enumerate(compressed)
@@ -189,12 +208,13 @@ class _ShardTable:
         key = (i, shards, raw)
         if key not in self.cache:
             unit = self.profile.units[i]
-            if shards > max_shards(unit):
+            if shards > max_shards(unit) or (shards > 1 and i in self.keep_whole):
                 return None
             shard = self.shards.get((i, shards))
             if shard is None:
                 shard = self.shards[(i, shards)] = shard_unit(unit, shards, self.profile.workload)
-            got = shard.unit if raw else compress_unit(shard.unit, self.combo, self.profile.workload, self.config)
+            combo = _allowed(self.combo, self.forbid.get(i, frozenset()))
+            got = shard.unit if raw or not combo else compress_unit(shard.unit, combo, self.profile.workload, self.config)
             self.cache[key] = (got, shard.collective_bytes_per_token)
         return self.cache[key]
 
@@ -273,6 +293,7 @@ def plan_partition(
     stacking: str = "reuse",
     config: CompressionConfig | None = None,
     max_risk: float = 1.0,
+    overrides: Overrides | None = None,
 ) -> tuple[Plan, tuple[Candidate, ...]]:
     """Plan ``profile`` on the cards of ``cluster``.
 
@@ -284,6 +305,8 @@ def plan_partition(
         stacking: ``reuse`` (transient scratch shared by a card's units) or ``sum`` (the seed's sum).
         config: options of the techniques.
         max_risk: skip technique sets whose combined quality risk exceeds this (0: lossless only).
+        overrides: pins, forced cuts, units kept whole, techniques forbidden per unit; the plan's
+            notes say what they cost against the plan without them.
 
     Returns:
         The plan and every candidate technique set tried, with the cards it needs.
@@ -299,7 +322,9 @@ def plan_partition(
             f"--cards {num_cards}: the model has only {len(profile.units)} units at this granularity; "
             "use fewer cards or --granularity block"
         )
-    cards = _Cards(cluster, num_cards)
+    resolved = resolve_overrides(profile, overrides, num_cards=num_cards) if overrides and not overrides.empty else None
+    cards = _Cards(cluster, num_cards, resolved)
+    forbid = cards.overrides.forbid
     config = config or CompressionConfig()
     wl = profile.workload
     sets = tuple(c for c in technique_sets(allow) if not c or compression_risk(c) <= max_risk)
@@ -312,7 +337,9 @@ def plan_partition(
     for combo in sets:
         if best is not None and "batch" in combo:
             break  # batch reduction only as a last resort
-        units = tuple(compress_unit(u, combo, wl, config) for u in profile.units) if combo else profile.units
+        units = tuple(
+            compress_unit(u, _allowed(combo, forbid.get(i, frozenset())), wl, config) for i, u in enumerate(profile.units)
+        ) if combo else profile.units
         variants[combo] = units
         # a technique that changed no unit (ckpt in decode, say) gives the layout of the set without it
         key = tuple(u.footprint for u in units)
@@ -341,7 +368,30 @@ def plan_partition(
     if combo:
         layout = _revert_unneeded(profile, combo, config, list(variants[combo]), cards, stacking, layout, shard_cache)
     plan = _build_plan(profile, cards, layout, combo)
+    if resolved is not None:
+        plan = _with_override_cost(plan, profile, cluster, num_cards, allow, stacking, config, max_risk, overrides)
     return plan, tuple(candidates)
+
+
+def _allowed(combo: tuple[str, ...], forbidden: frozenset[str]) -> tuple[str, ...]:
+    return tuple(t for t in combo if t not in forbidden) if forbidden else combo
+
+
+def _with_override_cost(plan: Plan, profile: ModelProfile, cluster: Cluster, num_cards: int | None,
+                        allow: Sequence[str], stacking: str, config: CompressionConfig, max_risk: float,
+                        overrides: Overrides) -> Plan:
+    """Say what the overrides cost against the plan without them."""
+    free, _ = plan_partition(profile, cluster, num_cards=num_cards, allow=allow, stacking=stacking, config=config,
+                             max_risk=max_risk)
+    honoured = "; ".join(overrides.describe())
+    if plan.cards != free.cards:
+        cost = f"{plan.cards - free.cards:+d} card(s) ({plan.cards} vs {free.cards} without them)"
+    else:
+        cost = (f"largest stage {format_bytes(plan.bottleneck_bytes)} vs {format_bytes(free.bottleneck_bytes)} "
+                "without them")
+    from dataclasses import replace as _replace
+
+    return _replace(plan, notes=(*plan.notes, f"overrides honoured ({honoured}); cost: {cost}"))
 
 
 _DEGREES = (*range(1, 17), 24, 32, 48, 64)
@@ -356,7 +406,14 @@ def _layout(cards: _Cards, profile: ModelProfile, combo: tuple[str, ...], config
     caps = cards.cluster.capacities()
     if all(u.total_bytes <= max(caps) for u in units) or not cards.cluster.is_homogeneous:
         return None  # not a unit too large for a card: splitting would not help (or cards differ)
+    if cards.overrides.shapes_partition:
+        big = next(u for u in units if u.total_bytes > max(caps))
+        raise ConfigError(
+            f"unit {big.name} ({format_bytes(big.total_bytes)}) fits no card whole, and pins / cuts apply to plans "
+            "without tensor-parallel splits; drop the pins and cuts, or allow compression that makes it fit"
+        )
     table = _ShardTable(profile, combo, config, units, shard_cache)
+    table.keep_whole, table.forbid = cards.overrides.keep_whole, cards.overrides.forbid
     return _split_layouts(cards, table, stacking)
 
 
@@ -399,6 +456,8 @@ def _revert_unneeded(
     )
     split = any(g.shards > 1 for g in layout.groups)
     table = _ShardTable(profile, combo, config, compressed, shard_cache) if split else None
+    if table is not None:
+        table.keep_whole, table.forbid = cards.overrides.keep_whole, cards.overrides.forbid
     for i in order:
         trial = list(compressed)
         trial[i] = original[i]
@@ -513,6 +572,14 @@ def _infeasible(
         )
         return InfeasiblePlanError(message, report={"unit": unit.name, "index": i, "bytes": unit.total_bytes,
                                                     "capacity_bytes": capacity, "fixes": fixes})
+    if cards.overrides.shapes_partition:
+        pins = ", ".join(sorted(set(cards.overrides.pin_source.values()) | set(cards.overrides.cut_source.values())))
+        return InfeasiblePlanError(
+            f"no plan of {profile.model} honours {pins} within {format_bytes(capacity)} per card"
+            + (f" on {cards.num_cards} cards" if cards.num_cards else "")
+            + ": a pinned card or a forced stage holds more than fits; move or drop a pin / cut, or allow compression",
+            report={"overrides": pins},
+        )
     resident, transient = _cost_arrays(units, stacking)
     need = fewest_cards(resident, capacity, transient=transient)
     given = cards.num_cards if cards.num_cards is not None else len(cards.cluster)
