@@ -1,0 +1,20 @@
+"""The Python example in docs/quickstart.md runs as written."""
+
+import os
+import re
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_quickstart_python_example_runs(tmp_path):
+    code = re.findall(r"```python\n(.*?)```", (DOCS / "quickstart.md").read_text(), re.S)
+    assert code
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for block in code:
+            exec(compile(block, "quickstart.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "plan.json").exists()
