@@ -1,0 +1,162 @@
+"""``cachefit compare``: cachefit's plan beside cache-oblivious layouts on the same K cards."""
+
+from enum import Enum
+from typing import Annotated, Any, Optional
+
+import typer
+
+
+class ScheduleOpt(str, Enum):
+    one_f_one_b = "1f1b"
+    gpipe = "gpipe"
+
+
+def _fmt_s(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    if value >= 1:
+        return f"{value:.3f} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.3f} ms"
+    return f"{value * 1e6:.1f} µs"
+
+
+def _fmt_rate(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def comparison_table(comparison: Any) -> Any:
+    """A rich table of a :class:`cachefit.cost.Comparison`, one row per layout."""
+    from rich.table import Table
+
+    from cachefit.sizes import format_bytes
+
+    wl = comparison.workload
+    title = (
+        f"{comparison.model} on {comparison.num_cards} card(s) · {wl['mode']} batch {wl['batch']} seq {wl['seq_len']} "
+        f"· {comparison.micro_batches} micro-batch(es), {comparison.schedule}"
+    )
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("layout", "left"), ("cards", "right"), ("fits on-chip", "left"),
+                          ("off-chip / token", "right"), ("tokens/s", "right"), ("latency", "right"),
+                          ("memory util.", "right"), ("compute util.", "right"), ("bound by", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for item in comparison.layouts:
+        if item.plan is None or item.cost is None:
+            table.add_row(item.name, "-", "[dim]n/a[/]", "-", "-", "-", "-", "-", "[dim]skipped (below)[/]")
+            continue
+        cost = item.cost
+        fits = "[green]yes[/]" if item.fits_on_chip else "[bold red]NO[/]"
+        if not cost.possible:
+            fits = "[bold red]NO (cannot run)[/]"
+        bounds = sorted({s.bound for s in cost.stages})
+        util = cost.compute_utilization
+        star = "" if cost.complete else " *"
+        table.add_row(
+            item.name,
+            str(item.cards),
+            fits,
+            format_bytes(cost.offchip_bytes_per_token),
+            _fmt_rate(cost.throughput_tokens_per_s) + star,
+            _fmt_s(cost.latency_s) + star,
+            f"{item.plan.mean_utilization * 100:.1f}%",
+            "-" if util is None else f"{util * 100:.3f}%",
+            ", ".join(bounds),
+        )
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    from cachefit.cli import (
+        ActDtypeOption,
+        AttentionOpt,
+        AttnOption,
+        BatchOpt,
+        DtypeOpt,
+        DtypeOption,
+        GranOption,
+        GranularityOpt,
+        JsonOption,
+        ModeOpt,
+        ModeOption,
+        SeqOpt,
+        StackingOpt,
+        _cluster,
+        _console,
+        _handles_errors,
+        _print_json,
+        _workload,
+    )
+
+    @app.command()
+    @_handles_errors
+    def compare(
+        model: Annotated[str, typer.Argument(help="A preset name, a config.json, or a Hugging Face model directory.")],
+        device: Annotated[Optional[list[str]], typer.Option("--device", "-d", help="Catalog name or device/cluster file; repeat for a heterogeneous cluster in order.")] = None,
+        cards: Annotated[Optional[int], typer.Option("--cards", "-k", help="Cards every layout may use; default: the fewest on which cachefit's plan fits.", min=1)] = None,
+        capacity: Annotated[Optional[str], typer.Option("--capacity", "-c", help="Override the on-chip capacity per card, e.g. 50MB.")] = None,
+        level: Annotated[Optional[str], typer.Option("--level", help="Memory level to fit (default: the device's planning level).")] = None,
+        headroom: Annotated[float, typer.Option("--headroom", help="Fraction of each card kept free, in [0, 1).")] = 0.0,
+        reserve: Annotated[Optional[str], typer.Option("--reserve", help="Bytes kept free on every card, e.g. 2MiB.")] = None,
+        allow: Annotated[str, typer.Option("--allow", help="Compression cachefit may apply (the baselines never compress).")] = "",
+        stacking: Annotated[StackingOpt, typer.Option("--stacking", help="reuse: units on a card share scratch; sum: the seed's plain sum.")] = StackingOpt.reuse,
+        batch: BatchOpt = 1,
+        seq: SeqOpt = 1024,
+        mode: ModeOption = ModeOpt.decode,
+        dtype: DtypeOption = DtypeOpt.fp16,
+        act_dtype: ActDtypeOption = None,
+        attention: AttnOption = AttentionOpt.eager,
+        micro_batches: Annotated[int, typer.Option("--micro-batches", help="Micro-batches per step in the pipeline.", min=1)] = 1,
+        schedule: Annotated[ScheduleOpt, typer.Option("--schedule", help="Pipeline schedule (the same in inference).")] = ScheduleOpt.one_f_one_b,
+        steps_per_load: Annotated[Optional[int], typer.Option("--steps-per-load", help="Charge the load of on-chip weights once every N steps (1: every step); default: loaded once, resident.", min=1)] = None,
+        link_latency_us: Annotated[float, typer.Option("--link-latency-us", help="Latency of one chip-to-chip message, in microseconds (an assumption).", min=0.0)] = 5.0,
+        granularity: GranOption = GranularityOpt.layer,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Compare cachefit's plan with cache-oblivious layouts (uniform layers, greedy DRAM, tensor parallel)."""
+        from cachefit.cost import compare_layouts, min_cards_to_fit
+        from cachefit.errors import InfeasiblePlanError
+        from cachefit.profile import profile_model
+
+        cluster = _cluster(device, capacity, level, headroom, reserve)
+        prof = profile_model(model, _workload(batch, seq, mode, dtype, act_dtype, attention, micro_batches),
+                             granularity=granularity.value)
+        techniques = [a for a in allow.split(",") if a.strip()]
+        if cards is None:
+            cards = len(cluster) if len(cluster) > 1 else min_cards_to_fit(
+                prof, cluster, allow=techniques, stacking=stacking.value)
+            if cards is None:
+                raise InfeasiblePlanError(
+                    f"{prof.model}: no cachefit plan fits any number of these cards; give --cards K to compare "
+                    "the layouts anyway"
+                )
+        comparison = compare_layouts(prof, cluster, cards, techniques, micro_batches=micro_batches,
+                                     schedule=schedule.value, steps_per_load=steps_per_load,
+                                     stacking=stacking.value, link_latency_s=link_latency_us * 1e-6)
+        if as_json:
+            _print_json(comparison.to_dict())
+            return
+        _console.print(comparison_table(comparison))
+        own = comparison.layout("cachefit")
+        if comparison.min_cards_to_fit is None:
+            _console.print("[bold red]no cachefit plan fits on-chip on any number of these cards[/]")
+        elif not own.fits_on_chip:
+            _console.print(
+                f"[bold red]cachefit's layout on {cards} card(s) DOES NOT FIT on-chip[/]: shown is its balanced "
+                f"partition with the overflow streamed from off-chip memory; a fitting plan needs "
+                f"{comparison.min_cards_to_fit} card(s)"
+            )
+        else:
+            _console.print(f"[green]cachefit's plan fits on-chip[/] (the fewest cards that fit: {comparison.min_cards_to_fit})")
+        if any(item.cost is not None and not item.cost.complete for item in comparison.layouts):
+            _console.print("[dim]*: a device figure is unknown; the time is a lower bound (see --json notes)[/]")
+        if steps_per_load is None:
+            _console.print("[dim]weights that fit on-chip are loaded once and stay resident (not charged per step); "
+                           "--steps-per-load 1 charges a reload every step[/]")
+        for item in comparison.layouts:
+            if item.skipped:
+                _console.print(f"[dim]skipped:[/] {item.skipped}")
+            for note in item.plan.notes if item.plan else ():
+                _console.print(f"[dim]{item.name}:[/] {note}")

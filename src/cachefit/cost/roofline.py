@@ -1,0 +1,373 @@
+"""Roofline time of one card's stage: compute, on-chip traffic and off-chip traffic.
+
+Per micro-batch, a card running its stage needs
+
+* ``compute_s = FLOPs / peak FLOP/s`` for the dtype the matmuls run in;
+* ``onchip_s = bytes read from the on-chip level / its bandwidth``;
+* ``offchip_s = bytes read from DRAM / HBM / off-chip bandwidth``;
+
+and takes ``max(compute_s, onchip_s, offchip_s)`` (the roofline: Williams, Waterman and Patterson,
+"Roofline: an insightful visual performance model for multicore architectures", CACM 2009), plus the
+time of the collectives of a tensor-parallel stage, which are not overlapped with compute here (the
+conservative choice; Megatron-LM's all-reduces sit on the critical path, Shoeybi et al. 2019 sec. 3).
+
+**Which bytes are off-chip.** The stage's footprint (weights + activations + buffers, stacked as the
+plan stacked them) is compared with the capacity its card offers. The part beyond capacity
+(``total - capacity``, clipped at 0) is taken from the weights first (at most all of them): those
+weights are *streamed* from DRAM on every micro-batch, the rest stay on-chip (a partial fit). Only if
+the overflow is larger than the weights does the persistent activation state (the KV cache in
+decode, saved tensors in train) spill, then the transient scratch. The model assumes the resident
+part stays pinned (explicit SRAM, or a persisting L2 access window such as CUDA's
+``cudaAccessPolicyWindow``); an LRU cache streaming a working set larger than itself may keep far
+less, so for partial fits on caches this is optimistic.
+
+**Loads.** Weights that fit are read from DRAM once per *load* (``load_bytes``). By default
+(``steps_per_load=None``) they stay resident, as with the seed's pre-allocation: the load is a
+one-time cost, reported but not charged per step. ``steps_per_load=n`` charges it once every ``n``
+steps, amortized over the micro-batches of a step (``n = 1``: reloaded every step).
+
+**Traffic per micro-batch** (``W`` resident weights, ``P`` persistent activations, ``T`` transient):
+
+* weights: every weight is read once per forward pass (twice in train: forward and backward),
+  except embedding tables, of which a lookup reads only the rows of the micro-batch's tokens; they
+  are also the first weights left off-chip when a stage overflows (the cheapest to stream);
+* decode: the micro-batch's own KV cache is read once per token (``P / micro-batches profiled``; the
+  new token's keys and values, one row, are not counted);
+* train: saved activations are written in the forward pass and read in the backward pass (``2 P``);
+* transient activations: each unit's scratch written once and read once (``2 x sum of the units'
+  transient peaks``, twice that in train): a lower bound on the true activation traffic.
+
+**FLOPs**: each unit's forward FLOPs per token (``Unit.flops_per_token``, recomputed for its shard and
+its compression) times the tokens of a micro-batch; train counts 3x (backward = 2x forward,
+Kaplan et al. 2020 sec. 2.1; Narayanan et al. 2021 eq. 3 use the same factor). Weight-only int8 /
+int4 dequantize to the activation dtype before the matmul, so they run at the activation dtype's
+peak (int8 peak only with int8 activations too, which cachefit's techniques never make). 2:4 sparse
+weights are costed at the dense peak (no sparse tensor-core speed-up assumed).
+
+**Unknown figures** stay unknown: a device without a published peak, bandwidth or link figure gives a
+``None`` term, the stage time is the largest *known* term and the cost is flagged incomplete (a lower
+bound). A device without off-chip memory (Groq, Cerebras) cannot stream: a stage that does not fit is
+*impossible*, not slow.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from cachefit.errors import ConfigError
+from cachefit.hardware.devices import DeviceSpec
+from cachefit.units import Mode, Unit, Workload
+
+log = logging.getLogger(__name__)
+
+LINK_LATENCY_S = 5e-6
+"""Fixed latency of one chip-to-chip message, in seconds: an assumption of the order of a small
+NCCL point-to-point message over NVLink or InfiniBand (a few microseconds). Added once per activation
+transfer and once per message step of a collective (``2 ceil(log2 s)`` steps for an all-reduce over
+``s`` cards, ``ceil(log2 s)`` for an all-gather: the latency term of recursive halving / doubling,
+Thakur, Rabenseifner and Gropp, "Optimization of collective communication operations in MPICH",
+IJHPCA 2005; the bandwidth term is the ring's ``2 (s - 1) / s`` of the message, which
+``Stage.collective_bytes_per_token`` already carries)."""
+
+TRAIN_FLOP_FACTOR = 3
+"""Forward + backward FLOPs over forward FLOPs (backward ~ 2x forward: Kaplan et al. 2020, sec. 2.1)."""
+
+# dtypes whose matmuls run at the same published rate on every catalog device that lists both
+_SAME_RATE = {"fp16": "bf16", "bf16": "fp16"}
+
+
+def one_way_link_bytes_per_s(device: DeviceSpec) -> float | None:
+    """Bandwidth of one direction of a card's links: half the both-directions figure of the catalog
+    (NVLink 4 on H100: 18 links x 50 GB/s = 900 GB/s both ways, 450 GB/s each way)."""
+    bw = device.link_bandwidth_bytes_per_s
+    return None if bw is None else bw / 2
+
+
+def compute_dtype(workload: Workload) -> str:
+    """The dtype the matmuls run in: the activation dtype (weight-only quantization dequantizes to it)."""
+    return workload.act_dtype
+
+
+def peak_flops_for(device: DeviceSpec, dtype: str) -> tuple[float | None, str]:
+    """Peak FLOP/s for ``dtype`` and a note when a stand-in was used or none is known."""
+    peak = device.peak_flops(dtype)
+    if peak is not None:
+        return peak, ""
+    other = _SAME_RATE.get(dtype)
+    if other is not None and device.peak_flops(other) is not None:
+        return device.peak_flops(other), f"{device.name}: no {dtype} peak published, used its {other} peak (same rate)"
+    return None, f"{device.name}: no {dtype} peak FLOP/s published: compute time unknown"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageCost:
+    """Roofline cost of one card's stage for one micro-batch (all times in seconds)."""
+
+    card: int
+    """Index of the card in the plan."""
+    pipeline_stage: int
+    """Index of the pipeline stage (the cards of a tensor-parallel group share one)."""
+    device: str
+    shard: tuple[int, int] | None
+    units: tuple[int, int]
+    fits: bool
+    """The stage's bytes fit its card's capacity (nothing streamed or spilled)."""
+    possible: bool
+    """False when bytes do not fit and the card has no off-chip memory to stream them from."""
+    flops_per_micro_batch: int
+    compute_s: float | None
+    resident_weight_bytes: int
+    """Weights kept on-chip."""
+    streamed_weight_bytes: int
+    """Weights beyond capacity, read from off-chip memory on every micro-batch."""
+    spilled_activation_bytes: int
+    """Activations (persistent first, then transient) that do not fit on-chip even with every weight
+    streamed."""
+    load_bytes: int
+    """Bytes read from off-chip memory once per load (the resident weights)."""
+    onchip_bytes_per_micro_batch: int
+    onchip_s: float | None
+    offchip_bytes_per_micro_batch: int
+    """Includes the amortized load when ``steps_per_load`` is set."""
+    offchip_s: float | None
+    collective_bytes_per_micro_batch: int
+    collective_s: float | None
+    time_s: float | None
+    """``max(compute, on-chip, off-chip) + collectives``; None if impossible or nothing is known."""
+    bound: str
+    """What dominates the time: ``compute``, ``on-chip`` or ``off-chip`` (the roofline term), or
+    ``collectives`` when they take longer than it; ``unknown`` or ``impossible`` without a time."""
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "card": self.card,
+            "pipeline_stage": self.pipeline_stage,
+            "device": self.device,
+            "shard": list(self.shard) if self.shard else None,
+            "units": list(self.units),
+            "fits": self.fits,
+            "possible": self.possible,
+            "flops_per_micro_batch": self.flops_per_micro_batch,
+            "compute_s": self.compute_s,
+            "resident_weight_bytes": self.resident_weight_bytes,
+            "streamed_weight_bytes": self.streamed_weight_bytes,
+            "spilled_activation_bytes": self.spilled_activation_bytes,
+            "load_bytes": self.load_bytes,
+            "onchip_bytes_per_micro_batch": self.onchip_bytes_per_micro_batch,
+            "onchip_s": self.onchip_s,
+            "offchip_bytes_per_micro_batch": self.offchip_bytes_per_micro_batch,
+            "offchip_s": self.offchip_s,
+            "collective_bytes_per_micro_batch": self.collective_bytes_per_micro_batch,
+            "collective_s": self.collective_s,
+            "time_s": self.time_s,
+            "bound": self.bound,
+            "notes": list(self.notes),
+        }
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _is_embedding(unit: Unit) -> bool:
+    return unit.shape is not None and unit.shape.part == "embedding"
+
+
+def _embedding_read_bytes(unit: Unit, tokens: int) -> int:
+    """Bytes of an embedding unit's tables one micro-batch reads: the rows of its tokens."""
+    vocab = unit.shape.vocab_size if unit.shape is not None else 0
+    weight = unit.footprint.weight_bytes
+    if not vocab or tokens >= vocab:
+        return weight
+    return _ceil_div(weight * tokens, vocab)
+
+
+def _div(nbytes: float, rate: float | None) -> float | None:
+    if nbytes == 0:
+        return 0.0
+    return None if rate is None else nbytes / rate
+
+
+def estimate_stage(
+    *,
+    card: int,
+    pipeline_stage: int,
+    device: DeviceSpec,
+    level: str,
+    units: tuple[int, int],
+    shard: tuple[int, int] | None,
+    weight_bytes: int,
+    activation_bytes: int,
+    persistent_activation_bytes: int,
+    buffer_bytes: int,
+    capacity_bytes: int,
+    stage_units: tuple[Unit, ...],
+    workload: Workload,
+    tokens_per_micro_batch: int,
+    collective_bytes_per_token: int = 0,
+    collective_latency_steps: int = 0,
+    steps_per_load: int | None = None,
+    micro_batches: int = 1,
+    link_latency_s: float = LINK_LATENCY_S,
+) -> StageCost:
+    """Roofline cost of one card's stage for one micro-batch (see the module docstring).
+
+    Args:
+        weight_bytes, activation_bytes, persistent_activation_bytes, buffer_bytes: the stage's
+            stacked footprint as the plan records it.
+        capacity_bytes: what the card offers the stage (after headroom).
+        stage_units: the units as this card runs them (its shard, compressed), for FLOPs and the
+            transient activation traffic.
+        tokens_per_micro_batch: tokens one micro-batch processes (batch x query length).
+        collective_latency_steps: message steps on the critical path of the stage's collectives per
+            forward pass (each adds :data:`LINK_LATENCY_S`).
+        steps_per_load: charge the load of resident weights once every this many steps (None: never,
+            weights stay resident).
+        micro_batches: micro-batches per step (to amortize a load over them).
+        link_latency_s: latency of one message step (default :data:`LINK_LATENCY_S`).
+    """
+    if capacity_bytes <= 0:
+        raise ConfigError(f"card {card}: capacity must be positive, got {capacity_bytes} B")
+    if not link_latency_s >= 0:
+        raise ConfigError(f"link latency must be >= 0 seconds, got {link_latency_s!r}")
+    if steps_per_load is not None and steps_per_load < 1:
+        raise ConfigError(f"steps_per_load must be a positive integer or None, got {steps_per_load!r}")
+    notes: list[str] = []
+    train = workload.mode is Mode.TRAIN
+    passes = 2 if train else 1  # weights (and scratch) touched in forward, and again in backward
+
+    # -- what fits: overflow taken from the weights first, then persistent, then transient state
+    total = weight_bytes + activation_bytes + buffer_bytes
+    overflow = max(0, total - capacity_bytes)
+    streamed = min(weight_bytes, overflow)
+    # An embedding lookup reads only the rows of the micro-batch's tokens, so its tables are the
+    # cheapest weights to leave off-chip: the overflow is taken from them first.
+    table_bytes = min(weight_bytes, sum(u.footprint.weight_bytes for u in stage_units if _is_embedding(u)))
+    table_read = min(table_bytes, sum(_embedding_read_bytes(u, tokens_per_micro_batch) for u in stage_units
+                                      if _is_embedding(u)))
+    streamed_tables = min(table_bytes, streamed)
+    streamed_matrices = streamed - streamed_tables
+    tables_off_read = _ceil_div(table_read * streamed_tables, table_bytes) if table_bytes else 0
+    weights_off_read = tables_off_read + streamed_matrices
+    weights_on_read = (table_read - tables_off_read) + (weight_bytes - table_bytes - streamed_matrices)
+    rest = overflow - streamed
+    spilled_persistent = min(persistent_activation_bytes, rest)
+    spilled_transient = rest - spilled_persistent
+    resident = weight_bytes - streamed
+    has_offchip = device.offchip_capacity_bytes is not None or device.offchip_bandwidth_bytes_per_s is not None
+    possible = overflow == 0 or has_offchip
+    if not possible:
+        notes.append(
+            f"card {card} ({device.name}) has no off-chip memory: the stage needs {total:,} B but the card offers "
+            f"{capacity_bytes:,} B, so it cannot run"
+        )
+
+    # -- persistent state traffic per micro-batch
+    if workload.mode is Mode.DECODE:
+        # the micro-batch reads its own KV cache (the footprint holds every micro-batch's cache)
+        persistent_traffic = persistent_activation_bytes // workload.micro_batches
+        persistent_off = spilled_persistent // workload.micro_batches
+    elif train:
+        persistent_traffic = 2 * persistent_activation_bytes  # saved in forward, read in backward
+        persistent_off = 2 * spilled_persistent
+    else:
+        persistent_traffic = persistent_activation_bytes  # written once (prefill keeps nothing: 0)
+        persistent_off = spilled_persistent
+    # -- transient scratch: written once and read once per unit (a lower bound)
+    transient_traffic = 2 * passes * sum(u.footprint.transient_activation_bytes for u in stage_units)
+    transient_off = min(transient_traffic, 2 * passes * spilled_transient)
+
+    onchip_bytes = passes * weights_on_read + (persistent_traffic - persistent_off) + (transient_traffic - transient_off)
+    offchip_bytes = passes * weights_off_read + persistent_off + transient_off
+    load_share = 0
+    if steps_per_load is not None and resident and has_offchip:
+        load_share = -(-resident // (steps_per_load * micro_batches))  # ceil: bytes never vanish
+        offchip_bytes += load_share
+
+    # -- bandwidths
+    lvl = device.level(level)
+    onchip_bw = lvl.bandwidth_bytes_per_s
+    if onchip_bw is None and onchip_bytes:
+        if device.offchip_bandwidth_bytes_per_s is not None:
+            onchip_bw = device.offchip_bandwidth_bytes_per_s
+            notes.append(
+                f"{device.name}: no {lvl.name} bandwidth published, used the off-chip bandwidth for on-chip "
+                "traffic (an upper bound on its time)"
+            )
+        else:
+            notes.append(f"{device.name}: no {lvl.name} or off-chip bandwidth published: on-chip time unknown")
+    onchip_s = _div(onchip_bytes, onchip_bw)
+    if possible:
+        offchip_s = _div(offchip_bytes, device.offchip_bandwidth_bytes_per_s)
+        if offchip_s is None:
+            notes.append(f"{device.name}: no off-chip bandwidth published: off-chip time unknown")
+    else:
+        offchip_s = None
+
+    # -- compute
+    dtype = compute_dtype(workload)
+    factor = TRAIN_FLOP_FACTOR if train else 1
+    flops = factor * tokens_per_micro_batch * sum(u.flops_per_token for u in stage_units)
+    peak, peak_note = peak_flops_for(device, dtype)
+    if peak_note and flops:
+        notes.append(peak_note)
+    compute_s = _div(flops, peak)
+
+    # -- collectives of a tensor-parallel stage (backward mirrors forward in train)
+    coll_bytes = passes * collective_bytes_per_token * tokens_per_micro_batch
+    coll_s: float | None = 0.0
+    if coll_bytes:
+        link = one_way_link_bytes_per_s(device)
+        if link is None:
+            coll_s = None
+            notes.append(f"{device.name}: no link bandwidth published: collective time unknown")
+        else:
+            coll_s = coll_bytes / link + passes * collective_latency_steps * link_latency_s
+
+    terms = {"compute": compute_s, "on-chip": onchip_s, "off-chip": offchip_s}
+    known = {k: v for k, v in terms.items() if v is not None}
+    if not possible or not known:
+        time_s, bound = None, "unknown" if possible else "impossible"
+    else:
+        bound = max(known, key=lambda k: known[k])
+        time_s = known[bound] + (coll_s or 0.0)
+        if coll_s and coll_s > known[bound]:
+            bound = "collectives"  # the all-reduces take longer than the roofline term they follow
+    return StageCost(
+        card=card,
+        pipeline_stage=pipeline_stage,
+        device=device.name,
+        shard=shard,
+        units=units,
+        fits=overflow == 0,
+        possible=possible,
+        flops_per_micro_batch=flops,
+        compute_s=compute_s,
+        resident_weight_bytes=resident,
+        streamed_weight_bytes=streamed,
+        spilled_activation_bytes=spilled_persistent + spilled_transient,
+        load_bytes=resident,
+        onchip_bytes_per_micro_batch=onchip_bytes,
+        onchip_s=onchip_s,
+        offchip_bytes_per_micro_batch=offchip_bytes,
+        offchip_s=offchip_s,
+        collective_bytes_per_micro_batch=coll_bytes,
+        collective_s=coll_s,
+        time_s=time_s,
+        bound=bound,
+        notes=tuple(notes),
+    )
+
+
+__all__ = [
+    "LINK_LATENCY_S",
+    "TRAIN_FLOP_FACTOR",
+    "StageCost",
+    "compute_dtype",
+    "estimate_stage",
+    "one_way_link_bytes_per_s",
+    "peak_flops_for",
+]

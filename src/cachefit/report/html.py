@@ -1,0 +1,316 @@
+"""A self-contained HTML report of a plan: tables, charts, the comparison and every source.
+
+One file, no network: the charts are PNGs embedded as base64 ``data:`` URIs, the CSS is inline and
+there is no script. The page holds the plan table, the per-card memory chart
+(:func:`cachefit.report.plots.plot_plan`), the pipeline timeline
+(:func:`cachefit.report.timeline.plot_timeline`), the cost per card, the comparison against the
+cache-oblivious baselines (when given), the workload, and each device figure with its source and date.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cachefit.errors import ConfigError
+from cachefit.sizes import format_bytes
+
+if TYPE_CHECKING:
+    from cachefit.cost.baselines import Comparison
+    from cachefit.cost.pipeline import PlanCost
+    from cachefit.hardware.devices import Cluster
+    from cachefit.plan import Plan
+    from cachefit.units import ModelProfile
+
+log = logging.getLogger(__name__)
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px;
+       color: #222; line-height: 1.4; padding: 0 1em; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 1.8em;
+     border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.55em; vertical-align: top; }
+th { background: #f3f3f3; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.ok { color: #1a7f37; font-weight: bold; } .bad { color: #c62828; font-weight: bold; }
+.muted { color: #666; font-size: 0.85em; } img { max-width: 100%; border: 1px solid #eee; }
+ul.notes li { margin: 0.2em 0; } .summary td:first-child { font-weight: bold; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _s(value: float | None) -> str:
+    if value is None:
+        return "unknown"
+    if value == 0:
+        return "0"
+    if value >= 1:
+        return f"{value:.3f} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.3f} ms"
+    return f"{value * 1e6:.2f} µs"
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value * 100:.{digits}f}%"
+
+
+def _rate(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:,.1f}"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[tuple[str, bool]]], *, table_id: str = "") -> str:
+    """An HTML table; each cell is (already escaped html, numeric?)."""
+    attr = f' id="{_e(table_id)}"' if table_id else ""
+    out = [f"<table{attr}>", "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in headers) + "</tr></thead>", "<tbody>"]
+    for row in rows:
+        out.append("<tr>" + "".join(f'<td class="num">{c}</td>' if num else f"<td>{c}</td>" for c, num in row) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _plan_rows(plan: Plan) -> list[list[tuple[str, bool]]]:
+    from cachefit.report.tables import stage_groups
+
+    rows = []
+    for stage, count in stage_groups(plan):
+        fp = stage.footprint
+        cards = str(stage.card) if count == 1 else f"{stage.card}-{stage.card + count - 1}"
+        names = stage.unit_names
+        units = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]} ({len(names)})"
+        if count > 1:
+            units += f" [{count}-way split, per card]"
+        verdict = '<span class="ok">fits</span>' if stage.fits else '<span class="bad">does not fit</span>'
+        rows.append([
+            (_e(cards), True), (_e(f"{stage.device}:{stage.level}"), False), (_e(units), False),
+            (_e(",".join(stage.compression) or "-"), False),
+            (_e(format_bytes(fp.weight_bytes)), True), (_e(format_bytes(fp.activation_bytes)), True),
+            (_e(format_bytes(fp.buffer_bytes)), True), (_e(format_bytes(fp.total_bytes)), True),
+            (_e(format_bytes(stage.capacity_bytes)), True), (_e(_pct(stage.utilization)), True), (verdict, False),
+        ])
+    return rows
+
+
+def _cost_rows(cost: PlanCost) -> list[list[tuple[str, bool]]]:
+    rows = []
+    seen: set[int] = set()
+    for sc in cost.stages:
+        if sc.pipeline_stage in seen:  # the shards of a split stage cost the same: show the first
+            continue
+        seen.add(sc.pipeline_stage)
+        count = sum(1 for x in cost.stages if x.pipeline_stage == sc.pipeline_stage)
+        cards = str(sc.card) if count == 1 else f"{sc.card}-{sc.card + count - 1}"
+        rows.append([
+            (_e(sc.pipeline_stage), True), (_e(cards), True), (_e(_s(sc.compute_s)), True), (_e(_s(sc.onchip_s)), True),
+            (_e(_s(sc.offchip_s)), True), (_e(_s(sc.collective_s)), True), (_e(_s(sc.time_s)), True), (_e(sc.bound), False),
+            (_e(format_bytes(sc.streamed_weight_bytes)), True),
+            (_e(format_bytes(sc.offchip_bytes_per_micro_batch)), True),
+        ])
+    return rows
+
+
+def _comparison_rows(comparison: Comparison) -> list[list[tuple[str, bool]]]:
+    rows = []
+    for item in comparison.layouts:
+        cost = item.cost
+        if item.plan is None or cost is None:
+            rows.append([(_e(item.name), False), ("-", True), ('<span class="muted">n/a</span>', False),
+                         ("-", True), ("-", True), ("-", True), ("-", True), (_e(f"skipped: {item.skipped}"), False)])
+            continue
+        fits = '<span class="ok">yes</span>' if item.fits_on_chip else '<span class="bad">NO</span>'
+        if not cost.possible:
+            fits = '<span class="bad">NO (cannot run)</span>'
+        star = "" if cost.complete else " *"
+        rows.append([
+            (_e(item.name), False), (_e(item.cards), True), (fits, False),
+            (_e(format_bytes(cost.offchip_bytes_per_token)), True),
+            (_e(_rate(cost.throughput_tokens_per_s) + star), True), (_e(_s(cost.latency_s) + star), True),
+            (_e(_pct(item.plan.mean_utilization)), True), (_e("; ".join(item.plan.notes)), False),
+        ])
+    return rows
+
+
+def _source_rows(cluster: Cluster) -> list[list[tuple[str, bool]]]:
+    rows = []
+    for device in cluster.devices:
+        for key, fig in device.iter_figures():
+            if fig.value is None:
+                value = "unknown"
+            elif "bandwidth" in key:
+                value = f"{fig.value / 1e12:,.3f} TB/s"
+            elif "flops" in key:
+                value = f"{fig.value / 1e12:,.1f} TFLOP/s"
+            else:
+                value = f"{int(fig.value):,} B ({format_bytes(fig.value)})"
+            source = _e(fig.source)
+            if fig.source.startswith(("http://", "https://")) and ";" not in fig.source:
+                source = f'<a href="{_e(fig.source)}">{_e(fig.source)}</a>'
+            rows.append([(_e(device.name), False), (_e(key), False), (_e(value), True),
+                         (_e("uncertain" if fig.uncertain else ""), False), (_e(fig.as_of), False),
+                         (source + (f'<br><span class="muted">{_e(fig.note)}</span>' if fig.note else ""), False)])
+    return rows
+
+
+def render_report(
+    plan: Plan,
+    profile: ModelProfile,
+    cluster: Cluster,
+    cost: PlanCost,
+    *,
+    memory_png: Path | None = None,
+    timeline_png: Path | None = None,
+    comparison: Comparison | None = None,
+) -> str:
+    """The report page as a string (charts read from the given PNG files and embedded)."""
+    from cachefit import __version__
+
+    verdict = ('<span class="ok">every card fits its on-chip memory</span>' if plan.feasible
+               else '<span class="bad">DOES NOT FIT on-chip</span>')
+    wl = profile.workload
+    parts: list[str] = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>cachefit report: {_e(plan.model)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>cachefit report: {_e(plan.model)}</h1>",
+        f'<p class="muted">cachefit {_e(__version__)} · generated {_e(_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))}'
+        f" · model source: {_e(profile.source or profile.model)}</p>",
+        f"<p>{_e(plan.cards)} card(s), objective {_e(plan.objective)}, stacking {_e(plan.stacking)}: {verdict}.</p>",
+        '<h2 id="summary">Predicted cost</h2>',
+        _table(("figure", "value"), [
+            [(_e(k), False), (_e(v), True)] for k, v in (
+                ("throughput (tokens/s)", _rate(cost.throughput_tokens_per_s)),
+                ("latency of one micro-batch", _s(cost.latency_s)),
+                ("step (all micro-batches)", _s(cost.step_s)),
+                ("bottleneck per micro-batch", _s(cost.bottleneck_s)),
+                ("pipeline stages", str(cost.pipeline_stages)),
+                ("micro-batches, schedule", f"{cost.micro_batches}, {cost.schedule}"),
+                ("idle (bubble) fraction, simulated", _pct(cost.bubble_fraction)),
+                ("idle fraction, (p-1)/(m+p-1)", _pct(cost.schedule_bubble_fraction)),
+                ("off-chip bytes per token", format_bytes(cost.offchip_bytes_per_token)),
+                ("one-time load of on-chip weights", format_bytes(cost.load_bytes)),
+                ("mean memory utilization", _pct(cost.mean_utilization)),
+                ("compute utilization", _pct(cost.compute_utilization, 3)),
+            )
+        ], table_id="cost-summary"),
+    ]
+    if not cost.complete:
+        parts.append('<p class="bad">Some device figure is unknown: times are lower bounds (see the notes).</p>')
+    parts += ['<h2 id="plan">Plan</h2>', _table(
+        ("card", "device", "units", "compression", "weights", "activations", "buffers", "total", "capacity",
+         "utilization", "verdict"), _plan_rows(plan), table_id="plan-table")]
+    if memory_png is not None:
+        parts += ['<h2 id="memory">Bytes per card against capacity</h2>', _img(memory_png, "per-card memory chart")]
+    parts += ['<h2 id="timeline">Pipeline timeline</h2>']
+    if timeline_png is not None:
+        parts.append(_img(timeline_png, "pipeline timeline"))
+    parts += ['<h2 id="stage-cost">Cost per pipeline stage (one micro-batch)</h2>', _table(
+        ("stage", "cards", "compute", "on-chip", "off-chip", "collectives", "time", "bound by", "streamed weights",
+         "off-chip bytes"), _cost_rows(cost), table_id="stage-cost-table")]
+    if comparison is not None:
+        parts += [
+            f'<h2 id="comparison">Against cache-oblivious layouts on {_e(comparison.num_cards)} card(s)</h2>',
+            _table(("layout", "cards", "fits on-chip", "off-chip / token", "tokens/s", "latency", "memory util.", "notes"),
+                   _comparison_rows(comparison), table_id="comparison-table"),
+            "<p>" + (f"cachefit's plan fits on-chip from {_e(comparison.min_cards_to_fit)} card(s)."
+                     if comparison.min_cards_to_fit is not None else
+                     '<span class="bad">No cachefit plan fits on-chip on any number of these cards.</span>') + "</p>",
+        ]
+    notes = list(plan.notes) + [n for n in cost.notes if n not in plan.notes]
+    if notes:
+        parts += ['<h2 id="notes">Notes</h2>', '<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"]
+    parts += [
+        '<h2 id="workload">Workload</h2>',
+        _table(("field", "value"), [[(_e(k), False), (_e(v), False)] for k, v in wl.to_dict().items()],
+               table_id="workload-table"),
+        '<h2 id="devices">Cards and device figures, with their sources</h2>',
+        f"<pre>{_e(cluster.describe())}</pre>",
+        _table(("device", "figure", "value", "", "as of", "source"), _source_rows(cluster), table_id="sources-table"),
+        '<h2 id="assumptions">Cost model assumptions</h2>',
+        "<ul>"
+        "<li>Per card: time = max(compute, on-chip traffic, off-chip traffic) (roofline) + collectives.</li>"
+        "<li>Bytes beyond a card's capacity come from the weights first and are streamed from off-chip memory "
+        "every micro-batch; the rest stays on-chip (pinned; optimistic for LRU caches).</li>"
+        f"<li>Link: one direction gets half the published both-directions bandwidth; {cost.link_latency_s * 1e6:g} µs "
+        "per message (an assumption).</li>"
+        "<li>Weight-only int8/int4 run at the activation dtype's peak; 2:4 sparsity at the dense peak.</li>"
+        + ("<li>Weights that fit are loaded once and stay resident (the load is reported, not charged per step).</li>"
+           if cost.steps_per_load is None else
+           f"<li>The load of on-chip weights is charged once every {_e(cost.steps_per_load)} step(s).</li>")
+        + "</ul>",
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(
+    plan: Plan,
+    profile: ModelProfile,
+    cluster: Cluster,
+    out_dir: str | os.PathLike,
+    comparison: Comparison | None = None,
+    *,
+    cost: PlanCost | None = None,
+    micro_batches: int | None = None,
+    schedule: str = "1f1b",
+    steps_per_load: int | None = None,
+) -> Path:
+    """Write ``index.html`` (self-contained) and its charts (``memory.png``, ``timeline.png``) to ``out_dir``.
+
+    Args:
+        plan: the plan to report.
+        profile: the profile the plan was made from.
+        cluster: the cards (for the cost model and the device sources).
+        out_dir: directory to write into (created if missing).
+        comparison: the baselines on the same cards (:func:`cachefit.cost.compare_layouts`), if any.
+        cost: the plan's cost; None: estimated here with ``micro_batches``, ``schedule``, ``steps_per_load``.
+
+    Returns:
+        The path of ``index.html``.
+
+    Raises:
+        ConfigError: ``out_dir`` cannot be created or written, or the plan does not match the profile.
+    """
+    from cachefit.cost.pipeline import estimate_cost
+    from cachefit.report.plots import plot_plan
+    from cachefit.report.timeline import plot_timeline
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"report: cannot create the directory {os.fspath(out)!r} ({exc.strerror}); pick a writable path") from None
+    if cost is None:
+        cost = estimate_cost(plan, profile, cluster, micro_batches=micro_batches, schedule=schedule,
+                             steps_per_load=steps_per_load)
+    memory_png, timeline_png = out / "memory.png", out / "timeline.png"
+    plot_plan(plan, memory_png)
+    plot_timeline(cost, timeline_png)
+    page = render_report(plan, profile, cluster, cost, memory_png=memory_png, timeline_png=timeline_png,
+                         comparison=comparison)
+    index = out / "index.html"
+    try:
+        index.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"report: cannot write {os.fspath(index)!r} ({exc.strerror}); pick a writable path") from None
+    log.info("report written to %s", index)
+    return index
+
+
+__all__ = ["render_report", "write_report"]
