@@ -131,3 +131,20 @@ def test_devices_json_has_sources():
             "tenstorrent-wormhole-n150"} <= names
     one = run("devices", "h100")
     assert one.exit_code == 0 and "52,428,800" in one.stdout
+
+
+def test_plan_writes_an_html_report(tmp_path):
+    result = run("plan", "gpt2", "--capacity", "100MB", "--report", str(tmp_path / "rep"))
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert "<table" in html and "gpt2" in html and "data:image/png;base64," in html
+
+
+def test_ci_runs_the_readme_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    command = 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q'
+    assert command in readme
+    assert command in (root / ".ci" / "run").read_text()

@@ -294,6 +294,7 @@ def plan(
     micro_batches: Annotated[int, typer.Option("--micro-batches", help="Micro-batches per step in the pipeline.", min=1)] = 1,
     granularity: GranOption = GranularityOpt.layer,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of per-card bytes against capacity.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write a self-contained HTML report (plan, charts, timeline, baselines, sources) to this directory.")] = None,
     pin: Annotated[Optional[list[str]], typer.Option("--pin", help="Pin units to a card: 'layers.0-3=0' (repeatable).")] = None,
     cut_after: Annotated[Optional[list[str]], typer.Option("--cut-after", help="Force a stage boundary after a unit (repeatable).")] = None,
     keep_whole: Annotated[Optional[list[str]], typer.Option("--keep-whole", help="Never split these units across cards, e.g. 'layers.*' (repeatable).")] = None,
@@ -326,6 +327,13 @@ def plan(
         from cachefit.report.plots import plot_plan
 
         plot_plan(result, plot)
+    index = None
+    if report is not None:
+        from cachefit.cost import compare_layouts
+        from cachefit.report.html import write_report
+
+        comparison = compare_layouts(prof, cluster, result.cards, allowed, stacking=stacking.value)
+        index = write_report(result, prof, cluster, report, comparison)
     if as_json:
         doc = result.to_dict()
         if allowed:
@@ -345,6 +353,8 @@ def plan(
         _console.print(table)
     if plot is not None:
         _console.print(f"chart written to {plot}")
+    if index is not None:
+        _console.print(f"report written to {index}")
 
 
 def _register_commands() -> None:
