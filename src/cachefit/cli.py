@@ -357,6 +357,47 @@ def plan(
         _console.print(f"report written to {index}")
 
 
+def cli_reference() -> str:
+    """The CLI reference in markdown, generated from the commands' own parameters and help."""
+    import click
+
+    root = typer.main.get_command(app)
+    ctx = click.Context(root, info_name="cachefit")
+    lines = [
+        "# CLI reference",
+        "",
+        "Generated from the commands' own help: `cachefit cli-reference > docs/cli.md`.",
+        "Every command takes `--help`; `cachefit --debug COMMAND ...` shows tracebacks.",
+        "",
+    ]
+    for name in root.list_commands(ctx):  # type: ignore[attr-defined]
+        cmd = root.get_command(ctx, name)  # type: ignore[attr-defined]
+        if cmd is None or cmd.hidden:
+            continue
+        args = " ".join(p.human_readable_name.upper() for p in cmd.params if isinstance(p, click.Argument))
+        lines += [f"## `cachefit {name}{' ' + args if args else ''}`", "", (cmd.help or "").strip(), ""]
+        rows = []
+        for param in cmd.params:
+            if isinstance(param, click.Argument):
+                rows.append((param.human_readable_name.upper(), getattr(param, "help", "") or "", ""))
+                continue
+            opts = ", ".join(f"`{o}`" for o in [*param.opts, *param.secondary_opts])
+            default = param.default
+            shown = "" if default in (None, False, (), []) or callable(default) else f"{getattr(default, 'value', default)}"
+            rows.append((opts, (param.help or "").replace("|", "\\|"), shown))
+        if rows:
+            lines += ["| option | meaning | default |", "|---|---|---|"]
+            lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+            lines.append("")
+    return "\n".join(lines)
+
+
+@app.command("cli-reference", hidden=True)
+def _cli_reference_command() -> None:
+    """Print the CLI reference (markdown)."""
+    sys.stdout.write(cli_reference())
+
+
 def _register_commands() -> None:
     """Add the commands defined in ``cachefit.commands`` (one module each, ``register(app)``)."""
     import importlib
