@@ -148,3 +148,10 @@ def test_ci_runs_the_readme_test_command():
     command = 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q'
     assert command in readme
     assert command in (root / ".ci" / "run").read_text()
+
+
+def test_partition_verify_against_the_milp():
+    result = run("partition", "--sizes", "3,5,2,4,4,7,1,2", "--cards", "3", "--verify", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["verified"]["bottleneck"] == doc["bottleneck"] == 10

@@ -201,6 +201,7 @@ def partition(
     sizes_file: Annotated[Optional[Path], typer.Option("--sizes-file", help="File with one size a line.")] = None,
     capacity: Annotated[Optional[str], typer.Option("--capacity", "-c", help="Capacity of every card, e.g. 50MB.")] = None,
     cards: Annotated[Optional[int], typer.Option("--cards", "-k", help="Use at most K cards, minimizing the largest part.", min=1)] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Check the result against an exact MILP (HiGHS, needs scipy; small inputs).")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Split a list of sizes, in order, into contiguous parts that each fit a capacity."""
@@ -215,12 +216,14 @@ def partition(
         result = fewest_cards(values, cap)
     else:
         result = balanced(values, cards, capacity=cap)
-    doc = {
+    doc: dict[str, Any] = {
         "parts": [list(p) for p in result.parts],
         "part_sizes": list(result.part_sizes),
         "bottleneck": result.bottleneck,
         "cards": result.cards,
     }
+    if verify:
+        doc["verified"] = _verify_partition(values, cap, cards, result)
     if as_json:
         _print_json(doc)
         return
@@ -233,6 +236,29 @@ def partition(
         table.add_row(str(i), f"{start}..{end - 1}", format_bytes(size),
                       format_bytes(cap) if cap else "-", f"{size / cap * 100:.1f}%" if cap else "-")
     _console.print(table)
+    if verify:
+        _console.print(f"verified against the MILP optimum: cards {doc['verified']['cards']}, "
+                       f"largest part {format_bytes(doc['verified']['bottleneck'])}: [green]equal[/]")
+
+
+def _verify_partition(values: list[int], cap: int | None, cards: int | None, result: Any) -> dict[str, Any]:
+    """Solve the same instance exactly (MILP) and fail loudly if cachefit's answer is not optimal."""
+    from cachefit.errors import CachefitError
+    from cachefit.partition.exact import milp_balanced, milp_fewest
+
+    if len(values) > 200:
+        raise ConfigError(f"--verify: {len(values)} sizes is too many for the exact MILP; verify at most 200")
+    try:
+        exact = milp_fewest(values, cap) if cards is None else milp_balanced(values, cards, cap)  # type: ignore[arg-type]
+    except ImportError:
+        raise ConfigError("--verify needs scipy: pip install scipy") from None
+    if exact is None or (exact.cards, exact.bottleneck) != (result.cards, result.bottleneck) and \
+            not (cards is not None and exact.bottleneck == result.bottleneck):
+        raise CachefitError(
+            f"--verify: cachefit found {result.cards} cards / largest {result.bottleneck} B, the MILP "
+            f"{None if exact is None else (exact.cards, exact.bottleneck)}: please report this"
+        )
+    return {"cards": exact.cards, "bottleneck": exact.bottleneck, "method": "milp (scipy HiGHS)"}
 
 
 class StackingOpt(str, Enum):
