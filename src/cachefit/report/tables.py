@@ -80,10 +80,8 @@ def stage_groups(plan: Plan) -> list[tuple[Stage, int]]:
 
 
 def plan_table(plan: Plan) -> Table:
-    """One row per card (one per tensor-parallel group, with its card range): units, bytes, utilization.
-
-    Buffers are in the JSON and the chart; the table keeps to what fits an 80-column terminal.
-    """
+    """One row per card (one per tensor-parallel group: its card range and ``×`` the split), with the
+    units it holds, bytes by weights / activations / buffers, and utilization."""
     verdict = "[green]every card fits[/]" if plan.feasible else "[bold red]DOES NOT FIT[/]"
     kinds = {(s.device, s.level, s.capacity_bytes) for s in plan.stages}
     where = ""
@@ -96,33 +94,30 @@ def plan_table(plan: Plan) -> Table:
     if len(kinds) > 1:
         table.add_column("device", no_wrap=True)
     groups = stage_groups(plan)
-    any_split = any(count > 1 for _, count in groups)
     any_compressed = any(s.compression for s in plan.stages)
-    table.add_column("units", no_wrap=True)
-    if any_split:
-        table.add_column("split", justify="right", no_wrap=True)
+    table.add_column("units", overflow="fold")
     if any_compressed:
-        table.add_column("compression")
+        table.add_column("comp.", overflow="fold")
     table.add_column("weights", justify="right", no_wrap=True)
     table.add_column("acts", justify="right", no_wrap=True)
+    table.add_column("bufs", justify="right", no_wrap=True)
     table.add_column("total", justify="right", no_wrap=True)
     table.add_column("used", justify="right", no_wrap=True)
     for stage, count in groups:
         fp = stage.footprint
-        cards = str(stage.card) if count == 1 else f"{stage.card}-{stage.card + count - 1}"
+        cards = str(stage.card) if count == 1 else f"{stage.card}-{stage.card + count - 1} ×{count}"
         row = [cards]
         if len(kinds) > 1:
             row.append(f"{stage.device}:{stage.level} {format_bytes(stage.capacity_bytes)}")
         util = stage.utilization
         style = "green" if util <= 0.9 else ("yellow" if util <= 1.0 else "bold red")
         row.append(_unit_range(stage.unit_names))
-        if any_split:
-            row.append(f"×{count}" if count > 1 else "-")
         if any_compressed:
             row.append(",".join(stage.compression) or "-")
         row += [
             format_bytes(fp.weight_bytes),
             format_bytes(fp.activation_bytes),
+            format_bytes(fp.buffer_bytes),
             format_bytes(fp.total_bytes),
             Text(f"{util * 100:.1f}%", style=style),
         ]
