@@ -144,3 +144,17 @@ def test_more_capacity_never_needs_more_cards():
         plan, _ = plan_partition(prof, _cluster(cap))
         counts.append(plan.cards)
     assert counts == sorted(counts, reverse=True)
+
+
+def test_mixed_cluster_card_order_is_chosen_when_cards_are_interchangeable():
+    from cachefit.hardware import get_device
+
+    prof = profile_model("gpt2", WL)
+    devices = [get_device(n) for n in ("h100", "mi300x", "mi300x", "a100")]
+    cluster = make_cluster(devices)
+    with pytest.raises(InfeasiblePlanError, match="in this order"):
+        plan_partition(prof, cluster)  # the 78.8 MB embedding fits no H100 L2 (52.4 MB) on card 0
+    plan, _ = plan_partition(prof, cluster, reorder_cards=True)
+    assert plan.feasible and plan.cards == 2
+    assert set(plan.devices) == {"mi300x"}
+    assert any("card order chosen" in n for n in plan.notes)

@@ -284,12 +284,12 @@ class InfeasiblePartition:
             return (
                 f"the {self.cards_given} cards ({caps}) cannot each get a non-empty contiguous part "
                 f"of the {self.num_units} units in card order; allow fewer cards (exact=False), "
-                f"reorder the cards (choose_card_order) or {fix_text}"
+                f"reorder the cards (`cachefit plan --any-order`, or choose_card_order) or {fix_text}"
             )
         return (
             f"the {self.cards_given} cards in the given order ({caps}) hold units "
             f"[0, {self.units_placed}) of {self.num_units} at most: {fix_text}, "
-            f"or reorder the cards (choose_card_order)"
+            f"or reorder the cards (`cachefit plan --any-order`, or choose_card_order)"
         )
 
 

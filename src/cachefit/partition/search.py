@@ -104,6 +104,7 @@ class _Cards:
                  overrides: ResolvedOverrides | None = None) -> None:
         self.cluster = cluster
         self.overrides = overrides or ResolvedOverrides()
+        self.last_error: InfeasiblePlanError | None = None
         self.unlimited = len(cluster) == 1 and num_cards is None
         if num_cards is not None and len(cluster) > 1 and num_cards > len(cluster):
             raise ConfigError(
@@ -147,7 +148,8 @@ def _try(cards: _Cards, units: Sequence[Unit], stacking: str) -> Partition | Non
     resident, transient = _cost_arrays(units, stacking)
     try:
         return cards.partition(resident, transient)
-    except InfeasiblePlanError:
+    except InfeasiblePlanError as exc:
+        cards.last_error = exc
         return None
 
 
@@ -294,6 +296,7 @@ def plan_partition(
     config: CompressionConfig | None = None,
     max_risk: float = 1.0,
     overrides: Overrides | None = None,
+    reorder_cards: bool = False,
 ) -> tuple[Plan, tuple[Candidate, ...]]:
     """Plan ``profile`` on the cards of ``cluster``.
 
@@ -307,6 +310,8 @@ def plan_partition(
         max_risk: skip technique sets whose combined quality risk exceeds this (0: lossless only).
         overrides: pins, forced cuts, units kept whole, techniques forbidden per unit; the plan's
             notes say what they cost against the plan without them.
+        reorder_cards: the cards of a mixed cluster are interchangeable: choose their order (every
+            distinct order for small clusters, else a heuristic) instead of keeping the given one.
 
     Returns:
         The plan and every candidate technique set tried, with the cards it needs.
@@ -322,6 +327,9 @@ def plan_partition(
             f"--cards {num_cards}: the model has only {len(profile.units)} units at this granularity; "
             "use fewer cards or --granularity block"
         )
+    order_note = None
+    if reorder_cards and not cluster.is_homogeneous:
+        cluster, order_note = _reorder(profile, cluster, num_cards, stacking)
     resolved = resolve_overrides(profile, overrides, num_cards=num_cards) if overrides and not overrides.empty else None
     cards = _Cards(cluster, num_cards, resolved)
     forbid = cards.overrides.forbid
@@ -368,9 +376,30 @@ def plan_partition(
     if combo:
         layout = _revert_unneeded(profile, combo, config, list(variants[combo]), cards, stacking, layout, shard_cache)
     plan = _build_plan(profile, cards, layout, combo)
+    if order_note:
+        from dataclasses import replace as _replace
+
+        plan = _replace(plan, notes=(*plan.notes, order_note))
     if resolved is not None:
         plan = _with_override_cost(plan, profile, cluster, num_cards, allow, stacking, config, max_risk, overrides)
     return plan, tuple(candidates)
+
+
+def _reorder(profile: ModelProfile, cluster: Cluster, num_cards: int | None, stacking: str) -> tuple[Cluster, str]:
+    """The order of the mixed cluster's cards that suits the (uncompressed) units best."""
+    from dataclasses import replace as _replace
+
+    from cachefit.partition.contiguous import choose_card_order
+
+    resident, transient = _cost_arrays(profile.units, stacking)
+    try:
+        got = choose_card_order(resident, cluster.capacities(), transient=transient, num_cards=num_cards,
+                                exact=num_cards is not None)
+    except InfeasiblePlanError:
+        return cluster, "card order kept as given: no order fits the uncompressed units"
+    cards = tuple(cluster.cards[i] for i in got.order)
+    how = "every distinct order tried" if got.exhaustive else f"heuristic over {got.orders_tried} orders"
+    return _replace(cluster, cards=cards), f"card order chosen ({how}): {', '.join(str(i) for i in got.order)}"
 
 
 def _allowed(combo: tuple[str, ...], forbidden: frozenset[str]) -> tuple[str, ...]:
@@ -579,6 +608,15 @@ def _infeasible(
             + (f" on {cards.num_cards} cards" if cards.num_cards else "")
             + ": a pinned card or a forced stage holds more than fits; move or drop a pin / cut, or allow compression",
             report={"overrides": pins},
+        )
+    if not cards.cluster.is_homogeneous and cards.last_error is not None:
+        err = cards.last_error
+        return InfeasiblePlanError(
+            f"{profile.model} on the cards {', '.join(c.device.name for c in cards.cluster.cards)} in this order"
+            f"{' with ' + ','.join(lightest) if lightest else ''}: {err}"
+            + ("; mixed clusters are not split tensor-parallel (use identical cards to allow splits)"
+               if any(u.total_bytes > min(cards.cluster.capacities()) for u in units) else ""),
+            report=err.report,
         )
     resident, transient = _cost_arrays(units, stacking)
     need = fewest_cards(resident, capacity, transient=transient)
