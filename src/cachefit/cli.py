@@ -89,6 +89,15 @@ ActDtypeOption = Annotated[Optional[DtypeOpt], typer.Option("--act-dtype", help=
 AttnOption = Annotated[AttentionOpt, typer.Option("--attention", help="eager materializes attention scores; flash does not.")]
 GranOption = Annotated[GranularityOpt, typer.Option("--granularity", "-g", help="layer: whole layers; block: attention and MLP blocks as units.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print stable JSON instead of a table.")]
+MicroBatchesOption = Annotated[int, typer.Option("--micro-batches", help="Micro-batches per step in the pipeline.", min=1)]
+
+# Card options shared by every command that plans (plan, compare, check, ...).
+DeviceOption = Annotated[Optional[list[str]], typer.Option("--device", "-d", help="Catalog name or device/cluster file; repeat for a heterogeneous cluster in order.")]
+CapacityOption = Annotated[Optional[str], typer.Option("--capacity", "-c", help="Override the on-chip capacity per card, e.g. 50MB.")]
+LevelOption = Annotated[Optional[str], typer.Option("--level", help="Memory level to fit (default: the device's planning level, e.g. l2).")]
+HeadroomOption = Annotated[float, typer.Option("--headroom", help="Fraction of each card kept free, in [0, 1).")]
+ReserveOption = Annotated[Optional[str], typer.Option("--reserve", help="Bytes kept free on every card, e.g. 2MiB.")]
+AllowOption = Annotated[str, typer.Option("--allow", help="Compression the planner may apply: int8,int4,sparse50,sparse75,sparse24,ckpt,fuse,batch.")]
 
 
 def _workload(batch: int, seq: int, mode: ModeOpt, dtype: DtypeOpt, act_dtype: DtypeOpt | None,
@@ -266,6 +275,9 @@ class StackingOpt(str, Enum):
     sum = "sum"
 
 
+StackingOption = Annotated[StackingOpt, typer.Option("--stacking", help="reuse: units on a card share scratch (peak); sum: the seed's plain sum.")]
+
+
 def _cluster(devices: list[str] | None, capacity: str | None, level: str | None, headroom: float,
              reserve: str | None):
     """Cards from --device (repeatable; a name or a device / cluster file) and --capacity / --level."""
@@ -303,21 +315,21 @@ def _cluster(devices: list[str] | None, capacity: str | None, level: str | None,
 @_handles_errors
 def plan(
     model: Annotated[str, typer.Argument(help="A preset name, a config.json, or a Hugging Face model directory.")],
-    device: Annotated[Optional[list[str]], typer.Option("--device", "-d", help="Catalog name or device/cluster file; repeat for a heterogeneous cluster in order.")] = None,
+    device: DeviceOption = None,
     cards: Annotated[Optional[int], typer.Option("--cards", "-k", help="Use exactly K cards, balanced; default: the fewest that fit.", min=1)] = None,
-    capacity: Annotated[Optional[str], typer.Option("--capacity", "-c", help="Override the on-chip capacity per card, e.g. 50MB.")] = None,
-    level: Annotated[Optional[str], typer.Option("--level", help="Memory level to fit (default: the device's planning level, e.g. l2).")] = None,
-    headroom: Annotated[float, typer.Option("--headroom", help="Fraction of each card kept free, in [0, 1).")] = 0.0,
-    reserve: Annotated[Optional[str], typer.Option("--reserve", help="Bytes kept free on every card, e.g. 2MiB.")] = None,
-    allow: Annotated[str, typer.Option("--allow", help="Compression the planner may apply: int8,int4,sparse50,sparse75,sparse24,ckpt,fuse,batch.")] = "",
-    stacking: Annotated[StackingOpt, typer.Option("--stacking", help="reuse: units on a card share scratch (peak); sum: the seed's plain sum.")] = StackingOpt.reuse,
+    capacity: CapacityOption = None,
+    level: LevelOption = None,
+    headroom: HeadroomOption = 0.0,
+    reserve: ReserveOption = None,
+    allow: AllowOption = "",
+    stacking: StackingOption = StackingOpt.reuse,
     batch: BatchOpt = 1,
     seq: SeqOpt = 1024,
     mode: ModeOption = ModeOpt.decode,
     dtype: DtypeOption = DtypeOpt.fp16,
     act_dtype: ActDtypeOption = None,
     attention: AttnOption = AttentionOpt.eager,
-    micro_batches: Annotated[int, typer.Option("--micro-batches", help="Micro-batches per step in the pipeline.", min=1)] = 1,
+    micro_batches: MicroBatchesOption = 1,
     granularity: GranOption = GranularityOpt.layer,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of per-card bytes against capacity.")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write a self-contained HTML report (plan, charts, timeline, baselines, sources) to this directory.")] = None,

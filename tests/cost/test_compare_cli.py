@@ -50,9 +50,9 @@ def test_compare_bad_input_exits_2_with_one_line():
     assert result.exit_code == 2
 
 
-def test_report_command_writes_a_page(tmp_path):
+def test_plan_report_writes_a_page(tmp_path):
     out = tmp_path / "rep"
-    result = run("report", "gpt2", "--device", "h100", "--out", str(out))
+    result = run("plan", "gpt2", "--device", "h100", "--report", str(out))
     assert result.exit_code == 0, result.output
     page = (out / "index.html").read_text()
     assert 'id="plan-table"' in page and 'id="comparison-table"' in page

@@ -8,7 +8,7 @@ def test_cost_and_report_modules_import_no_torch_or_matplotlib():
     code = (
         "import sys\n"
         "import cachefit.cost, cachefit.cost.roofline, cachefit.cost.pipeline, cachefit.cost.baselines\n"
-        "import cachefit.report.html, cachefit.report.timeline, cachefit.commands.compare, cachefit.commands.report\n"
+        "import cachefit.report.html, cachefit.report.timeline, cachefit.commands.compare\n"
         "from cachefit.cost import compare_layouts\n"
         "from cachefit.hardware import get_device, make_cluster\n"
         "from cachefit.profile import profile_model\n"
