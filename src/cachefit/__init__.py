@@ -38,6 +38,10 @@ _API = {
     "pareto_front": "cachefit.partition.search",
     "fewest_cards": "cachefit.partition.contiguous",
     "balanced": "cachefit.partition.contiguous",
+    "estimate_cost": "cachefit.cost",
+    "compare_layouts": "cachefit.cost",
+    "export_plan": "cachefit.export",
+    "audit_device_map": "cachefit.audit",
     "Plan": "cachefit.plan",
     "load_plan": "cachefit.plan",
     "parse_bytes": "cachefit.sizes",
@@ -64,7 +68,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
+    from cachefit.audit import audit_device_map
     from cachefit.compress.techniques import compress_unit
+    from cachefit.cost import compare_layouts, estimate_cost
+    from cachefit.export import export_plan
     from cachefit.errors import CachefitError, ConfigError, InfeasiblePlanError
     from cachefit.hardware.devices import (
         device_from_capacity,
