@@ -18,3 +18,11 @@ def test_quickstart_python_example_runs(tmp_path):
     finally:
         os.chdir(cwd)
     assert (tmp_path / "plan.json").exists()
+
+
+def test_api_doc_names_every_public_name():
+    import cachefit
+
+    text = (DOCS / "api.md").read_text()
+    missing = [n for n in cachefit.__all__ if n != "__version__" and f"cachefit.{n}" not in text]
+    assert not missing, f"docs/api.md lacks {missing}"
