@@ -1,0 +1,177 @@
+"""``cachefit run``: deploy a plan on processes (torchrun) and report measured timings and bytes."""
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+
+class ScheduleOpt(str, Enum):
+    gpipe = "gpipe"
+    f1b = "1f1b"
+    interleaved = "interleaved"
+
+
+class RunModeOpt(str, Enum):
+    infer = "infer"
+    train = "train"
+
+
+class RunDtypeOpt(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def _parse_ids(text: str) -> Any:
+    """``1,2,3`` (one sequence) or ``1,2,3;4,5,6`` (a batch of equal-length sequences)."""
+    import torch
+
+    from cachefit.errors import ConfigError
+
+    rows = [r for r in text.split(";") if r.strip()]
+    try:
+        ids = [[int(tok) for tok in row.split(",") if tok.strip()] for row in rows]
+    except ValueError:
+        raise ConfigError(f"--input-ids {text!r}: write token ids as integers, e.g. 1,2,3 or 1,2,3;4,5,6") from None
+    if not ids or not ids[0] or any(len(r) != len(ids[0]) for r in ids):
+        raise ConfigError(f"--input-ids {text!r}: give one or more sequences of the same, non-zero length")
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def register(app: typer.Typer) -> None:
+    # no `from __future__ import annotations` here: typer evaluates these annotations, and JsonOption
+    # is imported in this function (importing cachefit.cli at module level would be circular)
+    from cachefit.cli import JsonOption, _handles_errors
+
+    @app.command()
+    @_handles_errors
+    def run(
+        model_dir: Annotated[str, typer.Argument(help="A local Hugging Face model directory (config.json + *.safetensors), or all-minilm-l6-v2.")],
+        plan: Annotated[Path, typer.Option("--plan", "-p", help="Plan JSON written by `cachefit plan ... --json`.")],
+        nproc: Annotated[Optional[int], typer.Option("--nproc", "-n", help="Processes on this node (default: the plan's cards / --nnodes).", min=1)] = None,
+        input_ids: Annotated[Optional[str], typer.Option("--input-ids", help="Token ids: 1,2,3 (one sequence) or 1,2;3,4 (a batch).")] = None,
+        inputs: Annotated[Optional[Path], typer.Option("--inputs", help="safetensors file with input_ids (and optional attention_mask).")] = None,
+        batch: Annotated[Optional[int], typer.Option("--batch", "-b", help="Random inputs: sequences (default: the plan's batch x micro-batches).", min=1)] = None,
+        seq: Annotated[Optional[int], typer.Option("--seq", "-s", help="Random inputs: tokens per sequence (default: the plan's).", min=1)] = None,
+        save_outputs: Annotated[Optional[Path], typer.Option("--save-outputs", help="Write the final outputs (key `outputs`) to this safetensors file.")] = None,
+        schedule: Annotated[ScheduleOpt, typer.Option("--schedule", help="Pipeline schedule.")] = ScheduleOpt.gpipe,
+        micro_batches: Annotated[Optional[int], typer.Option("--micro-batches", "-m", help="Micro-batches per step (default: the plan's).", min=1)] = None,
+        mode: Annotated[Optional[RunModeOpt], typer.Option("--mode", help="infer, or train (one training step, loss on the last stage); default: the plan's mode.")] = None,
+        steps: Annotated[int, typer.Option("--steps", help="Timed steps.", min=1)] = 1,
+        warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps before them.", min=0)] = 0,
+        dtype: Annotated[Optional[RunDtypeOpt], typer.Option("--dtype", help="Run dtype (default: the plan's weight dtype, fp32 if it has none of these).")] = None,
+        check: Annotated[bool, typer.Option("--check", help="Compare with the unsplit model in fp32 (outputs; losses and gradients in train).")] = False,
+        tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Largest relative error --check accepts (default 1e-4 in fp32).")] = None,
+        timeout: Annotated[float, typer.Option("--timeout", help="Seconds any rank waits for another before the run fails.", min=0.1)] = 60.0,
+        nnodes: Annotated[int, typer.Option("--nnodes", help="Nodes taking part (torchrun rendezvous).", min=1)] = 1,
+        node_rank: Annotated[int, typer.Option("--node-rank", help="This node's index.", min=0)] = 0,
+        rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous, the same on every node.")] = None,
+        rdzv_id: Annotated[str, typer.Option("--rdzv-id", help="Run id shared by the nodes.")] = "cachefit",
+        run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Where ranks write results (the same path on every node; default: a new temp dir).")] = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Deploy a plan as a pipeline of processes (torch.distributed) and measure it."""
+        import torch
+
+        from cachefit.deploy.runtime import NodeConfig, RunConfig, launch, read_inputs_file, resolve_model_dir
+        from cachefit.deploy.verify import check_run, save_outputs as write_outputs
+        from cachefit.errors import ConfigError, DeployError
+        from cachefit.plan import load_plan
+
+        plan_obj = load_plan(plan)
+        if input_ids is not None and inputs is not None:
+            raise ConfigError("give --input-ids or --inputs, not both")
+        ids = mask = None
+        if input_ids is not None:
+            ids = _parse_ids(input_ids)
+        elif inputs is not None:
+            ids, mask = read_inputs_file(inputs)
+        wl = plan_obj.workload
+        m = micro_batches or int(wl.get("micro_batches", 1))
+        if ids is None and (batch is not None or seq is not None):
+            from cachefit.deploy.models import inspect_model_dir
+
+            vocab = int(inspect_model_dir(resolve_model_dir(model_dir)).config.get("vocab_size") or 2)
+            gen = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, vocab, (batch or int(wl.get("batch", 1)) * m, seq or int(wl.get("seq_len", 16))),
+                                generator=gen)
+        plan_mode = str(wl.get("mode", "prefill"))
+        run_mode = mode.value if mode is not None else ("train" if plan_mode == "train" else "infer")
+        plan_dtype = str(wl.get("weight_dtype", "fp32"))
+        run_dtype = dtype.value if dtype is not None else (plan_dtype if plan_dtype in ("fp32", "bf16", "fp16") else "fp32")
+        if nproc is None:
+            if plan_obj.cards % nnodes:
+                raise ConfigError(f"the plan's {plan_obj.cards} cards do not divide over {nnodes} nodes; give --nproc")
+            nproc = plan_obj.cards // nnodes
+        config = RunConfig(schedule=schedule.value, micro_batches=m, mode=run_mode, steps=steps, warmup=warmup,
+                           dtype=run_dtype, timeout_s=timeout, save_grads=check and run_mode == "train")
+        nodes = NodeConfig(nproc_per_node=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                           rdzv_id=rdzv_id)
+        result = launch(resolve_model_dir(model_dir), plan_obj, nodes=nodes, config=config, input_ids=ids,
+                        attention_mask=mask, run_dir=run_dir)
+        report: dict[str, Any] = dict(result.report)
+        if save_outputs is not None:
+            if result.outputs is None:
+                report["outputs_file"] = None
+                report.setdefault("notes", []).append("the last stage ran on another node: its outputs are in its run dir")
+            else:
+                report["outputs_file"] = str(write_outputs(save_outputs, result.outputs))
+        verdict = None
+        if check:
+            from cachefit.deploy.models import inspect_model_dir
+            from cachefit.deploy.stages import layout_from_plan
+
+            source = inspect_model_dir(resolve_model_dir(model_dir))
+            layout = layout_from_plan(plan_obj, source)
+            verdict = check_run(result, source.path, layout=layout, mode=run_mode, micro_batches=m,
+                                tolerance=tolerance, dtype=run_dtype)
+            report["check"] = verdict.to_dict()
+        if as_json:
+            from cachefit.cli import _print_json
+
+            _print_json(report)
+        else:
+            _render(report, verdict)
+        if verdict is not None and not verdict.passed:
+            raise DeployError(f"--check failed: {verdict.describe()}")
+
+
+def _render(report: dict[str, Any], verdict: Any) -> None:
+    from rich.table import Table
+
+    from cachefit.cli import _console
+    from cachefit.sizes import format_bytes
+
+    if "stages" not in report:
+        _console.print(report.get("note", "done"))
+        return
+    run = report["run"]
+    title = (f"{report['model']}: {report['stages_count']} stages on {report['cards']} cards, {run['schedule']}, "
+             f"{run['micro_batches']} micro-batch(es), {run['mode']}, {run['dtype']}, inputs {report['input_shape']}")
+    table = Table(title=title, title_justify="left")
+    for col in ("stage", "cards", "units", "weights planned", "weights held", "forward / micro-batch", "busy"):
+        table.add_column(col, justify="left" if col in ("units", "cards") else "right",
+                         overflow="fold" if col == "units" else "ellipsis")
+    for st in report["stages"]:
+        names = st["unit_names"]
+        span = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+        held = st.get("measured_weight_bytes")
+        fwd = st.get("forward_s_mean")
+        table.add_row(str(st["stage"]), ",".join(str(r) for r in st["ranks"]), span,
+                      format_bytes(st["planned_weight_bytes"]), format_bytes(held) if held is not None else "-",
+                      f"{fwd * 1e3:.2f} ms" if fwd is not None else "-",
+                      f"{st['busy_s']:.3f} s" if st.get("busy_s") is not None else "-")
+    _console.print(table)
+    t = report["timings"]
+    if t.get("mean_step_s"):
+        _console.print(f"step: {t['mean_step_s'] * 1e3:.2f} ms mean over {len(t['step_s'])} step(s), "
+                       f"{t['tokens_per_s']:.1f} tokens/s end to end")
+    if report.get("losses"):
+        _console.print(f"loss per micro-batch: {', '.join(f'{v:.6g}' for v in report['losses'])}")
+    if report.get("outputs_file"):
+        _console.print(f"outputs written to {report['outputs_file']} (key `outputs`)")
+    if verdict is not None:
+        mark = "[green]passed[/]" if verdict.passed else "[bold red]FAILED[/]"
+        _console.print(f"check against the unsplit model: {mark}: {verdict.describe()}")

