@@ -104,3 +104,24 @@ def test_bad_input_is_one_line_and_exit_2(model_dirs, llama_plan, tmp_path):
     assert got.exit_code == 2 and "integers" in got.output
     got = runner.invoke(app, ["run", str(model_dirs["gpt2"]), "--plan", str(llama_plan)])
     assert got.exit_code == 2 and "units" in got.output
+
+
+def test_run_refuses_a_plan_made_for_other_cards_or_another_model(model_dirs, llama_plan, tmp_path):
+    runner = CliRunner()
+    # the plan was made for cards of 400 KB: other cards are refused before launch, saying what differs
+    got = runner.invoke(app, ["run", str(model_dirs["llama"]), "--plan", str(llama_plan), "--capacity", "500KB"])
+    assert got.exit_code == 2 and "cards differ" in got.output
+    # a plan whose recorded model digest does not match this checkpoint (same names and shapes)
+    doc = json.loads(llama_plan.read_text())
+    doc["provenance"]["profile"] = "0" * 64
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(doc))
+    from cachefit.deploy.models import inspect_model_dir
+    from cachefit.deploy.stages import layout_from_plan
+    from cachefit.errors import ConfigError
+    from cachefit.plan import load_plan
+
+    with pytest.raises(ConfigError, match="model or workload differs"):
+        layout_from_plan(load_plan(edited), inspect_model_dir(model_dirs["llama"]))
+    # the untouched plan passes both checks
+    layout_from_plan(load_plan(llama_plan), inspect_model_dir(model_dirs["llama"]))

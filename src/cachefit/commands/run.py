@@ -43,7 +43,16 @@ def _parse_ids(text: str) -> Any:
 def register(app: typer.Typer) -> None:
     # no `from __future__ import annotations` here: typer evaluates these annotations, and JsonOption
     # is imported in this function (importing cachefit.cli at module level would be circular)
-    from cachefit.cli import JsonOption, _handles_errors
+    from cachefit.cli import (
+        CapacityOption,
+        DeviceOption,
+        HeadroomOption,
+        JsonOption,
+        LevelOption,
+        ReserveOption,
+        _cluster,
+        _handles_errors,
+    )
 
     @app.command()
     @_handles_errors
@@ -70,6 +79,11 @@ def register(app: typer.Typer) -> None:
         rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous, the same on every node.")] = None,
         rdzv_id: Annotated[str, typer.Option("--rdzv-id", help="Run id shared by the nodes.")] = "cachefit",
         run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Where ranks write results (the same path on every node; default: a new temp dir).")] = None,
+        device: DeviceOption = None,
+        capacity: CapacityOption = None,
+        level: LevelOption = None,
+        headroom: HeadroomOption = 0.0,
+        reserve: ReserveOption = None,
         as_json: JsonOption = False,
     ) -> None:
         """Deploy a plan as a pipeline of processes (torch.distributed) and measure it."""
@@ -81,6 +95,14 @@ def register(app: typer.Typer) -> None:
         from cachefit.plan import load_plan
 
         plan_obj = load_plan(plan)
+        if device or capacity:
+            # the cards the plan is meant for: refuse a plan made for other ones (the run itself uses
+            # the local processes; the model and workload are checked against the plan before launch)
+            from cachefit.hardware.devices import cluster_to_dict
+            from cachefit.plan import check_provenance, cluster_digest
+
+            cluster = _cluster(device, capacity, level, headroom, reserve)
+            check_provenance(plan_obj, cluster_digest_=cluster_digest(cluster_to_dict(cluster)))
         if input_ids is not None and inputs is not None:
             raise ConfigError("give --input-ids or --inputs, not both")
         ids = mask = None

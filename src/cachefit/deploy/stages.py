@@ -323,6 +323,12 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
         granularity=granularity,
         stacking=plan.stacking,
     )
+    if plan.provenance and plan.provenance.get("profile"):
+        from cachefit.plan import check_provenance
+
+        # names, shapes and bytes agree (checked above, stage by stage); the digest also
+        # covers activations, FLOPs, roles and the workload, so a plan made for another variant of this model is refused too
+        check_provenance(plan, profile_digest=profile.digest())
     _check_compression_available(layout)
     return layout
 
