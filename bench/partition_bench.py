@@ -217,10 +217,24 @@ QUICK_CASES = [(16, 2), (16, 8), (40, 4), (40, 8), (256, 8), (256, 64), (4096, 6
 FULL_CASES = QUICK_CASES + [(4096, 4096 // 2), (100_000, 4096), (1_000_000, 64)]
 
 
+def _machine() -> str:
+    """CPU model and core count as the OS reports them (lscpu's "Model name" where available)."""
+    import os
+    import subprocess
+
+    name = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), name)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{os.cpu_count()}-core {name}"
+
+
 def markdown(rows: list[Row], command: str, deepspeed_note: str) -> str:
     lines = [
         SECTION_START,
-        f"Machine: 2-core AMD EPYC (Zen 5), {platform.python_implementation()} {platform.python_version()}, "
+        f"Machine: {_machine()}, {platform.python_implementation()} {platform.python_version()}, "
         f"numpy {np.__version__}; run {datetime.date.today().isoformat()} with `{command}`. "
         "Times are wall-clock on one process (model building excluded); the largest part is compared "
         "with cachefit's optimum, which the MILP confirms wherever it runs (n <= 40). `balanced` uses "

@@ -1,0 +1,946 @@
+"""Measure the local device's memory hierarchy with a GEMV bandwidth sweep.
+
+The probe times ``y = W @ x`` over weight matrices ``W`` of growing size (16 KiB to 1 GiB by
+default, four sizes per octave). A GEMV reads each weight once and does 2 FLOPs per weight, so it is
+memory-bound on every device and its bytes per second are the bandwidth of the memory level the
+weights live in once they have been read before: while ``W`` fits a cache the repeated call reads it
+from that cache, and past the cache's capacity the bandwidth falls to the next level. The working
+sets where it falls ("cliffs") give the capacities; the plateaus between them give the bandwidths.
+This is the measurement the seed's method rests on: a partition that fits on-chip memory runs at
+on-chip bandwidth.
+
+Method (standard microbenchmark practice, as in the RRZE ``gpu-benches`` cache sweeps and the
+lmbench / likwid-bench working-set sweeps):
+
+- One buffer of the largest size is allocated and filled once; the matrix of each size is a view of
+  its first bytes, so a sweep needs the memory of its largest point only.
+- Every sample is one warm-up call (which loads ``W`` into whatever level holds it) followed by
+  enough back-to-back calls to last ``min_sample_s``; the sample is their mean time per call.
+- The sweep is repeated ``passes`` times, each pass in a fresh random order of sizes, so a burst of
+  interference hits one pass of many sizes instead of every pass of neighbouring sizes.
+- Each size keeps a quantile of its passes' times: the median by default. On a shared machine where
+  other processes take the core for a good part of the time, use a low quantile (``quantile=0.2``):
+  interference only ever adds time, so the fast samples are the undisturbed ones (the advice of
+  Python's ``timeit`` documentation, which reports the minimum for the same reason).
+- bytes/s = bytes of ``W`` / seconds per call (``W`` has rows of 1,024 elements, so ``x`` is 4 KiB
+  in fp32 and ``y`` 1/1,024 of ``W``: neither is counted).
+
+Backends: ``torch`` on the CPU (``torch.set_num_threads(threads)``, one thread by default for a
+per-core view: a core's caches are what one thread sees), ``cuda`` when torch sees a GPU (CUDA
+events around replays of a CUDA graph of 16 GEMVs, so that launch overhead does not hide the L2
+plateau), and ``numpy`` when torch is absent (numpy's BLAS picks its own thread count: set
+``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` before starting Python to fix it). torch is imported
+only inside the measuring functions; :func:`detect_levels` and the device-file writer are plain
+Python and numpy.
+
+Detection (:func:`detect_levels`): the log-bandwidth curve is split into plateaus, merging
+neighbouring sizes until adjacent plateaus differ by a fall of more than ``drop_fraction`` (30% by
+default); each fall is a cliff. A level's capacity is the largest working set before the fall (the
+last size still above the midpoint between the plateaus), its bandwidth the plateau's upper
+quartile. Real cliffs are not vertical (replacement is not perfect LRU, the sweep's own ``x`` and
+``y`` share the cache, a shared cache's usable share varies with the other work on the machine), so
+a capacity is read to within a step of the sweep (19% at four sizes an octave) at best, and to a
+factor of about 2 on a ramp. Levels are named after the level the operating system (or the CUDA
+driver) reports with the nearest size within a factor of 4, else by order (``l1``, ``l2``...); the
+plateau after the last cliff is ``dram``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cachefit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+KiB = 2**10
+MiB = 2**20
+
+BACKENDS: tuple[str, ...] = ("auto", "torch", "numpy", "cuda")
+"""``auto``: cuda when torch sees a GPU, else torch on the CPU, else numpy."""
+_DTYPE_ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
+_OFFCHIP_NAME = "dram"
+# Largest factor between a detected capacity and a reported cache size for the detected level to
+# take the reported level's name (2 octaves: wide, because a shared cache's usable share can be far
+# below its size on a busy or virtualized machine).
+_NAME_MATCH_OCTAVES = 2.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration and results
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeConfig:
+    """What to measure and how hard (``ProbeConfig.quick()`` for a short run)."""
+
+    backend: str = "auto"
+    """``auto``, ``torch`` (CPU), ``cuda`` or ``numpy``."""
+    threads: int | None = 1
+    """CPU threads for the torch backend; None: torch's default (all cores). Ignored on CUDA."""
+    min_bytes: int = 16 * KiB
+    """Smallest weight matrix of the sweep."""
+    max_bytes: int = 1024 * MiB
+    """Largest weight matrix of the sweep (one buffer of this size is allocated). Big enough to pass
+    the last cache by a few octaves: the off-chip plateau is read from the sizes an octave past the
+    last cliff. Lowered to a quarter of the memory when the machine has less."""
+    points_per_octave: int = 4
+    """Sizes per doubling; sizes are ``min_bytes * 2**(k / points_per_octave)``."""
+    passes: int = 9
+    """Times the whole sweep is repeated, each pass in a fresh random order of sizes."""
+    quantile: float = 0.5
+    """Which of a size's pass times it keeps: 0.5 the median, 0.2 a fast one (for a busy machine)."""
+    min_sample_s: float = 2e-3
+    """Each sample repeats the GEMV until it has run at least this long."""
+    dtype: str = "fp32"
+    """Element type of ``W`` and ``x`` (fp32 everywhere; fp16 / bf16 mostly make sense on GPUs)."""
+    measure_flops: bool = True
+    """Also time a large matmul for the peak FLOP/s of ``dtype``."""
+    flops_size: int = 0
+    """Side of the square matmul for the FLOP/s figure; 0: 1024 on the CPU, 8192 on a GPU."""
+    seed: int = 0
+    """Seed of the random order of sizes in each pass."""
+    cuda_graph_calls: int = 16
+    """On CUDA, GEMVs captured in one CUDA graph per size (0: plain launches, which bound small sizes
+    by the launch rate instead of the bandwidth)."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"probe backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ConfigError(f"probe threads must be a positive int or None (all cores), got {self.threads!r}")
+        for name in ("min_bytes", "max_bytes", "points_per_octave", "passes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"probe {name} must be a positive int, got {value!r}")
+        if self.min_bytes < 4 * KiB:
+            raise ConfigError(f"probe min_bytes must be at least 4 KiB, got {self.min_bytes:,} B")
+        if self.max_bytes < 2 * self.min_bytes:
+            raise ConfigError(
+                f"probe max_bytes ({self.max_bytes:,} B) must be at least twice min_bytes ({self.min_bytes:,} B) "
+                "to sweep one octave"
+            )
+        if not (isinstance(self.min_sample_s, (int, float)) and 0 < self.min_sample_s <= 10):
+            raise ConfigError(f"probe min_sample_s must be in (0, 10] seconds, got {self.min_sample_s!r}")
+        if not (isinstance(self.quantile, (int, float)) and 0 <= self.quantile <= 1):
+            raise ConfigError(f"probe quantile must be in [0, 1] (0.5: the median), got {self.quantile!r}")
+        if self.dtype not in _DTYPE_ITEMSIZE:
+            raise ConfigError(f"probe dtype must be one of {', '.join(_DTYPE_ITEMSIZE)}, got {self.dtype!r}")
+        if isinstance(self.cuda_graph_calls, bool) or not isinstance(self.cuda_graph_calls, int) \
+                or self.cuda_graph_calls < 0:
+            raise ConfigError(f"probe cuda_graph_calls must be an int >= 0, got {self.cuda_graph_calls!r}")
+        if isinstance(self.flops_size, bool) or not isinstance(self.flops_size, int) or self.flops_size < 0:
+            raise ConfigError(f"probe flops_size must be an int >= 0, got {self.flops_size!r}")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> ProbeConfig:
+        """A short sweep: 64 KiB to 512 MiB, 3 sizes an octave, 7 passes."""
+        fields: dict[str, Any] = dict(min_bytes=64 * KiB, max_bytes=512 * MiB, points_per_octave=3, passes=7,
+                                      min_sample_s=1.5e-3)
+        fields.update(overrides)
+        return cls(**fields)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BandwidthSample:
+    """The GEMV times of one working-set size, one per pass."""
+
+    weight_bytes: int
+    """Bytes of ``W`` (rows x cols x element size): the working set."""
+    rows: int
+    cols: int
+    times_s: tuple[float, ...]
+    """Seconds per GEMV call, one per pass (each the mean of a timed batch of back-to-back calls)."""
+    quantile: float = 0.5
+    """Which of the pass times :attr:`time_s` is (0.5: the median)."""
+
+    def __post_init__(self) -> None:
+        if not self.times_s or any(not (t > 0 and math.isfinite(t)) for t in self.times_s):
+            raise ConfigError(f"sample of {self.weight_bytes:,} B: times must be positive seconds, got {self.times_s}")
+
+    @property
+    def time_s(self) -> float:
+        """The ``quantile`` of the pass times (linear interpolation, numpy's default)."""
+        return float(np.quantile(self.times_s, self.quantile))
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        """``weight_bytes / time_s``."""
+        return self.weight_bytes / self.time_s
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the passes' bandwidths: how noisy the size was."""
+        bws = [self.weight_bytes / t for t in self.times_s]
+        return (max(bws) - min(bws)) / float(np.median(bws))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weight_bytes": self.weight_bytes,
+            "rows": self.rows,
+            "cols": self.cols,
+            "times_s": list(self.times_s),
+            "quantile": self.quantile,
+            "time_s": self.time_s,
+            "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DetectedLevel:
+    """One plateau of the bandwidth curve: a memory level as the sweep sees it."""
+
+    name: str
+    """``l1``, ``l2``, ``l3`` ... or ``dram`` for the plateau after the last cliff."""
+    capacity_bytes: int | None
+    """Largest measured working set before the level's cliff; None for the last plateau."""
+    bandwidth_bytes_per_s: float
+    """Highest smoothed bandwidth on the plateau."""
+    first_index: int
+    """Index of the plateau's first sample in the sweep."""
+    last_index: int
+    """Index of the plateau's last sample (for a cache, the sample at ``capacity_bytes``)."""
+    drop_fraction: float | None = None
+    """How much the smoothed bandwidth falls across the cliff after this level (0.4: by 40%)."""
+    reported_bytes: int | None = None
+    """The size the operating system or driver reports for the level this one was named after."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeProfile:
+    """A measured device: the sweep, the levels found in it, peak FLOP/s, and how it was measured."""
+
+    device: str
+    """Name for the device file, e.g. ``local-cpu`` or ``local-cuda``."""
+    full_name: str
+    """Processor or GPU model as the system reports it."""
+    backend: str
+    """``torch``, ``cuda`` or ``numpy``."""
+    threads: int | None
+    """CPU threads used (None: the library's default)."""
+    dtype: str
+    samples: tuple[BandwidthSample, ...]
+    levels: tuple[DetectedLevel, ...]
+    """Caches in order, then the ``dram`` plateau."""
+    peak_flops_per_s: tuple[tuple[str, float], ...] = ()
+    """Measured dense matmul FLOP/s per dtype (with ``threads`` threads)."""
+    reported_caches: tuple[tuple[str, int], ...] = ()
+    """Cache sizes the operating system (Linux sysfs) or the CUDA driver reports, for comparison."""
+    offchip_capacity_bytes: int | None = None
+    """Physical memory (CPU) or GPU memory, as reported."""
+    measured_on: str = ""
+    """Date of the measurement (YYYY-MM-DD)."""
+    elapsed_s: float = 0.0
+    """Wall time of the sweep and the FLOP/s measurement."""
+    config: ProbeConfig | None = None
+
+    @property
+    def cache_levels(self) -> tuple[DetectedLevel, ...]:
+        return tuple(lvl for lvl in self.levels if lvl.capacity_bytes is not None)
+
+    def level(self, name: str) -> DetectedLevel:
+        for lvl in self.levels:
+            if lvl.name == name:
+                return lvl
+        raise ConfigError(f"probe of {self.device}: no level {name!r}; found {', '.join(l.name for l in self.levels)}")
+
+    @property
+    def call_overhead_s(self) -> float:
+        """Time of the smallest GEMV: an upper bound on the per-call (dispatch / launch) overhead."""
+        return self.samples[0].time_s
+
+    def to_device_dict(self) -> dict[str, Any]:
+        """The device file: ``{"device", "levels": [{"name", "capacity_bytes", "bandwidth_bytes_per_s"}...]}``.
+
+        Plus the planning level (the last cache), the measured peak FLOP/s and the off-chip figures,
+        all keys :func:`cachefit.hardware.devices.load_device_file` reads. The off-chip plateau is
+        listed as the level ``dram`` (capacity: the physical memory) and as ``offchip_*``.
+        """
+        threads = "" if self.backend == "cuda" else f", {self.threads or 'all'} thread(s)"
+        how = (f"measured by cachefit probe: GEMV bandwidth sweep, {self.backend}{threads}, {self.dtype}, "
+               f"{_quantile_words(self.samples[0].quantile)} of {len(self.samples[0].times_s)} passes")
+        levels: list[dict[str, Any]] = []
+        reported = dict(self.reported_caches)
+        for lvl in self.levels:
+            if lvl.capacity_bytes is None:
+                if self.offchip_capacity_bytes is None:
+                    continue
+                entry = {"name": lvl.name, "capacity_bytes": self.offchip_capacity_bytes,
+                         "bandwidth_bytes_per_s": lvl.bandwidth_bytes_per_s,
+                         "note": "off-chip memory: capacity as the system reports it; bandwidth measured"}
+            else:
+                note = f"capacity: largest working set before a {lvl.drop_fraction:.0%} bandwidth drop"
+                if lvl.reported_bytes is not None:
+                    note += f"; the system reports {lvl.name} = {lvl.reported_bytes:,} B"
+                elif lvl.name in reported:
+                    note += f"; the system reports {lvl.name} = {reported[lvl.name]:,} B"
+                entry = {"name": lvl.name, "capacity_bytes": lvl.capacity_bytes,
+                         "bandwidth_bytes_per_s": lvl.bandwidth_bytes_per_s, "note": note}
+            levels.append(entry)
+        doc: dict[str, Any] = {
+            "device": self.device,
+            "full_name": self.full_name,
+            "levels": levels,
+            "default_level": (self.cache_levels[-1].name if self.cache_levels else levels[-1]["name"]),
+            "source": how,
+            "as_of": self.measured_on,
+        }
+        dram = self.levels[-1] if self.levels and self.levels[-1].capacity_bytes is None else None
+        if dram is not None:
+            doc["offchip_bandwidth_bytes_per_s"] = dram.bandwidth_bytes_per_s
+        if self.offchip_capacity_bytes is not None:
+            doc["offchip_capacity_bytes"] = self.offchip_capacity_bytes
+        if self.peak_flops_per_s:
+            doc["peak_flops"] = dict(self.peak_flops_per_s)
+        return doc
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything: the device file plus the sweep, the detected levels and the reported caches."""
+        return {
+            "device_file": self.to_device_dict(),
+            "backend": self.backend,
+            "threads": self.threads,
+            "dtype": self.dtype,
+            "levels": [lvl.to_dict() for lvl in self.levels],
+            "reported_caches": dict(self.reported_caches),
+            "call_overhead_s": self.call_overhead_s,
+            "elapsed_s": self.elapsed_s,
+            "samples": [s.to_dict() for s in self.samples],
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes and shapes
+
+
+def sweep_sizes(min_bytes: int, max_bytes: int, points_per_octave: int) -> tuple[int, ...]:
+    """Working-set sizes ``min_bytes * 2**(k / points_per_octave)`` up to ``max_bytes``, rounded to 4 KiB.
+
+    >>> sweep_sizes(16 * 1024, 64 * 1024, 2)
+    (16384, 24576, 32768, 45056, 65536)
+    """
+    if min_bytes < 1 or max_bytes < min_bytes or points_per_octave < 1:
+        raise ConfigError(
+            f"sweep sizes: need 0 < min_bytes <= max_bytes and points_per_octave >= 1, got "
+            f"{min_bytes}, {max_bytes}, {points_per_octave}"
+        )
+    octaves = math.log2(max_bytes / min_bytes)
+    count = int(math.floor(octaves * points_per_octave + 1e-9)) + 1
+    out: list[int] = []
+    for k in range(count):
+        size = int(round(min_bytes * 2 ** (k / points_per_octave) / (4 * KiB))) * 4 * KiB
+        size = max(size, 4 * KiB)
+        if not out or size > out[-1]:
+            out.append(size)
+    return tuple(out)
+
+
+def gemv_shape(weight_bytes: int, itemsize: int) -> tuple[int, int]:
+    """Rows and columns of the sweep's ``W``: rows of up to 1,024 elements, at least 16 rows.
+
+    A transformer's linear layers have rows of thousands of elements; 1,024 keeps that shape from
+    64 KiB up (fp32) while the smallest matrices still have 16 rows.
+    """
+    elements = max(weight_bytes // itemsize, 16)
+    cols = 1024
+    while cols > 16 and elements // cols < 16:
+        cols //= 2
+    return elements // cols, cols
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection
+
+
+def _octave_index(sizes: Sequence[int], i: int) -> int | None:
+    """First index whose size is at least twice ``sizes[i]`` (None past the end)."""
+    for j in range(i + 1, len(sizes)):
+        if sizes[j] >= 2 * sizes[i] * (1 - 1e-9):
+            return j
+    return None
+
+
+def _plateau_level(values: Sequence[float]) -> float:
+    """The level of a plateau: the 75th percentile of its log-bandwidths.
+
+    Not the mean: the first sizes of a sweep are held back by per-call overhead (a rise), and the
+    first sizes past a cliff are still partly served by the faster level; the upper quartile is the
+    plateau proper in both cases.
+    """
+    return float(np.percentile(values, 75))
+
+
+def segment_plateaus(log_bandwidths: Sequence[float], *, drop_fraction: float = 0.30,
+                     min_points: int = 2) -> list[tuple[int, int]]:
+    """Split a log-bandwidth curve into plateaus separated by drops of more than ``drop_fraction``.
+
+    Constrained agglomerative segmentation (Ward's criterion with an adjacency constraint, as in
+    contiguity-constrained hierarchical clustering): every point starts as its own segment; while
+    some adjacent pair *must* merge, the pair whose merge raises the squared error least,
+    ``n1 * n2 / (n1 + n2) * (m1 - m2)**2`` with ``m`` the mean log-bandwidth, is merged. A pair must
+    merge when the right segment's level (:func:`_plateau_level`) is not below the left's by more
+    than ``drop_fraction`` (a rise or a small step is never a cliff) or either has fewer than
+    ``min_points`` points (an outlier is not a plateau). Merging the closest pairs first lets a cliff
+    that is a gradual ramp over a few octaves survive as one drop between the plateaus on each side.
+
+    Returns:
+        ``(first, last)`` index pairs (inclusive), in order, covering every point once.
+    """
+    threshold = -math.log(1 - drop_fraction)
+    values = [float(v) for v in log_bandwidths]
+    segs = [(i, i) for i in range(len(values))]
+
+    def must_merge(left: tuple[int, int], right: tuple[int, int]) -> bool:
+        if left[1] - left[0] + 1 < min_points or right[1] - right[0] + 1 < min_points:
+            return True
+        drop = _plateau_level(values[left[0]: left[1] + 1]) - _plateau_level(values[right[0]: right[1] + 1])
+        return drop <= threshold
+
+    while len(segs) > 1:
+        best: tuple[float, int] | None = None
+        for k in range(len(segs) - 1):
+            left, right = segs[k], segs[k + 1]
+            if not must_merge(left, right):
+                continue
+            n1, n2 = left[1] - left[0] + 1, right[1] - right[0] + 1
+            m1, m2 = np.mean(values[left[0]: left[1] + 1]), np.mean(values[right[0]: right[1] + 1])
+            cost = n1 * n2 / (n1 + n2) * float(m1 - m2) ** 2
+            if best is None or cost < best[0]:
+                best = (cost, k)
+        if best is None:
+            break
+        k = best[1]
+        segs[k: k + 2] = [(segs[k][0], segs[k + 1][1])]
+    return segs
+
+
+def _name_levels(capacities: Sequence[int], reported: Mapping[str, int]) -> list[tuple[str, int | None]]:
+    """Names for detected capacities (ascending): a reported level within a factor of 4, else by order."""
+    # Reported names such as l1, l2, l3 in size order; detected levels are named in increasing order.
+    ranked = sorted(reported.items(), key=lambda kv: kv[1])
+    out: list[tuple[str, int | None]] = []
+    last_number = 0
+    used: set[str] = set()
+    for cap in capacities:
+        best: tuple[float, str, int] | None = None
+        for name, size in ranked:
+            number = _level_number(name)
+            if name in used or (number is not None and number <= last_number):
+                continue
+            distance = abs(math.log2(cap / size))
+            if distance <= _NAME_MATCH_OCTAVES and (best is None or distance < best[0]):
+                best = (distance, name, size)
+        if best is not None:
+            _, name, size = best
+            out.append((name, size))
+            used.add(name)
+            last_number = _level_number(name) or last_number + 1
+            continue
+        # No reported level near it: the next number after the previous level and after every
+        # reported level far smaller than it (a 40 MB level above a 2 MiB l2 is an l3).
+        below = [_level_number(n) or 0 for n, size in ranked if size * 2**_NAME_MATCH_OCTAVES < cap]
+        last_number = max(last_number + 1, max(below, default=0) + 1)
+        name = f"l{last_number}"
+        while name in used:
+            last_number += 1
+            name = f"l{last_number}"
+        used.add(name)
+        out.append((name, None))
+    return out
+
+
+def _level_number(name: str) -> int | None:
+    return int(name[1:]) if len(name) > 1 and name[0] == "l" and name[1:].isdigit() else None
+
+
+def detect_levels(
+    sizes: Sequence[int],
+    bandwidths: Sequence[float],
+    *,
+    drop_fraction: float = 0.30,
+    min_octaves: float = 1.0,
+    reported: Mapping[str, int] | None = None,
+    last_name: str = _OFFCHIP_NAME,
+) -> tuple[DetectedLevel, ...]:
+    """Find the cache levels in a bandwidth-vs-working-set curve.
+
+    The curve is split into plateaus by :func:`segment_plateaus` (adjacent plateaus differ by a
+    fall of more than ``drop_fraction``); each plateau but the last is a cache. Its capacity is the
+    largest working set whose bandwidth is still above the midpoint (in log) between its plateau and
+    the next, near their boundary: the last size "before the drop", read the same way on a vertical
+    cliff and on a ramp. A cache's bandwidth is the 75th percentile of its points (the plateau
+    proper: small sizes are held back by per-call overhead, and the first sizes past the previous
+    cliff are still partly served by the faster level); the last plateau's bandwidth is the median of
+    its points from one octave past its start (the sizes right after a cliff are still partly cached).
+
+    Args:
+        sizes: working-set bytes, strictly increasing (a geometric sweep).
+        bandwidths: bytes/s measured at each size.
+        drop_fraction: the smallest fall between plateaus that counts as a cliff (0.3: by 30%).
+        min_octaves: how far a plateau must extend, from its first size to its last, to be one
+            (shorter is an outlier or a step of a ramp, and is merged into a neighbour). Memory
+            levels differ in size by far more than a factor of 2.
+        reported: cache sizes the system reports (``{"l2": 2097152, ...}``), used only to name levels.
+        last_name: name of the plateau after the last cliff.
+
+    Returns:
+        The levels in order: one per cliff (with its capacity), then the last plateau
+        (``capacity_bytes=None``).
+    """
+    n = len(sizes)
+    if n != len(bandwidths):
+        raise ConfigError(f"detect_levels: {n} sizes but {len(bandwidths)} bandwidths; give one bandwidth per size")
+    if n < 3:
+        raise ConfigError(f"detect_levels: need at least 3 sizes, got {n}")
+    if sizes[0] <= 0 or any(b <= a for a, b in zip(sizes[:-1], sizes[1:])):
+        raise ConfigError("detect_levels: sizes must be positive and strictly increasing")
+    if any(not (isinstance(b, (int, float)) and b > 0 and math.isfinite(b)) for b in bandwidths):
+        raise ConfigError("detect_levels: bandwidths must be positive finite bytes/s")
+    if not 0 < drop_fraction < 1:
+        raise ConfigError(f"detect_levels: drop_fraction must be in (0, 1), got {drop_fraction!r}")
+    if not (isinstance(min_octaves, (int, float)) and 0 <= min_octaves < 16):
+        raise ConfigError(f"detect_levels: min_octaves must be in [0, 16), got {min_octaves!r}")
+    # Sizes per octave of the sweep (geometric), hence the points a plateau of min_octaves spans.
+    per_octave = (n - 1) / math.log2(sizes[-1] / sizes[0])
+    min_points = max(2, 1 + math.ceil(min_octaves * per_octave - 1e-6))
+
+    logs = [math.log(b) for b in bandwidths]
+    plateaus = segment_plateaus(logs, drop_fraction=drop_fraction, min_points=min_points)
+    caches = plateaus[:-1]
+    # Where each cliff is: the last size, from an octave before the plateaus' boundary to an octave
+    # after it, whose log-bandwidth (a running median of 3, against single outliers) is still above
+    # the midpoint between the plateau before (its upper quartile) and the one after (its median).
+    # The boundary the segmentation drew can sit anywhere on a ramp; the midpoint is a property of
+    # the curve itself.
+    smooth = [float(np.median(logs[max(0, i - 1): i + 2])) for i in range(n)]
+    reach = max(1, round(per_octave))
+    edges: list[int] = []
+    for k, (lo, hi) in enumerate(caches):
+        nxt_lo, nxt_hi = plateaus[k + 1]
+        mid = (_plateau_level(logs[lo: hi + 1]) + float(np.median(logs[nxt_lo: nxt_hi + 1]))) / 2
+        first = max(lo, hi - reach, edges[-1] + 1 if edges else 0)
+        last = min(nxt_hi - 1, nxt_lo + reach)
+        above = [j for j in range(first, last + 1) if smooth[j] >= mid]
+        edges.append(max(above) if above else hi)
+
+    names = _name_levels([sizes[edge] for edge in edges], reported or {})
+    levels: list[DetectedLevel] = []
+    start = 0
+    for k, ((lo, hi), edge, (name, reported_bytes)) in enumerate(zip(caches, edges, names)):
+        nxt_lo, nxt_hi = plateaus[k + 1]
+        here = _plateau_level(logs[lo: hi + 1])
+        after = _plateau_level(logs[nxt_lo: nxt_hi + 1])
+        levels.append(DetectedLevel(
+            name=name, capacity_bytes=sizes[edge],
+            bandwidth_bytes_per_s=math.exp(here),
+            first_index=start, last_index=edge, drop_fraction=1 - math.exp(after - here),
+            reported_bytes=reported_bytes,
+        ))
+        start = edge + 1
+    lo, hi = plateaus[-1]
+    tail_start = (_octave_index(sizes, lo) or lo) if caches else lo
+    tail = bandwidths[tail_start: hi + 1] if tail_start <= hi - 1 else bandwidths[lo: hi + 1]
+    levels.append(DetectedLevel(name=last_name, capacity_bytes=None, bandwidth_bytes_per_s=float(np.median(tail)),
+                                first_index=start, last_index=n - 1))
+    return tuple(levels)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the system reports
+
+
+def _parse_sysfs_size(text: str) -> int | None:
+    text = text.strip()
+    units = {"K": KiB, "M": MiB, "G": 2**30}
+    try:
+        if text and text[-1].upper() in units:
+            return int(text[:-1]) * units[text[-1].upper()]
+        return int(text)
+    except ValueError:
+        return None
+
+
+def reported_cpu_caches(root: str | os.PathLike = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, int]:
+    """Data and unified cache sizes of CPU 0 from Linux sysfs: ``{"l1": 49152, "l2": ..., "l3": ...}``.
+
+    Empty where sysfs is absent (macOS, Windows, some containers).
+    """
+    out: dict[str, int] = {}
+    base = Path(root)
+    if not base.is_dir():
+        return out
+    for entry in sorted(base.glob("index*")):
+        try:
+            kind = (entry / "type").read_text().strip()
+            level = int((entry / "level").read_text().strip())
+            size = _parse_sysfs_size((entry / "size").read_text())
+        except (OSError, ValueError):
+            continue
+        if kind in ("Data", "Unified") and size:
+            out[f"l{level}"] = size
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def _physical_memory_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend == "numpy":
+        return "numpy"
+    try:
+        import torch
+    except ImportError:
+        if backend in ("torch", "cuda"):
+            raise ConfigError(f"probe backend {backend!r} needs torch (pip install torch), or use --backend numpy") from None
+        return "numpy"
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("probe backend 'cuda': torch sees no CUDA device; use --backend torch for the CPU")
+    if backend == "auto":
+        return "cuda" if torch.cuda.is_available() else "torch"
+    return backend
+
+
+class _Kernel:
+    """A GEMV over views of one buffer, timed per backend."""
+
+    def __init__(self, backend: str, dtype: str, max_bytes: int) -> None:
+        self.backend = backend
+        self.itemsize = _DTYPE_ITEMSIZE[dtype]
+        self.graphs: list[object] = []  # CUDA graphs kept alive while their replays are in use
+        numel = max_bytes // self.itemsize + 1024
+        if backend == "numpy":
+            np_dtype = {"fp32": np.float32, "fp64": np.float64, "fp16": np.float16}.get(dtype)
+            if np_dtype is None:
+                raise ConfigError(f"probe: numpy has no {dtype}; use fp32")
+            self.buffer = np.full(numel, 1e-3, dtype=np_dtype)  # not denormal, not zero
+            self.x = np.ones(1024, dtype=np_dtype)
+            self.y = np.empty(max_bytes // self.itemsize // 16 + 1, dtype=np_dtype)
+        else:
+            import torch
+
+            torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                           "fp64": torch.float64}[dtype]
+            device = "cuda" if backend == "cuda" else "cpu"
+            self.buffer = torch.full((numel,), 1e-3, dtype=torch_dtype, device=device)
+            self.x = torch.ones(1024, dtype=torch_dtype, device=device)
+            self.y = torch.empty(max_bytes // self.itemsize // 16 + 1, dtype=torch_dtype, device=device)
+
+    def call(self, rows: int, cols: int, graph_calls: int = 0) -> tuple[Callable[[], object], int]:
+        """A function running the GEMV of ``W[:rows, :cols]``, and how many GEMVs one call runs.
+
+        On CUDA with ``graph_calls`` > 0, the function replays a CUDA graph of that many GEMVs: a
+        GEMV over an L2-sized matrix takes a few microseconds, about what launching it from Python
+        takes, so without a graph the sweep would measure launches instead of bandwidth.
+        """
+        w = self.buffer[: rows * cols].reshape(rows, cols)
+        x = self.x[:cols]
+        y = self.y[:rows]
+        if self.backend == "numpy":
+            return (lambda: np.dot(w, x, out=y)), 1
+        import torch
+
+        def gemv() -> object:
+            return torch.mv(w, x, out=y)
+
+        if self.backend != "cuda" or graph_calls < 1:
+            return gemv, 1
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up cuBLAS outside the capture, as torch's docs ask
+                for _ in range(3):
+                    gemv()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(graph_calls):
+                    gemv()
+        except RuntimeError as exc:  # capture unsupported here: time plain launches instead
+            log.warning("probe: CUDA graph capture failed (%s); timing plain launches", exc)
+            return gemv, 1
+        self.graphs.append(graph)
+        return graph.replay, graph_calls
+
+    def time_calls(self, fn: Callable[[], object], reps: int) -> float:
+        """Seconds per call of ``reps`` back-to-back calls."""
+        if self.backend == "cuda":
+            import torch
+
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / reps
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps
+
+    def sync(self) -> None:
+        if self.backend == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+
+class _Threads:
+    """Set torch's CPU thread count for a block and restore it after."""
+
+    def __init__(self, backend: str, threads: int | None) -> None:
+        self.backend, self.threads, self.saved = backend, threads, None
+
+    def __enter__(self) -> _Threads:
+        if self.backend == "torch" and self.threads is not None:
+            import torch
+
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+        elif self.backend == "numpy" and self.threads is not None:
+            log.info("numpy backend: BLAS threads are fixed at start-up (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS)")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            import torch
+
+            torch.set_num_threads(self.saved)
+
+
+def measure_bandwidth(config: ProbeConfig) -> tuple[BandwidthSample, ...]:
+    """Run the GEMV sweep of ``config`` and return one sample per size (see the module doc)."""
+    backend = _resolve_backend(config.backend)
+    sizes = sweep_sizes(config.min_bytes, config.max_bytes, config.points_per_octave)
+    with _Threads(backend, config.threads):
+        kernel = _Kernel(backend, config.dtype, sizes[-1])
+        shapes = [gemv_shape(size, kernel.itemsize) for size in sizes]
+        made = [kernel.call(rows, cols, config.cuda_graph_calls) for rows, cols in shapes]
+        calls = [fn for fn, _ in made]
+        per_call = [n for _, n in made]  # GEMVs one call runs (a CUDA graph runs several)
+        # Repetitions per sample from one warm call each: enough calls to last min_sample_s.
+        reps: list[int] = []
+        for fn in calls:
+            fn()
+            kernel.sync()
+            one = kernel.time_calls(fn, 1)
+            reps.append(max(1, min(100_000, math.ceil(config.min_sample_s / max(one, 1e-9)))))
+        times: list[list[float]] = [[] for _ in sizes]
+        rng = np.random.default_rng(config.seed)
+        for p in range(config.passes):
+            for i in rng.permutation(len(sizes)):
+                calls[i]()  # warm-up: brings W into the level that holds it
+                times[i].append(kernel.time_calls(calls[i], reps[i]) / per_call[i])
+            log.debug("probe pass %d/%d done", p + 1, config.passes)
+        del kernel
+    return tuple(
+        BandwidthSample(weight_bytes=rows * cols * _DTYPE_ITEMSIZE[config.dtype], rows=rows, cols=cols,
+                        times_s=tuple(t), quantile=config.quantile)
+        for (rows, cols), t in zip(shapes, times)
+    )
+
+
+def measure_peak_flops(backend: str = "torch", *, dtype: str = "fp32", size: int = 0, threads: int | None = 1,
+                       repeats: int = 7, quantile: float = 0.5) -> float:
+    """Dense matmul FLOP/s: ``2 * size**3`` FLOPs per ``size x size`` matmul over the time's ``quantile``.
+
+    2 FLOPs per multiply-add is the usual count (as in the PaLM paper's MFU, appendix B). ``size``
+    0 picks 1,024 on the CPU (about 8 ms per matmul on one core) and 8,192 on a GPU.
+    """
+    backend = _resolve_backend(backend)
+    if size == 0:
+        size = 8192 if backend == "cuda" else 1024
+    if backend == "numpy":
+        np_dtype = {"fp32": np.float32, "fp64": np.float64}.get(dtype)
+        if np_dtype is None:
+            raise ConfigError(f"probe: numpy matmul FLOP/s only for fp32 / fp64, not {dtype}")
+        a = np.full((size, size), 1e-3, dtype=np_dtype)
+        b = np.full((size, size), 1e-3, dtype=np_dtype)
+        c = np.empty((size, size), dtype=np_dtype)
+        fn: Callable[[], object] = lambda: np.matmul(a, b, out=c)
+        sync: Callable[[], None] = lambda: None
+        timer = "cpu"
+    else:
+        import torch
+
+        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                       "fp64": torch.float64}[dtype]
+        device = "cuda" if backend == "cuda" else "cpu"
+        a = torch.full((size, size), 1e-3, dtype=torch_dtype, device=device)
+        b = torch.full((size, size), 1e-3, dtype=torch_dtype, device=device)
+        c = torch.empty((size, size), dtype=torch_dtype, device=device)
+        fn = lambda: torch.mm(a, b, out=c)
+        sync = torch.cuda.synchronize if backend == "cuda" else (lambda: None)
+        timer = backend
+    times: list[float] = []
+    with _Threads(backend if backend != "numpy" else "numpy", threads):
+        fn()
+        sync()
+        for _ in range(repeats):
+            if timer == "cuda":
+                import torch
+
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(3):
+                    fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3 / 3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+    return 2 * size**3 / float(np.quantile(times, quantile))
+
+
+def probe_device(config: ProbeConfig | None = None, *, name: str | None = None,
+                 drop_fraction: float = 0.30) -> ProbeProfile:
+    """Measure the local device: the bandwidth sweep, its levels, and (optionally) peak FLOP/s.
+
+    Raises:
+        ConfigError: a backend that is not available (the sweep is shortened, with a warning, to a
+            quarter of the memory where ``max_bytes`` is more).
+    """
+    config = config or ProbeConfig()
+    backend = _resolve_backend(config.backend)
+    t0 = time.perf_counter()
+    if backend == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        full_name = props.name
+        reported = {"l2": int(props.L2_cache_size)} if getattr(props, "L2_cache_size", 0) else {}
+        offchip = int(props.total_memory)
+        default_name = "local-cuda"
+        budget = torch.cuda.mem_get_info()[0] // 4
+    else:
+        full_name = _cpu_name()
+        reported = reported_cpu_caches()
+        offchip = _physical_memory_bytes()
+        default_name = "local-cpu"
+        budget = offchip // 4 if offchip is not None else config.max_bytes
+    if config.max_bytes > budget:
+        # A quarter of the (free) memory at most: the sweep must not push the machine into swapping.
+        lowered = 2 ** int(math.log2(max(budget, 2 * config.min_bytes)))
+        log.warning("probe: max_bytes %s B is more than a quarter of the memory; sweeping to %s B instead",
+                    f"{config.max_bytes:,}", f"{lowered:,}")
+        config = dataclasses.replace(config, max_bytes=max(lowered, 2 * config.min_bytes))
+    samples = measure_bandwidth(dataclasses.replace(config, backend=backend))
+    levels = detect_levels([s.weight_bytes for s in samples], [s.bandwidth_bytes_per_s for s in samples],
+                           drop_fraction=drop_fraction, reported=reported)
+    flops: tuple[tuple[str, float], ...] = ()
+    if config.measure_flops:
+        flops = ((config.dtype, measure_peak_flops(backend, dtype=config.dtype, size=config.flops_size,
+                                                   threads=config.threads, quantile=config.quantile)),)
+    return ProbeProfile(
+        device=name or default_name,
+        full_name=full_name,
+        backend=backend,
+        threads=config.threads if backend == "torch" else None,
+        dtype=config.dtype,
+        samples=samples,
+        levels=levels,
+        peak_flops_per_s=flops,
+        reported_caches=tuple(sorted(reported.items(), key=lambda kv: kv[1])),
+        offchip_capacity_bytes=offchip,
+        measured_on=_dt.date.today().isoformat(),
+        elapsed_s=time.perf_counter() - t0,
+        config=config,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def plot_probe(profile: ProbeProfile, path: str | os.PathLike) -> None:
+    """PNG of bandwidth against working set (log x), with each pass's points, the medians and the capacities."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [s.weight_bytes for s in profile.samples]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for s in profile.samples:
+        ax.scatter([s.weight_bytes] * len(s.times_s), [s.weight_bytes / t / 1e9 for t in s.times_s],
+                   s=4, color="#999999", alpha=0.5, linewidths=0)
+    ax.plot(sizes, [s.bandwidth_bytes_per_s / 1e9 for s in profile.samples], "o-", color="#4C72B0",
+            markersize=3, label=f"{_quantile_words(profile.samples[0].quantile)} of passes")
+    colors = ("#C44E52", "#DD8452", "#55A868", "#8172B2")
+    for i, lvl in enumerate(profile.cache_levels):
+        ax.axvline(lvl.capacity_bytes, color=colors[i % len(colors)], linestyle="--", linewidth=1.2,
+                   label=f"{lvl.name} {_short_bytes(lvl.capacity_bytes)} @ {lvl.bandwidth_bytes_per_s / 1e9:.0f} GB/s")
+    for name, size in profile.reported_caches:
+        if sizes[0] / 2 <= size <= sizes[-1] * 2:
+            ax.axvline(size, color="#333333", linestyle=":", linewidth=0.8)
+            ax.text(size, ax.get_ylim()[1] * 0.98, f" {name} (reported)", rotation=90, va="top", fontsize=7)
+    last = profile.levels[-1] if profile.levels and profile.levels[-1].capacity_bytes is None else None
+    if last is not None:
+        ax.axhline(last.bandwidth_bytes_per_s / 1e9, color="#333333", linewidth=0.8,
+                   label=f"{last.name} {last.bandwidth_bytes_per_s / 1e9:.1f} GB/s")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("working set (bytes of W)")
+    ax.set_ylabel("GEMV bandwidth (GB/s)")
+    threads = "" if profile.backend == "cuda" else f", {profile.threads or 'all'} thread(s)"
+    ax.set_title(f"{profile.full_name} ({profile.backend}{threads}, {profile.dtype})", fontsize=9)
+    ax.set_ylim(bottom=0)
+    ticks = [2**k for k in range(int(math.log2(sizes[0])), int(math.log2(sizes[-1])) + 1)]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([_short_bytes(t) for t in ticks], fontsize=7, rotation=45)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+    except OSError as exc:
+        raise ConfigError(f"plot {path}: cannot write it ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
+
+
+def _quantile_words(quantile: float) -> str:
+    return "median" if quantile == 0.5 else ("fastest" if quantile == 0 else f"{quantile:.0%} quantile")
+
+
+def _short_bytes(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", MiB), ("KiB", KiB)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{int(nbytes)} B"
