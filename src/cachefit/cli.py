@@ -337,6 +337,7 @@ def plan(
     cut_after: Annotated[Optional[list[str]], typer.Option("--cut-after", help="Force a stage boundary after a unit (repeatable).")] = None,
     keep_whole: Annotated[Optional[list[str]], typer.Option("--keep-whole", help="Never split these units across cards, e.g. 'layers.*' (repeatable).")] = None,
     forbid: Annotated[Optional[list[str]], typer.Option("--forbid", help="Never apply techniques to units: 'head:int8,int4' (repeatable).")] = None,
+    even_splits: Annotated[bool, typer.Option("--even-splits", help="Split units only over card counts that divide heads, MLP columns and vocabulary (as `cachefit run` deploys them).")] = False,
     any_order: Annotated[bool, typer.Option("--any-order", help="Cards of a mixed cluster are interchangeable: choose their order.")] = False,
     max_risk: Annotated[float, typer.Option("--max-risk", help="Skip technique sets whose combined quality risk exceeds this (0..1).", min=0.0, max=1.0)] = 1.0,
     candidates: Annotated[bool, typer.Option("--candidates", help="Also show every technique set tried (cards, risk).")] = False,
@@ -360,7 +361,8 @@ def plan(
     )
     allowed = [a.strip() for a in allow.split(",") if a.strip()]
     result, tried = plan_partition(prof, cluster, num_cards=cards, allow=allowed, stacking=stacking.value,
-                                   max_risk=max_risk, overrides=overrides, reorder_cards=any_order)
+                                   max_risk=max_risk, overrides=overrides, reorder_cards=any_order,
+                                   even_splits=even_splits)
     front = pareto_front(tried)
     if plot is not None:
         from cachefit.report.plots import plot_plan

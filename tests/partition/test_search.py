@@ -158,3 +158,16 @@ def test_mixed_cluster_card_order_is_chosen_when_cards_are_interchangeable():
     assert plan.feasible and plan.cards == 2
     assert set(plan.devices) == {"mi300x"}
     assert any("card order chosen" in n for n in plan.notes)
+
+
+def test_even_splits_divide_heads_columns_and_vocabulary():
+    prof = profile_model("paper-16l", WL)
+    cluster = make_cluster(get_device("h100"))
+    free, _ = plan_partition(prof, cluster)
+    even, _ = plan_partition(prof, cluster, even_splits=True)
+    assert even.feasible and even.cards >= free.cards
+    assert any(s.shard and 32 % s.shard[1] for s in free.stages)  # the free plan splits 9 ways somewhere
+    for stage in even.stages:
+        if stage.shard:
+            n = stage.shard[1]
+            assert 32 % n == 0 and 16384 % n == 0 and 32000 % n == 0

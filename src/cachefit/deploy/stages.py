@@ -217,12 +217,12 @@ def _check_tensor_parallel(plan: Plan, family: str, profile: ModelProfile, start
                 raise ConfigError(
                     f"{where}: unit {unit.name} has {heads} attention heads and {kv} key/value heads, which "
                     f"{shards} cards cannot share evenly; cachefit deploys splits whose shard count divides the "
-                    f"attention heads and divides or is a multiple of the KV heads: re-plan so the split uses one"
+                    f"attention heads and divides or is a multiple of the KV heads: re-plan with `cachefit plan ... --even-splits`"
                 )
         if shape.part in ("layer", "mlp") and shape.intermediate_size % shards:
             raise ConfigError(
                 f"{where}: unit {unit.name} has an MLP of {shape.intermediate_size} columns, not divisible by "
-                f"{shards} cards; re-plan so the split uses a divisor"
+                f"{shards} cards; re-plan with `cachefit plan ... --even-splits`"
             )
 
 

@@ -105,6 +105,7 @@ class _Cards:
         self.cluster = cluster
         self.overrides = overrides or ResolvedOverrides()
         self.last_error: InfeasiblePlanError | None = None
+        self.even_splits = False
         self.unlimited = len(cluster) == 1 and num_cards is None
         if num_cards is not None and len(cluster) > 1 and num_cards > len(cluster):
             raise ConfigError(
@@ -186,6 +187,22 @@ def _layout_from_partition(part: Partition, units: Sequence[Unit], stacking: str
     return _Layout(tuple(_Group(a, b, 1, tuple(units[a:b])) for a, b in part.parts), stacking)
 
 
+def _divides_evenly(unit: Unit, shards: int) -> bool:
+    """Every split dimension of ``unit`` divides evenly over ``shards`` cards (KV heads: or the reverse)."""
+    shape = unit.shape
+    if shape is None:
+        return False
+    if shape.part in ("layer", "attention"):
+        kv = shape.num_kv_heads
+        if shape.num_heads % shards or (kv % shards and shards % kv):
+            return False
+    if shape.part in ("layer", "mlp") and shape.intermediate_size % shards:
+        return False
+    if shape.part in ("embedding", "head") and shape.vocab_size and shape.vocab_size % shards:
+        return False
+    return True
+
+
 class _ShardTable:
     """Each unit's largest shard for every split degree, compressed with one technique set.
 
@@ -197,6 +214,7 @@ class _ShardTable:
         self.profile, self.combo, self.config = profile, combo, config
         self.shards = shards if shards is not None else {}  # uncompressed shards, shared across sets
         self.keep_whole: frozenset[int] = frozenset()
+        self.even_splits = False
         self.forbid: Mapping[int, frozenset[str]] = {}
         self.raw: set[int] = set()
         self.cache: dict[tuple[int, int, bool], tuple[Unit, int]] = {
@@ -211,6 +229,8 @@ class _ShardTable:
         if key not in self.cache:
             unit = self.profile.units[i]
             if shards > max_shards(unit) or (shards > 1 and i in self.keep_whole):
+                return None
+            if shards > 1 and self.even_splits and not _divides_evenly(unit, shards):
                 return None
             shard = self.shards.get((i, shards))
             if shard is None:
@@ -297,6 +317,7 @@ def plan_partition(
     max_risk: float = 1.0,
     overrides: Overrides | None = None,
     reorder_cards: bool = False,
+    even_splits: bool = False,
 ) -> tuple[Plan, tuple[Candidate, ...]]:
     """Plan ``profile`` on the cards of ``cluster``.
 
@@ -312,6 +333,8 @@ def plan_partition(
             notes say what they cost against the plan without them.
         reorder_cards: the cards of a mixed cluster are interchangeable: choose their order (every
             distinct order for small clusters, else a heuristic) instead of keeping the given one.
+        even_splits: split a unit only over a number of cards that divides its heads (KV heads:
+            divides or is a multiple), MLP columns and vocabulary, as ``cachefit run`` deploys them.
 
     Returns:
         The plan and every candidate technique set tried, with the cards it needs.
@@ -332,6 +355,7 @@ def plan_partition(
         cluster, order_note = _reorder(profile, cluster, num_cards, stacking)
     resolved = resolve_overrides(profile, overrides, num_cards=num_cards) if overrides and not overrides.empty else None
     cards = _Cards(cluster, num_cards, resolved)
+    cards.even_splits = even_splits
     forbid = cards.overrides.forbid
     config = config or CompressionConfig()
     wl = profile.workload
@@ -443,6 +467,7 @@ def _layout(cards: _Cards, profile: ModelProfile, combo: tuple[str, ...], config
         )
     table = _ShardTable(profile, combo, config, units, shard_cache)
     table.keep_whole, table.forbid = cards.overrides.keep_whole, cards.overrides.forbid
+    table.even_splits = cards.even_splits
     return _split_layouts(cards, table, stacking)
 
 
@@ -487,6 +512,8 @@ def _revert_unneeded(
     table = _ShardTable(profile, combo, config, compressed, shard_cache) if split else None
     if table is not None:
         table.keep_whole, table.forbid = cards.overrides.keep_whole, cards.overrides.forbid
+        table.even_splits = cards.even_splits
+    table.even_splits = cards.even_splits
     for i in order:
         trial = list(compressed)
         trial[i] = original[i]
