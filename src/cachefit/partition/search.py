@@ -513,7 +513,6 @@ def _revert_unneeded(
     if table is not None:
         table.keep_whole, table.forbid = cards.overrides.keep_whole, cards.overrides.forbid
         table.even_splits = cards.even_splits
-    table.even_splits = cards.even_splits
     for i in order:
         trial = list(compressed)
         trial[i] = original[i]
