@@ -26,3 +26,9 @@ def test_api_doc_names_every_public_name():
     text = (DOCS / "api.md").read_text()
     missing = [n for n in cachefit.__all__ if n != "__version__" and f"cachefit.{n}" not in text]
     assert not missing, f"docs/api.md lacks {missing}"
+
+
+def test_cli_reference_is_up_to_date():
+    from cachefit.cli import cli_reference
+
+    assert (DOCS / "cli.md").read_text() == cli_reference(), "regenerate: cachefit cli-reference > docs/cli.md"
