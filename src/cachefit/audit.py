@@ -33,7 +33,6 @@ with ``num_cards`` = the cards the map uses), or the fewest cards that fit when 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -109,16 +108,9 @@ def parse_device_map(data: Any, *, where: str = "device map") -> dict[str, Place
 
 def load_device_map(path: str | os.PathLike[str]) -> dict[str, Placement]:
     """Read a device map JSON file (see :func:`parse_device_map`)."""
-    where = f"device map {os.fspath(path)!r}"
-    try:
-        text = open(path, encoding="utf-8").read()  # noqa: SIM115
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read it ({exc.strerror})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{where}: not JSON ({exc.msg} at line {exc.lineno})") from None
-    return parse_device_map(data, where=where)
+    from cachefit.files import read_json
+
+    return parse_device_map(read_json(path, what="device map"), where=f"device map {os.fspath(path)!r}")
 
 
 def _covers(key: str, fqn: str) -> bool:

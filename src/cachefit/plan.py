@@ -221,14 +221,9 @@ class Plan:
 
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read a plan JSON file written by ``cachefit plan --json``."""
-    try:
-        text = open(path, encoding="utf-8").read()  # noqa: SIM115
-    except OSError as exc:
-        raise ConfigError(f"plan file {os.fspath(path)!r}: cannot read it ({exc.strerror})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"plan file {os.fspath(path)!r}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    from cachefit.files import read_json
+
+    data = read_json(path, what="plan file")
     return Plan.from_dict(data, where=f"plan file {os.fspath(path)!r}")
 
 

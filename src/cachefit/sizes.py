@@ -1,4 +1,4 @@
-"""Byte sizes: parse ``50MB`` / ``1.5GiB`` and format bytes for humans.
+"""Byte sizes and durations: parse ``50MB`` / ``1.5GiB``, format bytes and seconds for humans.
 
 Decimal units (B, KB, MB, GB, TB) are powers of 10^3, binary units (KiB, MiB, GiB, TiB) powers of
 2^10, as DESIGN.md fixes for the command line. Output always names its unit.
@@ -68,3 +68,16 @@ def format_bytes(nbytes: int | float, *, binary: bool = False, digits: int = 1) 
             return f"{sign}{value:.{digits}f} {unit}"
         value /= base
     raise AssertionError("unreachable")
+
+
+def format_seconds(seconds: float | None, *, unknown: str = "-", digits: int = 3) -> str:
+    """Format a duration with a unit: ``format_seconds(0.0021) == '2.100 ms'``; None gives ``unknown``."""
+    if seconds is None:
+        return unknown
+    if seconds == 0:
+        return "0"
+    if seconds >= 1:
+        return f"{seconds:.{digits}f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.{digits}f} ms"
+    return f"{seconds * 1e6:.{max(digits - 2, 1)}f} µs"

@@ -12,15 +12,9 @@ class ScheduleOpt(str, Enum):
 
 
 def _fmt_s(value: Optional[float]) -> str:
-    if value is None:
-        return "-"
-    if value == 0:
-        return "0"
-    if value >= 1:
-        return f"{value:.3f} s"
-    if value >= 1e-3:
-        return f"{value * 1e3:.3f} ms"
-    return f"{value * 1e6:.1f} µs"
+    from cachefit.sizes import format_seconds
+
+    return format_seconds(value, digits=3)
 
 
 def _fmt_rate(value: Optional[float]) -> str:

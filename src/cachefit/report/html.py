@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cachefit.errors import ConfigError
-from cachefit.sizes import format_bytes
+from cachefit.sizes import format_bytes, format_seconds
 
 if TYPE_CHECKING:
     from cachefit.cost.baselines import Comparison
@@ -50,15 +50,7 @@ def _e(value: Any) -> str:
 
 
 def _s(value: float | None) -> str:
-    if value is None:
-        return "unknown"
-    if value == 0:
-        return "0"
-    if value >= 1:
-        return f"{value:.3f} s"
-    if value >= 1e-3:
-        return f"{value * 1e3:.3f} ms"
-    return f"{value * 1e6:.2f} µs"
+    return format_seconds(value, unknown="unknown", digits=3)
 
 
 def _pct(value: float | None, digits: int = 1) -> str:

@@ -106,7 +106,6 @@ def paper_account(workload: Workload | None = None, *, device: str = "h100") -> 
     layer = profile.unit("layers.0")
     roles = layer.footprint.roles
     qkv, mlp, out, norm = roles["qkv"], roles["mlp"], roles["attn_out"], roles.get("norm", 0)
-    layer_weights = layer.footprint.weight_bytes
     dev = get_device(device)
     cluster = make_cluster(dev)
     capacity = cluster.cards[0].capacity_bytes
