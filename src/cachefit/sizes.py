@@ -76,8 +76,7 @@ def format_seconds(seconds: float | None, *, unknown: str = "-", digits: int = 3
         return unknown
     if seconds == 0:
         return "0"
-    if seconds >= 1:
-        return f"{seconds:.{digits}f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.{digits}f} ms"
-    return f"{seconds * 1e6:.{max(digits - 2, 1)}f} µs"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("\u00b5s", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.{digits}f} {unit}"
+    return f"{seconds / 1e-9:.0f} ns"

@@ -190,3 +190,81 @@ def test_bad_options_are_config_errors():
         stage_cost(unit(600, 100), steps_per_load=0)
     with pytest.raises(ConfigError, match="latency"):
         stage_cost(unit(600, 100), link_latency_s=-1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The per-kernel overhead
+
+
+def mlp_unit() -> Unit:
+    """A non-gated MLP block: LayerNorm, up, GELU, down, residual add = 5 kernels per forward."""
+    shape = LayerShape(part="mlp", hidden_size=8, intermediate_size=32)
+    return Unit(name="mlp", kind="mlp", footprint=Footprint(weight_bytes=600, activation_bytes=100), params=300,
+                flops_per_token=50, shape=shape)
+
+
+def with_overhead(seconds: float | None) -> DeviceSpec:
+    import dataclasses
+
+    return dataclasses.replace(toy_device(), kernel_overhead_s=seconds)
+
+
+def test_kernel_overhead_adds_to_the_roofline():
+    # The roofline of the fitting case above: on-chip 600 + 2 x 100 = 800 B / 1,000 B/s = 0.8 s.
+    # 5 kernels x 0.1 s = 0.5 s added after it (one stream: the kernels run one after another):
+    # 0.8 + 0.5 = 1.3 s, still on-chip bound.
+    cost = stage_cost(mlp_unit(), device=with_overhead(0.1))
+    assert cost.kernels_per_micro_batch == 5
+    assert cost.onchip_s == pytest.approx(0.8) and cost.kernel_s == pytest.approx(0.5)
+    assert cost.time_s == pytest.approx(1.3) and cost.bound == "on-chip"
+    assert cost.to_dict()["kernel_s"] == pytest.approx(0.5) and cost.to_dict()["kernels_per_micro_batch"] == 5
+    # 5 x 0.2 s = 1.0 s > 0.8 s: launch-bound, 1.8 s
+    slow = stage_cost(mlp_unit(), device=with_overhead(0.2))
+    assert slow.time_s == pytest.approx(1.8) and slow.bound == "kernels"
+
+
+def test_without_the_figure_the_term_is_zero_and_a_note_says_so():
+    cost = stage_cost(mlp_unit(), device=with_overhead(None))
+    assert cost.kernels_per_micro_batch == 5 and cost.kernel_s is None
+    assert cost.time_s == pytest.approx(0.8) and cost.bound == "on-chip"
+    assert any("no per-kernel overhead figure" in n and "5 kernels" in n for n in cost.notes)
+    # an explicit 0 (e.g. CUDA graphs) turns the term off without a note; a value overrides the device's
+    off = stage_cost(mlp_unit(), device=with_overhead(0.1), kernel_overhead_s=0.0)
+    assert off.time_s == pytest.approx(0.8) and off.kernel_s == 0 and not off.notes
+    assert stage_cost(mlp_unit(), device=with_overhead(None), kernel_overhead_s=0.1).time_s == pytest.approx(1.3)
+    with pytest.raises(ConfigError, match="kernel overhead"):
+        stage_cost(mlp_unit(), kernel_overhead_s=-1.0)
+
+
+def test_kernel_overhead_in_train_and_for_units_without_a_shape():
+    # train: 3 x 5 = 15 kernels x 0.1 s = 1.5 s on top of the roofline
+    wl = Workload(mode="train", seq_len=2)
+    plain = stage_cost(mlp_unit(), workload=wl)
+    cost = stage_cost(mlp_unit(), workload=wl, device=with_overhead(0.1))
+    assert cost.kernels_per_micro_batch == 15
+    assert cost.time_s == pytest.approx(plain.time_s + 1.5)
+    # a unit without a shape (a live-module profile) counts no kernels, and the note says so
+    shapeless = stage_cost(unit(600, 100), device=with_overhead(0.1))
+    assert shapeless.kernels_per_micro_batch == 0 and shapeless.time_s == pytest.approx(0.8)
+    assert any("without a transformer shape" in n for n in shapeless.notes)
+
+
+def test_kernel_overhead_on_a_catalog_gpu():
+    # paper-16l layer 0 on an H200, decode at batch 1: 20 kernels (see tests/cost/test_kernels.py)
+    # x 2.4 us = 48 us on top of the roofline term.
+    from cachefit.hardware import get_device
+
+    profile = profile_model("paper-16l")
+    u = profile.unit("layers.0")
+    h200 = get_device("h200")
+    fp = u.footprint
+    cost = estimate_stage(
+        card=0, pipeline_stage=0, device=h200, level="l2", units=(1, 2), shard=None,
+        weight_bytes=fp.weight_bytes, activation_bytes=fp.activation_bytes,
+        persistent_activation_bytes=fp.persistent_activation_bytes, buffer_bytes=fp.buffer_bytes,
+        capacity_bytes=h200.capacity_bytes("l2"), stage_units=(u,), workload=profile.workload,
+        tokens_per_micro_batch=1,
+    )
+    roof = max(cost.compute_s, cost.onchip_s, cost.offchip_s)
+    assert cost.kernels_per_micro_batch == 20 and cost.kernel_s == pytest.approx(48e-6)
+    assert cost.time_s == pytest.approx(roof + 48e-6)

@@ -16,6 +16,7 @@ from cachefit.errors import ConfigError
 from cachefit.hardware import load_device_file, parse_device
 from cachefit.hardware.probe import (
     BandwidthSample,
+    KernelOverhead,
     ProbeConfig,
     ProbeProfile,
     detect_levels,
@@ -329,6 +330,9 @@ def test_probe_command_writes_a_device_file_and_a_plot(tmp_path):
     assert all({"name", "capacity_bytes", "bandwidth_bytes_per_s"} <= set(lvl) for lvl in doc["levels"])
     assert json.loads(out.read_text()) == doc
     assert load_device_file(out).peak_flops("fp32") > 0
+    # the per-kernel overhead of a tiny eager layer: between 0.1 us and 1 ms a kernel on any CPU
+    assert 1e-7 < load_device_file(out).kernel_overhead_s < 1e-3
+    assert "38 kernels" in doc["kernel_overhead"]["note"]
     assert png.exists()
 
 
@@ -429,10 +433,17 @@ def test_gpu_script_stages_straddle_the_l2():
     assert by_key["int8 shard 1/5 b1"].unit.footprint.weight_bytes < l2 < by_key["int8 shard 1/2 b1"].unit.footprint.weight_bytes
     fits = script.predict(by_key["int8 shard 1/5 b1"], h100)
     spills = script.predict(by_key["int8 shard 1/1 b1"], h100)
-    assert fits.fits and fits.bound == "on-chip"
-    assert not spills.fits and spills.bound == "off-chip"
+    # The roofline term of the fitting shard is its L2 reads; of the spilling one its DRAM reads.
+    assert fits.fits and fits.onchip_s > max(fits.compute_s, fits.offchip_s)
+    assert not spills.fits and spills.offchip_s > max(spills.compute_s, spills.onchip_s)
     # 201 MB of int8 weights: (201,416,704 + activations - 52,428,800 B of L2) streamed at 3.35 TB/s ~ 45 us
-    assert spills.time_s == pytest.approx(45e-6, rel=0.05)
+    assert spills.offchip_s == pytest.approx(45e-6, rel=0.05)
+    # Plus 20 kernels (a LayerNorm GPT-style layer in eager decode) x 2.4 us (the catalog's H100 figure,
+    # taken from the H200) = 48 us: at batch 1 the launches take longer than either shard's reads.
+    assert spills.kernels_per_micro_batch == fits.kernels_per_micro_batch == 20
+    assert spills.kernel_s == pytest.approx(48e-6)
+    assert spills.time_s == pytest.approx(spills.offchip_s + 48e-6)
+    assert fits.bound == spills.bound == "kernels"
     assert script.catalog_device("NVIDIA H100 80GB HBM3").name == "h100"
 
 
@@ -471,3 +482,64 @@ def test_gpu_script_stage_module_runs_on_the_cpu():
             assert stage.weight_bytes == 192 * 256 + 256 * 64 + 205 * 256 + 256 * 205 + 2 * (192 + 256 + 205 + 256)
             ref = stage.reference(stage.x)
             assert float((out.float() - ref.float()).abs().max() / ref.float().abs().max()) < 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# per-kernel overhead
+
+
+def test_device_file_carries_the_kernel_overhead():
+    base = synthetic_profile()
+    assert "kernel_overhead" not in base.to_device_dict()
+    assert parse_device(base.to_device_dict()).kernel_overhead_s is None
+    # 190 us per layer / 38 kernels = 5 us a kernel
+    k = KernelOverhead(per_kernel_s=190e-6 / 38, layer_s=190e-6, kernels=38, tiny_op_s=1.5e-6, hidden=64,
+                       layer_times_s=(190e-6, 200e-6), quantile=0.5)
+    import dataclasses
+
+    doc = dataclasses.replace(base, kernel_overhead=k).to_device_dict()
+    device = parse_device(doc)
+    assert device.kernel_overhead_s == pytest.approx(5e-6)
+    fig = device.figure("kernel_overhead")
+    assert "cachefit probe" in fig.source and fig.as_of == "2026-11-27"
+    assert "190.0 us per layer / 38 kernels" in fig.note and "1.50 us" in fig.note
+    assert dataclasses.replace(base, kernel_overhead=k).to_dict()["kernel_overhead"]["kernels"] == 38
+
+
+def test_probe_layer_launches_the_kernels_the_cost_model_counts():
+    torch = pytest.importorskip("torch")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cachefit.cost.kernels import count_kernels
+    from cachefit.hardware.probe import build_kernel_layer, kernel_layer_shape
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    shape, workload = kernel_layer_shape()
+    assert (shape.hidden_size, shape.num_heads, shape.head_dim, shape.intermediate_size) == (64, 2, 32, 172)
+    layer, args = build_kernel_layer(shape)
+    with torch.no_grad(), Count() as counter:
+        out = layer(*args)
+    launched = [f for f in counter.ops if not f.is_view and f.overloadpacket.__name__ not in ("_unsafe_view", "alias")]
+    assert len(launched) == count_kernels(shape, workload) == 38
+    assert out.shape == args[0].shape
+
+
+def test_measure_kernel_overhead_divides_the_layer_by_its_kernels():
+    pytest.importorskip("torch")
+    from cachefit.hardware.probe import measure_kernel_overhead
+
+    k = measure_kernel_overhead("torch", passes=3, min_sample_s=1e-3, quantile=0.0)
+    assert k.kernels == 38 and len(k.layer_times_s) == 3
+    assert k.layer_s == min(k.layer_times_s)
+    assert k.per_kernel_s == pytest.approx(k.layer_s / 38)
+    assert 1e-7 < k.tiny_op_s < k.layer_s  # one op is cheaper than a layer of them
+    with pytest.raises(ConfigError, match="needs torch"):
+        measure_kernel_overhead("numpy")

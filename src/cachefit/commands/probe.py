@@ -89,6 +89,11 @@ def register(app: typer.Typer) -> None:
         _console.print(table)
         for dtype, flops in result.peak_flops_per_s:
             _console.print(f"peak {dtype} matmul: {flops / 1e9:,.1f} GFLOP/s")
+        k = result.kernel_overhead
+        if k is not None:
+            _console.print(f"per-kernel overhead: {k.per_kernel_s * 1e6:,.2f} us ({k.hidden}-wide eager layer: "
+                           f"{k.layer_s * 1e6:,.1f} us / {k.kernels} kernels; a tiny matmul alone "
+                           f"{k.tiny_op_s * 1e6:,.2f} us)")
         unmatched = [n for n in reported if n not in {lvl.name for lvl in result.levels}]
         if unmatched:
             _console.print("[dim]not seen as a cliff: " + ", ".join(

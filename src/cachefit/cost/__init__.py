@@ -1,7 +1,8 @@
 """Cost model: roofline time per card, the simulated pipeline, and cache-oblivious baselines.
 
 Pure Python (no torch). ``estimate_cost(plan, profile, cluster)`` prices a plan; ``compare_layouts``
-prices cachefit's plan beside the layouts a user would otherwise pick, on the same cards.
+prices cachefit's plan beside the layouts a user would otherwise pick, on the same cards;
+``count_kernels(shape, workload)`` is the kernel count behind the per-kernel overhead term.
 docs/cost-model.md derives every formula and lists the assumptions.
 """
 
@@ -16,6 +17,7 @@ from cachefit.cost.baselines import (
     tensor_parallel_plan,
     uniform_layers_plan,
 )
+from cachefit.cost.kernels import count_kernels, list_kernels
 from cachefit.cost.pipeline import (
     SCHEDULES,
     PlanCost,
@@ -40,9 +42,11 @@ __all__ = [
     "TransferCost",
     "cachefit_plan",
     "compare_layouts",
+    "count_kernels",
     "estimate_cost",
     "estimate_stage",
     "greedy_dram_plan",
+    "list_kernels",
     "measured_bubble_fraction",
     "min_cards_to_fit",
     "schedule_bubble_fraction",

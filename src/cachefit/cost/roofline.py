@@ -7,9 +7,22 @@ Per micro-batch, a card running its stage needs
 * ``offchip_s = bytes read from DRAM / HBM / off-chip bandwidth``;
 
 and takes ``max(compute_s, onchip_s, offchip_s)`` (the roofline: Williams, Waterman and Patterson,
-"Roofline: an insightful visual performance model for multicore architectures", CACM 2009), plus the
-time of the collectives of a tensor-parallel stage, which are not overlapped with compute here (the
-conservative choice; Megatron-LM's all-reduces sit on the critical path, Shoeybi et al. 2019 sec. 3).
+"Roofline: an insightful visual performance model for multicore architectures", CACM 2009), plus a
+fixed cost per kernel, plus the time of the collectives of a tensor-parallel stage, which are not
+overlapped with compute here (the conservative choice; Megatron-LM's all-reduces sit on the critical
+path, Shoeybi et al. 2019 sec. 3).
+
+**Per-kernel overhead.** A kernel of ``V`` bytes takes ``T = a + V / b`` (the small-kernel model
+fitted to the RRZE ``gpu-small-kernels`` measurements: ``a`` about 2.4 us per kernel on an H200 on
+one stream, 1.2 us under CUDA graphs). The stage launches ``k`` kernels per micro-batch
+(:func:`cachefit.cost.kernels.count_kernels`, counted from each unit's shape and the workload), so
+``kernel_s = k x DeviceSpec.kernel_overhead_s`` is *added* to the roofline term, not overlapped with
+it: the stage's kernels run one after another on one stream (each depends on the previous one's
+output), and the fixed part of each is time in which that kernel moves no bytes and does no
+arithmetic. The roofline term already charges the bytes and FLOPs at full rate, so this is the
+launch-bound part the roofline has no term for; it dominates small stages (a layer whose bytes take
+a few microseconds on a GPU, or any layer of a small model on a CPU). A device without the figure
+gets no such term (0) and a note; units without a shape (live-module profiles) count no kernels.
 
 **Which bytes are off-chip.** The stage's footprint (weights + activations + buffers, stacked as the
 plan stacked them) is compared with the capacity its card offers. The part beyond capacity
@@ -56,6 +69,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from cachefit.cost.kernels import count_unit_kernels
 from cachefit.errors import ConfigError
 from cachefit.hardware.devices import DeviceSpec
 from cachefit.units import Mode, Unit, Workload
@@ -135,11 +149,17 @@ class StageCost:
     collective_bytes_per_micro_batch: int
     collective_s: float | None
     time_s: float | None
-    """``max(compute, on-chip, off-chip) + collectives``; None if impossible or nothing is known."""
+    """``max(compute, on-chip, off-chip) + kernels + collectives``; None if impossible or nothing is known."""
     bound: str
     """What dominates the time: ``compute``, ``on-chip`` or ``off-chip`` (the roofline term), or
-    ``collectives`` when they take longer than it; ``unknown`` or ``impossible`` without a time."""
+    ``kernels`` (the per-kernel overhead) or ``collectives`` when they take longer than it;
+    ``unknown`` or ``impossible`` without a time."""
     notes: tuple[str, ...] = ()
+    kernels_per_micro_batch: int = 0
+    """Kernels the stage's units launch per micro-batch (:func:`cachefit.cost.kernels.count_kernels`)."""
+    kernel_s: float | None = 0.0
+    """``kernels_per_micro_batch x kernel_overhead_s``; None where the device has no such figure
+    (the time then leaves the term out)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -162,6 +182,8 @@ class StageCost:
             "offchip_s": self.offchip_s,
             "collective_bytes_per_micro_batch": self.collective_bytes_per_micro_batch,
             "collective_s": self.collective_s,
+            "kernels_per_micro_batch": self.kernels_per_micro_batch,
+            "kernel_s": self.kernel_s,
             "time_s": self.time_s,
             "bound": self.bound,
             "notes": list(self.notes),
@@ -212,6 +234,7 @@ def estimate_stage(
     steps_per_load: int | None = None,
     micro_batches: int = 1,
     link_latency_s: float = LINK_LATENCY_S,
+    kernel_overhead_s: float | None = None,
 ) -> StageCost:
     """Roofline cost of one card's stage for one micro-batch (see the module docstring).
 
@@ -228,11 +251,18 @@ def estimate_stage(
             weights stay resident).
         micro_batches: micro-batches per step (to amortize a load over them).
         link_latency_s: latency of one message step (default :data:`LINK_LATENCY_S`).
+        kernel_overhead_s: fixed cost of one kernel; None: the device's ``kernel_overhead_s`` (0 turns
+            the term off, e.g. for stages replayed from a CUDA graph or compiled into few kernels,
+            whose launch cost the catalog's stream figure overstates).
     """
     if capacity_bytes <= 0:
         raise ConfigError(f"card {card}: capacity must be positive, got {capacity_bytes} B")
     if not link_latency_s >= 0:
         raise ConfigError(f"link latency must be >= 0 seconds, got {link_latency_s!r}")
+    if kernel_overhead_s is not None and (isinstance(kernel_overhead_s, bool)
+                                          or not isinstance(kernel_overhead_s, (int, float))
+                                          or not 0 <= kernel_overhead_s < 1):
+        raise ConfigError(f"kernel overhead must be >= 0 and below 1 second, got {kernel_overhead_s!r}")
     if steps_per_load is not None and steps_per_load < 1:
         raise ConfigError(f"steps_per_load must be a positive integer or None, got {steps_per_load!r}")
     notes: list[str] = []
@@ -327,14 +357,38 @@ def estimate_stage(
         else:
             coll_s = coll_bytes / link + passes * collective_latency_steps * link_latency_s
 
+    # -- fixed cost per kernel: added, the stage's kernels run one after another on one stream
+    counts = [count_unit_kernels(u, workload) for u in stage_units]
+    kernels = sum(c for c in counts if c is not None)
+    shapeless = sum(1 for c in counts if c is None)
+    per_kernel = device.kernel_overhead_s if kernel_overhead_s is None else float(kernel_overhead_s)
+    kernel_s: float | None = 0.0
+    if per_kernel is None:
+        kernel_s = None
+        if kernels:
+            notes.append(
+                f"{device.name}: no per-kernel overhead figure: the fixed cost of the stage's {kernels:,} kernels "
+                "is left out (the time is a lower bound where kernels are small)"
+            )
+    else:
+        kernel_s = kernels * per_kernel
+        if shapeless and per_kernel:
+            notes.append(
+                f"{shapeless} unit(s) without a transformer shape: their kernels are not counted, so the "
+                f"per-kernel overhead ({per_kernel * 1e6:.2f} us each) leaves them out"
+            )
+
     terms = {"compute": compute_s, "on-chip": onchip_s, "off-chip": offchip_s}
     known = {k: v for k, v in terms.items() if v is not None}
     if not possible or not known:
         time_s, bound = None, "unknown" if possible else "impossible"
     else:
         bound = max(known, key=lambda k: known[k])
-        time_s = known[bound] + (coll_s or 0.0)
-        if coll_s and coll_s > known[bound]:
+        roof = known[bound]
+        time_s = roof + (kernel_s or 0.0) + (coll_s or 0.0)
+        if (kernel_s or 0.0) > roof and (kernel_s or 0.0) >= (coll_s or 0.0):
+            bound = "kernels"  # launch-bound: the fixed cost of its kernels exceeds their bytes and FLOPs
+        elif coll_s and coll_s > roof:
             bound = "collectives"  # the all-reduces take longer than the roofline term they follow
     return StageCost(
         card=card,
@@ -359,6 +413,8 @@ def estimate_stage(
         time_s=time_s,
         bound=bound,
         notes=tuple(notes),
+        kernels_per_micro_batch=kernels,
+        kernel_s=kernel_s,
     )
 
 

@@ -18,6 +18,7 @@ Device file format (TOML, YAML or JSON; the catalog uses the same format)::
     offchip_capacity = "80GB"       # optional sizes: "50MB", "48KiB", or int bytes
     offchip_bandwidth = "3.35TB/s"  # optional rates: "7.0TB/s", "900 GB/s", or bytes/s as a number
     link_bandwidth = "900GB/s"      # chip-to-chip, both directions of all links added up
+    kernel_overhead = "2.4us"       # fixed cost of one kernel (launch / dispatch): "2.4us", "0.005ms", s
     source = "my measurements"      # optional: provenance of the figures below without their own
     as_of = "2026-11-01"
 
@@ -37,7 +38,7 @@ uncertain = true, note = "..."}``; ``value`` may be omitted (unknown). A cluster
 an inline device table) and optional ``count``, ``level``, ``headroom`` (fraction in [0, 1)) and
 ``reserved`` (a size); top-level ``level``, ``headroom`` and ``reserved`` are defaults for every card.
 The probe's output ``{"device": name, "levels": [{"name", "capacity_bytes",
-"bandwidth_bytes_per_s"}]}`` is a device file too.
+"bandwidth_bytes_per_s"}], "kernel_overhead": {...}}`` is a device file too.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cachefit.errors import ConfigError
-from cachefit.sizes import format_bytes, parse_bytes
+from cachefit.sizes import format_bytes, format_seconds, parse_bytes
 from cachefit.units import DTYPE_BITS, normalize_dtype
 
 if sys.version_info >= (3, 11):
@@ -75,6 +76,7 @@ _SCALAR_FIGURES: dict[str, str] = {
     "offchip_capacity": "offchip_capacity_bytes",
     "offchip_bandwidth": "offchip_bandwidth_bytes_per_s",
     "link_bandwidth": "link_bandwidth_bytes_per_s",
+    "kernel_overhead": "kernel_overhead_s",
 }
 _LEVEL_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _SCOPE_RE = re.compile(r"^(chip|per_[a-z][a-z0-9_]*)$")
@@ -256,9 +258,14 @@ class DeviceSpec:
     """Dense (not sparse) peak FLOP/s (or OP/s for int dtypes) per dtype, where published."""
     link_bandwidth_bytes_per_s: float | None = None
     """Chip-to-chip bandwidth of one device, both directions of all links added up."""
+    kernel_overhead_s: float | None = None
+    """Fixed time one kernel costs besides its bytes and FLOPs (launch, dispatch, the gap between
+    dependent kernels on one stream): ``a`` of the small-kernel model ``T = a + V / b``. None where
+    unknown (the cost model then leaves the term out and says so)."""
     figures: tuple[tuple[str, Figure], ...] = ()
     """Provenance of the figures above: keys ``offchip_capacity``, ``offchip_bandwidth``,
-    ``link_bandwidth``, ``peak_flops.<dtype>``; a Figure with value None records a looked-for unknown."""
+    ``link_bandwidth``, ``kernel_overhead``, ``peak_flops.<dtype>``; a Figure with value None
+    records a looked-for unknown."""
     sources: tuple[str, ...] = ()
     """Every source the figures cite."""
     as_of: str = ""
@@ -284,6 +291,7 @@ class DeviceSpec:
         _check_positive(self.offchip_capacity_bytes, f"{where}: offchip_capacity_bytes", integer=True)
         _check_positive(self.offchip_bandwidth_bytes_per_s, f"{where}: offchip_bandwidth_bytes_per_s")
         _check_positive(self.link_bandwidth_bytes_per_s, f"{where}: link_bandwidth_bytes_per_s")
+        _check_positive(self.kernel_overhead_s, f"{where}: kernel_overhead_s")
         seen: set[str] = set()
         for dtype, value in self.peak_flops_per_s:
             key = _flops_key(dtype, what=f"{where}: peak_flops_per_s")
@@ -542,6 +550,29 @@ def parse_flops(text: str | int | float, *, what: str = "peak_flops") -> float:
     return rate
 
 
+# per second: a time is divided by these (2.5 / 1e6 is exactly 2.5e-06; 2.5 * 1e-6 is not)
+_DURATION_UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6, "\u00b5s": 1e6, "\u03bcs": 1e6, "ns": 1e9}
+
+
+def parse_duration(text: str | int | float, *, what: str = "duration") -> float:
+    """Parse a time such as ``2.4us``, ``2.4 µs``, ``0.005ms``, ``3e-6 s`` or a number of seconds."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{what}: expected a time such as 2.4us, got {text!r}")
+    if _is_number(text):
+        _check_positive(text, f"{what} (seconds)", allow_none=False)
+        return float(text)
+    match = re.fullmatch(rf"\s*{_NUMBER}\s*([a-zA-Z\u00b5\u03bc]+)?\s*", str(text))
+    unit = (match.group(2) or "s") if match else ""
+    if not match or unit.lower() not in _DURATION_UNITS:
+        raise ConfigError(
+            f"{what}: cannot read {text!r} as a time; write a number with s, ms, us (or \u00b5s) or ns, e.g. 2.4us, "
+            "or seconds as a plain number"
+        )
+    seconds = float(match.group(1)) / _DURATION_UNITS[unit.lower()]
+    _check_positive(seconds, what, allow_none=False)
+    return seconds
+
+
 def format_bandwidth(bytes_per_s: float) -> str:
     """``format_bandwidth(7.0e12) == '7.00 TB/s'``."""
     for unit, scale in (("PB/s", 1e15), ("TB/s", 1e12), ("GB/s", 1e9), ("MB/s", 1e6)):
@@ -556,7 +587,7 @@ def format_bandwidth(bytes_per_s: float) -> str:
 _FIGURE_KEYS = {"value", "source", "as_of", "uncertain", "note"}
 _DEVICE_KEYS = {
     "name", "base", "full_name", "vendor", "aliases", "default_level", "levels", "offchip_capacity",
-    "offchip_bandwidth", "link_bandwidth", "peak_flops", "source", "as_of", "note", "figures", "sources",
+    "offchip_bandwidth", "link_bandwidth", "kernel_overhead", "peak_flops", "source", "as_of", "note", "figures", "sources",
     "default_capacity_bytes",
 }  # fmt: skip
 _DEVICE_KEY_ALIASES = {
@@ -564,6 +595,7 @@ _DEVICE_KEY_ALIASES = {
     "offchip_capacity_bytes": "offchip_capacity",
     "offchip_bandwidth_bytes_per_s": "offchip_bandwidth",
     "link_bandwidth_bytes_per_s": "link_bandwidth",
+    "kernel_overhead_s": "kernel_overhead",
     "peak_flops_per_s": "peak_flops",
 }
 _LEVEL_KEYS = {
@@ -812,6 +844,7 @@ def _parse_device(data: Any, ctx: _Context) -> DeviceSpec:
         "offchip_capacity": _parse_size(f"{ctx.where}: offchip_capacity"),
         "offchip_bandwidth": lambda v: parse_bandwidth(v, what=f"{ctx.where}: offchip_bandwidth"),
         "link_bandwidth": lambda v: parse_bandwidth(v, what=f"{ctx.where}: link_bandwidth"),
+        "kernel_overhead": lambda v: parse_duration(v, what=f"{ctx.where}: kernel_overhead"),
     }
     provenance = d.get("figures") or {}
     if not isinstance(provenance, Mapping):
@@ -878,6 +911,7 @@ def _parse_device(data: Any, ctx: _Context) -> DeviceSpec:
             offchip_capacity_bytes=values.get("offchip_capacity_bytes"),
             offchip_bandwidth_bytes_per_s=values.get("offchip_bandwidth_bytes_per_s"),
             link_bandwidth_bytes_per_s=values.get("link_bandwidth_bytes_per_s"),
+            kernel_overhead_s=values.get("kernel_overhead_s"),
             peak_flops_per_s=tuple(sorted(flops.items(), key=lambda kv: FLOPS_DTYPES.index(kv[0]))),
             figures=tuple(figures.items()),
             sources=tuple(all_sources),
@@ -1281,6 +1315,7 @@ def device_to_dict(device: DeviceSpec) -> dict[str, Any]:
         "offchip_capacity_bytes": device.offchip_capacity_bytes,
         "offchip_bandwidth_bytes_per_s": device.offchip_bandwidth_bytes_per_s,
         "link_bandwidth_bytes_per_s": device.link_bandwidth_bytes_per_s,
+        "kernel_overhead_s": device.kernel_overhead_s,
         "peak_flops_per_s": dict(device.peak_flops_per_s),
         "figures": {key: fig.to_dict() for key, fig in device.figures},
         "sources": list(device.sources),
@@ -1311,6 +1346,8 @@ def _fmt_value(key: str, value: float | int | None) -> str:
         return format_bandwidth(value)
     if key.startswith("peak_flops."):
         return f"{value / 1e12:,.1f} T{'OP' if 'int' in key else 'FLOP'}/s"
+    if key == "kernel_overhead":
+        return format_seconds(value, digits=2)
     return str(value)
 
 

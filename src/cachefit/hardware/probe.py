@@ -43,6 +43,15 @@ a capacity is read to within a step of the sweep (19% at four sizes an octave) a
 factor of about 2 on a ramp. Levels are named after the level the operating system (or the CUDA
 driver) reports with the nearest size within a factor of 4, else by order (``l1``, ``l2``...); the
 plateau after the last cliff is ``dram``.
+
+Per-kernel overhead (:func:`measure_kernel_overhead`, the ``a`` of the small-kernel model
+``T = a + V / b`` the cost model adds per kernel): the time of a 64-wide Llama-style decoder layer
+run eagerly (RMSNorm, q/k/v/o projections, rotary, eager attention, gated MLP; 0.2 MB of weights,
+one token, fp32) divided by the kernels it launches as :func:`cachefit.cost.kernels.count_kernels`
+counts them (38). Its bytes and FLOPs take well under a microsecond, so its time is the fixed cost
+of its kernels: the dispatch of each op, plus the Python of the modules around them, which a real
+eager model pays too. The time of a tiny op alone (a 1 x 64 by 64 x 64 matmul) is measured beside
+it: a lower bound that leaves the modules' Python out.
 """
 
 from __future__ import annotations
@@ -107,6 +116,8 @@ class ProbeConfig:
     dtype: str = "fp32"
     """Element type of ``W`` and ``x`` (fp32 everywhere; fp16 / bf16 mostly make sense on GPUs)."""
     measure_flops: bool = True
+    measure_kernels: bool = True
+    """Also time a tiny eager layer for the per-kernel overhead (torch and cuda backends)."""
     """Also time a large matmul for the peak FLOP/s of ``dtype``."""
     flops_size: int = 0
     """Side of the square matmul for the FLOP/s figure; 0: 1024 on the CPU, 8192 on a GPU."""
@@ -223,6 +234,28 @@ class DetectedLevel:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class KernelOverhead:
+    """The fixed cost of one kernel, from a tiny eager layer whose bytes and FLOPs take no time."""
+
+    per_kernel_s: float
+    """``layer_s / kernels``: what the device file records as ``kernel_overhead``."""
+    layer_s: float
+    """Seconds per call of the tiny layer (the ``quantile`` of its passes)."""
+    kernels: int
+    """Kernels the layer launches (:func:`cachefit.cost.kernels.count_kernels` of its shape)."""
+    tiny_op_s: float
+    """Seconds per call of a 1 x hidden by hidden x hidden matmul alone (same quantile)."""
+    hidden: int
+    """Width of the layer."""
+    layer_times_s: tuple[float, ...]
+    """Seconds per layer call, one per pass."""
+    quantile: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "layer_times_s": list(self.layer_times_s)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProbeProfile:
     """A measured device: the sweep, the levels found in it, peak FLOP/s, and how it was measured."""
 
@@ -240,6 +273,8 @@ class ProbeProfile:
     """Caches in order, then the ``dram`` plateau."""
     peak_flops_per_s: tuple[tuple[str, float], ...] = ()
     """Measured dense matmul FLOP/s per dtype (with ``threads`` threads)."""
+    kernel_overhead: KernelOverhead | None = None
+    """The per-kernel overhead measurement (None: not measured, e.g. the numpy backend)."""
     reported_caches: tuple[tuple[str, int], ...] = ()
     """Cache sizes the operating system (Linux sysfs) or the CUDA driver reports, for comparison."""
     offchip_capacity_bytes: int | None = None
@@ -308,6 +343,18 @@ class ProbeProfile:
             doc["offchip_capacity_bytes"] = self.offchip_capacity_bytes
         if self.peak_flops_per_s:
             doc["peak_flops"] = dict(self.peak_flops_per_s)
+        k = self.kernel_overhead
+        if k is not None:
+            threads_k = "" if self.backend == "cuda" else f", {self.threads or 'all'} thread(s)"
+            doc["kernel_overhead"] = {
+                "value": k.per_kernel_s,
+                "source": f"measured by cachefit probe: a {k.hidden}-wide eager decoder layer, {self.backend}"
+                          f"{threads_k}, fp32, {_quantile_words(k.quantile)} of {len(k.layer_times_s)} passes",
+                "as_of": self.measured_on,
+                "note": (f"{k.layer_s * 1e6:,.1f} us per layer / {k.kernels} kernels; a tiny op alone "
+                         f"(1 x {k.hidden} by {k.hidden} x {k.hidden} matmul) takes {k.tiny_op_s * 1e6:,.2f} us: the "
+                         "rest is the Python of the modules around the ops, which eager models pay too"),
+            }
         return doc
 
     def to_dict(self) -> dict[str, Any]:
@@ -320,6 +367,7 @@ class ProbeProfile:
             "levels": [lvl.to_dict() for lvl in self.levels],
             "reported_caches": dict(self.reported_caches),
             "call_overhead_s": self.call_overhead_s,
+            "kernel_overhead": self.kernel_overhead.to_dict() if self.kernel_overhead else None,
             "elapsed_s": self.elapsed_s,
             "samples": [s.to_dict() for s in self.samples],
         }
@@ -744,12 +792,24 @@ class _Threads:
 
 def measure_bandwidth(config: ProbeConfig) -> tuple[BandwidthSample, ...]:
     """Run the GEMV sweep of ``config`` and return one sample per size (see the module doc)."""
+    return _sweep(config)[0]
+
+
+def _sweep(config: ProbeConfig, extra: Mapping[str, Callable[[], object]] | None = None
+           ) -> tuple[tuple[BandwidthSample, ...], dict[str, list[float]]]:
+    """The GEMV sweep, with ``extra`` calls timed in the same passes (seconds per call, one per pass).
+
+    An extra call is visited once per pass at a random place among the sizes, so a slow phase of a
+    shared machine hits it no more than it hits the sweep.
+    """
     backend = _resolve_backend(config.backend)
     sizes = sweep_sizes(config.min_bytes, config.max_bytes, config.points_per_octave)
-    with _Threads(backend, config.threads):
+    extra = dict(extra or {})
+    with _Threads(backend, config.threads), _inference_mode(backend):
         kernel = _Kernel(backend, config.dtype, sizes[-1])
         shapes = [gemv_shape(size, kernel.itemsize) for size in sizes]
         made = [kernel.call(rows, cols, config.cuda_graph_calls) for rows, cols in shapes]
+        made += [(fn, 1) for fn in extra.values()]
         calls = [fn for fn, _ in made]
         per_call = [n for _, n in made]  # GEMVs one call runs (a CUDA graph runs several)
         # Repetitions per sample from one warm call each: enough calls to last min_sample_s.
@@ -759,19 +819,38 @@ def measure_bandwidth(config: ProbeConfig) -> tuple[BandwidthSample, ...]:
             kernel.sync()
             one = kernel.time_calls(fn, 1)
             reps.append(max(1, min(100_000, math.ceil(config.min_sample_s / max(one, 1e-9)))))
-        times: list[list[float]] = [[] for _ in sizes]
+        times: list[list[float]] = [[] for _ in calls]
         rng = np.random.default_rng(config.seed)
         for p in range(config.passes):
-            for i in rng.permutation(len(sizes)):
+            for i in rng.permutation(len(calls)):
                 calls[i]()  # warm-up: brings W into the level that holds it
                 times[i].append(kernel.time_calls(calls[i], reps[i]) / per_call[i])
             log.debug("probe pass %d/%d done", p + 1, config.passes)
         del kernel
-    return tuple(
+    samples = tuple(
         BandwidthSample(weight_bytes=rows * cols * _DTYPE_ITEMSIZE[config.dtype], rows=rows, cols=cols,
                         times_s=tuple(t), quantile=config.quantile)
         for (rows, cols), t in zip(shapes, times)
     )
+    return samples, {key: times[len(shapes) + k] for k, key in enumerate(extra)}
+
+
+class _inference_mode:
+    """``torch.inference_mode()`` for the torch backends (no autograd bookkeeping per op); nothing for numpy."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend, self.mode = backend, None
+
+    def __enter__(self) -> None:
+        if self.backend != "numpy":
+            import torch
+
+            self.mode = torch.inference_mode()
+            self.mode.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(*exc)
 
 
 def measure_peak_flops(backend: str = "torch", *, dtype: str = "fp32", size: int = 0, threads: int | None = 1,
@@ -828,6 +907,167 @@ def measure_peak_flops(backend: str = "torch", *, dtype: str = "fp32", size: int
     return 2 * size**3 / float(np.quantile(times, quantile))
 
 
+KERNEL_LAYER_HIDDEN = 64
+"""Width of the probe's tiny layer: 2 heads of 32, MLP 172 wide, 0.2 MB of fp32 weights."""
+
+
+def kernel_layer_shape(hidden: int = KERNEL_LAYER_HIDDEN):
+    """The :class:`~cachefit.units.LayerShape` and workload of the probe's tiny layer (for its kernel count)."""
+    from cachefit.units import LayerShape, Workload
+
+    heads = max(1, hidden // 32)
+    shape = LayerShape(part="layer", hidden_size=hidden, num_heads=heads, num_kv_heads=heads,
+                       head_dim=hidden // heads, intermediate_size=round(hidden * 2.6875), gated_mlp=True,
+                       rotary_dim=hidden // heads)
+    workload = Workload(batch=1, seq_len=1, mode="prefill", weight_dtype="fp32", act_dtype="fp32")
+    return shape, workload
+
+
+def build_kernel_layer(shape, device: str = "cpu"):
+    """A Llama-style decoder layer of ``shape`` in plain torch, written op for op as the Hugging Face
+    Llama layer is (RMSNorm, rotary, eager attention with an additive mask, gated SiLU MLP), and its
+    inputs. Returns ``(layer, args)``: ``layer(*args)`` is one forward of one token.
+    """
+    import torch
+    from torch import nn
+
+    heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    if heads != kv_heads or shape.rotary_dim != head_dim or not shape.gated_mlp:
+        raise ConfigError("probe kernel layer: only multi-head attention, full rotary and a gated MLP are built")
+
+    class RMSNorm(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(width))
+
+        def forward(self, x):
+            dtype = x.dtype
+            x = x.to(torch.float32)
+            variance = x.pow(2).mean(-1, keepdim=True)
+            x = x * torch.rsqrt(variance + 1e-6)
+            return self.weight * x.to(dtype)
+
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            h = shape.hidden_size
+            self.q_proj = nn.Linear(h, heads * head_dim, bias=False)
+            self.k_proj = nn.Linear(h, kv_heads * head_dim, bias=False)
+            self.v_proj = nn.Linear(h, kv_heads * head_dim, bias=False)
+            self.o_proj = nn.Linear(heads * head_dim, h, bias=False)
+
+        def forward(self, x, cos, sin, mask):
+            b, t, _ = x.shape
+            q = self.q_proj(x).view(b, t, heads, head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(b, t, kv_heads, head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(b, t, kv_heads, head_dim).transpose(1, 2)
+            q = (q * cos) + (rotate_half(q) * sin)
+            k = (k * cos) + (rotate_half(k) * sin)
+            scores = torch.matmul(q, k.transpose(2, 3)) * head_dim**-0.5
+            scores = scores + mask
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(probs, v).transpose(1, 2).contiguous()
+            return self.o_proj(out.reshape(b, t, heads * head_dim))
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            h, f = shape.hidden_size, shape.intermediate_size
+            self.gate_proj = nn.Linear(h, f, bias=False)
+            self.up_proj = nn.Linear(h, f, bias=False)
+            self.down_proj = nn.Linear(f, h, bias=False)
+            self.act_fn = nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    class DecoderLayer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.input_layernorm = RMSNorm(shape.hidden_size)
+            self.self_attn = Attention()
+            self.post_attention_layernorm = RMSNorm(shape.hidden_size)
+            self.mlp = MLP()
+
+        def forward(self, x, cos, sin, mask):
+            h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+            return h + self.mlp(self.post_attention_layernorm(h))
+
+    torch.manual_seed(0)
+    layer = DecoderLayer().eval().to(device)
+    x = torch.randn(1, 1, shape.hidden_size, device=device)
+    angle = torch.arange(head_dim, device=device, dtype=torch.float32)[None, None, None, :] * 1e-2
+    mask = torch.zeros(1, 1, 1, 1, device=device)  # additive: nothing masked, as for one token
+    return layer, (x, angle.cos(), angle.sin(), mask)
+
+
+def measure_kernel_overhead(backend: str = "torch", *, threads: int | None = 1, passes: int = 9,
+                            quantile: float = 0.5, min_sample_s: float = 2e-3,
+                            hidden: int = KERNEL_LAYER_HIDDEN) -> KernelOverhead:
+    """Time the tiny eager layer and a tiny matmul; per kernel = layer time / its kernel count.
+
+    Each pass times back-to-back calls lasting ``min_sample_s`` (torch.inference_mode; on CUDA the
+    batch ends with a synchronize, so the time is what the host needs to issue the kernels, or what
+    the GPU needs to run them, whichever is longer).
+
+    Raises:
+        ConfigError: the numpy backend (no eager layer to time).
+    """
+    backend = _resolve_backend(backend)
+    import torch
+
+    sync = torch.cuda.synchronize if backend == "cuda" else (lambda: None)
+    cases, kernels = _kernel_cases(backend, hidden)
+    times: dict[str, list[float]] = {key: [] for key in cases}
+    with _Threads(backend, threads), torch.inference_mode():
+        reps: dict[str, int] = {}
+        for key, fn in cases.items():
+            for _ in range(3):
+                fn()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            reps[key] = max(1, min(100_000, math.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-7))))
+        for _ in range(passes):
+            for key, fn in cases.items():
+                fn()
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(reps[key]):
+                    fn()
+                sync()
+                times[key].append((time.perf_counter() - t0) / reps[key])
+    return _kernel_result(times, kernels, hidden, quantile)
+
+
+def _kernel_cases(backend: str, hidden: int) -> tuple[dict[str, Callable[[], object]], int]:
+    """The tiny layer and the tiny matmul as calls, and the layer's kernel count."""
+    from cachefit.cost.kernels import count_kernels
+
+    if backend == "numpy":
+        raise ConfigError("probe: the per-kernel overhead needs torch (--backend torch or cuda)")
+    import torch
+
+    device = "cuda" if backend == "cuda" else "cpu"
+    shape, workload = kernel_layer_shape(hidden)
+    layer, args = build_kernel_layer(shape, device)
+    a = torch.ones(1, hidden, device=device)
+    w = torch.ones(hidden, hidden, device=device)
+    return {"layer": lambda: layer(*args), "tiny": lambda: torch.mm(a, w)}, count_kernels(shape, workload)
+
+
+def _kernel_result(times: Mapping[str, Sequence[float]], kernels: int, hidden: int, quantile: float) -> KernelOverhead:
+    layer_s = float(np.quantile(times["layer"], quantile))
+    return KernelOverhead(per_kernel_s=layer_s / kernels, layer_s=layer_s, kernels=kernels,
+                          tiny_op_s=float(np.quantile(times["tiny"], quantile)), hidden=hidden,
+                          layer_times_s=tuple(times["layer"]), quantile=quantile)
+
+
 def probe_device(config: ProbeConfig | None = None, *, name: str | None = None,
                  drop_fraction: float = 0.30) -> ProbeProfile:
     """Measure the local device: the bandwidth sweep, its levels, and (optionally) peak FLOP/s.
@@ -860,13 +1100,21 @@ def probe_device(config: ProbeConfig | None = None, *, name: str | None = None,
         log.warning("probe: max_bytes %s B is more than a quarter of the memory; sweeping to %s B instead",
                     f"{config.max_bytes:,}", f"{lowered:,}")
         config = dataclasses.replace(config, max_bytes=max(lowered, 2 * config.min_bytes))
-    samples = measure_bandwidth(dataclasses.replace(config, backend=backend))
+    extra: dict[str, Callable[[], object]] = {}
+    kernels = 0
+    if config.measure_kernels and backend != "numpy":
+        # timed inside the sweep's passes, so that a slow phase of a shared machine hits both alike
+        extra, kernels = _kernel_cases(backend, KERNEL_LAYER_HIDDEN)
+    elif config.measure_kernels:
+        log.info("probe: the numpy backend measures no per-kernel overhead (it needs torch)")
+    samples, extra_times = _sweep(dataclasses.replace(config, backend=backend), extra)
     levels = detect_levels([s.weight_bytes for s in samples], [s.bandwidth_bytes_per_s for s in samples],
                            drop_fraction=drop_fraction, reported=reported)
     flops: tuple[tuple[str, float], ...] = ()
     if config.measure_flops:
         flops = ((config.dtype, measure_peak_flops(backend, dtype=config.dtype, size=config.flops_size,
                                                    threads=config.threads, quantile=config.quantile)),)
+    kernel = _kernel_result(extra_times, kernels, KERNEL_LAYER_HIDDEN, config.quantile) if extra else None
     return ProbeProfile(
         device=name or default_name,
         full_name=full_name,
@@ -876,6 +1124,7 @@ def probe_device(config: ProbeConfig | None = None, *, name: str | None = None,
         samples=samples,
         levels=levels,
         peak_flops_per_s=flops,
+        kernel_overhead=kernel,
         reported_caches=tuple(sorted(reported.items(), key=lambda kv: kv[1])),
         offchip_capacity_bytes=offchip,
         measured_on=_dt.date.today().isoformat(),
