@@ -31,6 +31,7 @@ Not a test. Steps:
      bytes, without the cache fit;
    * ``fp32-cold``: the same for the fp32 stage (does the fp32 stage already miss the cache?);
    * ``int8-fp32act``: the INT8 stage exactly as ``cachefit run`` deploys it, with fp32 activations
+     (since the follow-up in docs/benchmarks.md, cast to bf16 inside the module when in_features % 16 == 0)
      (``_weight_int8pack_mm`` then runs a scalar loop);
    * ``floor``: the same decode step on a 64-wide model of the same structure (0.2 MB): the framework's
      fixed cost per step (dispatch, rotary tables, cache update), which no byte or FLOP count sees.

@@ -231,10 +231,18 @@ def test_int8_kernel_and_dequantize_paths_agree():
     x = torch.randn(5, 64)
     lin = Int8WeightOnlyLinear(w, None, config=CompressionConfig())
     assert "int8pack" in lin.kernel
+    lin.exact_fp32 = True  # fp32 activations in aten's kernel: the same numbers as dequantizing
     fast = lin(x)
     slow = torch.nn.functional.linear(x, lin.dequantize())
     assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-5)
     assert rel_error(fast, x @ w.T) < 1e-2
+    lin.exact_fp32 = False  # the default: bf16 activations (aten's vectorized path), 64 % 16 == 0
+    assert fast.dtype == lin(x).dtype == torch.float32
+    assert rel_error(lin(x), slow) < 2e-2
+    odd = Int8WeightOnlyLinear(torch.randn(48, 50), None, config=CompressionConfig())
+    assert odd._kernel_dtype(torch.float32) == torch.float32  # 50 % 16 != 0: bf16 would crash aten
+    assert odd._kernel_dtype(torch.bfloat16) == torch.float32
+    odd(torch.randn(5, 50))  # and it runs
     grouped = Int8WeightOnlyLinear(w, None, config=CompressionConfig(int8_group_size=16))
     assert grouped.weight_scale.shape == (48, 4) and grouped.kernel == "dequantize on the fly"
     assert rel_error(grouped(x), x @ w.T) < rel_error(fast, x @ w.T)  # finer scales, smaller error

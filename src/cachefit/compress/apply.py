@@ -371,17 +371,34 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("weight", q.reshape(out_features, -1)[:, :in_features].contiguous())
         self.register_buffer("weight_scale", scale.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.exact_fp32 = False  # True: fp32 activations stay fp32 in aten's kernel (slow, no bf16 rounding)
 
     @property
     def kernel(self) -> str:
         if self.weight.device.type == "cpu" and self.group_size == self.in_features:
-            return "aten _weight_int8pack_mm (CPU, per-row scales)"
+            return "aten _weight_int8pack_mm (CPU, per-row scales; bf16 activations when aligned)"
         return "dequantize on the fly"
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as (out, in) floats: int8 value x its scale."""
         scale = self.weight_scale.to(dtype).repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
         return self.weight.to(dtype) * scale
+
+    def _kernel_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Activation dtype for aten's CPU int8 kernel.
+
+        Its vectorized path is bf16 only: with fp32 activations it runs a scalar loop about 4x slower
+        than the fp32 GEMV it replaces (bench/cachefit_demo.py), so fp32 runs in bf16 (relative error
+        ~1e-2 on top of the int8 rounding) unless ``exact_fp32``. The bf16 path crashes (SIGSEGV,
+        torch 2.13 CPU) for more than one row when in_features is not a multiple of 16: those shapes
+        stay fp32.
+        """
+        aligned = self.in_features % 16 == 0
+        if dtype == torch.bfloat16 and not aligned:
+            return torch.float32
+        if dtype == torch.float32 and aligned and not self.exact_fp32:
+            return torch.bfloat16
+        return dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -390,9 +407,10 @@ class Int8WeightOnlyLinear(nn.Module):
             and x.dtype in _FLOAT_KERNEL_DTYPES
             and hasattr(torch, "_weight_int8pack_mm")
         ):
-            flat = x.reshape(-1, self.in_features).contiguous()
-            y = torch._weight_int8pack_mm(flat, self.weight, self.weight_scale.reshape(-1).to(x.dtype))
-            y = y.reshape(*x.shape[:-1], self.out_features)
+            kdtype = self._kernel_dtype(x.dtype)
+            flat = x.reshape(-1, self.in_features).to(kdtype).contiguous()
+            y = torch._weight_int8pack_mm(flat, self.weight, self.weight_scale.reshape(-1).to(kdtype))
+            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
             y = F.linear(x, self.dequantize(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
