@@ -109,7 +109,10 @@ def _cost_rows(cost: PlanCost) -> list[list[tuple[str, bool]]]:
         cards = str(sc.card) if count == 1 else f"{sc.card}-{sc.card + count - 1}"
         rows.append([
             (_e(sc.pipeline_stage), True), (_e(cards), True), (_e(_s(sc.compute_s)), True), (_e(_s(sc.onchip_s)), True),
-            (_e(_s(sc.offchip_s)), True), (_e(_s(sc.collective_s)), True), (_e(_s(sc.time_s)), True), (_e(sc.bound), False),
+            (_e(_s(sc.offchip_s)), True),
+            (_e(f"{sc.kernels_per_micro_batch} x = {_s(sc.kernel_s)}" if sc.kernel_s is not None
+                else f"{sc.kernels_per_micro_batch} (launch cost unknown)"), True),
+            (_e(_s(sc.collective_s)), True), (_e(_s(sc.time_s)), True), (_e(sc.bound), False),
             (_e(format_bytes(sc.streamed_weight_bytes)), True),
             (_e(format_bytes(sc.offchip_bytes_per_micro_batch)), True),
         ])
@@ -213,8 +216,8 @@ def render_report(
     if timeline_png is not None:
         parts.append(_img(timeline_png, "pipeline timeline"))
     parts += ['<h2 id="stage-cost">Cost per pipeline stage (one micro-batch)</h2>', _table(
-        ("stage", "cards", "compute", "on-chip", "off-chip", "collectives", "time", "bound by", "streamed weights",
-         "off-chip bytes"), _cost_rows(cost), table_id="stage-cost-table")]
+        ("stage", "cards", "compute", "on-chip", "off-chip", "kernels", "collectives", "time", "bound by",
+         "streamed weights", "off-chip bytes"), _cost_rows(cost), table_id="stage-cost-table")]
     if comparison is not None:
         parts += [
             f'<h2 id="comparison">Against cache-oblivious layouts on {_e(comparison.num_cards)} card(s)</h2>',
