@@ -125,3 +125,29 @@ def test_run_refuses_a_plan_made_for_other_cards_or_another_model(model_dirs, ll
         layout_from_plan(load_plan(edited), inspect_model_dir(model_dirs["llama"]))
     # the untouched plan passes both checks
     layout_from_plan(load_plan(llama_plan), inspect_model_dir(model_dirs["llama"]))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_run_decode_generates_as_generate_does(model_dirs, llama_plan):
+    proc = _cli("run", str(model_dirs["llama"]), "--plan", str(llama_plan), "--nproc", "2",
+                "--input-ids", "1,2,3,4;5,6,7,8", "--new-tokens", "3", "--check", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["run"]["mode"] == "decode" and doc["run"]["micro_batches"] == 1 and doc["run"]["new_tokens"] == 3
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = load_model(model_dirs["llama"]).generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                                            max_new_tokens=3, pad_token_id=0)
+    assert doc["generated_ids"] == expected[:, 4:].tolist()
+    assert doc["check"]["passed"] and doc["check"]["comparisons"][1]["max_rel_error"] <= 1e-5
+    assert doc["timings"]["ms_per_token"] > 0 and len(doc["timings"]["token_s"]) == 2
+
+
+def test_decode_flags_are_checked(model_dirs, llama_plan):
+    runner = CliRunner()
+    got = runner.invoke(app, ["run", str(model_dirs["llama"]), "--plan", str(llama_plan), "--mode", "decode"])
+    assert got.exit_code == 2 and "--new-tokens" in got.output
+    got = runner.invoke(app, ["run", str(model_dirs["llama"]), "--plan", str(llama_plan), "--mode", "infer",
+                              "--new-tokens", "2"])
+    assert got.exit_code == 2 and "--mode decode" in got.output

@@ -16,6 +16,7 @@ class ScheduleOpt(str, Enum):
 class RunModeOpt(str, Enum):
     infer = "infer"
     train = "train"
+    decode = "decode"
 
 
 class RunDtypeOpt(str, Enum):
@@ -67,7 +68,8 @@ def register(app: typer.Typer) -> None:
         save_outputs: Annotated[Optional[Path], typer.Option("--save-outputs", help="Write the final outputs (key `outputs`) to this safetensors file.")] = None,
         schedule: Annotated[ScheduleOpt, typer.Option("--schedule", help="Pipeline schedule.")] = ScheduleOpt.gpipe,
         micro_batches: Annotated[Optional[int], typer.Option("--micro-batches", "-m", help="Micro-batches per step (default: the plan's).", min=1)] = None,
-        mode: Annotated[Optional[RunModeOpt], typer.Option("--mode", help="infer, or train (one training step, loss on the last stage); default: the plan's mode.")] = None,
+        mode: Annotated[Optional[RunModeOpt], typer.Option("--mode", help="infer, train (one training step, loss on the last stage) or decode (greedy generation with a KV cache per stage); default: decode with --new-tokens, else train for a training plan, else infer.")] = None,
+        new_tokens: Annotated[Optional[int], typer.Option("--new-tokens", help="Decode: tokens to generate after the prompt (one pipelined forward per token; the whole batch is one micro-batch).", min=1)] = None,
         steps: Annotated[int, typer.Option("--steps", help="Timed steps.", min=1)] = 1,
         warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps before them.", min=0)] = 0,
         dtype: Annotated[Optional[RunDtypeOpt], typer.Option("--dtype", help="Run dtype (default: the plan's weight dtype, fp32 if it has none of these).")] = None,
@@ -111,7 +113,17 @@ def register(app: typer.Typer) -> None:
         elif inputs is not None:
             ids, mask = read_inputs_file(inputs)
         wl = plan_obj.workload
-        m = micro_batches or int(wl.get("micro_batches", 1))
+        plan_mode = str(wl.get("mode", "prefill"))
+        if mode is not None:
+            run_mode = mode.value
+        else:
+            run_mode = "decode" if new_tokens is not None else ("train" if plan_mode == "train" else "infer")
+        if run_mode == "decode" and new_tokens is None:
+            raise ConfigError("--mode decode needs --new-tokens N, the tokens to generate after the prompt")
+        if run_mode != "decode" and new_tokens is not None:
+            raise ConfigError(f"--new-tokens is for --mode decode, not --mode {run_mode}")
+        # decode runs the batch as one micro-batch per token step
+        m = micro_batches or (1 if run_mode == "decode" else int(wl.get("micro_batches", 1)))
         if ids is None and (batch is not None or seq is not None):
             from cachefit.deploy.models import inspect_model_dir
 
@@ -119,8 +131,6 @@ def register(app: typer.Typer) -> None:
             gen = torch.Generator().manual_seed(0)
             ids = torch.randint(0, vocab, (batch or int(wl.get("batch", 1)) * m, seq or int(wl.get("seq_len", 16))),
                                 generator=gen)
-        plan_mode = str(wl.get("mode", "prefill"))
-        run_mode = mode.value if mode is not None else ("train" if plan_mode == "train" else "infer")
         plan_dtype = str(wl.get("weight_dtype", "fp32"))
         run_dtype = dtype.value if dtype is not None else (plan_dtype if plan_dtype in ("fp32", "bf16", "fp16") else "fp32")
         if nproc is None:
@@ -128,7 +138,8 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(f"the plan's {plan_obj.cards} cards do not divide over {nnodes} nodes; give --nproc")
             nproc = plan_obj.cards // nnodes
         config = RunConfig(schedule=schedule.value, micro_batches=m, mode=run_mode, steps=steps, warmup=warmup,
-                           dtype=run_dtype, timeout_s=timeout, save_grads=check and run_mode == "train")
+                           dtype=run_dtype, timeout_s=timeout, save_grads=check and run_mode == "train",
+                           new_tokens=new_tokens or 0)
         nodes = NodeConfig(nproc_per_node=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                            rdzv_id=rdzv_id)
         result = launch(resolve_model_dir(model_dir), plan_obj, nodes=nodes, config=config, input_ids=ids,
@@ -190,6 +201,11 @@ def _render(report: dict[str, Any], verdict: Any) -> None:
     if t.get("mean_step_s"):
         _console.print(f"step: {t['mean_step_s'] * 1e3:.2f} ms mean over {len(t['step_s'])} step(s), "
                        f"{t['tokens_per_s']:.1f} tokens/s end to end")
+    if t.get("ms_per_token") is not None:
+        _console.print(f"decode: {t['ms_per_token']:.2f} ms/token (mean of {len(t['token_s'])} one-token step(s)), "
+                       f"prefill {t['prefill_s'][-1] * 1e3:.2f} ms")
+    if report.get("generated_ids") is not None:
+        _console.print(f"generated ids: {report['generated_ids']}")
     if report.get("losses"):
         _console.print(f"loss per micro-batch: {', '.join(f'{v:.6g}' for v in report['losses'])}")
     if report.get("outputs_file"):

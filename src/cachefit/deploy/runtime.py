@@ -54,7 +54,7 @@ from cachefit.plan import Plan, load_plan
 logger = logging.getLogger(__name__)
 
 SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")
-MODES: tuple[str, ...] = ("infer", "train")
+MODES: tuple[str, ...] = ("infer", "train", "decode")
 FAULT_ENV = "CACHEFIT_DEPLOY_FAULT"
 """Testing aid: ``RANK:KIND[:STEP]`` makes rank RANK fail at its stage's forward in step STEP (default
 0, counted after warm-up). KIND: ``kill`` (SIGKILL, no report), ``raise`` (an exception), ``hang``
@@ -71,7 +71,8 @@ class RunConfig:
     micro_batches: int = 1
     """Micro-batches per step; the batch must be a multiple of it."""
     mode: str = "infer"
-    """``infer`` (forward only) or ``train`` (forward, loss on the last stage, backward)."""
+    """``infer`` (forward only), ``train`` (forward, loss on the last stage, backward) or ``decode``
+    (greedy generation of ``new_tokens`` tokens, each stage keeping the KV cache of its own layers)."""
     steps: int = 1
     """Timed steps."""
     warmup: int = 0
@@ -82,12 +83,18 @@ class RunConfig:
     """Bound on every wait for another rank (the process group's timeout)."""
     save_grads: bool = False
     """Train: each rank writes its gradients (for the check against the unsplit model)."""
+    new_tokens: int = 0
+    """Decode: tokens generated after the prompt (each step one pipelined forward of one token)."""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if self.mode not in MODES:
-            raise ConfigError(f"--mode {self.mode!r}: use infer or train")
+            raise ConfigError(f"--mode {self.mode!r}: use infer, train or decode")
+        if self.mode == "decode" and self.new_tokens < 1:
+            raise ConfigError(f"--mode decode generates --new-tokens N tokens: give N >= 1, got {self.new_tokens}")
+        if self.mode != "decode" and self.new_tokens:
+            raise ConfigError(f"--new-tokens {self.new_tokens} is for --mode decode, not {self.mode}")
         for name in ("micro_batches", "steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -99,8 +106,11 @@ class RunConfig:
             raise ConfigError(f"--dtype {self.dtype!r}: a pipeline runs in fp32, bf16 or fp16")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schedule": self.schedule, "micro_batches": self.micro_batches, "mode": self.mode,
-                "steps": self.steps, "warmup": self.warmup, "dtype": self.dtype, "timeout_s": self.timeout_s}
+        out = {"schedule": self.schedule, "micro_batches": self.micro_batches, "mode": self.mode,
+               "steps": self.steps, "warmup": self.warmup, "dtype": self.dtype, "timeout_s": self.timeout_s}
+        if self.mode == "decode":
+            out["new_tokens"] = self.new_tokens
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,6 +168,8 @@ def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
 def check_world(layout: Any, nodes: NodeConfig, config: RunConfig) -> None:
     """Refuse a process count that does not match the plan, before launch."""
     world = nodes.world_size
+    if config.mode == "decode":
+        _check_decode(layout, config)
     if config.schedule == "interleaved":
         if layout.tensor_parallel:
             raise ConfigError("--schedule interleaved runs plans without split stages only; use gpipe or 1f1b")
@@ -189,6 +201,46 @@ def check_world(layout: Any, nodes: NodeConfig, config: RunConfig) -> None:
         raise ConfigError(
             "training steps run on plans without split stages only (tensor-parallel stages run inference); "
             "use --mode infer or re-plan with larger cards"
+        )
+
+
+def _check_decode(layout: Any, config: RunConfig) -> None:
+    """What pipelined decoding runs: llama-family checkpoints, one stage per card, one micro-batch."""
+    if layout.family != "llama":
+        raise ConfigError(
+            f"--mode decode (a pipelined KV cache) runs llama-family checkpoints (llama, mistral, qwen2), not "
+            f"{layout.family or 'an nn.Sequential'}; use --mode infer"
+        )
+    if layout.tensor_parallel:
+        raise ConfigError("--mode decode runs plans without split stages; re-plan with larger cards or use --mode infer")
+    if config.schedule == "interleaved":
+        raise ConfigError("--mode decode runs one stage per process; use --schedule gpipe")
+    if config.micro_batches != 1:
+        raise ConfigError(
+            f"--mode decode runs the whole batch as one micro-batch per token step; give --micro-batches 1, "
+            f"not {config.micro_batches}"
+        )
+
+
+def _check_decode_inputs(ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, config_json: Mapping[str, Any]) -> None:
+    if bool((mask == 0).any()):
+        raise ConfigError(
+            "--mode decode takes prompts of equal length without padding (the attention mask has zeros); "
+            "give unpadded --input-ids, or use --mode infer"
+        )
+    total = ids.shape[1] + new_tokens
+    max_positions = config_json.get("max_position_embeddings") or config_json.get("n_positions")
+    if max_positions and total > int(max_positions):
+        raise ConfigError(
+            f"{ids.shape[1]} prompt tokens + --new-tokens {new_tokens} = {total} positions; the model takes at "
+            f"most {max_positions}: shorten the prompt or generate fewer tokens"
+        )
+    window = config_json.get("sliding_window")
+    if window and total > int(window) and config_json.get("use_sliding_window", True) is not False:
+        raise ConfigError(
+            f"{total} positions exceed the model's sliding window of {window} tokens; pipelined decoding keeps "
+            "the whole KV cache (no window): generate at most "
+            f"{max(0, int(window) - ids.shape[1])} tokens after this prompt"
         )
 
 
@@ -299,6 +351,8 @@ def launch(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str
             f"a batch of {ids.shape[0]} sequences cannot be cut into {config.micro_batches} equal micro-batches; "
             "give a batch that is a multiple of --micro-batches"
         )
+    if config.mode == "decode":
+        _check_decode_inputs(ids, mask, config.new_tokens, cfg)
     directory = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="cachefit-run-"))
     directory.mkdir(parents=True, exist_ok=True)
     stale_files = [*directory.glob("error-rank*.json"), *directory.glob("grads-rank*.safetensors"),
@@ -315,7 +369,7 @@ def launch(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str
         "--model-dir", str(source.path), "--plan", str(plan_file), "--inputs", str(directory / "inputs.safetensors"),
         "--run-dir", str(directory), "--schedule", config.schedule, "--micro-batches", str(config.micro_batches),
         "--mode", config.mode, "--steps", str(config.steps), "--warmup", str(config.warmup), "--dtype", config.dtype,
-        "--timeout", str(config.timeout_s),
+        "--timeout", str(config.timeout_s), "--new-tokens", str(config.new_tokens),
     ] + (["--save-grads"] if config.save_grads else [])
     start = time.perf_counter()
     if launcher == "fork":
@@ -756,6 +810,8 @@ def _run_rank(layout: Any, config: RunConfig, build: Callable[[Any, Any], nn.Mod
                     f"plan gives it {placement.planned_weight_bytes:,} B; the plan does not match this model"
                 )
         stage_reports.append(entry)
+    if config.mode == "decode":
+        return _decode_rank(layout, config, built[0], inputs, stage_reports, run_dir, device, rank, world)
     me, my_shard, _ = built[0]
     followers = me.shards > 1 and my_shard > 0
     sync = None
@@ -832,6 +888,111 @@ def _run_rank(layout: Any, config: RunConfig, build: Callable[[Any, Any], nn.Mod
     if rank == 0:
         _write_report(run_dir, layout, config, gathered, inputs)
     return result if holds_last_leader else None
+
+
+def _decode_rank(layout: Any, config: RunConfig, built: tuple[Any, int, nn.Module], inputs: tuple[torch.Tensor, ...],
+                 stage_reports: list[dict[str, Any]], run_dir: Path, device: torch.device, rank: int,
+                 world: int) -> torch.Tensor | None:
+    """Greedy decoding through the pipeline, one token per sequence and step, KV caches kept per stage.
+
+    Each generation (``warmup + steps`` of them, fresh caches each) is a prefill of the prompt, then
+    ``new_tokens - 1`` steps of one token: stage ``s`` receives the hidden states of stage ``s - 1``
+    (``dist.recv``), runs its units with its own ``DynamicCache`` (the keys / values of its layers
+    only) and sends its output on (``dist.send``); the last stage takes the argmax of the last
+    position's logits and broadcasts the token from its rank, which the first stage embeds next.
+    Position ids are the count of tokens done so far, known to every stage (all prompts have the
+    same length, unpadded). The whole batch is one micro-batch: a step's stages run one after another.
+    """
+    from transformers import DynamicCache
+
+    placement, _shard, module = built
+    module.eval()
+    ids, mask = (t.to(device) for t in inputs[:2])
+    idx, count = placement.stage_idx, layout.num_stages
+    prev = layout.stages[idx - 1].leader if idx > 0 else None
+    nxt = layout.stages[idx + 1].leader if idx < count - 1 else None
+    last = layout.stages[-1].leader
+    batch, hidden_size = ids.shape[0], module.model.config.hidden_size
+    dtype = next(module.parameters()).dtype
+    runs: list[dict[str, Any]] = []
+    tokens = logits = None
+    show = rank == 0
+    fault = _fault()
+    total = config.warmup + config.steps
+    with _progress(show, total, layout) as advance, torch.no_grad():
+        for run in range(total):
+            if run == config.warmup:
+                module.forward_times_s.clear()
+            if fault and fault[0] == rank and run - config.warmup == fault[2]:
+                _inject(fault[1])
+            cache = DynamicCache()
+            token, position = ids, 0
+            step_times: list[float] = []
+            got_tokens, got_logits = [], []
+            dist.barrier()
+            for _step in range(config.new_tokens):
+                t0 = time.perf_counter()
+                q = token.shape[1]
+                if prev is None:
+                    x = token
+                else:
+                    x = torch.empty(batch, q, hidden_size, dtype=dtype, device=device)
+                    dist.recv(x, src=prev)
+                out = module.decode(x, mask, cache, position)
+                if nxt is not None:
+                    dist.send(out.contiguous(), dst=nxt)
+                    next_token = torch.empty(batch, 1, dtype=torch.int64, device=device)
+                else:
+                    step_logits = out[:, -1]
+                    got_logits.append(step_logits.float())
+                    next_token = step_logits.argmax(-1, keepdim=True)
+                dist.broadcast(next_token, src=last)
+                got_tokens.append(next_token)
+                position += q
+                token = next_token
+                step_times.append(time.perf_counter() - t0)
+            if run >= config.warmup:
+                runs.append({"prefill_s": step_times[0], "token_s": step_times[1:], "total_s": sum(step_times)})
+            tokens = torch.cat(got_tokens, dim=1).cpu()
+            logits = torch.stack(got_logits, dim=1).cpu() if got_logits else None
+            advance()
+    for entry in stage_reports:
+        times = list(module.forward_times_s)
+        entry.update({"forward_s_per_microbatch": times, "forward_s_mean": sum(times) / len(times) if times else None,
+                      "busy_s": sum(times), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+    holds_last = nxt is None
+    gathered: list[Any] = [None] * world if rank == 0 else None  # type: ignore[assignment]
+    dist.gather_object({"stages": stage_reports, "step_s": [r["total_s"] for r in runs], "losses": [],
+                        "holds_last": holds_last, "decode_runs": runs,
+                        "tokens": tokens.tolist() if holds_last and tokens is not None else None},
+                       gathered, dst=0)
+    if holds_last and logits is not None:
+        _atomic_save({"outputs": logits, "tokens": tokens}, run_dir / "outputs.safetensors")
+    if rank == 0:
+        _write_report(run_dir, layout, config, gathered, inputs)
+    return logits if holds_last else None
+
+
+def _decode_timings(config: RunConfig, gathered: list[Any], batch: int) -> dict[str, Any]:
+    runs = gathered[0]["decode_runs"]  # rank 0's clock; every step ends with the token broadcast to all ranks
+    token_s = [t for r in runs for t in r["token_s"]]
+    prefill_s = [r["prefill_s"] for r in runs]
+    total_s = [r["total_s"] for r in runs]
+    mean_total = sum(total_s) / len(total_s) if total_s else None
+    mean_token = sum(token_s) / len(token_s) if token_s else None
+    return {
+        "step_s": total_s,
+        "mean_step_s": mean_total,
+        "prefill_s": prefill_s,
+        "token_s": token_s,
+        "ms_per_token": mean_token * 1e3 if mean_token is not None else None,
+        "tokens_per_s": batch * config.new_tokens / mean_total if mean_total else None,
+        "note": "step: one generation (prefill of the prompt, then one pipelined forward per further token), on "
+                "rank 0's clock from a barrier to the last token's broadcast; prefill_s: the prompt's step (it "
+                "gives the first token); ms_per_token: mean of the later one-token steps (each through every "
+                "stage, the batch as one micro-batch); tokens_per_s: generated tokens (batch x new tokens) per "
+                "generation second",
+    }
 
 
 def _check_compressed_bytes(module: nn.Module, placement: Any, entry: dict[str, Any], plan_dtype: str) -> None:
@@ -921,6 +1082,9 @@ def _write_report(run_dir: Path, layout: Any, config: RunConfig, gathered: list[
         },
         "stages": [stages[k] for k in sorted(stages)],
     }
+    if config.mode == "decode":
+        report["timings"] = _decode_timings(config, gathered, int(first.shape[0]))
+        report["generated_ids"] = next((item["tokens"] for item in gathered if item.get("holds_last")), None)
     if config.mode == "train":
         report["losses"] = losses
         report["mean_loss"] = sum(losses) / len(losses) if losses else None
@@ -949,6 +1113,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--save-grads", action="store_true")
+    parser.add_argument("--new-tokens", type=int, default=0)
     parser.add_argument("--forked", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -978,7 +1143,7 @@ def run_worker(argv: Sequence[str]) -> None:
 
         config = RunConfig(schedule=args.schedule, micro_batches=args.micro_batches, mode=args.mode,
                            steps=args.steps, warmup=args.warmup, dtype=args.dtype, timeout_s=args.timeout,
-                           save_grads=args.save_grads)
+                           save_grads=args.save_grads, new_tokens=args.new_tokens)
         plan = load_plan(args.plan)
         source = inspect_model_dir(args.model_dir)
         layout = layout_from_plan(plan, source)

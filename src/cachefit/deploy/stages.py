@@ -475,6 +475,27 @@ class _Llama:
         }
 
     @staticmethod
+    def decode_context(root: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, cache: Any,
+                       position: int) -> dict[str, Any]:
+        """Side inputs of one step of cached decoding: ``hidden`` holds the tokens at positions
+        ``position ..``; ``cache`` (a ``DynamicCache``) holds the keys / values of the earlier ones.
+
+        The prompt (``position == 0``) gets the causal mask of a full forward; a single new token
+        attends to every cached one (no padding: the runtime refuses padded prompts in decode), so
+        it needs no mask, as in ``LlamaModel.forward`` with a cache (sdpa's ``is_causal`` is off for
+        one query). Position ids continue from the cache's length (``LlamaModel.forward``: ``arange(q)
+        + past_seen_tokens``).
+        """
+        if position == 0:
+            ctx = _Llama.context(root, hidden, mask)
+        else:
+            position_ids = torch.arange(position, position + hidden.shape[1], device=hidden.device).unsqueeze(0)
+            ctx = {"position_ids": position_ids, "position_embeddings": root.model.rotary_emb(hidden, position_ids),
+                   "masks": {"full_attention": None}, "layer_types": None}
+        ctx["cache"] = cache
+        return ctx
+
+    @staticmethod
     def _mask(ctx: Mapping[str, Any], i: int) -> Any:
         masks = ctx["masks"]
         if ctx["layer_types"]:
@@ -483,16 +504,19 @@ class _Llama:
 
     @staticmethod
     def layer(root: nn.Module, i: int, hidden: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
+        cache = ctx.get("cache")
+        extra = {"cache": cache, "use_cache": True} if cache is not None else {}
         return _first(root.model.layers[i](
             hidden, attention_mask=_Llama._mask(ctx, i), position_ids=ctx["position_ids"],
-            position_embeddings=ctx["position_embeddings"]))
+            position_embeddings=ctx["position_embeddings"], **extra))
 
     @staticmethod
     def attn(root: nn.Module, i: int, hidden: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
         # LlamaDecoderLayer.forward, first half: pre-norm, self-attention, residual
         layer = root.model.layers[i]
         out = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=_Llama._mask(ctx, i),
-                              position_ids=ctx["position_ids"], position_embeddings=ctx["position_embeddings"])
+                              position_ids=ctx["position_ids"], position_embeddings=ctx["position_embeddings"],
+                              **({"cache": ctx["cache"]} if ctx.get("cache") is not None else {}))
         return hidden + _first(out)
 
     @staticmethod
@@ -678,6 +702,34 @@ class TransformerStage(nn.Module):
                 hidden = getattr(fam, kind)(self.model, i, hidden, ctx)
         self.forward_times_s.append(time.perf_counter() - start)
         return hidden if self.is_last else (hidden, attention_mask)
+
+
+    def decode(self, x: torch.Tensor, attention_mask: torch.Tensor, cache: Any, position: int) -> torch.Tensor:
+        """One step of cached decoding through the stage's units (llama family).
+
+        ``x``: token ids ``(batch, q)`` on the first stage, hidden states ``(batch, q, hidden)``
+        elsewhere, for the positions ``position .. position + q - 1``; ``cache``: this stage's
+        ``DynamicCache``, which holds the keys / values of its own layers only (the attention of
+        layer ``i`` writes slot ``i``). Returns the hidden states, or on the last stage the logits of
+        the last position ``(batch, 1, vocab)`` (the only ones greedy decoding reads).
+        """
+        if not hasattr(self.family, "decode_context"):
+            raise DeployError(f"cached decoding is deployed for llama-family models, not {self.family_name}")
+        start = time.perf_counter()
+        fam = self.family
+        hidden = x
+        ctx: dict[str, Any] | None = None
+        for kind, i in self.steps:
+            if kind == "embed":
+                hidden = fam.embed(self.model, x)
+            elif kind == "head":
+                hidden = fam.head(self.model, hidden[:, -1:])
+            else:
+                if ctx is None:
+                    ctx = fam.decode_context(self.model, hidden, attention_mask, cache, position)
+                hidden = getattr(fam, kind)(self.model, i, hidden, ctx)
+        self.forward_times_s.append(time.perf_counter() - start)
+        return hidden
 
 
 class SequentialStage(nn.Module):

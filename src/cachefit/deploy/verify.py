@@ -92,6 +92,22 @@ def reference_outputs(model: nn.Module, inputs: torch.Tensor, attention_mask: to
         return _final_output(model, model(input_ids=inputs, attention_mask=attention_mask))
 
 
+def reference_generation(model: nn.Module, inputs: torch.Tensor, new_tokens: int,
+                         attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ``generate`` of the unsplit model: the new token ids ``(batch, new_tokens)`` and the
+    logits of every step ``(batch, new_tokens, vocab)`` (``output_logits``: before any logits processor)."""
+    config = getattr(model, "generation_config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(config, "eos_token_id", None)
+        pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    with torch.no_grad():
+        out = model.generate(input_ids=inputs, attention_mask=attention_mask, do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0 if pad is None else pad)
+    return out.sequences[:, inputs.shape[1]:], torch.stack(out.logits, dim=1)
+
+
 def reference_training_step(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor,
                             loss_fn: Any, micro_batches: int,
                             attention_mask: torch.Tensor | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -215,6 +231,8 @@ def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout:
     comparisons = []
     if result.outputs is None:
         raise ConfigError("the run returned no outputs here (the last stage ran on another node); check there")
+    if mode == "decode":
+        return _check_decode(result, reference, inputs, attention_mask, compressed, tol)
     if compressed:
         from cachefit.deploy.stages import compress_units_
 
@@ -238,6 +256,36 @@ def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout:
     return CheckReport(comparisons=tuple(comparisons), tolerance=tol, quality=quality)
 
 
+def _check_decode(result: Any, reference: nn.Module, inputs: torch.Tensor, attention_mask: torch.Tensor | None,
+                  compressed: list[Any], tol: float) -> CheckReport:
+    """Generated ids must equal greedy ``generate`` of the unsplit model; each step's logits within ``tol``.
+
+    The ids are reported as a comparison whose error is the count of differing ids (reference 1), so
+    a single different token fails any tolerance below 1.
+    """
+    generated = (result.report or {}).get("generated_ids")
+    if generated is None:
+        raise ConfigError("the decode run reported no generated ids (the last stage ran on another node); check there")
+    tokens = torch.tensor(generated, dtype=torch.int64)
+    quality = None
+    if compressed:
+        from cachefit.deploy.stages import compress_units_
+
+        _, plain_logits = reference_generation(reference, inputs, tokens.shape[1], attention_mask)
+        for placement in compressed:
+            compress_units_(reference, placement)
+    ref_tokens, ref_logits = reference_generation(reference, inputs, tokens.shape[1], attention_mask)
+    if compressed:
+        quality = compare("compression error (not checked)", result.outputs, plain_logits)
+    if tuple(ref_tokens.shape) != tuple(tokens.shape):
+        raise ConfigError(f"generated ids have shape {tuple(tokens.shape)}, the reference's {tuple(ref_tokens.shape)}")
+    mismatched = int((ref_tokens != tokens).sum())
+    ids = Comparison(what="generated ids (count differing)", max_abs_error=float(mismatched), reference_max_abs=1.0,
+                     tensors=int(tokens.numel()))
+    return CheckReport(comparisons=(ids, compare("logits per step", result.outputs, ref_logits)), tolerance=tol,
+                       quality=quality)
+
+
 __all__ = [
     "DEFAULT_TOLERANCE",
     "CheckReport",
@@ -248,6 +296,7 @@ __all__ = [
     "load_reference",
     "read_gradients",
     "reference_outputs",
+    "reference_generation",
     "reference_training_step",
     "save_outputs",
 ]
