@@ -861,15 +861,9 @@ def interpretation(report: dict[str, Any], a: dict[str, Any]) -> list[str]:
         f"and {100 * agree_pair:.0f}% (pair)." + load)
     return out
 def write_section(path: str, section: str) -> None:
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        _, tail = rest.split(SECTION_END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as fh:
-        fh.write(text)
+    from cachefit.report.markdown import replace_section
+
+    replace_section(path, section, start=SECTION_START, end=SECTION_END)
 
 
 # ---- main ----------------------------------------------------------------------------------------

@@ -219,7 +219,6 @@ FULL_CASES = QUICK_CASES + [(4096, 4096 // 2), (100_000, 4096), (1_000_000, 64)]
 
 def _machine() -> str:
     """CPU model and core count as the OS reports them (lscpu's "Model name" where available)."""
-    import os
     import subprocess
 
     name = platform.processor() or platform.machine()
@@ -252,15 +251,10 @@ def markdown(rows: list[Row], command: str, deepspeed_note: str) -> str:
 
 
 def write_section(path: str, section: str) -> None:
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        _, tail = rest.split(SECTION_END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n## Contiguous partitioning (`bench/partition_bench.py`)\n\n" + section
-    with open(path, "w") as fh:
-        fh.write(text)
+    from cachefit.report.markdown import replace_section
+
+    replace_section(path, section, start=SECTION_START, end=SECTION_END,
+                    title="## Contiguous partitioning (`bench/partition_bench.py`)")
 
 
 def main(argv: list[str] | None = None) -> int:

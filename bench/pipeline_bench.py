@@ -178,14 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     if args.markdown:
-        path = Path(args.markdown)
-        doc = path.read_text() if path.exists() else "# Benchmarks\n"
-        section = f"{START}\n{text}\n{END}"
-        if START in doc and END in doc:
-            doc = doc[: doc.index(START)] + section + doc[doc.index(END) + len(END):]
-        else:
-            doc = doc.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(doc)
+        from cachefit.report.markdown import replace_section
+
+        replace_section(args.markdown, f"{START}\n{text}\n{END}", start=START, end=END)
     return 0
 
 
