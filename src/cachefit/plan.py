@@ -81,11 +81,7 @@ class Stage:
             "unit_compression": {
                 name: list(techs) for name, techs in zip(self.unit_names, self.unit_compression) if techs
             },
-            "weight_bytes": fp.weight_bytes,
-            "activation_bytes": fp.activation_bytes,
-            "persistent_activation_bytes": fp.persistent_activation_bytes,
-            "buffer_bytes": fp.buffer_bytes,
-            "total_bytes": fp.total_bytes,
+            **fp.to_dict(),
             "capacity_bytes": self.capacity_bytes,
             "utilization": round(self.utilization, 6),
             "collective_bytes_per_token": self.collective_bytes_per_token,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -208,10 +209,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def _check_parts(owner: str, total: int, parts: tuple[tuple[str, int], ...]) -> None:
@@ -264,6 +262,16 @@ class Footprint:
     def transient_activation_bytes(self) -> int:
         """Scratch the unit frees when it returns."""
         return self.activation_bytes - self.persistent_activation_bytes
+
+    def to_dict(self) -> dict[str, int]:
+        """The byte counts as the JSON documents spell them (plans, profiles, audits)."""
+        return {
+            "weight_bytes": self.weight_bytes,
+            "activation_bytes": self.activation_bytes,
+            "persistent_activation_bytes": self.persistent_activation_bytes,
+            "buffer_bytes": self.buffer_bytes,
+            "total_bytes": self.total_bytes,
+        }
 
     @property
     def roles(self) -> dict[str, int]:
