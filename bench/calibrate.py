@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (out_dir / "probed.json").write_text(json.dumps(device_doc, indent=2) + "\n")
         (out_dir / "probe-raw.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         device = parse_device(device_doc, where="probe result")
-        curve = [(s.weight_bytes, s.bandwidth_bytes_per_s) for s in result.samples]
+        curve = [(s.weight_bytes, s.bandwidth_bytes_per_s) for s in result.bandwidth_samples]
         probe_elapsed = result.elapsed_s
     log.info("device: %s", json.dumps(device_doc.get("levels", []))[:400])
 

@@ -228,6 +228,55 @@ def test_probe_config_validates():
     assert ProbeConfig.quick().max_bytes == 512 * MiB
 
 
+def test_read_samples_take_the_per_call_overhead_off():
+    # 1 MiB in 5 us of which 1 us is the call: 2**20 B / 4 us
+    s = BandwidthSample(weight_bytes=MiB, rows=256, cols=1024, times_s=(5e-6,), kernel="read", overhead_s=1e-6)
+    assert s.bandwidth_bytes_per_s == pytest.approx(MiB / 4e-6)
+    # a size whose time is (nearly) all overhead keeps 1/20 of its time, never zero or negative
+    tiny = BandwidthSample(weight_bytes=4096, rows=1, cols=1024, times_s=(1e-6,), kernel="read", overhead_s=2e-6)
+    assert tiny.bandwidth_bytes_per_s == pytest.approx(4096 / 5e-8)
+    with pytest.raises(ConfigError, match="overhead"):
+        BandwidthSample(weight_bytes=4096, rows=1, cols=1024, times_s=(1e-6,), overhead_s=float("nan"))
+
+
+def test_probe_config_kernel_choices():
+    assert ProbeConfig().kernel == "auto"
+    with pytest.raises(ConfigError, match="kernel"):
+        ProbeConfig(kernel="pointer")
+    with pytest.raises(ConfigError, match="CPU only"):
+        ProbeConfig(kernel="read", backend="cuda")
+
+
+def test_capacities_from_the_read_sweep_bandwidths_from_the_gemv():
+    # As on a 2-core AMD EPYC (1 MiB L2, a 16-32 MiB share of L3): the GEMV runs at about 70 GB/s from
+    # L2 and L3 alike (its arithmetic, not the cache, is the limit), so only the read sweep shows the
+    # L2; the device file takes capacities from the read sweep and bandwidths from the GEMV.
+    read = staircase(SIZES, [(1 * MiB, 220 * GB), (16 * MiB, 110 * GB), (None, 40 * GB)])
+    gemv = staircase(SIZES, [(16 * MiB, 70 * GB), (None, 21 * GB)])
+    levels = detect_levels(SIZES, read, reported={"l2": 1 * MiB, "l3": 32 * MiB})
+    assert [lvl.name for lvl in levels] == ["l2", "l3", "dram"]
+    assert len(detect_levels(SIZES, gemv)) == 2  # the GEMV alone sees no L2
+
+    def samples(bws, kind):
+        return tuple(BandwidthSample(weight_bytes=s, rows=s // 4096, cols=1024, times_s=(s / b,), kernel=kind)
+                     for s, b in zip(SIZES, bws))
+
+    profile = ProbeProfile(device="epyc", full_name="AMD EPYC", backend="torch", threads=1, dtype="fp32",
+                           samples=samples(read, "read"), gemv_samples=samples(gemv, "gemv"), levels=levels,
+                           offchip_capacity_bytes=16 * GiB)
+    doc = profile.to_device_dict()
+    assert [lvl["capacity_bytes"] for lvl in doc["levels"]] == [1 * MiB, 16 * MiB, 16 * GiB]
+    assert [round(lvl["bandwidth_bytes_per_s"] / GB) for lvl in doc["levels"]] == [70, 70, 21]
+    assert doc["offchip_bandwidth_bytes_per_s"] == pytest.approx(21 * GB)
+    assert "read sweep" in doc["source"] and "read: 220.0 GB/s" in doc["levels"][0]["note"]
+    assert profile.bandwidth_samples[0].kernel == "gemv"
+    assert load_device_file_from(doc).level("l2").bandwidth_bytes_per_s == pytest.approx(70 * GB)
+
+
+def load_device_file_from(doc):
+    return parse_device(doc, where="test")
+
+
 def test_sample_statistics():
     s = BandwidthSample(weight_bytes=1000, rows=1, cols=250, times_s=(1.0, 2.0, 4.0))
     assert s.time_s == 2.0 and s.bandwidth_bytes_per_s == 500.0
@@ -303,14 +352,18 @@ def test_plot_writes_a_png(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["torch", "numpy"])
-def test_measure_bandwidth_runs_a_short_sweep(backend):
+@pytest.mark.parametrize("kernel", ["auto", "gemv"])
+def test_measure_bandwidth_runs_a_short_sweep(backend, kernel):
     if backend == "torch":
         pytest.importorskip("torch")
     config = ProbeConfig(backend=backend, min_bytes=64 * KiB, max_bytes=512 * KiB, points_per_octave=2, passes=2,
-                         min_sample_s=2e-4, measure_flops=False)
+                         min_sample_s=2e-4, measure_flops=False, kernel=kernel)
     samples = measure_bandwidth(config)
     assert [s.weight_bytes for s in samples] == list(sweep_sizes(64 * KiB, 512 * KiB, 2))
     assert all(len(s.times_s) == 2 and s.bandwidth_bytes_per_s > 1e8 for s in samples)
+    # auto on a CPU: the read kernel, with its per-call overhead measured (a positive time)
+    assert {s.kernel for s in samples} == {"read" if kernel == "auto" else "gemv"}
+    assert all((s.overhead_s > 0) == (s.kernel == "read") for s in samples)
 
 
 def test_measure_peak_flops_is_plausible():
@@ -346,9 +399,13 @@ SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
 
 
 @pytest.mark.slow
+@pytest.mark.hardware
 @pytest.mark.skipif(not SYSFS.is_dir(), reason="needs Linux sysfs cache sizes to compare with")
 def test_probe_finds_this_cpus_l2_and_a_larger_shared_level():
     """A reduced real sweep (about 10-20 s): L2 within a factor of 2 of what sysfs reports.
+
+    A measurement of this host (its caches, and how busy it is), so marked ``hardware`` and left out
+    of the default run: ``python -m pytest -m hardware`` runs it.
 
     The level past L2 is the shared L3 as one core sees it; on a virtual machine or a busy host its
     usable share can be far below the reported size, so it is only required to lie between L2 and

@@ -468,16 +468,22 @@ def test_optimality_certificate_on_larger_instances(n, k):
 
 
 @pytest.mark.slow
-def test_a_million_units_on_4096_cards_is_fast_and_optimal():
+def test_a_million_units_on_4096_cards_is_optimal():
     rng = np.random.default_rng(0)
     sizes = rng.integers(1, 10**8, 1_000_000)
-    start = time.perf_counter()
     part = balanced(sizes, 4096)
-    elapsed = time.perf_counter() - start
     prefix = np.concatenate([[0], np.cumsum(sizes)])
     assert part.cards == 4096
     assert _greedy_parts(prefix, part.bottleneck - 1, 4096) > 4096
-    assert elapsed < 3.0  # about 0.3 s on one 2-core EPYC core; generous for slow CI machines
+
+
+@pytest.mark.hardware
+def test_a_million_units_on_4096_cards_is_fast():
+    # about 0.3 s on one 2-core EPYC core; a timing, so kept out of the default run (bench/ has the numbers)
+    sizes = np.random.default_rng(0).integers(1, 10**8, 1_000_000)
+    start = time.perf_counter()
+    balanced(sizes, 4096)
+    assert time.perf_counter() - start < 3.0
 
 
 def test_core_import_pulls_in_neither_torch_nor_scipy():

@@ -1,4 +1,4 @@
-"""Measure the local device's memory hierarchy with a GEMV bandwidth sweep.
+"""Measure the local device's memory hierarchy with a read sweep and a GEMV bandwidth sweep.
 
 The probe times ``y = W @ x`` over weight matrices ``W`` of growing size (16 KiB to 1 GiB by
 default, four sizes per octave). A GEMV reads each weight once and does 2 FLOPs per weight, so it is
@@ -8,6 +8,16 @@ from that cache, and past the cache's capacity the bandwidth falls to the next l
 sets where it falls ("cliffs") give the capacities; the plateaus between them give the bandwidths.
 This is the measurement the seed's method rests on: a partition that fits on-chip memory runs at
 on-chip bandwidth.
+
+On a CPU the capacities come from a second kernel timed at the same sizes in the same passes: a
+plain read (numpy's byte-wise max reduction over the first bytes of the same buffer, one thread),
+with the per-call overhead (the same call on one cache line, timed in every pass) taken off each
+time. The GEMV alone cannot find every level on every core: its arithmetic caps it at about 70 GB/s
+on one core of an AMD EPYC (Zen), which the L3 still delivers, so its curve is flat from 0.5 to
+12 MiB and the 1 MiB L2 is invisible, while the read runs at about 200 GB/s in L2, 110 GB/s in L3
+and 40 GB/s from DRAM there. The device file keeps the GEMV's bandwidth of each level (what a
+layer's weights get from it; equal in L2 and L3 on that core) and notes the read bandwidth beside
+it. On CUDA the GEMV (in CUDA graphs) finds the levels itself (``kernel="gemv"``).
 
 Method (standard microbenchmark practice, as in the RRZE ``gpu-benches`` cache sweeps and the
 lmbench / likwid-bench working-set sweeps):
@@ -79,6 +89,12 @@ MiB = 2**20
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "numpy", "cuda")
 """``auto``: cuda when torch sees a GPU, else torch on the CPU, else numpy."""
+KERNELS: tuple[str, ...] = ("auto", "read", "gemv")
+"""What finds the capacities: ``read`` (a byte-wise max reduction, per-call overhead removed; the
+CPU default) or ``gemv`` (the GEMV itself; the only choice on CUDA). ``auto`` picks by backend."""
+# The read kernel's per-call overhead is measured on a view this small (one cache line): its bytes
+# take a few nanoseconds, the call's dispatch about a microsecond.
+_OVERHEAD_BYTES = 64
 _DTYPE_ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 _OFFCHIP_NAME = "dram"
 # Largest factor between a detected capacity and a reported cache size for the detected level to
@@ -126,10 +142,17 @@ class ProbeConfig:
     cuda_graph_calls: int = 16
     """On CUDA, GEMVs captured in one CUDA graph per size (0: plain launches, which bound small sizes
     by the launch rate instead of the bandwidth)."""
+    kernel: str = "auto"
+    """Which kernel's curve the capacities are read from (:data:`KERNELS`). With ``read`` the GEMV
+    is still timed at every size, in the same passes, for the bandwidth each level gives a layer."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"probe backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.kernel not in KERNELS:
+            raise ConfigError(f"probe kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        if self.kernel == "read" and self.backend == "cuda":
+            raise ConfigError("probe kernel 'read' runs on the CPU only; on CUDA use --kernel gemv (or auto)")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ConfigError(f"probe threads must be a positive int or None (all cores), got {self.threads!r}")
@@ -177,25 +200,42 @@ class BandwidthSample:
     """Seconds per GEMV call, one per pass (each the mean of a timed batch of back-to-back calls)."""
     quantile: float = 0.5
     """Which of the pass times :attr:`time_s` is (0.5: the median)."""
+    kernel: str = "gemv"
+    """``gemv`` or ``read`` (see :data:`KERNELS`)."""
+    overhead_s: float = 0.0
+    """Per-call overhead taken off :attr:`time_s` before the bandwidth is computed (the read
+    kernel's call on one cache line; 0 for the GEMV, whose curve keeps its overhead)."""
 
     def __post_init__(self) -> None:
         if not self.times_s or any(not (t > 0 and math.isfinite(t)) for t in self.times_s):
             raise ConfigError(f"sample of {self.weight_bytes:,} B: times must be positive seconds, got {self.times_s}")
+        if not (self.overhead_s >= 0 and math.isfinite(self.overhead_s)):
+            raise ConfigError(f"sample of {self.weight_bytes:,} B: overhead must be >= 0 seconds, got {self.overhead_s}")
 
     @property
     def time_s(self) -> float:
         """The ``quantile`` of the pass times (linear interpolation, numpy's default)."""
         return float(np.quantile(self.times_s, self.quantile))
 
+    def _net(self, seconds: float) -> float:
+        # A size whose time is mostly overhead is kept at 1/20 of its time at least: the difference of
+        # two noisy times must not become zero or negative.
+        return max(seconds - self.overhead_s, seconds / 20)
+
     @property
     def bandwidth_bytes_per_s(self) -> float:
-        """``weight_bytes / time_s``."""
-        return self.weight_bytes / self.time_s
+        """``weight_bytes / (time_s - overhead_s)``."""
+        return self.weight_bytes / self._net(self.time_s)
+
+    @property
+    def pass_bandwidths(self) -> tuple[float, ...]:
+        """Bytes/s of each pass (overhead taken off as in :attr:`bandwidth_bytes_per_s`)."""
+        return tuple(self.weight_bytes / self._net(t) for t in self.times_s)
 
     @property
     def spread(self) -> float:
         """(max - min) / median of the passes' bandwidths: how noisy the size was."""
-        bws = [self.weight_bytes / t for t in self.times_s]
+        bws = self.pass_bandwidths
         return (max(bws) - min(bws)) / float(np.median(bws))
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,6 +245,8 @@ class BandwidthSample:
             "cols": self.cols,
             "times_s": list(self.times_s),
             "quantile": self.quantile,
+            "kernel": self.kernel,
+            "overhead_s": self.overhead_s,
             "time_s": self.time_s,
             "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
         }
@@ -269,8 +311,12 @@ class ProbeProfile:
     """CPU threads used (None: the library's default)."""
     dtype: str
     samples: tuple[BandwidthSample, ...]
+    """The sweep the levels were found in (the read kernel's on a CPU, the GEMV's on CUDA)."""
     levels: tuple[DetectedLevel, ...]
     """Caches in order, then the ``dram`` plateau."""
+    gemv_samples: tuple[BandwidthSample, ...] = ()
+    """The GEMV at the same sizes, timed in the same passes, where ``samples`` are the read kernel's
+    (empty where ``samples`` are the GEMV's already)."""
     peak_flops_per_s: tuple[tuple[str, float], ...] = ()
     """Measured dense matmul FLOP/s per dtype (with ``threads`` threads)."""
     kernel_overhead: KernelOverhead | None = None
@@ -296,9 +342,29 @@ class ProbeProfile:
         raise ConfigError(f"probe of {self.device}: no level {name!r}; found {', '.join(l.name for l in self.levels)}")
 
     @property
+    def bandwidth_samples(self) -> tuple[BandwidthSample, ...]:
+        """The GEMV's samples: what a layer's weights get from each level (the device file's bandwidths)."""
+        return self.gemv_samples or self.samples
+
+    def level_bandwidth(self, level: DetectedLevel) -> float:
+        """The GEMV bandwidth of ``level``: its plateau's upper quartile over the sizes the level spans
+        (the last plateau: the median from an octave past its start), as :func:`detect_levels` reads a
+        level; the same as ``level.bandwidth_bytes_per_s`` where the levels were found in the GEMV."""
+        if not self.gemv_samples:
+            return level.bandwidth_bytes_per_s
+        sizes = [s.weight_bytes for s in self.gemv_samples]
+        bws = [s.bandwidth_bytes_per_s for s in self.gemv_samples]
+        lo, hi = level.first_index, level.last_index
+        if level.capacity_bytes is not None:
+            return math.exp(_plateau_level([math.log(b) for b in bws[lo: hi + 1]]))
+        start = _octave_index(sizes, lo) if len(self.levels) > 1 else lo
+        start = lo if start is None or start >= hi else start
+        return float(np.median(bws[start: hi + 1]))
+
+    @property
     def call_overhead_s(self) -> float:
         """Time of the smallest GEMV: an upper bound on the per-call (dispatch / launch) overhead."""
-        return self.samples[0].time_s
+        return self.bandwidth_samples[0].time_s
 
     def to_device_dict(self) -> dict[str, Any]:
         """The device file: ``{"device", "levels": [{"name", "capacity_bytes", "bandwidth_bytes_per_s"}...]}``.
@@ -308,8 +374,13 @@ class ProbeProfile:
         listed as the level ``dram`` (capacity: the physical memory) and as ``offchip_*``.
         """
         threads = "" if self.backend == "cuda" else f", {self.threads or 'all'} thread(s)"
-        how = (f"measured by cachefit probe: GEMV bandwidth sweep, {self.backend}{threads}, {self.dtype}, "
-               f"{_quantile_words(self.samples[0].quantile)} of {len(self.samples[0].times_s)} passes")
+        if self.gemv_samples:
+            how = ("measured by cachefit probe: capacities from a read sweep (byte-wise max reduction, one "
+                   "thread, per-call overhead removed), bandwidths from a GEMV sweep in the same passes, "
+                   f"{self.backend}{threads}, {self.dtype}")
+        else:
+            how = f"measured by cachefit probe: GEMV bandwidth sweep, {self.backend}{threads}, {self.dtype}"
+        how += f", {_quantile_words(self.samples[0].quantile)} of {len(self.samples[0].times_s)} passes"
         levels: list[dict[str, Any]] = []
         reported = dict(self.reported_caches)
         for lvl in self.levels:
@@ -317,16 +388,19 @@ class ProbeProfile:
                 if self.offchip_capacity_bytes is None:
                     continue
                 entry = {"name": lvl.name, "capacity_bytes": self.offchip_capacity_bytes,
-                         "bandwidth_bytes_per_s": lvl.bandwidth_bytes_per_s,
+                         "bandwidth_bytes_per_s": self.level_bandwidth(lvl),
                          "note": "off-chip memory: capacity as the system reports it; bandwidth measured"}
             else:
-                note = f"capacity: largest working set before a {lvl.drop_fraction:.0%} bandwidth drop"
+                kind = "read" if self.gemv_samples else "bandwidth"
+                note = f"capacity: largest working set before a {lvl.drop_fraction:.0%} {kind} bandwidth drop"
+                if self.gemv_samples:
+                    note += f" (read: {lvl.bandwidth_bytes_per_s / 1e9:,.1f} GB/s on the level)"
                 if lvl.reported_bytes is not None:
                     note += f"; the system reports {lvl.name} = {lvl.reported_bytes:,} B"
                 elif lvl.name in reported:
                     note += f"; the system reports {lvl.name} = {reported[lvl.name]:,} B"
                 entry = {"name": lvl.name, "capacity_bytes": lvl.capacity_bytes,
-                         "bandwidth_bytes_per_s": lvl.bandwidth_bytes_per_s, "note": note}
+                         "bandwidth_bytes_per_s": self.level_bandwidth(lvl), "note": note}
             levels.append(entry)
         doc: dict[str, Any] = {
             "device": self.device,
@@ -338,7 +412,7 @@ class ProbeProfile:
         }
         dram = self.levels[-1] if self.levels and self.levels[-1].capacity_bytes is None else None
         if dram is not None:
-            doc["offchip_bandwidth_bytes_per_s"] = dram.bandwidth_bytes_per_s
+            doc["offchip_bandwidth_bytes_per_s"] = self.level_bandwidth(dram)
         if self.offchip_capacity_bytes is not None:
             doc["offchip_capacity_bytes"] = self.offchip_capacity_bytes
         if self.peak_flops_per_s:
@@ -370,6 +444,7 @@ class ProbeProfile:
             "kernel_overhead": self.kernel_overhead.to_dict() if self.kernel_overhead else None,
             "elapsed_s": self.elapsed_s,
             "samples": [s.to_dict() for s in self.samples],
+            "gemv_samples": [s.to_dict() for s in self.gemv_samples],
         }
 
 
@@ -743,6 +818,19 @@ class _Kernel:
         self.graphs.append(graph)
         return graph.replay, graph_calls
 
+    def read(self, nbytes: int) -> Callable[[], object]:
+        """A function reading the buffer's first ``nbytes`` once: numpy's byte-wise max reduction.
+
+        Why this kernel: a GEMV (or a float sum) is held back by its own arithmetic at about the
+        bandwidth of an L3 on recent cores (about 70 GB/s on one Zen core, in L2 and L3 alike), so the
+        L2 cliff vanishes from its curve. An 8-bit max has no dependency chain and packs 32-64 lanes a
+        vector, so it reads faster than the L2 delivers and each level's bandwidth shows. numpy's
+        reductions run on one thread: the read curve is one core's view whatever ``threads`` says.
+        """
+        data = self.buffer.numpy() if self.backend != "numpy" else self.buffer
+        view = data.view(np.uint8)[:nbytes]
+        return lambda: np.maximum.reduce(view)
+
     def time_calls(self, fn: Callable[[], object], reps: int) -> float:
         """Seconds per call of ``reps`` back-to-back calls."""
         if self.backend == "cuda":
@@ -790,25 +878,44 @@ class _Threads:
             torch.set_num_threads(self.saved)
 
 
+def _resolve_kernel(kernel: str, backend: str) -> str:
+    if kernel == "auto":
+        return "gemv" if backend == "cuda" else "read"
+    if kernel == "read" and backend == "cuda":
+        raise ConfigError("probe kernel 'read' runs on the CPU only; on CUDA use --kernel gemv (or auto)")
+    return kernel
+
+
 def measure_bandwidth(config: ProbeConfig) -> tuple[BandwidthSample, ...]:
-    """Run the GEMV sweep of ``config`` and return one sample per size (see the module doc)."""
-    return _sweep(config)[0]
+    """Run the sweep of ``config`` and return one sample per size of the kernel that finds the
+    capacities (``config.kernel``; see the module doc)."""
+    sweeps, _ = _sweep(config, gemv_too=False)
+    return sweeps[_resolve_kernel(config.kernel, _resolve_backend(config.backend))]
 
 
-def _sweep(config: ProbeConfig, extra: Mapping[str, Callable[[], object]] | None = None
-           ) -> tuple[tuple[BandwidthSample, ...], dict[str, list[float]]]:
-    """The GEMV sweep, with ``extra`` calls timed in the same passes (seconds per call, one per pass).
+def _sweep(config: ProbeConfig, extra: Mapping[str, Callable[[], object]] | None = None, *, gemv_too: bool = True
+           ) -> tuple[dict[str, tuple[BandwidthSample, ...]], dict[str, list[float]]]:
+    """The sweep: samples per kernel (``read`` and / or ``gemv``), and the ``extra`` calls' times
+    (seconds per call, one per pass).
 
-    An extra call is visited once per pass at a random place among the sizes, so a slow phase of a
-    shared machine hits it no more than it hits the sweep.
+    Every call (each kernel at each size, the read kernel's overhead call, each extra call) is
+    visited once per pass in a random order, so a slow phase of a shared machine hits them alike.
     """
     backend = _resolve_backend(config.backend)
+    primary = _resolve_kernel(config.kernel, backend)
+    kinds = ("read", "gemv") if primary == "read" and gemv_too else (primary,)
     sizes = sweep_sizes(config.min_bytes, config.max_bytes, config.points_per_octave)
     extra = dict(extra or {})
     with _Threads(backend, config.threads), _inference_mode(backend):
         kernel = _Kernel(backend, config.dtype, sizes[-1])
         shapes = [gemv_shape(size, kernel.itemsize) for size in sizes]
-        made = [kernel.call(rows, cols, config.cuda_graph_calls) for rows, cols in shapes]
+        made: list[tuple[Callable[[], object], int]] = []
+        for kind in kinds:
+            for rows, cols in shapes:
+                made.append(kernel.call(rows, cols, config.cuda_graph_calls) if kind == "gemv"
+                            else (kernel.read(rows * cols * kernel.itemsize), 1))
+        if "read" in kinds:
+            made.append((kernel.read(_OVERHEAD_BYTES), 1))
         made += [(fn, 1) for fn in extra.values()]
         calls = [fn for fn, _ in made]
         per_call = [n for _, n in made]  # GEMVs one call runs (a CUDA graph runs several)
@@ -827,12 +934,19 @@ def _sweep(config: ProbeConfig, extra: Mapping[str, Callable[[], object]] | None
                 times[i].append(kernel.time_calls(calls[i], reps[i]) / per_call[i])
             log.debug("probe pass %d/%d done", p + 1, config.passes)
         del kernel
-    samples = tuple(
-        BandwidthSample(weight_bytes=rows * cols * _DTYPE_ITEMSIZE[config.dtype], rows=rows, cols=cols,
-                        times_s=tuple(t), quantile=config.quantile)
-        for (rows, cols), t in zip(shapes, times)
-    )
-    return samples, {key: times[len(shapes) + k] for k, key in enumerate(extra)}
+    n = len(shapes)
+    overhead_s = float(np.quantile(times[len(kinds) * n], config.quantile)) if "read" in kinds else 0.0
+    sweeps = {
+        kind: tuple(
+            BandwidthSample(weight_bytes=rows * cols * _DTYPE_ITEMSIZE[config.dtype], rows=rows, cols=cols,
+                            times_s=tuple(times[k * n + i]), quantile=config.quantile, kernel=kind,
+                            overhead_s=overhead_s if kind == "read" else 0.0)
+            for i, (rows, cols) in enumerate(shapes)
+        )
+        for k, kind in enumerate(kinds)
+    }
+    first_extra = len(calls) - len(extra)
+    return sweeps, {key: times[first_extra + k] for k, key in enumerate(extra)}
 
 
 class _inference_mode:
@@ -1107,7 +1221,8 @@ def probe_device(config: ProbeConfig | None = None, *, name: str | None = None,
         extra, kernels = _kernel_cases(backend, KERNEL_LAYER_HIDDEN)
     elif config.measure_kernels:
         log.info("probe: the numpy backend measures no per-kernel overhead (it needs torch)")
-    samples, extra_times = _sweep(dataclasses.replace(config, backend=backend), extra)
+    sweeps, extra_times = _sweep(dataclasses.replace(config, backend=backend), extra)
+    samples = sweeps[_resolve_kernel(config.kernel, backend)]
     levels = detect_levels([s.weight_bytes for s in samples], [s.bandwidth_bytes_per_s for s in samples],
                            drop_fraction=drop_fraction, reported=reported)
     flops: tuple[tuple[str, float], ...] = ()
@@ -1123,6 +1238,7 @@ def probe_device(config: ProbeConfig | None = None, *, name: str | None = None,
         dtype=config.dtype,
         samples=samples,
         levels=levels,
+        gemv_samples=sweeps["gemv"] if samples[0].kernel != "gemv" else (),
         peak_flops_per_s=flops,
         kernel_overhead=kernel,
         reported_caches=tuple(sorted(reported.items(), key=lambda kv: kv[1])),
@@ -1146,11 +1262,15 @@ def plot_probe(profile: ProbeProfile, path: str | os.PathLike) -> None:
 
     sizes = [s.weight_bytes for s in profile.samples]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    for s in profile.samples:
-        ax.scatter([s.weight_bytes] * len(s.times_s), [s.weight_bytes / t / 1e9 for t in s.times_s],
+    kind = "read" if profile.samples[0].kernel == "read" else "GEMV"
+    for s in profile.samples + profile.gemv_samples:
+        ax.scatter([s.weight_bytes] * len(s.times_s), [b / 1e9 for b in s.pass_bandwidths],
                    s=4, color="#999999", alpha=0.5, linewidths=0)
     ax.plot(sizes, [s.bandwidth_bytes_per_s / 1e9 for s in profile.samples], "o-", color="#4C72B0",
-            markersize=3, label=f"{_quantile_words(profile.samples[0].quantile)} of passes")
+            markersize=3, label=f"{kind}: {_quantile_words(profile.samples[0].quantile)} of passes")
+    if profile.gemv_samples:
+        ax.plot(sizes, [s.bandwidth_bytes_per_s / 1e9 for s in profile.gemv_samples], "s-", color="#8C8C8C",
+                markersize=2.5, linewidth=1, label="GEMV (the device file's bandwidths)")
     colors = ("#C44E52", "#DD8452", "#55A868", "#8172B2")
     for i, lvl in enumerate(profile.cache_levels):
         ax.axvline(lvl.capacity_bytes, color=colors[i % len(colors)], linestyle="--", linewidth=1.2,
@@ -1165,7 +1285,7 @@ def plot_probe(profile: ProbeProfile, path: str | os.PathLike) -> None:
                    label=f"{last.name} {last.bandwidth_bytes_per_s / 1e9:.1f} GB/s")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("working set (bytes of W)")
-    ax.set_ylabel("GEMV bandwidth (GB/s)")
+    ax.set_ylabel("bandwidth (GB/s)")
     threads = "" if profile.backend == "cuda" else f", {profile.threads or 'all'} thread(s)"
     ax.set_title(f"{profile.full_name} ({profile.backend}{threads}, {profile.dtype})", fontsize=9)
     ax.set_ylim(bottom=0)
