@@ -348,6 +348,11 @@ def plan(
     from cachefit.profile import profile_model
     from cachefit.report.tables import candidates_table, plan_table
 
+    if plot is not None:
+        from cachefit.files import check_writable
+
+        # the chart is written to exactly this path, so its name must say PNG
+        check_writable(plot, what="--plot", suffix=".png")
     cluster = _cluster(device, capacity, level, headroom, reserve)
     prof = profile_model(model, _workload(batch, seq, mode, dtype, act_dtype, attention, micro_batches),
                          granularity=granularity.value)
@@ -367,14 +372,14 @@ def plan(
     if plot is not None:
         from cachefit.report.plots import plot_plan
 
-        plot_plan(result, plot)
+        plot_plan(result, plot, what="--plot")
     index = None
     if report is not None:
         from cachefit.cost import compare_layouts
         from cachefit.report.html import write_report
 
         comparison = compare_layouts(prof, cluster, result.cards, allowed, stacking=stacking.value)
-        index = write_report(result, prof, cluster, report, comparison)
+        index = write_report(result, prof, cluster, report, comparison, what="--report")
     if as_json:
         doc = result.to_dict()
         if allowed:

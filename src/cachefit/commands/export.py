@@ -31,9 +31,9 @@ def register(app: typer.Typer) -> None:
         """Write a plan in another tool's terms; what the tool cannot express is warned about on stderr."""
         import sys
 
-        from cachefit.errors import ConfigError
         from cachefit.export import export_plan
         from cachefit.export.modules import render_json
+        from cachefit.files import write_text_atomic
         from cachefit.plan import load_plan
 
         result = export_plan(load_plan(plan_file), to.value, model=model)
@@ -41,10 +41,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"warning: {warning}", err=True)
         if out is not None:
             text = render_json(result.to_dict()) if as_json else result.text
-            try:
-                out.write_text(text, encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError(f"--out {out}: cannot write it ({exc.strerror})") from None
+            write_text_atomic(out, text, what="--out")  # a failed write keeps an earlier file whole
             typer.echo(f"{to.value} export written to {out}", err=True)
         elif as_json:
             sys.stdout.write(render_json(result.to_dict()))

@@ -37,11 +37,15 @@ def register(app: typer.Typer) -> None:
         """Measure this machine's caches (GEMV bandwidth sweep) and peak FLOP/s; write a device file."""
         import json
 
-        from cachefit.errors import ConfigError
+        from cachefit.files import check_writable, write_text_atomic
         from cachefit.hardware.devices import format_bandwidth, parse_device
         from cachefit.hardware.probe import ProbeConfig, plot_probe, probe_device
         from cachefit.sizes import format_bytes, parse_bytes
 
+        # refuse an unwritable path now, not after a sweep of minutes
+        for path, what, suffix in ((out, "--out", None), (raw, "--raw", None), (plot, "--plot", ".png")):
+            if path is not None:
+                check_writable(path, what=what, suffix=suffix)
         fields: dict[str, object] = {"backend": backend.value, "threads": threads or None, "quantile": quantile}
         if min_size is not None:
             fields["min_bytes"] = parse_bytes(min_size, what="--min-size")
@@ -53,13 +57,9 @@ def register(app: typer.Typer) -> None:
         result = probe_device(config, name=name)
         doc = result.to_device_dict()
         parse_device(doc, where="probe result")  # the file must read back as a device
-        for path, payload in ((out, doc), (raw, result.to_dict())):
-            if path is None:
-                continue
-            try:
-                path.write_text(json.dumps(payload, indent=2) + "\n")
-            except OSError as exc:
-                raise ConfigError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+        for path, what, payload in ((out, "--out", doc), (raw, "--raw", result.to_dict())):
+            if path is not None:
+                write_text_atomic(path, json.dumps(payload, indent=2) + "\n", what=what)
         if plot is not None:
             plot_probe(result, plot)
         if as_json:

@@ -94,8 +94,11 @@ def register(app: typer.Typer) -> None:
         from cachefit.deploy.runtime import NodeConfig, RunConfig, launch, read_inputs_file, resolve_model_dir
         from cachefit.deploy.verify import check_run, save_outputs as write_outputs
         from cachefit.errors import ConfigError, DeployError
+        from cachefit.files import check_writable
         from cachefit.plan import load_plan
 
+        if save_outputs is not None:
+            check_writable(save_outputs, what="--save-outputs")  # now, not after the whole run
         plan_obj = load_plan(plan)
         if device or capacity:
             # the cards the plan is meant for: refuse a plan made for other ones (the run itself uses

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cachefit.errors import CachefitError, ConfigError, DeployError
+from cachefit.files import atomic_path, write_text_atomic
 from cachefit.plan import Plan, load_plan
 
 logger = logging.getLogger(__name__)
@@ -284,9 +285,8 @@ def read_inputs_file(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.
 def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path, what="run file") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,16 +354,17 @@ def launch(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str
     if config.mode == "decode":
         _check_decode_inputs(ids, mask, config.new_tokens, cfg)
     directory = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="cachefit-run-"))
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--run-dir {os.fspath(directory)!r}: cannot create it ({exc.strerror}); "
+                          "give a writable folder") from None
     stale_files = [*directory.glob("error-rank*.json"), *directory.glob("grads-rank*.safetensors"),
                    directory / "result.json", directory / "outputs.safetensors"]
     for stale in stale_files:
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
-    plan_file = directory / "plan.json"
-    tmp = plan_file.with_name(f".plan.{os.getpid()}.tmp")
-    tmp.write_text(plan_obj.to_json(), encoding="utf-8")
-    os.replace(tmp, plan_file)
+    plan_file = write_text_atomic(directory / "plan.json", plan_obj.to_json(), what="run file")
     _atomic_save({"input_ids": ids, "attention_mask": mask}, directory / "inputs.safetensors")
     worker_args = [
         "--model-dir", str(source.path), "--plan", str(plan_file), "--inputs", str(directory / "inputs.safetensors"),
@@ -1088,9 +1089,7 @@ def _write_report(run_dir: Path, layout: Any, config: RunConfig, gathered: list[
     if config.mode == "train":
         report["losses"] = losses
         report["mean_loss"] = sum(losses) / len(losses) if losses else None
-    tmp = run_dir / f".result.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    os.replace(tmp, run_dir / "result.json")
+    write_text_atomic(run_dir / "result.json", json.dumps(report, indent=2), what="run file")
 
 
 # --------------------------------------------------------------------------------------------

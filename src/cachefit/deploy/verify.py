@@ -160,15 +160,26 @@ def compare_gradients(actual: Mapping[str, torch.Tensor], expected: Mapping[str,
 
 
 def save_outputs(path: str | os.PathLike[str], outputs: torch.Tensor, **extra: torch.Tensor) -> Path:
-    """Write ``outputs`` (and any ``extra`` tensors) to a safetensors file; key ``outputs``."""
+    """Write ``outputs`` (and any ``extra`` tensors) to a safetensors file; key ``outputs``.
+
+    The file is replaced whole or not at all (:func:`cachefit.files.atomic_path`).
+
+    Raises:
+        ConfigError: ``path`` cannot be written (``--save-outputs`` and the reason in the message).
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    target = Path(path)
-    if target.parent and not target.parent.exists():
-        raise ConfigError(f"--save-outputs {path}: directory {target.parent} does not exist")
-    save_file({"outputs": outputs.detach().contiguous().cpu(), **{k: v.contiguous().cpu() for k, v in extra.items()}},
-              str(target))
-    return target
+    from cachefit.files import atomic_path
+
+    tensors = {"outputs": outputs.detach().contiguous().cpu(), **{k: v.contiguous().cpu() for k, v in extra.items()}}
+    with atomic_path(path, what="--save-outputs") as tmp:
+        try:
+            save_file(tensors, str(tmp))
+        except SafetensorError as exc:
+            # safetensors reports I/O failures (a full disk) as its own error, not an OSError
+            raise ConfigError(f"--save-outputs {os.fspath(path)!r}: cannot write it ({exc})") from None
+    return Path(path)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,7 +18,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cachefit.errors import ConfigError
 from cachefit.sizes import format_bytes, format_seconds
 
 if TYPE_CHECKING:
@@ -265,16 +264,22 @@ def write_report(
     micro_batches: int | None = None,
     schedule: str = "1f1b",
     steps_per_load: int | None = None,
+    what: str = "report",
 ) -> Path:
     """Write ``index.html`` (self-contained) and its charts (``memory.png``, ``timeline.png``) to ``out_dir``.
+
+    A new ``out_dir`` appears whole or not at all (built in a hidden sibling folder, then renamed);
+    into an existing one, each of the three files is replaced whole and other files there are kept
+    (:func:`cachefit.files.atomic_directory`).
 
     Args:
         plan: the plan to report.
         profile: the profile the plan was made from.
         cluster: the cards (for the cost model and the device sources).
-        out_dir: directory to write into (created if missing).
+        out_dir: folder to write into (created if missing; its parent must exist).
         comparison: the baselines on the same cards (:func:`cachefit.cost.compare_layouts`), if any.
         cost: the plan's cost; None: estimated here with ``micro_batches``, ``schedule``, ``steps_per_load``.
+        what: how the user named ``out_dir`` (e.g. ``--report``), for error messages.
 
     Returns:
         The path of ``index.html``.
@@ -283,27 +288,23 @@ def write_report(
         ConfigError: ``out_dir`` cannot be created or written, or the plan does not match the profile.
     """
     from cachefit.cost.pipeline import estimate_cost
-    from cachefit.report.plots import plot_plan
-    from cachefit.report.timeline import plot_timeline
+    from cachefit.files import atomic_directory
+    from cachefit.report.plots import render_plan_png
+    from cachefit.report.timeline import render_timeline_png
 
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"report: cannot create the directory {os.fspath(out)!r} ({exc.strerror}); pick a writable path") from None
     if cost is None:
         cost = estimate_cost(plan, profile, cluster, micro_batches=micro_batches, schedule=schedule,
                              steps_per_load=steps_per_load)
-    memory_png, timeline_png = out / "memory.png", out / "timeline.png"
-    plot_plan(plan, memory_png)
-    plot_timeline(cost, timeline_png)
-    page = render_report(plan, profile, cluster, cost, memory_png=memory_png, timeline_png=timeline_png,
-                         comparison=comparison)
-    index = out / "index.html"
-    try:
-        index.write_text(page, encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"report: cannot write {os.fspath(index)!r} ({exc.strerror}); pick a writable path") from None
+    memory, timeline = render_plan_png(plan), render_timeline_png(cost)
+    with atomic_directory(out_dir, what=what) as tmp:
+        # plain writes: the folder as a whole is what is atomic, and an OSError here is reported
+        # against ``out_dir``, not this temporary folder
+        (tmp / "memory.png").write_bytes(memory)
+        (tmp / "timeline.png").write_bytes(timeline)
+        page = render_report(plan, profile, cluster, cost, memory_png=tmp / "memory.png",
+                             timeline_png=tmp / "timeline.png", comparison=comparison)
+        (tmp / "index.html").write_text(page, encoding="utf-8")
+    index = Path(out_dir) / "index.html"
     log.info("report written to %s", index)
     return index
 

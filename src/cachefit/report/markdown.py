@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from cachefit.files import write_text_atomic
+
 
 def replace_section(path: str | os.PathLike[str], section: str, *, start: str, end: str,
                     title: str | None = None) -> None:
@@ -11,6 +13,7 @@ def replace_section(path: str | os.PathLike[str], section: str, *, start: str, e
 
     An existing ``start`` ... ``end`` span is replaced and everything around it kept; otherwise the
     section is appended, under ``title`` when given. A missing file starts as ``# Benchmarks``.
+    The file is replaced whole or not at all (:func:`cachefit.files.write_text_atomic`).
     """
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
     body = section.rstrip("\n")
@@ -20,5 +23,4 @@ def replace_section(path: str | os.PathLike[str], section: str, *, start: str, e
         text = head + body + tail
     else:
         text = text.rstrip("\n") + "\n\n" + (f"{title}\n\n" if title else "") + body + "\n"
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+    write_text_atomic(path, text, what="markdown file")

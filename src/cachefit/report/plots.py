@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import TYPE_CHECKING
 
-from cachefit.errors import ConfigError
+from cachefit.files import write_bytes_atomic
 
 if TYPE_CHECKING:
     from cachefit.plan import Plan
@@ -27,8 +28,25 @@ def _unit_scale(max_bytes: float) -> tuple[float, str]:
     return 1.0, "B"
 
 
-def plot_plan(plan: Plan, path: str | os.PathLike) -> None:
-    """Per-card stacked bars (weights, activations, buffers) against each card's capacity line."""
+def _png_bytes(fig) -> bytes:
+    # rendered in memory: the file is then written whole or not at all, always as PNG whatever
+    # the path's extension (savefig would append ".png" to a name without one)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_plan(plan: Plan, path: str | os.PathLike, *, what: str = "chart") -> None:
+    """Write :func:`render_plan_png` to exactly ``path`` (atomically; see :mod:`cachefit.files`).
+
+    Raises:
+        ConfigError: ``path`` cannot be written; the message names ``what`` and ``path``.
+    """
+    write_bytes_atomic(path, render_plan_png(plan), what=what)
+
+
+def render_plan_png(plan: Plan) -> bytes:
+    """Per-card stacked bars (weights, activations, buffers) against each card's capacity line, as PNG bytes."""
     from cachefit.report.tables import stage_groups
 
     plt = _pyplot()
@@ -66,8 +84,6 @@ def plot_plan(plan: Plan, path: str | os.PathLike) -> None:
     ax.legend(fontsize=8, loc="upper center", ncol=4, frameon=False)
     fig.tight_layout()
     try:
-        fig.savefig(path)
-    except OSError as exc:
-        raise ConfigError(f"cannot write the plot to {os.fspath(path)!r}: {exc.strerror}; pick a writable path") from None
+        return _png_bytes(fig)
     finally:
         plt.close(fig)

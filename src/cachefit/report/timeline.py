@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from cachefit.errors import ConfigError
+from cachefit.files import write_bytes_atomic
 
 if TYPE_CHECKING:
     from cachefit.cost.pipeline import PlanCost
@@ -30,16 +30,25 @@ def _stage_labels(cost: PlanCost) -> list[str]:
     return labels
 
 
-def plot_timeline(cost: PlanCost, path: str | os.PathLike, *, max_stages: int = 64) -> None:
-    """Draw the simulated step of ``cost``: one row per pipeline stage, one bar per micro-batch
-    (forward solid, backward hatched), transfers as thin grey bars under the sending stage's row.
+def plot_timeline(cost: PlanCost, path: str | os.PathLike, *, max_stages: int = 64, what: str = "timeline") -> None:
+    """Write :func:`render_timeline_png` to exactly ``path`` (atomically; see :mod:`cachefit.files`).
+
+    Raises:
+        ConfigError: ``path`` cannot be written; the message names ``what`` and ``path``.
+    """
+    write_bytes_atomic(path, render_timeline_png(cost, max_stages=max_stages), what=what)
+
+
+def render_timeline_png(cost: PlanCost, *, max_stages: int = 64) -> bytes:
+    """Draw the simulated step of ``cost`` as PNG bytes: one row per pipeline stage, one bar per
+    micro-batch (forward solid, backward hatched), transfers as thin grey bars under the sending
+    stage's row.
 
     Args:
         cost: a :class:`cachefit.cost.PlanCost` (its ``ops`` are the simulated step).
-        path: PNG file to write.
         max_stages: draw at most this many pipeline stages (the first ones), saying so in the title.
     """
-    from cachefit.report.plots import _pyplot
+    from cachefit.report.plots import _png_bytes, _pyplot
 
     plt = _pyplot()
     rows = min(cost.pipeline_stages, max_stages)
@@ -78,11 +87,9 @@ def plot_timeline(cost: PlanCost, path: str | os.PathLike, *, max_stages: int = 
                 fontsize=10,
             )
         fig.tight_layout()
-        fig.savefig(path)
-    except OSError as exc:
-        raise ConfigError(f"cannot write the timeline to {os.fspath(path)!r}: {exc.strerror}; pick a writable path") from None
+        return _png_bytes(fig)
     finally:
         plt.close(fig)
 
 
-__all__ = ["plot_timeline"]
+__all__ = ["plot_timeline", "render_timeline_png"]
