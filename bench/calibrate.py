@@ -403,7 +403,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def machine_line(threads: int) -> str:
     import torch
 
-    from cachefit.hardware.probe import _cpu_name, reported_cpu_caches
+    from cachefit.hardware.probe import cpu_name as _cpu_name, reported_cpu_caches
 
     caches = ", ".join(f"{k.upper()} {v // 1024:,} KiB" for k, v in reported_cpu_caches().items())
     return (f"{_cpu_name()}, {os.cpu_count()} logical CPUs ({caches} as the OS reports them), "

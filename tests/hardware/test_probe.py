@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from cachefit.cli import app
 from cachefit.errors import ConfigError
 from cachefit.hardware import load_device_file, parse_device
+from cachefit.report.probe_plot import plot_probe
 from cachefit.hardware.probe import (
     BandwidthSample,
     KernelOverhead,
@@ -23,7 +24,6 @@ from cachefit.hardware.probe import (
     gemv_shape,
     measure_bandwidth,
     measure_peak_flops,
-    plot_probe,
     reported_cpu_caches,
     segment_plateaus,
     sweep_sizes,
@@ -587,6 +587,33 @@ def test_probe_layer_launches_the_kernels_the_cost_model_counts():
     launched = [f for f in counter.ops if not f.is_view and f.overloadpacket.__name__ not in ("_unsafe_view", "alias")]
     assert len(launched) == count_kernels(shape, workload) == 38
     assert out.shape == args[0].shape
+    # the probe counts them itself as the layer runs (no dependency on the cost model)
+    from cachefit.hardware.probe import count_launched_kernels
+
+    assert count_launched_kernels(lambda: layer(*args)) == 38
+
+
+@pytest.mark.slow
+def test_probe_layer_computes_what_the_transformers_llama_layer_computes():
+    """The probe's plain-torch layer is the Llama layer op for op: same weights, same output."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from cachefit.hardware.probe import build_kernel_layer, kernel_layer_shape
+
+    shape, _ = kernel_layer_shape()
+    layer, (x, cos, sin, mask) = build_kernel_layer(shape)
+    config = transformers.LlamaConfig(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                                      num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
+                                      head_dim=shape.head_dim, num_hidden_layers=1, vocab_size=16, rms_norm_eps=1e-6,
+                                      attn_implementation="eager")
+    ref = transformers.models.llama.modeling_llama.LlamaDecoderLayer(config, layer_idx=0).eval()
+    missing, unexpected = ref.load_state_dict(layer.state_dict(), strict=False)
+    assert not unexpected and not [k for k in missing if "rotary" not in k]
+    with torch.no_grad():
+        got = layer(x, cos, sin, mask)
+        want = ref(x, attention_mask=mask, position_embeddings=(cos[0], sin[0]))
+    want = want[0] if isinstance(want, tuple) else want
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_measure_kernel_overhead_divides_the_layer_by_its_kernels():

@@ -15,6 +15,12 @@ class BackendOpt(str, Enum):
     numpy = "numpy"
 
 
+class KernelOpt(str, Enum):
+    auto = "auto"
+    read = "read"
+    gemv = "gemv"
+
+
 def register(app: typer.Typer) -> None:
     from cachefit.cli import JsonOption, _console, _handles_errors, _print_json
 
@@ -25,6 +31,7 @@ def register(app: typer.Typer) -> None:
         plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of bandwidth against working set.")] = None,
         quick: Annotated[bool, typer.Option("--quick", help="A short sweep: 64 KiB to 512 MiB, 3 sizes an octave, 7 passes.")] = False,
         backend: Annotated[BackendOpt, typer.Option("--backend", help="auto: cuda if torch sees a GPU, else torch on the CPU, else numpy.")] = BackendOpt.auto,
+        kernel: Annotated[KernelOpt, typer.Option("--kernel", help="What finds the capacities: read (a byte-wise max reduction, overhead removed; the CPU default) or gemv (the only choice on CUDA). Bandwidths are always the GEMV's.")] = KernelOpt.auto,
         threads: Annotated[int, typer.Option("--threads", help="CPU threads (1: what one core sees; 0: all cores).", min=0)] = 1,
         min_size: Annotated[Optional[str], typer.Option("--min-size", help="Smallest working set, e.g. 16KiB.")] = None,
         max_size: Annotated[Optional[str], typer.Option("--max-size", help="Largest working set, e.g. 1GiB.")] = None,
@@ -34,19 +41,21 @@ def register(app: typer.Typer) -> None:
         raw: Annotated[Optional[Path], typer.Option("--raw", help="Also write every pass's time of every size (JSON).")] = None,
         as_json: JsonOption = False,
     ) -> None:
-        """Measure this machine's caches (GEMV bandwidth sweep) and peak FLOP/s; write a device file."""
+        """Measure this machine's caches (read and GEMV sweeps) and peak FLOP/s; write a device file."""
         import json
 
         from cachefit.files import check_writable, write_text_atomic
         from cachefit.hardware.devices import format_bandwidth, parse_device
-        from cachefit.hardware.probe import ProbeConfig, plot_probe, probe_device
+        from cachefit.hardware.probe import ProbeConfig, probe_device
+        from cachefit.report.probe_plot import plot_probe
         from cachefit.sizes import format_bytes, parse_bytes
 
         # refuse an unwritable path now, not after a sweep of minutes
         for path, what, suffix in ((out, "--out", None), (raw, "--raw", None), (plot, "--plot", ".png")):
             if path is not None:
                 check_writable(path, what=what, suffix=suffix)
-        fields: dict[str, object] = {"backend": backend.value, "threads": threads or None, "quantile": quantile}
+        fields: dict[str, object] = {"backend": backend.value, "threads": threads or None, "quantile": quantile,
+                                     "kernel": kernel.value}
         if min_size is not None:
             fields["min_bytes"] = parse_bytes(min_size, what="--min-size")
         if max_size is not None:
@@ -72,7 +81,7 @@ def register(app: typer.Typer) -> None:
         table = Table(title=f"{result.full_name}: {result.backend}{threads_text}, {result.dtype}, "
                             f"{len(result.samples)} sizes x {len(result.samples[0].times_s)} passes "
                             f"in {result.elapsed_s:.1f} s", title_justify="left")
-        for col in ("level", "capacity", "reported", "bandwidth", "drop after"):
+        for col in ("level", "capacity", "reported", "GEMV bandwidth", "read bandwidth", "drop after"):
             table.add_column(col, justify="left" if col == "level" else "right")
         reported = dict(result.reported_caches)
         for lvl in result.levels:
@@ -85,7 +94,8 @@ def register(app: typer.Typer) -> None:
                 size = lvl.reported_bytes or reported.get(lvl.name)
                 rep = format_bytes(size, binary=True) if size else "-"
             drop = f"{lvl.drop_fraction:.0%}" if lvl.drop_fraction is not None else "-"
-            table.add_row(lvl.name, cap, rep, format_bandwidth(lvl.bandwidth_bytes_per_s), drop)
+            read_bw = format_bandwidth(lvl.bandwidth_bytes_per_s) if result.gemv_samples else "-"
+            table.add_row(lvl.name, cap, rep, format_bandwidth(result.level_bandwidth(lvl)), read_bw, drop)
         _console.print(table)
         for dtype, flops in result.peak_flops_per_s:
             _console.print(f"peak {dtype} matmul: {flops / 1e9:,.1f} GFLOP/s")
