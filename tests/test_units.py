@@ -100,3 +100,15 @@ def test_profile_rejects_duplicates_and_empty():
         ModelProfile(model="m", workload=Workload(), units=(_unit("a"), _unit("a")))
     with pytest.raises(ConfigError, match="no units"):
         ModelProfile(model="m", workload=Workload(), units=())
+
+
+def test_torch_dtype_is_the_one_table_from_names_to_torch():
+    torch = pytest.importorskip("torch")
+    from cachefit.units import torch_dtype
+
+    assert [torch_dtype(n) for n in ("fp32", "fp16", "bf16", "float16", "torch.bfloat16")] == [
+        torch.float32, torch.float16, torch.bfloat16, torch.float16, torch.bfloat16]
+    with pytest.raises(ConfigError, match="no torch dtype"):
+        torch_dtype("int4")
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        torch_dtype("fp7")

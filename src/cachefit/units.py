@@ -53,6 +53,25 @@ def normalize_dtype(name: str, *, what: str = "dtype") -> str:
     return key
 
 
+_TORCH_DTYPE_NAMES: Mapping[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64",
+                                          "int8": "int8"}
+
+
+def torch_dtype(name: str, *, what: str = "dtype"):  # noqa: ANN201 - a torch.dtype; torch is imported here only
+    """The ``torch.dtype`` of a cachefit dtype name (``fp32``, ``fp16``, ``bf16``; ``fp64``, ``int8``).
+
+    The one table from cachefit's dtype names to torch's: the torch edges (probe, compression,
+    deploy) all ask here. torch is imported on the call, so the core stays torch-free.
+    """
+    key = "fp64" if str(name).strip().lower() in ("fp64", "float64", "double") else normalize_dtype(name, what=what)
+    if key not in _TORCH_DTYPE_NAMES:
+        usable = ", ".join(_TORCH_DTYPE_NAMES)
+        raise ConfigError(f"{what}: {name!r} has no torch dtype of its own here; use one of {usable}")
+    import torch
+
+    return getattr(torch, _TORCH_DTYPE_NAMES[key])
+
+
 def dtype_bytes(name: str, numel: int) -> int:
     """Bytes that ``numel`` elements of dtype ``name`` occupy (int4 rounds up to whole bytes)."""
     bits = DTYPE_BITS[normalize_dtype(name)]
@@ -478,6 +497,7 @@ __all__ = [
     "Unit",
     "Workload",
     "dtype_bytes",
+    "torch_dtype",
     "normalize_dtype",
     "stack_footprints",
 ]

@@ -13,6 +13,7 @@ import numpy as np
 from cachefit.errors import ConfigError
 from cachefit.hardware.probe.analysis import sweep_sizes, gemv_shape
 from cachefit.hardware.probe.results import DTYPE_ITEMSIZE, BandwidthSample, ProbeConfig
+from cachefit.units import torch_dtype as to_torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,7 @@ class _Kernel:
         else:
             import torch
 
-            torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-                           "fp64": torch.float64}[dtype]
+            torch_dtype = to_torch_dtype(dtype, what="probe dtype")
             device = "cuda" if backend == "cuda" else "cpu"
             self.buffer = torch.full((numel,), 1e-3, dtype=torch_dtype, device=device)
             self.x = torch.ones(1024, dtype=torch_dtype, device=device)
@@ -270,8 +270,7 @@ def measure_peak_flops(backend: str = "torch", *, dtype: str = "fp32", size: int
     else:
         import torch
 
-        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-                       "fp64": torch.float64}[dtype]
+        torch_dtype = to_torch_dtype(dtype, what="probe dtype")
         device = "cuda" if backend == "cuda" else "cpu"
         a = torch.full((size, size), 1e-3, dtype=torch_dtype, device=device)
         b = torch.full((size, size), 1e-3, dtype=torch_dtype, device=device)
