@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from cachefit.version import __version__
 
 # name -> module that defines it (loaded lazily, PEP 562)
 _API = {

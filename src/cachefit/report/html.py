@@ -171,7 +171,7 @@ def render_report(
     comparison: Comparison | None = None,
 ) -> str:
     """The report page as a string (charts read from the given PNG files and embedded)."""
-    from cachefit import __version__
+    from cachefit.version import __version__
 
     verdict = ('<span class="ok">every card fits its on-chip memory</span>' if plan.feasible
                else '<span class="bad">DOES NOT FIT on-chip</span>')
