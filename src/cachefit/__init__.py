@@ -53,12 +53,66 @@ _API = {
 
 __all__ = ["__version__", *_API]
 
+# Argument checks at the package face for verbs that do not check their own: a wrong type is a
+# ConfigError naming the verb and the argument, not a TypeError or AttributeError from deep inside.
+# verb -> {parameter: (accepted types as "module:Class", None accepted)}; ``allow`` given as a plain
+# string is read as a comma-separated list ("int8,int4"). plan_partition, profile_model and
+# load_plan check their arguments themselves.
+_PROFILE = ("cachefit.units:ModelProfile",)
+_CLUSTER = ("cachefit.hardware.devices:Cluster",)
+_PLAN = ("cachefit.plan:Plan",)
+_CHECKS: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
+    "estimate_cost": {"plan": (_PLAN, False), "profile": (_PROFILE, False)},
+    "compare_layouts": {"profile": (_PROFILE, False), "cluster": (_CLUSTER, False)},
+    "export_plan": {"plan": (_PLAN, False), "profile": (_PROFILE, True)},
+    "audit_device_map": {"profile": (_PROFILE, False), "cluster": (_CLUSTER, False)},
+    "make_cluster": {"devices": (("cachefit.hardware.devices:DeviceSpec", "builtins:list", "builtins:tuple"), False)},
+    "profile_module": {"workload": (("cachefit.units:Workload",), True)},
+}
+
+
+def _type(spec: str) -> type:
+    module, _, cls = spec.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _checked(name: str, func: Any) -> Any:
+    """``func`` with its arguments checked as ``_CHECKS[name]`` says, before it runs."""
+    import functools
+    import inspect
+
+    from cachefit.errors import ConfigError
+
+    signature = inspect.signature(func)
+    checks = _CHECKS[name]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"{name}: {exc}; see help(cachefit.{name})") from None
+        for param, (specs, optional) in checks.items():
+            if param not in bound.arguments or (optional and bound.arguments[param] is None):
+                continue
+            value = bound.arguments[param]
+            if not isinstance(value, tuple(_type(s) for s in specs)):
+                wanted = " or ".join(s.partition(":")[2] for s in specs) + (" or None" if optional else "")
+                raise ConfigError(f"{name}: {param} must be a {wanted}, got {type(value).__name__}")
+        if isinstance(bound.arguments.get("allow"), str):
+            bound.arguments["allow"] = tuple(a.strip() for a in bound.arguments["allow"].split(",") if a.strip())
+        return func(*bound.args, **bound.kwargs)
+
+    return wrapper
+
 
 def __getattr__(name: str) -> Any:
     module = _API.get(name)
     if module is None:
         raise AttributeError(f"module 'cachefit' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
+    if name in _CHECKS:
+        value = _checked(name, value)
     globals()[name] = value
     return value
 

@@ -8,29 +8,41 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
+import re
 import sys
+import traceback
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from cachefit.errors import CachefitError, ConfigError
+from cachefit.limits import check_limit
 
-app = typer.Typer(
-    name="cachefit",
-    help="Plan layer-wise deployments whose every card partition fits on-chip memory (SRAM / L2).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+try:  # newer typer carries its own copy of click
+    from typer._click.exceptions import BadOptionUsage, BadParameter, MissingParameter, NoSuchOption, UsageError
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import BadOptionUsage, BadParameter, MissingParameter, NoSuchOption, UsageError
+
 _console = Console()
 _err = Console(stderr=True)
 _STATE = {"debug": False}
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _print_error(exc: CachefitError | str, *, exit_code: int = 2) -> None:
+    """One line on stderr: ``error: <message>`` (``no feasible plan: ...`` for exit code 3)."""
+    kind = "no feasible plan" if exit_code == 3 else "error"
+    message = " ".join(str(exc).split())  # one line whatever the message holds
+    _err.print(f"[bold red]{kind}:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
 
 
 def _handles_errors(func: F) -> F:
@@ -42,17 +54,132 @@ def _handles_errors(func: F) -> F:
             return func(*args, **kwargs)
         except CachefitError as exc:
             if _STATE["debug"]:
-                raise
-            kind = "no feasible plan" if exc.exit_code == 3 else "error"
-            _err.print(f"[bold red]{kind}:[/] {exc}", highlight=False, soft_wrap=True)
+                raise  # the group prints the traceback and exits with exc.exit_code
+            _print_error(exc, exit_code=exc.exit_code)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 
 
+# pydantic's error types (typer >= 0.25 validates options with pydantic) -> the comparison they test
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+           "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+
+
+def _param_label(param: Any) -> str:
+    """``--cards`` for an option (its long name), ``MODEL`` for an argument."""
+    if param is None:
+        return ""
+    if getattr(param, "param_type_name", "") == "argument":
+        return getattr(param, "metavar", None) or (param.name or "").upper()
+    opts = [*getattr(param, "opts", ()), *getattr(param, "secondary_opts", ())]
+    longs = [o for o in opts if o.startswith("--")]
+    return max(longs or opts or [param.name or "?"], key=len)
+
+
+def _bound(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _bad_value(exc: Any) -> str:
+    """What is wrong with a parameter's value: ``must be >= 1 (got 0)``."""
+    errors = exc.__cause__.errors() if hasattr(exc.__cause__, "errors") else []
+    message, got = str(exc.message), None
+    if errors:
+        first = errors[0]
+        kind, got, ctx = str(first.get("type", "")), first.get("input"), first.get("ctx") or {}
+        if kind in _BOUNDS and _BOUNDS[kind][1] in ctx:
+            op, key = _BOUNDS[kind]
+            return f"must be {op} {_bound(ctx[key])} (got {got})"
+        if kind.startswith("int_"):
+            return f"must be a whole number (got {got!r})"
+        if kind.startswith("float_"):
+            return f"must be a number (got {got!r})"
+        if kind.startswith("bool_"):
+            return f"must be true or false (got {got!r})"
+        message = str(first.get("msg", message))
+    message = message.removeprefix("Value error, ").rstrip(".")
+    choice = re.match(r"(?s)(.*) is not one of (.*)$", message)
+    if choice:  # an Enum option: "'dance' is not one of 'prefill', 'decode', 'train'"
+        names = re.findall(r"'([^']*)'", choice.group(2)) or [choice.group(2)]
+        return f"must be one of {', '.join(names)} (got {choice.group(1) if got is None else repr(got)})"
+    ranged = re.match(r"(?s)(.*) is not in the range (.*)$", message)
+    if ranged:  # click's own range check (typer before pydantic)
+        return f"must be in {ranged.group(2)} (got {ranged.group(1)})"
+    return message[:1].lower() + message[1:]
+
+
+_OPTION_PREFIX = re.compile(r"^Option '[^']*' ")
+
+
+def _usage_message(exc: Any) -> str:
+    """A click usage error as one line: what is wrong, where, and how to fix it."""
+    ctx = getattr(exc, "ctx", None)
+    hint = f"see `{ctx.command_path if ctx is not None else 'cachefit'} --help`"
+    if isinstance(exc, MissingParameter):
+        label = _param_label(exc.param)
+        kind = "argument" if getattr(exc.param, "param_type_name", "") == "argument" else "option"
+        return f"{label}: missing {kind}; give it ({hint})"
+    if isinstance(exc, BadParameter):
+        label = _param_label(exc.param) or str(exc.param_hint or "")
+        return f"{label}: {_bad_value(exc)}" if label else _bad_value(exc)
+    if isinstance(exc, NoSuchOption):
+        close = f" (did you mean {' or '.join(exc.possibilities)}?)" if exc.possibilities else ""
+        return f"{exc.option_name}: no such option{close}; {hint}"
+    message = exc.format_message().rstrip(".")
+    if isinstance(exc, BadOptionUsage):  # "Option '--cards' requires an argument."
+        return f"{exc.option_name}: {re.sub(_OPTION_PREFIX, '', message)}; {hint}"
+    # "No such command 'plna'. Did you mean 'plan'?", "Got unexpected extra argument (x)"
+    message = re.sub(r"\.? Did you mean (.*?)\??$", r" (did you mean \1?)", message)
+    return f"{message[:1].lower() + message[1:]}; {hint}"
+
+
+class _OneLineErrors(TyperGroup):
+    """The app's group: every error is one line on stderr and an exit code.
+
+    Usage errors (a bad option value, an unknown option, a missing argument) print
+    ``error: --cards: must be >= 1 (got 0)`` and exit 2 instead of click's usage panel; a cachefit
+    error that reaches here (under ``--debug``, or outside a command) prints its traceback with
+    ``--debug``, else one line, and exits with its own code. ``--help`` and the help shown for a
+    bare ``cachefit`` are unchanged.
+    """
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except UsageError as exc:
+            if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+                _print_error(_usage_message(exc))
+            sys.exit(2)
+        except typer.Abort:
+            _err.print("aborted", highlight=False)
+            sys.exit(1)
+        except CachefitError as exc:
+            if _STATE["debug"]:
+                traceback.print_exc()
+            else:
+                _print_error(exc, exit_code=exc.exit_code)
+            sys.exit(exc.exit_code)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
+
+app = typer.Typer(
+    name="cachefit",
+    help="Plan layer-wise deployments whose every card partition fits on-chip memory (SRAM / L2).",
+    cls=_OneLineErrors,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
 @app.callback()
 def _main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors (and third-party warnings).")] = False,
 ) -> None:
     _STATE["debug"] = debug
 
@@ -189,15 +316,18 @@ def _read_sizes(sizes: str | None, sizes_file: Path | None) -> list[int]:
     if (sizes is None) == (sizes_file is None):
         raise ConfigError("give exactly one of --sizes 3,5,2 or --sizes-file FILE (one size a line)")
     if sizes is not None:
-        items = [s for s in sizes.split(",")]
         where = "--sizes"
+        # counted before splitting: the list is built only when it is within limits.MAX_SIZES_LINES
+        check_limit(sizes.count(",") + 1, "MAX_SIZES_LINES", where=where, what="items")
+        items = sizes.split(",")
     else:
-        try:
-            text = sizes_file.read_text()  # type: ignore[union-attr]
-        except OSError as exc:
-            raise ConfigError(f"--sizes-file {sizes_file}: cannot read it ({exc.strerror})") from None
-        items = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        from cachefit.files import read_text
+
         where = f"--sizes-file {sizes_file}"
+        text = read_text(sizes_file, where=where)  # type: ignore[arg-type]  # bounded, UTF-8 checked
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        check_limit(text.count("\n") + (not text.endswith("\n")), "MAX_SIZES_LINES", where=where, what="lines")
+        items = [line for line in text.split("\n") if line.strip() and not line.lstrip().startswith("#")]
     if not items:
         raise ConfigError(f"{where}: no sizes given")
     return [parse_bytes(item.strip(), what=f"{where} item {i}") for i, item in enumerate(items)]
@@ -217,6 +347,8 @@ def partition(
     from cachefit.partition.contiguous import balanced, fewest_cards
     from cachefit.sizes import format_bytes, parse_bytes
 
+    if cards is not None:
+        check_limit(cards, "MAX_CARDS", where="", what="--cards")
     values = _read_sizes(sizes, sizes_file)
     cap = parse_bytes(capacity, what="--capacity") if capacity is not None else None
     if cards is None:
@@ -353,6 +485,8 @@ def plan(
 
         # the chart is written to exactly this path, so its name must say PNG
         check_writable(plot, what="--plot", suffix=".png")
+    if cards is not None:
+        check_limit(cards, "MAX_CARDS", where="", what="--cards")
     cluster = _cluster(device, capacity, level, headroom, reserve)
     prof = profile_model(model, _workload(batch, seq, mode, dtype, act_dtype, attention, micro_batches),
                          granularity=granularity.value)
@@ -458,9 +592,29 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def main() -> None:
-    """Entry point of the ``cachefit`` script."""
-    app()
+# Libraries whose import-time chatter (torchao's "Failed to load ..." of optional kernels, torch's
+# pytree deprecation notice, triton and transformers warnings) is not the user's business unless
+# --debug: their loggers go to ERROR and their Python warnings are ignored.
+_QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "triton", "transformers")
+_QUIET_MODULES = r"(torch|torchao|triton|transformers|accelerate)(\..*)?"
+
+
+def _quiet_third_party() -> None:
+    """Silence third-party warnings before any of them is imported (called by :func:`main`)."""
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # transformers resets its own logger's level at import; it reads this variable then
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", module=_QUIET_MODULES)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``cachefit`` script: errors are one line and an exit code (0, 1, 2, 3)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--debug" not in args:
+        _quiet_third_party()
+    app(args=args, prog_name="cachefit")
 
 
 if __name__ == "__main__":

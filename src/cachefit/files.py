@@ -8,10 +8,14 @@ file and any earlier file intact.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
+import itertools
 import json
+import math
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -20,20 +24,114 @@ from pathlib import Path
 from typing import Any
 
 from cachefit.errors import ConfigError
+from cachefit.limits import MAX_FILE_BYTES, MAX_JSON_DEPTH, limit_error
 
 
-def read_json(path: str | os.PathLike[str], *, what: str) -> Any:
-    """Parse a JSON file; a missing, unreadable or malformed file is a ConfigError naming ``what``."""
-    where = f"{what} {os.fspath(path)!r}"
+def read_text(path: str | os.PathLike[str], *, where: str) -> str:
+    """Read a UTF-8 text file of at most :data:`~cachefit.limits.MAX_FILE_BYTES` bytes.
+
+    The read is bounded, so ``/dev/zero`` or an endless pipe stops at the limit; a leading UTF-8
+    byte-order mark is dropped.
+
+    Args:
+        path: the file.
+        where: how to name the file in messages, e.g. ``plan file 'p.json'``.
+
+    Raises:
+        ConfigError: the file cannot be read, is over the size limit, or is not UTF-8 (the message
+            gives the byte offset of the first bad byte).
+    """
+    limit = MAX_FILE_BYTES
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            if stat.S_ISREG(info.st_mode) and info.st_size > limit:
+                raise limit_error("MAX_FILE_BYTES", where=where, what="size", value=info.st_size)
+            chunks: list[bytes] = []
+            total = 0
+            while total <= limit:  # read at most limit + 1 bytes, 1 MiB at a time
+                chunk = f.read(min(2**20, limit + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
     except OSError as exc:
-        raise ConfigError(f"{where}: cannot read it ({exc.strerror})") from None
+        raise ConfigError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    if total > limit:
+        raise limit_error("MAX_FILE_BYTES", where=where, what="size")  # not known: the read stopped
+    data = b"".join(chunks)
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return json.loads(text)
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = start + exc.start
+        raise ConfigError(
+            f"{where}: byte 0x{data[offset]:02x} at offset {offset:,} is not UTF-8 ({exc.reason}); "
+            "save the file as UTF-8 text"
+        ) from None
+
+
+# JSON strings (with their escapes) and everything that is not a bracket: removed before the
+# depth scan, so brackets inside strings do not count.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in JSON ``text``, found without recursion.
+
+    A scan of the brackets outside strings (C-speed regular expressions, then a running sum), so it
+    is safe on text nested far deeper than Python's JSON parser can recurse. On malformed text it is
+    an estimate; the parser then reports the syntax error.
+    """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number cachefit accepts")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large for a float")
+    return value
+
+
+def parse_json(text: str, *, where: str, finite: bool = True) -> Any:
+    """Parse JSON text after checking its nesting depth (:data:`~cachefit.limits.MAX_JSON_DEPTH`).
+
+    Args:
+        text: the document.
+        where: how to name its source in messages.
+        finite: refuse ``NaN``, ``Infinity`` and numbers too large for a float (a plan or device
+            map never holds them; a Hugging Face config may, in keys cachefit does not read).
+
+    Raises:
+        ConfigError: not JSON, nested too deep, or a non-finite number where ``finite``.
+    """
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise limit_error("MAX_JSON_DEPTH", where=where, what="nesting depth", value=depth)
+    hooks: dict[str, Any] = {"parse_constant": _refuse_constant, "parse_float": _finite_float} if finite else {}
+    try:
+        return json.loads(text, **hooks)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{where}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        raise ConfigError(f"{where}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix the syntax") from None
+    except ValueError as exc:  # a hook's refusal, or an integer of more than 4,300 digits
+        raise ConfigError(f"{where}: {exc}; write finite numbers") from None
+    except RecursionError:  # unreachable after the depth check; kept as a last guard
+        raise limit_error("MAX_JSON_DEPTH", where=where, what="nesting depth") from None
+
+
+def read_json(path: str | os.PathLike[str], *, what: str, finite: bool = True) -> Any:
+    """Parse a JSON file; a missing, unreadable, oversized, non-UTF-8, too deeply nested or
+    malformed file (or one holding NaN / Infinity, unless ``finite`` is False) is a ConfigError
+    naming ``what``."""
+    where = f"{what} {os.fspath(path)!r}"
+    return parse_json(read_text(path, where=where), where=where, finite=finite)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from cachefit.errors import ConfigError
+from cachefit.limits import check_limit
 from cachefit.units import Footprint
 
 PLAN_SCHEMA = "cachefit.plan/1"
@@ -175,6 +177,7 @@ class Plan:
             raise ConfigError(
                 f"{where}: schema is {data.get('schema')!r}, expected {PLAN_SCHEMA!r}; write it with `cachefit plan --json`"
             )
+        _check_sizes(data, where)
         try:
             stages = tuple(
                 Stage(
@@ -210,15 +213,42 @@ class Plan:
                 notes=tuple(data.get("notes", ())),
                 provenance=dict(data["provenance"]) if data.get("provenance") else None,
             )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
             raise ConfigError(f"{where}: malformed plan ({type(exc).__name__}: {exc}); regenerate it with `cachefit plan --json`") from None
         return plan
 
 
+def _check_sizes(data: Mapping[str, Any], where: str) -> None:
+    """Stage and unit counts within cachefit's limits, and no NaN or infinity anywhere, before any
+    stage is built."""
+    stages, num_units = data.get("stages"), data.get("num_units")
+    if isinstance(stages, list):
+        check_limit(len(stages), "MAX_CARDS", where=where, what="stages")
+    if isinstance(num_units, int) and not isinstance(num_units, bool):
+        check_limit(num_units, "MAX_UNITS", where=where, what="num_units")
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:  # iterative: a plan handed in as a dict was not depth-checked by the JSON reader
+        path, value = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: {path or 'the plan'} is {value}, not a finite number; "
+                              "regenerate the plan with `cachefit plan --json`")
+        if isinstance(value, Mapping):
+            todo.extend((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+        elif isinstance(value, (list, tuple)):
+            todo.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+
+
 def load_plan(path: str | os.PathLike) -> Plan:
-    """Read a plan JSON file written by ``cachefit plan --json``."""
+    """Read a plan JSON file written by ``cachefit plan --json``.
+
+    Raises:
+        ConfigError: the file is unreadable, over a limit of :mod:`cachefit.limits`, not JSON,
+            holds NaN or infinity, or is not a valid plan; the message names the file.
+    """
     from cachefit.files import read_json
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"load_plan: expected a path to a plan JSON file, got {type(path).__name__}")
     data = read_json(path, what="plan file")
     return Plan.from_dict(data, where=f"plan file {os.fspath(path)!r}")
 

@@ -119,8 +119,11 @@ def register(app: typer.Typer) -> None:
         """Compare cachefit's plan with cache-oblivious layouts (uniform layers, greedy DRAM, tensor parallel)."""
         from cachefit.cost import compare_layouts, min_cards_to_fit
         from cachefit.errors import InfeasiblePlanError
+        from cachefit.limits import check_limit
         from cachefit.profile import profile_model
 
+        if cards is not None:  # before any layout is built for that many cards
+            check_limit(cards, "MAX_CARDS", where="", what="--cards")
         cluster = _cluster(device, capacity, level, headroom, reserve)
         prof = profile_model(model, _workload(batch, seq, mode, dtype, act_dtype, attention, micro_batches),
                              granularity=granularity.value)

@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import json
 import logging
 import math
 import re
@@ -59,6 +58,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cachefit.errors import ConfigError
+from cachefit.files import parse_json, read_text
+from cachefit.limits import MAX_CLUSTER_CARDS, check_limit, limit_error
 from cachefit.sizes import format_bytes, format_seconds, parse_bytes
 from cachefit.units import DTYPE_BITS, normalize_dtype
 
@@ -958,11 +959,19 @@ def _parse_cluster(data: Mapping[str, Any], ctx: _Context) -> Cluster:
     default_headroom = d.get("headroom", 0.0)
     default_reserved = _parse_reserved(d.get("reserved"), f"{ctx.where}: reserved")
     cards: list[Card] = []
+    total = 0  # cards so far, checked against limits.MAX_CLUSTER_CARDS before any list is built
     for i, raw in enumerate(raw_cards):
         label = f"cards[{i}]"
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{ctx.where}: {label} must be a table with a device, got {raw!r}")
         c = _canonical_keys(raw, {"reserved_bytes": "reserved"}, _CARD_KEYS - {"reserved_bytes"}, ctx, label)
+        count = c.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"{ctx.where}: {label}.count must be a positive integer, got {count!r}")
+        total += count
+        if total > MAX_CLUSTER_CARDS:
+            raise limit_error("MAX_CLUSTER_CARDS", where=ctx.where, value=total,
+                              what=f"the card count through {label}")
         if "device" not in c:
             raise ConfigError(f"{ctx.where}: {label}: missing device; give a catalog name, a device file or a table")
         device_raw = c["device"]
@@ -972,9 +981,6 @@ def _parse_cluster(data: Mapping[str, Any], ctx: _Context) -> Cluster:
             device = _resolve_base(device_raw, ctx, what=f"{label}.device")
         else:
             raise ConfigError(f"{ctx.where}: {label}.device must be a name, a path or a table, got {device_raw!r}")
-        count = c.get("count", 1)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ConfigError(f"{ctx.where}: {label}.count must be a positive integer, got {count!r}")
         reserved = default_reserved
         if "reserved" in c:
             reserved = _parse_reserved(c["reserved"], f"{ctx.where}: {label}.reserved")
@@ -1000,39 +1006,37 @@ def _parse_cluster(data: Mapping[str, Any], ctx: _Context) -> Cluster:
 
 def _read_mapping(path: Path) -> Mapping[str, Any]:
     suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"device file {path}: cannot read it ({exc.strerror or exc})") from None
-    try:
-        if suffix == ".toml":
-            data: Any = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise ConfigError(
-                    f"device file {path}: reading YAML needs pyyaml (pip install pyyaml), or use TOML"
-                ) from None
-            data = yaml.safe_load(text)
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(
-                f"device file {path}: unknown suffix {path.suffix!r}; name it .toml, .yaml, .yml or .json"
-            )
-    except ConfigError:
-        raise
-    except Exception as exc:  # the parsers' own error types (TOMLDecodeError, YAMLError, JSONDecodeError)
-        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-        raise ConfigError(
-            f"device file {path}: not valid {suffix.lstrip('.').upper()}: {detail[:300]}; fix the syntax"
-        ) from None
+    where = f"device file {path}"
+    if suffix not in _SUFFIXES:
+        raise ConfigError(f"{where}: unknown suffix {path.suffix!r}; name it .toml, .yaml, .yml or .json")
+    text = read_text(path, where=where)  # bounded and UTF-8 checked (cachefit.limits)
+    if suffix == ".json":
+        data: Any = parse_json(text, where=where)  # nesting depth checked before parsing
+    else:
+        data = _parse_toml_or_yaml(text, suffix, where)
     if not isinstance(data, Mapping):
         raise ConfigError(
-            f"device file {path}: expected a table of fields (name, levels, ... or cards), got {type(data).__name__}"
+            f"{where}: expected a table of fields (name, levels, ... or cards), got {type(data).__name__}"
         )
     return data
+
+
+def _parse_toml_or_yaml(text: str, suffix: str, where: str) -> Any:
+    try:
+        if suffix == ".toml":
+            return tomllib.loads(text)
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{where}: reading YAML needs pyyaml (pip install pyyaml), or use TOML") from None
+        return yaml.safe_load(text)
+    except ConfigError:
+        raise
+    except RecursionError:  # both parsers recurse once per level of nesting
+        raise limit_error("MAX_JSON_DEPTH", where=where, what="nesting depth") from None
+    except Exception as exc:  # the parsers' own error types (TOMLDecodeError, YAMLError)
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        raise ConfigError(f"{where}: not valid {suffix.lstrip('.').upper()}: {detail[:300]}; fix the syntax") from None
 
 
 def _load_file(path: Path, seen: tuple[str, ...] = ()) -> DeviceSpec | Cluster:
@@ -1256,12 +1260,15 @@ def make_cluster(
     """
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
         raise ConfigError(f"cards: must be a positive integer, got {count!r}")
+    if count is not None:
+        check_limit(count, "MAX_CLUSTER_CARDS", where="make_cluster", what="count")
     if isinstance(devices, DeviceSpec):
         seq: tuple[DeviceSpec, ...] = (devices,) * (count or 1)
     else:
         seq = tuple(devices)
         if not seq:
             raise ConfigError("cluster: no devices given; list at least one")
+        check_limit(len(seq), "MAX_CLUSTER_CARDS", where="make_cluster", what="devices listed")
         if count is not None and count != len(seq):
             raise ConfigError(
                 f"cluster: {len(seq)} devices listed but {count} cards asked for; "

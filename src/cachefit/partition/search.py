@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cachefit.compress.techniques import (
@@ -23,7 +24,8 @@ from cachefit.compress.techniques import (
     resolve_techniques,
 )
 from cachefit.errors import ConfigError, InfeasiblePlanError, UnsupportedCompressionError
-from cachefit.hardware.devices import Card, Cluster, cluster_to_dict
+from cachefit.hardware.devices import Card, Cluster, DeviceSpec, cluster_to_dict
+from cachefit.limits import check_limit
 from cachefit.partition.contiguous import Partition, balanced, fewest_cards
 from cachefit.partition.overrides import Overrides, ResolvedOverrides, constrained_partition, resolve_overrides
 from cachefit.partition.split import Shard, max_shards, shard_unit
@@ -311,7 +313,7 @@ def plan_partition(
     cluster: Cluster,
     *,
     num_cards: int | None = None,
-    allow: Sequence[str] = (),
+    allow: Sequence[str] | str = (),
     stacking: str = "reuse",
     config: CompressionConfig | None = None,
     max_risk: float = 1.0,
@@ -325,7 +327,8 @@ def plan_partition(
         profile: the model's units for one workload.
         cluster: one card (then as many copies as needed, or ``num_cards``) or a fixed cluster.
         num_cards: use exactly this many cards, balancing the largest part; None: the fewest cards.
-        allow: compression techniques the search may apply (``int8``, ``int4``, ``sparse50``, ...).
+        allow: compression techniques the search may apply (``int8``, ``int4``, ``sparse50``, ...);
+            a plain string is read as a comma-separated list (``"int8,int4"``).
         stacking: ``reuse`` (transient scratch shared by a card's units) or ``sum`` (the seed's sum).
         config: options of the techniques.
         max_risk: skip technique sets whose combined quality risk exceeds this (0: lossless only).
@@ -340,11 +343,12 @@ def plan_partition(
         The plan and every candidate technique set tried, with the cards it needs.
 
     Raises:
+        ConfigError: an argument of the wrong type or out of range (checked before any work).
         InfeasiblePlanError: nothing allowed fits; the message names the unit or constraint and the
             minimal change that would make it fit.
     """
-    if stacking not in STACKING:
-        raise ConfigError(f"stacking must be one of {STACKING}, got {stacking!r}")
+    allow = _check_arguments(profile, cluster, num_cards=num_cards, allow=allow, stacking=stacking, config=config,
+                             max_risk=max_risk, overrides=overrides)
     if num_cards is not None and num_cards > len(profile.units):
         raise ConfigError(
             f"--cards {num_cards}: the model has only {len(profile.units)} units at this granularity; "
@@ -407,6 +411,51 @@ def plan_partition(
     if resolved is not None:
         plan = _with_override_cost(plan, profile, cluster, num_cards, allow, stacking, config, max_risk, overrides)
     return plan, tuple(candidates)
+
+
+def _check_arguments(profile: object, cluster: object, *, num_cards: object, allow: object, stacking: object,
+                     config: object, max_risk: object, overrides: object) -> tuple[str, ...]:
+    """:func:`plan_partition`'s arguments, checked before any work; returns ``allow`` as a tuple
+    (a plain string such as ``"int8,int4"`` is read as a comma-separated list).
+
+    Raises:
+        ConfigError: an argument of the wrong type or out of range, or a profile / cluster over the
+            limits of :mod:`cachefit.limits`.
+    """
+    where = "plan_partition"
+    if not isinstance(profile, ModelProfile):
+        raise ConfigError(f"{where}: profile must be a ModelProfile (from cachefit.profile_model), "
+                          f"got {type(profile).__name__}")
+    if not isinstance(cluster, Cluster):
+        hint = "; wrap a device in cachefit.make_cluster(device)" if isinstance(cluster, DeviceSpec) else ""
+        raise ConfigError(f"{where}: cluster must be a Cluster (from cachefit.make_cluster), "
+                          f"got {type(cluster).__name__}{hint}")
+    check_limit(len(profile.units), "MAX_UNITS", where=where, what="profile units")
+    check_limit(len(cluster), "MAX_CLUSTER_CARDS", where=where, what="cluster cards")
+    if num_cards is not None:
+        if isinstance(num_cards, bool) or not isinstance(num_cards, numbers.Integral) or num_cards < 1:
+            raise ConfigError(f"{where}: num_cards must be a positive integer or None, got {num_cards!r}")
+        check_limit(num_cards, "MAX_CARDS", where=where, what="num_cards")
+    if allow is None:
+        allow = ()
+    if isinstance(allow, str):
+        allow = tuple(name.strip() for name in allow.split(",") if name.strip())
+    if isinstance(allow, (bytes, Mapping)) or not isinstance(allow, Iterable):
+        raise ConfigError(f"{where}: allow must be technique names such as ['int8', 'int4'] or 'int8,int4', "
+                          f"got {type(allow).__name__}")
+    allow = tuple(allow)
+    if not all(isinstance(a, str) for a in allow):
+        raise ConfigError(f"{where}: allow must be technique names such as ['int8', 'int4'] or 'int8,int4', "
+                          f"got {allow!r}")
+    if stacking not in STACKING:
+        raise ConfigError(f"{where}: stacking must be one of {', '.join(STACKING)}, got {stacking!r}")
+    if isinstance(max_risk, bool) or not isinstance(max_risk, numbers.Real) or not 0 <= max_risk <= 1:
+        raise ConfigError(f"{where}: max_risk must be a number in [0, 1], got {max_risk!r}")
+    if config is not None and not isinstance(config, CompressionConfig):
+        raise ConfigError(f"{where}: config must be a CompressionConfig or None, got {type(config).__name__}")
+    if overrides is not None and not isinstance(overrides, Overrides):
+        raise ConfigError(f"{where}: overrides must be an Overrides or None, got {type(overrides).__name__}")
+    return allow
 
 
 def _reorder(profile: ModelProfile, cluster: Cluster, num_cards: int | None, stacking: str) -> tuple[Cluster, str]:

@@ -90,6 +90,11 @@ def profile_model(
     Raises:
         ConfigError: unknown preset / missing file, a bad config, or an unsupported model type.
     """
+    if workload is not None and not isinstance(workload, Workload):
+        raise ConfigError(
+            f"profile_model: workload must be a cachefit.Workload or None, got {type(workload).__name__}; "
+            "e.g. Workload(batch=1, seq_len=1024, mode='decode')"
+        )
     spec = _resolve_spec(model)
     return profile_transformer(spec, workload if workload is not None else Workload(), granularity=granularity)
 

@@ -34,12 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from cachefit.errors import ConfigError, ProfileError
+from cachefit.files import read_json
+from cachefit.limits import check_limit
 from cachefit.profile.spec import TransformerSpec
 from cachefit.units import TensorSpec
 
 logger = logging.getLogger(__name__)
 
 _REQUIRED: Any = object()  # sentinel: the key must be present
+# keys that set how many times a table is repeated, and the limit each is checked against
+_COUNT_LIMITS = {"num_hidden_layers": "MAX_LAYERS", "n_layer": "MAX_LAYERS"}
 _REJECT: Any = object()  # sentinel: an explicit JSON null is an error
 
 
@@ -106,6 +110,8 @@ class _Config:
         if value < minimum:
             what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
             raise ConfigError(f'{self.where}: "{used}" must be {what}, got {value}; fix it in the config')
+        if used in _COUNT_LIMITS:  # before any per-layer table is built
+            check_limit(value, _COUNT_LIMITS[used], where=self.where, what=used)
         return value
 
     def flag(self, key: str, *, absent: bool, null: Any = _REJECT) -> bool:
@@ -1020,19 +1026,8 @@ def _read_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[Ma
             f"{path}: no such file or directory; give a config.json, a model directory containing "
             f"one, or a built-in preset name (cachefit.profile.presets.list_presets())"
         )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f"{path}: cannot read the file ({exc}); check that it is a readable UTF-8 text file"
-        ) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
-            f"a Hugging Face config.json is one JSON object"
-        ) from None
+    # bounded, UTF-8 checked, nesting depth checked (cachefit.limits); NaN may sit in unread keys
+    data = read_json(path, what="model config", finite=False)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     return data, str(path)
