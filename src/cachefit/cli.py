@@ -148,6 +148,7 @@ class _OneLineErrors(TyperGroup):
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        _STATE["debug"] = False  # until the callback reads --debug (a usage error may come first)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except UsageError as exc:
