@@ -139,7 +139,7 @@ class Plan:
         return sum(s.utilization for s in self.stages) / len(self.stages)
 
     def to_dict(self) -> dict[str, Any]:
-        from cachefit import __version__
+        from cachefit.version import __version__
 
         utils = [s.utilization for s in self.stages]
         return {

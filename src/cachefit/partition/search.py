@@ -623,7 +623,7 @@ def _build_plan(profile: ModelProfile, cards: _Cards, layout: _Layout, combo: tu
     if cards.num_cards is not None and layout.cards < cards.num_cards:
         notes.append(f"uses {layout.cards} of the {cards.num_cards} cards asked for: the split layout found "
                      "no better bottleneck with more")
-    from cachefit import __version__
+    from cachefit.version import __version__
 
     return Plan(
         model=profile.model,
