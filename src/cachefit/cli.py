@@ -6,7 +6,6 @@ with ``--debug``. torch is imported only inside commands that need it, so ``--he
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -16,13 +15,38 @@ import traceback
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from typer.core import TyperGroup
 
+from cachefit.commands.options import (
+    STATE,
+    ActDtypeOption,
+    AllowOption,
+    AttentionOpt,
+    AttnOption,
+    BatchOpt,
+    DtypeOpt,
+    DtypeOption,
+    GranOption,
+    GranularityOpt,
+    JsonOption,
+    ModeOpt,
+    ModeOption,
+    SeqOpt,
+    SharedArgs,
+    StackingOpt,
+    StackingOption,
+    build_cluster,
+    build_workload,
+    console,
+    err_console,
+    handles_errors,
+    print_error,
+    print_json,
+    shared_options,
+)
 from cachefit.errors import CachefitError, ConfigError
 from cachefit.limits import check_limit
 
@@ -30,36 +54,6 @@ try:  # newer typer carries its own copy of click
     from typer._click.exceptions import BadOptionUsage, BadParameter, MissingParameter, NoSuchOption, UsageError
 except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import BadOptionUsage, BadParameter, MissingParameter, NoSuchOption, UsageError
-
-_console = Console()
-_err = Console(stderr=True)
-_STATE = {"debug": False}
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _print_error(exc: CachefitError | str, *, exit_code: int = 2) -> None:
-    """One line on stderr: ``error: <message>`` (``no feasible plan: ...`` for exit code 3)."""
-    kind = "no feasible plan" if exit_code == 3 else "error"
-    message = " ".join(str(exc).split())  # one line whatever the message holds
-    _err.print(f"[bold red]{kind}:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
-
-
-def _handles_errors(func: F) -> F:
-    """Turn cachefit errors into a one-line message and an exit code (traceback only with --debug)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except CachefitError as exc:
-            if _STATE["debug"]:
-                raise  # the group prints the traceback and exits with exc.exit_code
-            _print_error(exc, exit_code=exc.exit_code)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper  # type: ignore[return-value]
-
 
 # pydantic's error types (typer >= 0.25 validates options with pydantic) -> the comparison they test
 _BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
@@ -148,21 +142,21 @@ class _OneLineErrors(TyperGroup):
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        _STATE["debug"] = False  # until the callback reads --debug (a usage error may come first)
+        STATE["debug"] = False  # until the callback reads --debug (a usage error may come first)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except UsageError as exc:
             if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
-                _print_error(_usage_message(exc))
+                print_error(_usage_message(exc))
             sys.exit(2)
         except typer.Abort:
-            _err.print("aborted", highlight=False)
+            err_console.print("aborted", highlight=False)
             sys.exit(1)
         except CachefitError as exc:
-            if _STATE["debug"]:
+            if STATE["debug"]:
                 traceback.print_exc()
             else:
-                _print_error(exc, exit_code=exc.exit_code)
+                print_error(exc, exit_code=exc.exit_code)
             sys.exit(exc.exit_code)
         sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
 
@@ -182,73 +176,11 @@ app = typer.Typer(
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors (and third-party warnings).")] = False,
 ) -> None:
-    _STATE["debug"] = debug
-
-
-class ModeOpt(str, Enum):
-    prefill = "prefill"
-    decode = "decode"
-    train = "train"
-
-
-class DtypeOpt(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-    fp8 = "fp8"
-
-
-class AttentionOpt(str, Enum):
-    eager = "eager"
-    flash = "flash"
-
-
-class GranularityOpt(str, Enum):
-    layer = "layer"
-    block = "block"
-
-
-# Workload options shared by every command that profiles a model.
-BatchOpt = Annotated[int, typer.Option("--batch", "-b", help="Sequences per step.", min=1)]
-SeqOpt = Annotated[int, typer.Option("--seq", "-s", help="Tokens per sequence (prefill/train) or KV-cache length (decode).", min=1)]
-ModeOption = Annotated[ModeOpt, typer.Option("--mode", help="prefill, decode (with KV cache) or train.")]
-DtypeOption = Annotated[DtypeOpt, typer.Option("--dtype", help="Weight dtype before compression.")]
-ActDtypeOption = Annotated[Optional[DtypeOpt], typer.Option("--act-dtype", help="Activation dtype (default: --dtype).")]
-AttnOption = Annotated[AttentionOpt, typer.Option("--attention", help="eager materializes attention scores; flash does not.")]
-GranOption = Annotated[GranularityOpt, typer.Option("--granularity", "-g", help="layer: whole layers; block: attention and MLP blocks as units.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print stable JSON instead of a table.")]
-MicroBatchesOption = Annotated[int, typer.Option("--micro-batches", help="Micro-batches per step in the pipeline.", min=1)]
-
-# Card options shared by every command that plans (plan, compare, check, ...).
-DeviceOption = Annotated[Optional[list[str]], typer.Option("--device", "-d", help="Catalog name or device/cluster file; repeat for a heterogeneous cluster in order.")]
-CapacityOption = Annotated[Optional[str], typer.Option("--capacity", "-c", help="Override the on-chip capacity per card, e.g. 50MB.")]
-LevelOption = Annotated[Optional[str], typer.Option("--level", help="Memory level to fit (default: the device's planning level, e.g. l2).")]
-HeadroomOption = Annotated[float, typer.Option("--headroom", help="Fraction of each card kept free, in [0, 1).")]
-ReserveOption = Annotated[Optional[str], typer.Option("--reserve", help="Bytes kept free on every card, e.g. 2MiB.")]
-AllowOption = Annotated[str, typer.Option("--allow", help="Compression the planner may apply: int8,int4,sparse50,sparse75,sparse24,ckpt,fuse,batch.")]
-
-
-def _workload(batch: int, seq: int, mode: ModeOpt, dtype: DtypeOpt, act_dtype: DtypeOpt | None,
-              attention: AttentionOpt, micro_batches: int = 1):
-    from cachefit.units import Workload
-
-    return Workload(
-        batch=batch,
-        seq_len=seq,
-        mode=mode.value,
-        weight_dtype=dtype.value,
-        act_dtype=(act_dtype or dtype).value,
-        attention=attention.value,
-        micro_batches=micro_batches,
-    )
-
-
-def _print_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    STATE["debug"] = debug
 
 
 @app.command()
-@_handles_errors
+@handles_errors
 def profile(
     model: Annotated[Optional[str], typer.Argument(help="A preset name, a config.json, or a Hugging Face model directory.")] = None,
     batch: BatchOpt = 1,
@@ -267,7 +199,7 @@ def profile(
 
         presets = _list()
         if as_json:
-            _print_json([{"name": p.name, "family": p.family, "params": p.params, "source": p.source,
+            print_json([{"name": p.name, "family": p.family, "params": p.params, "source": p.source,
                           "as_of": p.as_of} for p in presets])
             return
         from rich.table import Table
@@ -277,7 +209,7 @@ def profile(
             table.add_column(col, justify="right" if col == "params" else "left")
         for p in presets:
             table.add_row(p.name, p.family, f"{p.params:,}", p.source)
-        _console.print(table)
+        console.print(table)
         return
     if model is None:
         raise ConfigError("give a MODEL (a preset name, a config.json or a model directory); see `cachefit profile --list`")
@@ -285,15 +217,15 @@ def profile(
     from cachefit.report.serialize import profile_to_dict
     from cachefit.report.tables import profile_table
 
-    prof = profile_model(model, _workload(batch, seq, mode, dtype, act_dtype, attention), granularity=granularity.value)
+    prof = profile_model(model, build_workload(batch, seq, mode, dtype, act_dtype, attention), granularity=granularity.value)
     if as_json:
-        _print_json(profile_to_dict(prof))
+        print_json(profile_to_dict(prof))
     else:
-        _console.print(profile_table(prof))
+        console.print(profile_table(prof))
 
 
 @app.command()
-@_handles_errors
+@handles_errors
 def devices(
     name: Annotated[Optional[str], typer.Argument(help="Show one device (catalog name or device file) in full.")] = None,
     as_json: JsonOption = False,
@@ -304,11 +236,11 @@ def devices(
 
     devs = (resolve_device(name),) if name else list_devices()
     if as_json:
-        _print_json([device_to_dict(d) for d in devs])
+        print_json([device_to_dict(d) for d in devs])
     elif name:
-        _console.print(device_figures_table(devs[0]))
+        console.print(device_figures_table(devs[0]))
     else:
-        _console.print(devices_table(devs))
+        console.print(devices_table(devs))
 
 
 def _read_sizes(sizes: str | None, sizes_file: Path | None) -> list[int]:
@@ -335,7 +267,7 @@ def _read_sizes(sizes: str | None, sizes_file: Path | None) -> list[int]:
 
 
 @app.command()
-@_handles_errors
+@handles_errors
 def partition(
     sizes: Annotated[Optional[str], typer.Option("--sizes", help="Comma-separated unit sizes (bytes or with units: 3MB,5MB).")] = None,
     sizes_file: Annotated[Optional[Path], typer.Option("--sizes-file", help="File with one size a line.")] = None,
@@ -367,7 +299,7 @@ def partition(
     if verify:
         doc["verified"] = _verify_partition(values, cap, cards, result)
     if as_json:
-        _print_json(doc)
+        print_json(doc)
         return
     from rich.table import Table
 
@@ -377,9 +309,9 @@ def partition(
     for i, ((start, end), size) in enumerate(zip(result.parts, result.part_sizes)):
         table.add_row(str(i), f"{start}..{end - 1}", format_bytes(size),
                       format_bytes(cap) if cap else "-", f"{size / cap * 100:.1f}%" if cap else "-")
-    _console.print(table)
+    console.print(table)
     if verify:
-        _console.print(f"verified against the MILP optimum: cards {doc['verified']['cards']}, "
+        console.print(f"verified against the MILP optimum: cards {doc['verified']['cards']}, "
                        f"largest part {format_bytes(doc['verified']['bottleneck'])}: [green]equal[/]")
 
 
@@ -403,67 +335,14 @@ def _verify_partition(values: list[int], cap: int | None, cards: int | None, res
     return {"cards": exact.cards, "bottleneck": exact.bottleneck, "method": "milp (scipy HiGHS)"}
 
 
-class StackingOpt(str, Enum):
-    reuse = "reuse"
-    sum = "sum"
-
-
-StackingOption = Annotated[StackingOpt, typer.Option("--stacking", help="reuse: units on a card share scratch (peak); sum: the seed's plain sum.")]
-
-
-def _cluster(devices: list[str] | None, capacity: str | None, level: str | None, headroom: float,
-             reserve: str | None):
-    """Cards from --device (repeatable; a name or a device / cluster file) and --capacity / --level."""
-    from cachefit.hardware.devices import (
-        Cluster,
-        device_from_capacity,
-        make_cluster,
-        resolve_cluster,
-        resolve_device,
-    )
-    from cachefit.sizes import parse_bytes
-
-    reserved = parse_bytes(reserve, what="--reserve") if reserve else 0
-    if not devices:
-        if capacity is None:
-            raise ConfigError("give --device NAME|FILE (see `cachefit devices`) or --capacity SIZE")
-        dev = device_from_capacity(capacity, level=level or "sram")
-        return make_cluster(dev, headroom=headroom, reserved_bytes=reserved)
-    if len(devices) == 1:
-        if capacity is not None:
-            dev = device_from_capacity(capacity, level=level or resolve_device(devices[0]).default_level,
-                                       base=resolve_device(devices[0]))
-            return make_cluster(dev, headroom=headroom, reserved_bytes=reserved)
-        return resolve_cluster(devices[0], level=level, headroom=headroom, reserved_bytes=reserved) \
-            if (level or headroom or reserved) else resolve_cluster(devices[0])
-    if capacity is not None:
-        raise ConfigError("--capacity overrides one device; with several --device cards put capacities in a cluster file")
-    devs = [resolve_device(d) for d in devices]
-    cluster = make_cluster(devs, level=level, headroom=headroom, reserved_bytes=reserved)
-    assert isinstance(cluster, Cluster)
-    return cluster
-
-
 @app.command()
-@_handles_errors
+@handles_errors
+@shared_options()
 def plan(
     model: Annotated[str, typer.Argument(help="A preset name, a config.json, or a Hugging Face model directory.")],
-    device: DeviceOption = None,
     cards: Annotated[Optional[int], typer.Option("--cards", "-k", help="Use exactly K cards, balanced; default: the fewest that fit.", min=1)] = None,
-    capacity: CapacityOption = None,
-    level: LevelOption = None,
-    headroom: HeadroomOption = 0.0,
-    reserve: ReserveOption = None,
     allow: AllowOption = "",
-    stacking: StackingOption = StackingOpt.reuse,
-    batch: BatchOpt = 1,
-    seq: SeqOpt = 1024,
-    mode: ModeOption = ModeOpt.decode,
-    dtype: DtypeOption = DtypeOpt.fp16,
-    act_dtype: ActDtypeOption = None,
-    attention: AttnOption = AttentionOpt.eager,
-    micro_batches: MicroBatchesOption = 1,
-    granularity: GranOption = GranularityOpt.layer,
+    shared: SharedArgs = None,  # type: ignore[assignment] - the card and workload options (shared_options)
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of per-card bytes against capacity.")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write a self-contained HTML report (plan, charts, timeline, baselines, sources) to this directory.")] = None,
     pin: Annotated[Optional[list[str]], typer.Option("--pin", help="Pin units to a card: 'layers.0-3=0' (repeatable).")] = None,
@@ -488,9 +367,8 @@ def plan(
         check_writable(plot, what="--plot", suffix=".png")
     if cards is not None:
         check_limit(cards, "MAX_CARDS", where="", what="--cards")
-    cluster = _cluster(device, capacity, level, headroom, reserve)
-    prof = profile_model(model, _workload(batch, seq, mode, dtype, act_dtype, attention, micro_batches),
-                         granularity=granularity.value)
+    cluster = shared.cluster()
+    prof = profile_model(model, shared.workload(), granularity=shared.granularity.value)
     from cachefit.partition.overrides import Overrides, parse_forbid, parse_pin
 
     overrides = Overrides(
@@ -500,7 +378,7 @@ def plan(
         forbid=tuple(parse_forbid(f) for f in forbid or ()),
     )
     allowed = [a.strip() for a in allow.split(",") if a.strip()]
-    result, tried = plan_partition(prof, cluster, num_cards=cards, allow=allowed, stacking=stacking.value,
+    result, tried = plan_partition(prof, cluster, num_cards=cards, allow=allowed, stacking=shared.stacking.value,
                                    max_risk=max_risk, overrides=overrides, reorder_cards=any_order,
                                    even_splits=even_splits)
     front = pareto_front(tried)
@@ -513,7 +391,7 @@ def plan(
         from cachefit.cost import compare_layouts
         from cachefit.report.html import write_report
 
-        comparison = compare_layouts(prof, cluster, result.cards, allowed, stacking=stacking.value)
+        comparison = compare_layouts(prof, cluster, result.cards, allowed, stacking=shared.stacking.value)
         index = write_report(result, prof, cluster, report, comparison, what="--report")
     if as_json:
         doc = result.to_dict()
@@ -521,21 +399,21 @@ def plan(
             doc["pareto_front"] = [c.to_dict() for c in front]
         if candidates:
             doc["candidates"] = [c.to_dict() for c in tried]
-        _print_json(doc)
+        print_json(doc)
         return
-    _console.print(plan_table(result))
+    console.print(plan_table(result))
     for note in result.notes:
-        _console.print(f"[dim]note:[/] {note}")
+        console.print(f"[dim]note:[/] {note}")
     if candidates:
-        _console.print(candidates_table(tried))
+        console.print(candidates_table(tried))
     elif len(front) > 1:
         table = candidates_table(front)
         table.title = "Pareto front: cards vs quality risk (--candidates shows every set tried)"
-        _console.print(table)
+        console.print(table)
     if plot is not None:
-        _console.print(f"chart written to {plot}")
+        console.print(f"chart written to {plot}")
     if index is not None:
-        _console.print(f"report written to {index}")
+        console.print(f"report written to {index}")
 
 
 def cli_reference() -> str:
@@ -587,8 +465,23 @@ def _register_commands() -> None:
     from cachefit import commands
 
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
-        importlib.import_module(f"cachefit.commands.{info.name}").register(app)
+        module = importlib.import_module(f"cachefit.commands.{info.name}")
+        if hasattr(module, "register"):  # commands.options holds what they share, no command
+            module.register(app)
 
+
+# The names `cachefit.commands.run` still imports from here; it moves to cachefit.commands.options
+# with the rest (the other commands already have).
+from cachefit.commands.options import (  # noqa: E402
+    CapacityOption,
+    DeviceOption,
+    HeadroomOption,
+    LevelOption,
+    ReserveOption,
+)
+
+_console, _err, _STATE, _handles_errors, _print_json, _cluster = (
+    console, err_console, STATE, handles_errors, print_json, build_cluster)
 
 _register_commands()
 

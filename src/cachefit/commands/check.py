@@ -14,51 +14,23 @@ def _bytes(n: float) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    from cachefit.cli import (
-        ActDtypeOption,
-        AttentionOpt,
-        AttnOption,
-        BatchOpt,
-        CapacityOption,
-        DtypeOpt,
-        DtypeOption,
-        GranOption,
-        GranularityOpt,
-        HeadroomOption,
+    from cachefit.commands.options import (
         JsonOption,
-        LevelOption,
-        ModeOpt,
-        ModeOption,
-        ReserveOption,
-        SeqOpt,
-        StackingOpt,
-        StackingOption,
-        _cluster,
-        _console,
-        _handles_errors,
-        _print_json,
-        _workload,
+        SharedArgs,
+        console,
+        handles_errors,
+        print_json,
+        shared_options,
     )
 
     @app.command()
-    @_handles_errors
+    @handles_errors
+    @shared_options(micro_batches=False, device_help="Catalog name or device/cluster file (every card of the map alike, or one per card).")
     def check(
         model: Annotated[str, typer.Argument(help="A preset name, a config.json, or a Hugging Face model directory.")],
         device_map: Annotated[Path, typer.Option("--device-map", help="accelerate device map JSON: module name -> card index, 'cpu' or 'disk'.")],
-        device: Annotated[Optional[list[str]], typer.Option("--device", "-d", help="Catalog name or device/cluster file (every card of the map alike, or one per card).")] = None,
-        capacity: CapacityOption = None,
-        level: LevelOption = None,
-        headroom: HeadroomOption = 0.0,
-        reserve: ReserveOption = None,
         allow: Annotated[str, typer.Option("--allow", help="Compression cachefit's fixing plan may apply: int8,int4,sparse50,...")] = "",
-        stacking: StackingOption = StackingOpt.reuse,
-        batch: BatchOpt = 1,
-        seq: SeqOpt = 1024,
-        mode: ModeOption = ModeOpt.decode,
-        dtype: DtypeOption = DtypeOpt.fp16,
-        act_dtype: ActDtypeOption = None,
-        attention: AttnOption = AttentionOpt.eager,
-        granularity: GranOption = GranularityOpt.layer,
+        shared: SharedArgs = None,  # type: ignore[assignment] - the card and workload options (shared_options)
         as_json: JsonOption = False,
     ) -> None:
         """Check a device map (accelerate's format) against on-chip memory: fit, spill, off-chip bytes per token, the fix."""
@@ -69,13 +41,12 @@ def register(app: typer.Typer) -> None:
         from cachefit.report.tables import plan_table
 
         mapping = load_device_map(device_map)
-        cluster = _cluster(device, capacity, level, headroom, reserve)
-        prof = profile_model(model, _workload(batch, seq, mode, dtype, act_dtype, attention),
-                             granularity=granularity.value)
+        cluster = shared.cluster()
+        prof = profile_model(model, shared.workload(), granularity=shared.granularity.value)
         allowed = [a.strip() for a in allow.split(",") if a.strip()]
-        audit = audit_device_map(prof, mapping, cluster, stacking=stacking.value, allow=allowed)
+        audit = audit_device_map(prof, mapping, cluster, stacking=shared.stacking.value, allow=allowed)
         if as_json:
-            _print_json(audit.to_dict())
+            print_json(audit.to_dict())
             return
 
         caps = {(c.device, c.level, c.capacity_bytes) for c in audit.cards}
@@ -100,13 +71,13 @@ def register(app: typer.Typer) -> None:
             table.add_row(o.placement, units,
                           _bytes(o.weight_bytes), _bytes(o.weight_bytes), "-",
                           f"[bold red]{_bytes(o.weight_bytes)}[/]", _bytes(o.offchip_bytes_per_token))
-        _console.print(table)
+        console.print(table)
         if audit.split_units:
-            _console.print(f"[dim]units spread over several devices:[/] {', '.join(audit.split_units)}")
+            console.print(f"[dim]units spread over several devices:[/] {', '.join(audit.split_units)}")
         if audit.unmatched_keys:
-            _console.print(f"[dim]keys holding no weights of the profile:[/] {', '.join(audit.unmatched_keys)}")
+            console.print(f"[dim]keys holding no weights of the profile:[/] {', '.join(audit.unmatched_keys)}")
         for line in audit.assumptions:
-            _console.print(f"[dim]assumption:[/] {line}", highlight=False)
-        _console.print(f"[bold]fix:[/] {audit.plan_note}", highlight=False)
+            console.print(f"[dim]assumption:[/] {line}", highlight=False)
+        console.print(f"[bold]fix:[/] {audit.plan_note}", highlight=False)
         if audit.plan is not None:
-            _console.print(plan_table(audit.plan))
+            console.print(plan_table(audit.plan))

@@ -63,57 +63,26 @@ def comparison_table(comparison: Any) -> Any:
 
 
 def register(app: typer.Typer) -> None:
-    from cachefit.cli import (
-        ActDtypeOption,
-        AttentionOpt,
-        AttnOption,
-        BatchOpt,
-        CapacityOption,
-        DeviceOption,
-        DtypeOpt,
-        DtypeOption,
-        GranOption,
-        GranularityOpt,
-        HeadroomOption,
+    from cachefit.commands.options import (
         JsonOption,
-        LevelOption,
-        MicroBatchesOption,
-        ModeOpt,
-        ModeOption,
-        ReserveOption,
-        SeqOpt,
-        StackingOpt,
-        StackingOption,
-        _cluster,
-        _console,
-        _handles_errors,
-        _print_json,
-        _workload,
+        SharedArgs,
+        console,
+        handles_errors,
+        print_json,
+        shared_options,
     )
 
     @app.command()
-    @_handles_errors
+    @handles_errors
+    @shared_options()
     def compare(
         model: Annotated[str, typer.Argument(help="A preset name, a config.json, or a Hugging Face model directory.")],
-        device: DeviceOption = None,
         cards: Annotated[Optional[int], typer.Option("--cards", "-k", help="Cards every layout may use; default: the fewest on which cachefit's plan fits.", min=1)] = None,
-        capacity: CapacityOption = None,
-        level: LevelOption = None,
-        headroom: HeadroomOption = 0.0,
-        reserve: ReserveOption = None,
         allow: Annotated[str, typer.Option("--allow", help="Compression cachefit may apply (the baselines never compress).")] = "",
-        stacking: StackingOption = StackingOpt.reuse,
-        batch: BatchOpt = 1,
-        seq: SeqOpt = 1024,
-        mode: ModeOption = ModeOpt.decode,
-        dtype: DtypeOption = DtypeOpt.fp16,
-        act_dtype: ActDtypeOption = None,
-        attention: AttnOption = AttentionOpt.eager,
-        micro_batches: MicroBatchesOption = 1,
+        shared: SharedArgs = None,  # type: ignore[assignment] - the card and workload options (shared_options)
         schedule: Annotated[ScheduleOpt, typer.Option("--schedule", help="Pipeline schedule (the same in inference).")] = ScheduleOpt.one_f_one_b,
         steps_per_load: Annotated[Optional[int], typer.Option("--steps-per-load", help="Charge the load of on-chip weights once every N steps (1: every step); default: loaded once, resident.", min=1)] = None,
         link_latency_us: Annotated[float, typer.Option("--link-latency-us", help="Latency of one chip-to-chip message, in microseconds (an assumption).", min=0.0)] = 5.0,
-        granularity: GranOption = GranularityOpt.layer,
         as_json: JsonOption = False,
     ) -> None:
         """Compare cachefit's plan with cache-oblivious layouts (uniform layers, greedy DRAM, tensor parallel)."""
@@ -124,9 +93,9 @@ def register(app: typer.Typer) -> None:
 
         if cards is not None:  # before any layout is built for that many cards
             check_limit(cards, "MAX_CARDS", where="", what="--cards")
-        cluster = _cluster(device, capacity, level, headroom, reserve)
-        prof = profile_model(model, _workload(batch, seq, mode, dtype, act_dtype, attention, micro_batches),
-                             granularity=granularity.value)
+        cluster = shared.cluster()
+        prof = profile_model(model, shared.workload(), granularity=shared.granularity.value)
+        micro_batches, stacking = shared.micro_batches, shared.stacking
         techniques = [a for a in allow.split(",") if a.strip()]
         if cards is None:
             cards = len(cluster) if len(cluster) > 1 else min_cards_to_fit(
@@ -140,27 +109,27 @@ def register(app: typer.Typer) -> None:
                                      schedule=schedule.value, steps_per_load=steps_per_load,
                                      stacking=stacking.value, link_latency_s=link_latency_us * 1e-6)
         if as_json:
-            _print_json(comparison.to_dict())
+            print_json(comparison.to_dict())
             return
-        _console.print(comparison_table(comparison))
+        console.print(comparison_table(comparison))
         own = comparison.layout("cachefit")
         if comparison.min_cards_to_fit is None:
-            _console.print("[bold red]no cachefit plan fits on-chip on any number of these cards[/]")
+            console.print("[bold red]no cachefit plan fits on-chip on any number of these cards[/]")
         elif not own.fits_on_chip:
-            _console.print(
+            console.print(
                 f"[bold red]cachefit's layout on {cards} card(s) DOES NOT FIT on-chip[/]: shown is its balanced "
                 f"partition with the overflow streamed from off-chip memory; a fitting plan needs "
                 f"{comparison.min_cards_to_fit} card(s)"
             )
         else:
-            _console.print(f"[green]cachefit's plan fits on-chip[/] (the fewest cards that fit: {comparison.min_cards_to_fit})")
+            console.print(f"[green]cachefit's plan fits on-chip[/] (the fewest cards that fit: {comparison.min_cards_to_fit})")
         if any(item.cost is not None and not item.cost.complete for item in comparison.layouts):
-            _console.print("[dim]*: a device figure is unknown; the time is a lower bound (see --json notes)[/]")
+            console.print("[dim]*: a device figure is unknown; the time is a lower bound (see --json notes)[/]")
         if steps_per_load is None:
-            _console.print("[dim]weights that fit on-chip are loaded once and stay resident (not charged per step); "
+            console.print("[dim]weights that fit on-chip are loaded once and stay resident (not charged per step); "
                            "--steps-per-load 1 charges a reload every step[/]")
         for item in comparison.layouts:
             if item.skipped:
-                _console.print(f"[dim]skipped:[/] {item.skipped}")
+                console.print(f"[dim]skipped:[/] {item.skipped}")
             for note in item.plan.notes if item.plan else ():
-                _console.print(f"[dim]{item.name}:[/] {note}")
+                console.print(f"[dim]{item.name}:[/] {note}")

@@ -17,10 +17,10 @@ class ExportFormat(str, Enum):
 
 
 def register(app: typer.Typer) -> None:
-    from cachefit.cli import JsonOption, _handles_errors
+    from cachefit.commands.options import JsonOption, handles_errors
 
     @app.command(name="export")
-    @_handles_errors
+    @handles_errors
     def export_command(
         plan_file: Annotated[Path, typer.Argument(metavar="PLAN.json", help="A plan written by `cachefit plan --json`.")],
         to: Annotated[ExportFormat, typer.Option("--to", "-t", help="accelerate: device_map JSON; pipelining: module FQNs per stage and split_spec; deepspeed: PipelineModule parts and snippet; llamacpp: --tensor-split flags.")],

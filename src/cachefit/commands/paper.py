@@ -7,19 +7,19 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from cachefit.cli import (
+    from cachefit.commands.options import (
         BatchOpt,
         JsonOption,
         ModeOpt,
         ModeOption,
         SeqOpt,
-        _console,
-        _handles_errors,
-        _print_json,
+        console,
+        handles_errors,
+        print_json,
     )
 
     @app.command()
-    @_handles_errors
+    @handles_errors
     def paper(
         device: Annotated[str, typer.Option("--device", "-d", help="Catalog device whose on-chip level is the seed's '50 MB L2'.")] = "h100",
         batch: BatchOpt = 1,
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
 
         account = paper_account(Workload(batch=batch, seq_len=seq, mode=mode.value), device=device)
         if as_json:
-            _print_json(account.to_dict())
+            print_json(account.to_dict())
             return
         wl = account.workload
         table = Table(
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         for claim in account.claims:
             table.add_row(claim.what, claim.paper, claim.recomputed,
                           "[green]yes[/]" if claim.holds else "[bold red]no[/]", claim.why)
-        _console.print(table)
+        console.print(table)
         deploy = Table(title="deployments that really fit (every card recomputed within its capacity)",
                        title_justify="left")
         for col in ("plan", "cards", "mean utilization", "least-used card", "notes"):
@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
                            ("the seed's chain allowed", account.fewest_seed_chain)):
             deploy.add_row(name, str(plan.cards), f"{plan.mean_utilization * 100:.1f}%",
                            f"{min(s.utilization for s in plan.stages) * 100:.1f}%", "; ".join(plan.notes) or "-")
-        _console.print(deploy)
+        console.print(deploy)
         front = candidates_table(account.front)
         front.title = "Pareto front: fewest cards vs quality risk (every technique allowed)"
-        _console.print(front)
+        console.print(front)

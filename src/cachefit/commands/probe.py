@@ -22,10 +22,10 @@ class KernelOpt(str, Enum):
 
 
 def register(app: typer.Typer) -> None:
-    from cachefit.cli import JsonOption, _console, _handles_errors, _print_json
+    from cachefit.commands.options import JsonOption, console, handles_errors, print_json
 
     @app.command()
-    @_handles_errors
+    @handles_errors
     def probe(
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the device file (JSON) here; `--device FILE` reads it.")] = None,
         plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of bandwidth against working set.")] = None,
@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         if plot is not None:
             plot_probe(result, plot)
         if as_json:
-            _print_json(doc)
+            print_json(doc)
             return
 
         from rich.table import Table
@@ -96,18 +96,18 @@ def register(app: typer.Typer) -> None:
             drop = f"{lvl.drop_fraction:.0%}" if lvl.drop_fraction is not None else "-"
             read_bw = format_bandwidth(lvl.bandwidth_bytes_per_s) if result.gemv_samples else "-"
             table.add_row(lvl.name, cap, rep, format_bandwidth(result.level_bandwidth(lvl)), read_bw, drop)
-        _console.print(table)
+        console.print(table)
         for dtype, flops in result.peak_flops_per_s:
-            _console.print(f"peak {dtype} matmul: {flops / 1e9:,.1f} GFLOP/s")
+            console.print(f"peak {dtype} matmul: {flops / 1e9:,.1f} GFLOP/s")
         k = result.kernel_overhead
         if k is not None:
-            _console.print(f"per-kernel overhead: {k.per_kernel_s * 1e6:,.2f} us ({k.hidden}-wide eager layer: "
+            console.print(f"per-kernel overhead: {k.per_kernel_s * 1e6:,.2f} us ({k.hidden}-wide eager layer: "
                            f"{k.layer_s * 1e6:,.1f} us / {k.kernels} kernels; a tiny matmul alone "
                            f"{k.tiny_op_s * 1e6:,.2f} us)")
         unmatched = [n for n in reported if n not in {lvl.name for lvl in result.levels}]
         if unmatched:
-            _console.print("[dim]not seen as a cliff: " + ", ".join(
+            console.print("[dim]not seen as a cliff: " + ", ".join(
                 f"{n} ({format_bytes(reported[n], binary=True)} reported)" for n in unmatched) + "[/]")
         for path, what in ((out, "device file"), (raw, "raw measurements"), (plot, "chart")):
             if path is not None:
-                _console.print(f"{what} written to {path}")
+                console.print(f"{what} written to {path}")
