@@ -1,4 +1,4 @@
-"""The command line: JSON contracts of DESIGN.md, exit codes, no tracebacks on bad input."""
+"""The command line: JSON contracts (docs/plan-schema.md, docs/cli.md), exit codes, no tracebacks on bad input."""
 
 import json
 

@@ -1,7 +1,7 @@
 """Byte sizes and durations: parse ``50MB`` / ``1.5GiB``, format bytes and seconds for humans.
 
 Decimal units (B, KB, MB, GB, TB) are powers of 10^3, binary units (KiB, MiB, GiB, TiB) powers of
-2^10, as DESIGN.md fixes for the command line. Output always names its unit.
+2^10, on the command line as in every file cachefit reads. Output always names its unit.
 """
 
 from __future__ import annotations

@@ -707,7 +707,7 @@ def test_parse_duration_rejects(bad):
 
 
 def test_catalog_kernel_overheads_carry_their_source():
-    # HARDWARE.md sec. 1c: T = a + V/b fitted to RRZE gpu-small-kernels; a = 2.4 us (H200), 2.5 us
+    # The catalog's source (RRZE gpu-benches gpu-small-kernels): T = a + V/b fitted; a = 2.4 us (H200), 2.5 us
     # (A100 80GB) per kernel on one stream. The H100 was not measured there: the H200's figure, flagged.
     expected = {"a100": 2.5e-6, "h200": 2.4e-6, "h100": 2.4e-6}
     for dev in list_devices():

@@ -1,4 +1,4 @@
-"""Stable JSON forms of profiles and plans (the contracts in DESIGN.md)."""
+"""Stable JSON forms of profiles and plans (the contracts in docs/plan-schema.md and docs/cli.md)."""
 
 from __future__ import annotations
 
