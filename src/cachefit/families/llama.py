@@ -1,0 +1,58 @@
+"""Llama (``model_type`` ``llama``): transformers ``LlamaForCausalLM`` (models/llama/modeling_llama.py)."""
+
+from __future__ import annotations
+
+from cachefit.families._blocks import common_dims, full_rotary, head_dim, kv_heads
+from cachefit.families._llama_like import llama_like
+from cachefit.families.family_spec import FamilySpec, MlpPattern, RoleNames
+from cachefit.families.reader import ConfigReader
+from cachefit.profile.spec import TransformerSpec
+
+GATED_MLP = MlpPattern(up="up_proj", gate="gate_proj", down="down_proj")
+"""The gated MLP of the Llama-like families (``LlamaMLP``: gate_proj, up_proj, down_proj)."""
+LLAMA_ROLES = RoleNames(qkv=("q_proj", "k_proj", "v_proj"), attn_out=("o_proj",), head=("lm_head",))
+"""Module names of the Llama-like families' attention and head."""
+
+
+def read_llama(cfg: ConfigReader) -> TransformerSpec:
+    # LlamaConfig: num_key_value_heads None (-> heads), head_dim None (-> hidden/heads),
+    # attention_bias False (q, k, v and o), mlp_bias False, tie_word_embeddings False,
+    # max_position_embeddings 2048.
+    hidden, layers, heads, inter, vocab = common_dims(cfg)
+    kv = kv_heads(cfg, heads, absent=None)
+    dim = head_dim(cfg, hidden, heads)
+    attn_bias = cfg.flag("attention_bias", absent=False)
+    return llama_like(
+        cfg,
+        family="llama",
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv,
+        head_dim=dim,
+        intermediate=inter,
+        vocab=vocab,
+        tie=cfg.flag("tie_word_embeddings", absent=False),
+        max_positions=cfg.integer("max_position_embeddings", absent=2048),
+        rotary_dim=full_rotary(cfg, dim, "LlamaRotaryEmbedding"),
+        mlp="gated",
+        qkv_bias=attn_bias,
+        o_bias=attn_bias,
+        mlp_bias=cfg.flag("mlp_bias", absent=False),
+    )
+
+
+FAMILY = FamilySpec(
+    name="llama",
+    config_class="LlamaConfig",
+    adapter=read_llama,
+    causal=True,
+    mlp_patterns=(GATED_MLP,),
+    role_names=LLAMA_ROLES,
+    architectures=("LlamaForCausalLM",),
+    default_architecture="LlamaForCausalLM",
+    base_model_prefix="model",
+    stage_adapter="rotary_decoder",
+    tensor_parallel=True,
+    loss="causal_lm",
+)

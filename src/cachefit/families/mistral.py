@@ -1,0 +1,51 @@
+"""Mistral (``model_type`` ``mistral``): transformers ``MistralForCausalLM``
+(models/mistral/modeling_mistral.py), a Llama-like decoder with a sliding window on every layer."""
+
+from __future__ import annotations
+
+from cachefit.families._blocks import common_dims, full_rotary, head_dim, kv_heads, sliding_window
+from cachefit.families._llama_like import llama_like
+from cachefit.families.family_spec import FamilySpec
+from cachefit.families.llama import GATED_MLP, LLAMA_ROLES
+from cachefit.families.reader import ConfigReader
+from cachefit.profile.spec import TransformerSpec
+
+
+def read_mistral(cfg: ConfigReader) -> TransformerSpec:
+    # MistralConfig: num_key_value_heads 8, head_dim None (-> hidden/heads), no biases,
+    # tie_word_embeddings False, max_position_embeddings 4096 * 32, sliding_window 4096 (every layer).
+    hidden, layers, heads, inter, vocab = common_dims(cfg)
+    kv = kv_heads(cfg, heads, absent=8)
+    dim = head_dim(cfg, hidden, heads)
+    return llama_like(
+        cfg,
+        family="mistral",
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv,
+        head_dim=dim,
+        intermediate=inter,
+        vocab=vocab,
+        tie=cfg.flag("tie_word_embeddings", absent=False),
+        max_positions=cfg.integer("max_position_embeddings", absent=4096 * 32),
+        rotary_dim=full_rotary(cfg, dim, "MistralRotaryEmbedding"),
+        mlp="gated",
+        sliding_window=sliding_window(cfg, absent=4096),
+    )
+
+
+FAMILY = FamilySpec(
+    name="mistral",
+    config_class="MistralConfig",
+    adapter=read_mistral,
+    causal=True,
+    mlp_patterns=(GATED_MLP,),
+    role_names=LLAMA_ROLES,
+    architectures=("MistralForCausalLM",),
+    default_architecture="MistralForCausalLM",
+    base_model_prefix="model",
+    stage_adapter="rotary_decoder",
+    tensor_parallel=True,
+    loss="causal_lm",
+)
