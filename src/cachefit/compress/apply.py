@@ -29,9 +29,11 @@ weight bytes, tested per family):
 * ``sparse50`` / ``sparse75``: structured MLP pruning. The intermediate neurons with the smallest
   score ``||up_i|| * ||gate_i|| * ||down_:,i||`` (L2 norms of the neuron's input rows and output
   column) are removed, leaving smaller dense matrices, as many neurons as ``techniques.py`` keeps.
-  Gated (``gate_proj`` / ``up_proj`` / ``down_proj``, fused ``gate_up_proj``), GPT-2 (``c_fc`` /
-  ``c_proj`` Conv1D), BERT (``intermediate.dense`` / ``output.dense``), OPT / Phi (``fc1`` / ``fc2``)
-  and GPT-NeoX / Falcon (``dense_h_to_4h`` / ``dense_4h_to_h``) MLPs are recognised.
+  The MLPs are found by the family registry's patterns (``FamilySpec.mlp_patterns``): gated
+  (``gate_proj`` / ``up_proj`` / ``down_proj``, fused ``gate_up_proj``), GPT-2 (``c_fc`` /
+  ``c_proj`` Conv1D), BERT (``intermediate.dense`` / ``output.dense``), OPT / Phi (``fc1`` / ``fc2``),
+  GPT-NeoX / Falcon (``dense_h_to_4h`` / ``dense_4h_to_h``), cachefit-dense (``up_proj`` /
+  ``down_proj``) and GPT-J (``fc_in`` / ``fc_out``).
 * ``sparse24``: 2:4 magnitude masks (of every 4 consecutive inputs of a row, the 2 largest |w|
   stay). On CPU the weight stays dense with zeros: its compressed size (values / 2 + 2-bit indices,
   ``techniques.py``'s formula) is *counted*, not measured, and the report gives both. On CUDA the
@@ -64,6 +66,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from cachefit.compress.techniques import CompressionConfig, compress_unit, resolve_techniques
 from cachefit.errors import ConfigError, UnsupportedCompressionError
+from cachefit.families import MlpPattern, mlp_patterns
 from cachefit.units import DTYPE_BITS, Footprint, TensorSpec, Unit, Workload, normalize_dtype
 
 _log = logging.getLogger(__name__)
@@ -571,14 +574,14 @@ def _check_names(names: Collection[str], what: str) -> list[str]:
 
 
 def _role_guesser(root: nn.Module, roles: Mapping[str, str] | None) -> Callable[[str], str]:
-    from cachefit.profile.module import _guess_role  # the profiler's rules, so plan and module agree
+    from cachefit.profile.module import guess_role  # the profiler's rules, so plan and module agree
 
     given = dict(roles or {})
 
     def role(fqn: str) -> str:
         if fqn in given:
             return given[fqn]
-        return _guess_role(root, fqn)
+        return guess_role(root, fqn)
 
     return role
 
@@ -634,33 +637,16 @@ class _Record:
 # Structured MLP sparsity
 
 
-@dataclass(frozen=True, slots=True)
-class _MlpPattern:
-    up: str
-    down: str
-    gate: str | None = None
-    fused_gate_up: bool = False
-    """``up`` holds gate and up stacked along the output (Phi-3 ``gate_up_proj``: gate first)."""
-
-
 # Relative paths, from the module that owns them, of the MLP matrices that share the intermediate
-# dimension (transformers' module names).
-_MLP_PATTERNS: tuple[_MlpPattern, ...] = (
-    _MlpPattern(up="up_proj", gate="gate_proj", down="down_proj"),  # Llama, Mistral, Qwen, Gemma
-    _MlpPattern(up="gate_up_proj", down="down_proj", fused_gate_up=True),  # Phi-3
-    _MlpPattern(up="w3", gate="w1", down="w2"),  # Mixtral-style experts as separate Linears
-    _MlpPattern(up="c_fc", down="c_proj"),  # GPT-2 (Conv1D)
-    _MlpPattern(up="intermediate.dense", down="output.dense"),  # BERT layer
-    _MlpPattern(up="fc1", down="fc2"),  # OPT layer, Phi MLP
-    _MlpPattern(up="dense_h_to_4h", down="dense_4h_to_h"),  # GPT-NeoX, Falcon, BLOOM
-)
+# dimension (transformers' module names): every family's FamilySpec.mlp_patterns, gated ones first.
+_MLP_PATTERNS: tuple[MlpPattern, ...] = mlp_patterns()
 
 
 @dataclass(frozen=True, slots=True)
 class _Mlp:
     fqn: str
     owner: nn.Module
-    pattern: _MlpPattern
+    pattern: MlpPattern
     up: nn.Module
     down: nn.Module
     gate: nn.Module | None

@@ -40,6 +40,7 @@ from types import MappingProxyType
 
 from cachefit.activations import estimate_activations, estimate_flops_per_token
 from cachefit.errors import ConfigError, UnsupportedCompressionError
+from cachefit.families import mlp_down_names, mlp_up_names, transposed_weight_patterns
 from cachefit.units import (
     DTYPE_BITS,
     WEIGHT_ROLES,
@@ -193,9 +194,10 @@ DEFAULT_MATRIX_ROLES: tuple[str, ...] = ("qkv", "attn_out", "mlp", "experts")
 _MATRIX_ROLE_CHOICES = tuple(r for r in WEIGHT_ROLES if r not in ("scales", "metadata"))
 
 # GPT-2's ``Conv1D`` (transformers.pytorch_utils.Conv1D) stores its weight as (in, out), the
-# transpose of nn.Linear: its output channels are the *last* dimension. Matched by FQN pattern.
+# transpose of nn.Linear: its output channels are the *last* dimension. Matched by FQN pattern; the
+# patterns are the family registry's (``FamilySpec.transposed_weights``, today GPT-2's alone).
 # GPTBigCode reuses these names on plain nn.Linear: pass ``transposed_tensors=()`` there.
-GPT2_CONV1D_PATTERNS: tuple[str, ...] = ("*.c_attn.weight", "*.q_attn.weight", "*.c_proj.weight", "*.c_fc.weight")
+GPT2_CONV1D_PATTERNS: tuple[str, ...] = transposed_weight_patterns()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -583,8 +585,10 @@ def _quantize(state: _State, name: str, config: CompressionConfig) -> tuple[_Sta
     )
 
 
-_UP_NAMES = ("up_proj", "gate_proj", "gate_up_proj", "fc1", "c_fc", "intermediate.dense", "dense_h_to_4h", "w1", "w3", "fc_in")
-_DOWN_NAMES = ("down_proj", "fc2", "c_proj", "output.dense", "dense_4h_to_h", "w2", "fc_out")
+# MLP projections into (up, gate) and out of (down) the intermediate, from the family registry's
+# MLP patterns (``FamilySpec.mlp_patterns``), the same ones compress/apply.py prunes by.
+_UP_NAMES = mlp_up_names()
+_DOWN_NAMES = mlp_down_names()
 
 
 def _mlp_side(name: str) -> str | None:

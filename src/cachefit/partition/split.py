@@ -25,10 +25,12 @@ from fnmatch import fnmatchcase
 
 from cachefit.activations import estimate_activations, estimate_flops_per_token
 from cachefit.errors import ConfigError
+from cachefit.families import transposed_weight_patterns
 from cachefit.units import Footprint, LayerShape, TensorSpec, Unit, Workload, dtype_bytes
 
-# Matrices stored (in, out) instead of nn.Linear's (out, in): GPT-2's Conv1D.
-_TRANSPOSED = ("*.c_attn.weight", "*.q_attn.weight", "*.c_proj.weight", "*.c_fc.weight")
+# Matrices stored (in, out) instead of nn.Linear's (out, in): the registry's transposed weights
+# (``FamilySpec.transposed_weights``: GPT-2's Conv1D).
+_TRANSPOSED = transposed_weight_patterns()
 _KV_NAMES = ("k_proj", "v_proj", ".key.", ".value.", "k_lin", "v_lin")
 _Q_NAMES = ("q_proj", ".query.", "q_lin")
 

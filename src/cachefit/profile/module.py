@@ -43,11 +43,12 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from cachefit.errors import CachefitError, ConfigError, ProfileError
+from cachefit.families import role_module_names
 from cachefit.units import Footprint, Mode, ModelProfile, TensorSpec, Unit, Workload, normalize_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["profile_module"]
+__all__ = ["guess_role", "profile_module"]
 
 # Containers whose own forward is only "call the children in order" (Sequential) or that have no
 # forward at all (ModuleList, ModuleDict): never a block on their own unless they repeat.
@@ -827,16 +828,25 @@ _NORM_TYPES: tuple[type, ...] = (
     nn.GroupNorm,
     nn.LocalResponseNorm,
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-_QKV_NAMES = frozenset(
-    {"q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv", "qkv_proj", "c_attn", "wqkv", "in_proj"}
-    | {"query_key_value"}
-)
-_ATTN_OUT_NAMES = frozenset({"o_proj", "out_proj", "c_proj", "dense", "wo", "proj", "out"})
-_HEAD_NAMES = frozenset({"lm_head", "classifier", "pooler", "head"})
+# Module names by role: every registered family's (FamilySpec.role_names) and those of common
+# live-module-only models (nn.MultiheadAttention, timm, gpt-fast), from the family registry.
+_ROLE_NAMES = role_module_names()
+_QKV_NAMES = frozenset(_ROLE_NAMES.qkv)
+_ATTN_OUT_NAMES = frozenset(_ROLE_NAMES.attn_out)
+_HEAD_NAMES = frozenset(_ROLE_NAMES.head)
 
 
-def _guess_role(root: nn.Module, param_fqn: str) -> str:
-    """Role of a weight from its module's type and its FQN (a guess, for reports and compression)."""
+def guess_role(root: nn.Module, param_fqn: str) -> str:
+    """Role of a weight (one of ``units.WEIGHT_ROLES``) from its module's type and its FQN.
+
+    A guess, for live-module profiles, reports and compression: embeddings, norms and convolutions
+    by module type; Q/K/V, attention output and head by the module names of the family registry;
+    any other linear layer is ``mlp``, anything else ``other``.
+
+    Args:
+        root: the model the FQN is relative to.
+        param_fqn: the parameter's FQN, e.g. ``model.layers.0.self_attn.q_proj.weight``.
+    """
     owner_fqn, _, tensor_name = param_fqn.rpartition(".")
     owner = root.get_submodule(owner_fqn)
     parts = [p.lower() for p in owner_fqn.split(".")] if owner_fqn else []
@@ -968,7 +978,7 @@ def _build_unit(
     in_unit: set[int] = set()
     params = weight_bytes = 0
     for fqn, param in module.named_parameters(prefix=choice.fqn, recurse=recurse, remove_duplicate=False):
-        role = _guess_role(root, fqn)
+        role = guess_role(root, fqn)
         canonical = seen_params.get(id(param))
         if canonical is None:
             seen_params[id(param)] = fqn
@@ -990,7 +1000,7 @@ def _build_unit(
             continue
         seen_buffers.add(id(buf))
         nbytes = _tensor_bytes(buf, fqn)
-        role = "norm" if _guess_role(root, fqn) == "norm" else "other"
+        role = "norm" if guess_role(root, fqn) == "norm" else "other"
         weight_bytes += nbytes
         roles[role] = roles.get(role, 0) + nbytes
 
