@@ -43,7 +43,9 @@ SAMPLES: dict[str, dict] = {
     "llama": dict(model_type="llama", num_key_value_heads=2, **_DIMS),
     "mistral": dict(model_type="mistral", num_key_value_heads=2, **_DIMS),
     "qwen2": dict(model_type="qwen2", num_key_value_heads=2, **_DIMS),
+    "qwen3": dict(model_type="qwen3", num_key_value_heads=2, head_dim=8, **_DIMS),
     "gemma": dict(model_type="gemma", num_key_value_heads=2, head_dim=8, **_DIMS),
+    "gemma2": dict(model_type="gemma2", num_key_value_heads=2, head_dim=8, **_DIMS),
     "phi3": dict(model_type="phi3", num_key_value_heads=2, pad_token_id=0, **_DIMS),
     "mixtral": dict(model_type="mixtral", num_key_value_heads=2, num_local_experts=4, **_DIMS),
     "gpt2": dict(model_type="gpt2", n_embd=32, n_head=4, n_layer=2, n_positions=64, vocab_size=101),
@@ -103,7 +105,7 @@ def test_adapter_returns_a_spec(name):
 def test_registry_order_and_lookup():
     assert family_names() == tuple(FAMILIES)
     assert family_names()[:3] == ("llama", "mistral", "qwen2") and "cachefit-dense" in family_names()
-    assert get_family("gemma") is FAMILIES["gemma"]
+    assert get_family("gemma2") is FAMILIES["gemma2"]
     with pytest.raises(ProfileError) as info:
         get_family("t5")
     assert "'t5'" in str(info.value) and all(n in str(info.value) for n in FAMILIES)

@@ -42,11 +42,35 @@ CASES: list[tuple[str, dict]] = [
     ("qwen2-partial-window", dict(model_type="qwen2", hidden_size=32, intermediate_size=48, num_attention_heads=4,
                                   num_key_value_heads=4, use_sliding_window=True, sliding_window=16,
                                   max_window_layers=1, **T)),
+    # qwen3 (q_norm / k_norm of head_dim; absent head_dim -> Qwen3Config default 128)
+    ("qwen3-gqa", dict(model_type="qwen3", hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, **T)),
+    ("qwen3-default-headdim-tied-bias", dict(model_type="qwen3", hidden_size=32, intermediate_size=48,
+                                             num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                                             attention_bias=True, **T)),
+    ("qwen3-mqa-odd-headdim-partial-window", dict(model_type="qwen3", hidden_size=32, intermediate_size=40,
+                                                  num_attention_heads=6, num_key_value_heads=1, head_dim=12,
+                                                  use_sliding_window=True, sliding_window=16, max_window_layers=1,
+                                                  **T)),
+    ("qwen3-all-sliding-nulls", dict(model_type="qwen3", hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                     num_key_value_heads=None, head_dim=8, use_sliding_window=True, sliding_window=8,
+                                     layer_types=["sliding_attention", "sliding_attention"], **T)),
     # gemma (head_dim absent -> GemmaConfig default 256)
     ("gemma-default-headdim", dict(model_type="gemma", hidden_size=32, intermediate_size=48, num_attention_heads=4,
                                    num_key_value_heads=1, **T)),
     ("gemma-untied-bias", dict(model_type="gemma", hidden_size=32, intermediate_size=48, num_attention_heads=4,
                                num_key_value_heads=2, head_dim=8, attention_bias=True, tie_word_embeddings=False, **T)),
+    # gemma2 (four norms a layer; absent head_dim -> 256, absent KV heads -> 4; alternating windows)
+    ("gemma2-defaults", dict(model_type="gemma2", hidden_size=32, intermediate_size=48, num_attention_heads=4, **T)),
+    ("gemma2-untied-bias-odd-headdim", dict(model_type="gemma2", hidden_size=32, intermediate_size=48,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                            attention_bias=True, tie_word_embeddings=False, num_hidden_layers=3,
+                                            vocab_size=101)),
+    ("gemma2-mqa-all-sliding", dict(model_type="gemma2", hidden_size=32, intermediate_size=40, num_attention_heads=4,
+                                    num_key_value_heads=1, head_dim=16, sliding_window=8,
+                                    layer_types=["sliding_attention", "sliding_attention"], **T)),
+    ("gemma2-no-window", dict(model_type="gemma2", hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, sliding_window=None, **T)),
     # phi3
     ("phi3-partial", dict(model_type="phi3", hidden_size=32, intermediate_size=48, num_attention_heads=4,
                           num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=0, **T)),
@@ -275,6 +299,33 @@ def test_dims_of_odd_configs():
     s = _spec("bert-other-arch")
     assert s.causal and any("BertForSequenceClassification" in n for n in s.notes)
     assert _spec("bert-model").causal is False
+
+
+def test_qwen3_and_gemma2_defaults_and_norms():
+    # Qwen3: absent head_dim -> Qwen3Config's 128 (not hidden / heads = 8), with a note; q_norm and
+    # k_norm are RMSNorms of head_dim inside the attention block; the bias flag covers o_proj too.
+    s = _spec("qwen3-default-headdim-tied-bias")
+    assert s.head_dim == 128 and s.tie_word_embeddings and any("head_dim" in n and "128" in n for n in s.notes)
+    layer = {t.name: t for t in s.layer_tensors[0]}
+    assert layer["model.layers.0.self_attn.q_norm.weight"].shape == (128,)
+    assert layer["model.layers.0.self_attn.k_norm.weight"].block == "attn"
+    assert "model.layers.0.self_attn.o_proj.bias" in layer
+    # Qwen3 windows follow Qwen2's rule.
+    assert _spec("qwen3-all-sliding-nulls").sliding_window == 8
+    s = _spec("qwen3-mqa-odd-headdim-partial-window")
+    assert s.sliding_window is None and any("1 of 2 layers" in n for n in s.notes)
+    # Gemma 2: absent KV heads -> 4 and head_dim -> 256, noted; tied by default; four norms a layer,
+    # post_attention_layernorm closing the attention block (it norms the attention output).
+    s = _spec("gemma2-defaults")
+    assert (s.num_kv_heads, s.head_dim, s.tie_word_embeddings) == (4, 256, True)
+    assert any("num_key_value_heads" in n and "4" in n for n in s.notes)
+    blocks = {t.name.rsplit(".", 2)[-2]: t.block for t in s.layer_tensors[0] if t.role == "norm"}
+    assert blocks == {"input_layernorm": "attn", "post_attention_layernorm": "attn",
+                      "pre_feedforward_layernorm": "mlp", "post_feedforward_layernorm": "mlp"}
+    # Alternating sliding / full layers: sized for full attention, with a note.
+    assert s.sliding_window is None and any("1 of 2 layers" in n for n in s.notes)
+    assert _spec("gemma2-mqa-all-sliding").sliding_window == 8
+    assert _spec("gemma2-no-window").sliding_window is None and not _spec("gemma2-no-window").notes
 
 
 def test_norms_go_to_the_block_that_uses_them():

@@ -19,6 +19,7 @@ from cachefit.families import (
     dense,
     falcon,
     gemma,
+    gemma2,
     gpt2,
     gpt_neox,
     llama,
@@ -27,6 +28,7 @@ from cachefit.families import (
     opt,
     phi3,
     qwen2,
+    qwen3,
 )
 from cachefit.families.family_spec import FamilySpec, Loss, MlpPattern, RoleNames
 from cachefit.families.reader import ConfigReader
@@ -38,7 +40,9 @@ FAMILIES: Mapping[str, FamilySpec] = MappingProxyType(
             llama.FAMILY,
             mistral.FAMILY,
             qwen2.FAMILY,
+            qwen3.FAMILY,
             gemma.FAMILY,
+            gemma2.FAMILY,
             phi3.FAMILY,
             mixtral.FAMILY,
             gpt2.FAMILY,

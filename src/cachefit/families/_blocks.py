@@ -83,7 +83,7 @@ def derived_head_dim(
 
 def head_dim(cfg: ConfigReader, hidden: int, heads: int, *, absent: int | None = None) -> int:
     """``head_dim`` where the family honours an explicit key (Llama, Mistral, Qwen2, Gemma, Phi-3,
-    Mixtral): the key if set; if absent, ``absent`` (a class default such as
+    Mixtral, Qwen3, Gemma 2): the key if set; if absent, ``absent`` (a class default such as
     Gemma's 256) or hidden / heads; an explicit null means hidden / heads."""
     if cfg.data.get("head_dim") is not None or ("head_dim" not in cfg.data and absent is not None):
         return cfg.integer("head_dim", absent=absent, note=True)

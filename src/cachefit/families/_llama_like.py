@@ -1,5 +1,5 @@
-"""The Llama-like decoder layer, shared by llama, mistral, qwen2, gemma, phi3, mixtral and
-cachefit-dense.
+"""The Llama-like decoder layer, shared by llama, mistral, qwen2, qwen3, gemma, gemma2, phi3,
+mixtral and cachefit-dense.
 
 transformers: models/<family>/modeling_<family>.py; ``<Family>DecoderLayer`` holds
 ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``; ``<Family>Model`` holds
@@ -37,6 +37,8 @@ def llama_like(
     o_bias: bool = False,
     mlp_bias: bool = False,
     fused_qkv: bool = False,
+    qk_norm: bool = False,
+    sandwich_norms: bool = False,
     sliding_window: int | None = None,
     num_experts: int = 0,
     experts_per_token: int = 0,
@@ -47,6 +49,10 @@ def llama_like(
     2 x intermediate rows, down_proj), ``plain`` (up_proj, down_proj: cachefit-dense) or ``moe``
     (Mixtral in transformers 5: router ``mlp.gate`` and the experts fused into 3-D parameters
     ``mlp.experts.gate_up_proj`` (E, 2I, H) and ``mlp.experts.down_proj`` (E, H, I)).
+    ``qk_norm``: an RMSNorm of head_dim on each query and key head (Qwen3 ``self_attn.q_norm`` /
+    ``k_norm``). ``sandwich_norms``: Gemma 2's four norms per layer, the attention's output normed
+    by ``post_attention_layernorm`` before its residual add, the MLP's input by
+    ``pre_feedforward_layernorm`` and its output by ``post_feedforward_layernorm``.
     """
     embed = "model.embed_tokens.weight"
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
@@ -63,7 +69,15 @@ def llama_like(
             tensors += linear(f"{p}.self_attn.k_proj", hidden, kv_out, role="qkv", block="attn", bias=qkv_bias)
             tensors += linear(f"{p}.self_attn.v_proj", hidden, kv_out, role="qkv", block="attn", bias=qkv_bias)
         tensors += linear(f"{p}.self_attn.o_proj", q_out, hidden, role="attn_out", block="attn", bias=o_bias)
-        tensors += norm(f"{p}.post_attention_layernorm", hidden, block="mlp", bias=False)
+        if qk_norm:  # Qwen3Attention: Qwen3RMSNorm(head_dim), weight only
+            tensors += norm(f"{p}.self_attn.q_norm", head_dim, block="attn", bias=False)
+            tensors += norm(f"{p}.self_attn.k_norm", head_dim, block="attn", bias=False)
+        if sandwich_norms:  # Gemma2DecoderLayer
+            tensors += norm(f"{p}.post_attention_layernorm", hidden, block="attn", bias=False)
+            tensors += norm(f"{p}.pre_feedforward_layernorm", hidden, block="mlp", bias=False)
+            tensors += norm(f"{p}.post_feedforward_layernorm", hidden, block="mlp", bias=False)
+        else:
+            tensors += norm(f"{p}.post_attention_layernorm", hidden, block="mlp", bias=False)
         if mlp == "gated":
             tensors += linear(f"{p}.mlp.gate_proj", hidden, intermediate, role="mlp", block="mlp", bias=mlp_bias)
             tensors += linear(f"{p}.mlp.up_proj", hidden, intermediate, role="mlp", block="mlp", bias=mlp_bias)

@@ -12,7 +12,7 @@ from cachefit.profile.spec import TransformerSpec
 
 
 def qwen_window(cfg: ConfigReader, layers: int) -> int | None:
-    """Qwen2Config ``__post_init__``: the window applies only with
+    """Qwen2Config / Qwen3Config ``__post_init__``: the window applies only with
     ``use_sliding_window``, and only to the layers ``layer_types`` marks ``sliding_attention``
     (default: index >= max_window_layers)."""
     window = sliding_window(cfg, absent=4096) if cfg.flag("use_sliding_window", absent=False) else None
