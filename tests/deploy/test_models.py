@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 
 import pytest
 
@@ -127,3 +128,48 @@ def test_bundled_minilm_loads_like_transformers():
     ids = torch.tensor([[101, 7592, 2088, 102]])
     with torch.no_grad():
         assert torch.equal(ours(ids).last_hidden_state, theirs(ids).last_hidden_state)
+
+
+def _copy(model_dirs, tmp_path, name="ckpt"):
+    d = tmp_path / name
+    shutil.copytree(model_dirs["llama"], d)
+    return d, d / "model.safetensors"
+
+
+def test_truncated_or_header_only_checkpoints_are_refused_naming_the_file(model_dirs, tmp_path):
+    d, f = _copy(model_dirs, tmp_path)
+    data = f.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    # cut in the middle of the tensor data: the last tensors' data_offsets lie past the end
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match=r"model\.safetensors: truncated: tensor .* ends at byte .* holds"):
+        inspect_model_dir(d)
+    # the header alone (what a failed download often leaves): no tensor data at all
+    f.write_bytes(data[: 8 + length])
+    with pytest.raises(ConfigError, match=r"model\.safetensors: truncated: .* holds 0 B of data"):
+        inspect_model_dir(d)
+    # cut inside the header: the length claims more than the file holds (nothing that large is read)
+    f.write_bytes(data[: 8 + length // 2])
+    with pytest.raises(ConfigError, match=r"model\.safetensors: safetensors header claims .* truncated"):
+        inspect_model_dir(d)
+    f.write_bytes(data[:5])
+    with pytest.raises(ConfigError, match=r"model\.safetensors: not a safetensors file \(5 B"):
+        inspect_model_dir(d)
+
+
+def test_header_entries_must_match_their_bytes(tmp_path):
+    def write(entries, payload=b"\0" * 64):
+        header = json.dumps(entries).encode()
+        f = tmp_path / "t.safetensors"
+        f.write_bytes(struct.pack("<Q", len(header)) + header + payload)
+        return f
+
+    # 4 x 4 F32 = 64 B: whole
+    whole = write({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}})
+    assert read_checkpoint_tensors([whole])["w"].shape == (4, 4)
+    with pytest.raises(ConfigError, match=r"'w' \(F32, shape \(4, 4\)\) needs 64 B but its data_offsets span 32 B"):
+        read_checkpoint_tensors([write({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32]}})])
+    with pytest.raises(ConfigError, match="no valid shape, dtype and data_offsets"):
+        read_checkpoint_tensors([write({"w": {"dtype": "F32", "shape": [4, 4]}})])
+    with pytest.raises(ConfigError, match=r"shape \(-4, 4\)"):
+        read_checkpoint_tensors([write({"w": {"dtype": "F32", "shape": [-4, 4], "data_offsets": [0, 64]}})])

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -151,3 +153,74 @@ def test_decode_flags_are_checked(model_dirs, llama_plan):
     got = runner.invoke(app, ["run", str(model_dirs["llama"]), "--plan", str(llama_plan), "--mode", "infer",
                               "--new-tokens", "2"])
     assert got.exit_code == 2 and "--mode decode" in got.output
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_hung_rank_ends_the_run_within_one_and_a_half_timeouts_in_one_line(model_dirs, llama_plan, tmp_path):
+    # rank 1 hangs at its first step; rank 0's wait for it times out after --timeout, and the launcher
+    # ends the hung rank at once (measured here: about --timeout + 1.3 s, CLI exit included)
+    timeout = 5.0
+    run_dir = tmp_path / "run"
+    proc = _cli("run", str(model_dirs["llama"]), "--plan", str(llama_plan), "--nproc", "2", "--micro-batches", "2",
+                "--timeout", str(timeout), "--run-dir", str(run_dir), env={"CACHEFIT_DEPLOY_FAULT": "1:hang"})
+    ended = time.time()
+    hung_at = json.loads((run_dir / "fault-rank1.json").read_text())["time"]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert ended - hung_at <= 1.5 * timeout, ended - hung_at
+    # the terminal: one line naming each stage's fate and the log; the tracebacks are in the log
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "stage 1 (card 1: layers.2..head) was still running" in lines[0]
+    assert "stage 0 (card 0: embed..layers.1) timed out" in lines[0]
+    assert lines[0].endswith(str(run_dir / "run.log"))
+    log = (run_dir / "run.log").read_text()
+    assert "Traceback" in log and "Timed out waiting 5000ms" in log
+
+
+def _boom(*args, **kwargs):
+    raise AssertionError("torchrun was started: the run should have been refused before")
+
+
+def test_run_refuses_before_any_process_starts(model_dirs, llama_plan, tmp_path, monkeypatch):
+    monkeypatch.setattr("cachefit.deploy.runtime.run_supervised", _boom)
+    runner = CliRunner()
+    doc = json.loads(llama_plan.read_text())
+
+    def edited(name, edit):
+        d = json.loads(json.dumps(doc))
+        edit(d)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(d))
+        return str(path)
+
+    llama, plan = str(model_dirs["llama"]), str(llama_plan)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(model_dirs["llama"], truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    cases = [
+        # plan integrity: a changed cluster digest, cards that are not the stages', a plan that does not fit
+        ([llama, "--plan", edited("cluster", lambda d: d["provenance"].__setitem__("cluster", "1" * 64))],
+         "cluster digest (111111111111) is not that of the cards"),
+        ([llama, "--plan", edited("cards", lambda d: d.__setitem__("cards", 5))], '"cards": 5 but 2 stages'),
+        ([llama, "--plan", edited("feasible", lambda d: d.__setitem__("feasible", False))],
+         "does not fit its cards"),
+        # the workload: 4 sequences of 32 tokens per micro-batch against a plan for 2 x 8
+        ([llama, "--plan", plan, "--seq", "32", "--batch", "8"], "larger than the workload the plan was made for"),
+        ([llama, "--plan", plan, "--input-ids", "1,2", "--batch", "2"], "drop --batch and --seq"),
+        # options out of range
+        ([llama, "--plan", plan, "--check", "--tolerance", "-1"], "--tolerance -1.0: give the largest relative error"),
+        ([llama, "--plan", plan, "--tolerance", "0.001"], "add --check"),
+        ([llama, "--plan", plan, "--timeout", "inf"], "--timeout must be a number of seconds > 0"),
+        ([llama, "--plan", plan, "--headroom", "0.1"], "--headroom and --reserve describe the cards"),
+        # the checkpoint: cut short, refused naming the file
+        ([str(truncated), "--plan", plan], f"{weights}: truncated: tensor"),
+    ]
+    for args, expect in cases:
+        start = time.perf_counter()
+        got = runner.invoke(app, ["run", *args])
+        elapsed = time.perf_counter() - start
+        assert got.exit_code == 2, (args, got.output)
+        assert expect in got.output and len(got.output.strip().splitlines()) == 1, (args, got.output)
+        assert elapsed < 5, (args, elapsed)

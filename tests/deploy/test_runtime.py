@@ -127,7 +127,8 @@ def test_interleaved_puts_two_stages_per_process(model_dirs):
 def test_compressed_plan_runs_and_holds_planned_bytes(model_dirs):
     pytest.importorskip("cachefit.compress.apply")
     plan = make_plan(model_dirs["llama"], "90KB", allow=("sparse50", "int8"))
-    layout, result = _run(model_dirs["llama"], plan, RunConfig())
+    # 2 micro-batches of 2 sequences: the plan's workload (more per micro-batch is refused before launch)
+    layout, result = _run(model_dirs["llama"], plan, RunConfig(micro_batches=2))
     for stage in result.report["stages"]:
         assert stage["measured_weight_bytes"] == stage["planned_weight_bytes"]
     verdict = check_run(result, model_dirs["llama"], layout=layout)
@@ -190,3 +191,23 @@ def test_a_failing_rank_ends_the_run_with_the_stage_named(model_dirs, monkeypatc
         _run(model_dirs["llama"], plan, RunConfig(micro_batches=2, timeout_s=3))
     # bounded: a hang is noticed after the 3 s timeout, then the launcher ends the hung rank
     assert time.perf_counter() - start < 60
+
+
+def test_a_rank_that_starts_late_is_waited_for_beyond_the_run_timeout(model_dirs, monkeypatch):
+    # joining and building stages are bounded by startup_timeout_s, not timeout_s: a rank that joins
+    # 4 s late (8 ranks importing torch on 2 cores cold can take a minute) does not fail a run whose
+    # waits are bounded by 2 s once every rank has built its stage
+    from cachefit.deploy import runtime
+
+    joined = runtime.write_pid
+
+    def late(run_dir, rank):
+        if rank == 1:
+            time.sleep(4)
+        joined(run_dir, rank)
+
+    monkeypatch.setattr(runtime, "write_pid", late)  # the forked workers inherit it
+    plan = make_plan(model_dirs["llama"], "400KB")
+    _, result = _run(model_dirs["llama"], plan, RunConfig(micro_batches=2, timeout_s=2, startup_timeout_s=60))
+    assert result.outputs.shape == (4, 8, 128)
+    assert result.report["run"]["startup_timeout_s"] == 60

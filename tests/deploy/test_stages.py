@@ -210,3 +210,17 @@ def test_minilm_two_stages_equal_the_pretrained_model():
     with torch.no_grad():
         out = run_stages_locally(stages, ids, mask)
     assert torch.equal(out, _reference(src, ids, mask))
+
+
+def test_weights_stored_in_an_integer_dtype_are_refused_before_launch(model_dirs, tmp_path):
+    # same names and shapes, but one weight stored as int32: casting it would silently give garbage
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "int_weights"
+    shutil.copytree(model_dirs["llama"], d)
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].to(torch.int32)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    plan = make_plan(model_dirs["llama"], "400KB")
+    with pytest.raises(ConfigError, match=r"'model.layers.1.mlp.up_proj.weight' of unit layers.1 is stored as I32.*float"):
+        layout_from_plan(plan, inspect_model_dir(d))

@@ -1,5 +1,6 @@
 """``cachefit run``: deploy a plan on processes (torchrun) and report measured timings and bytes."""
 
+import contextlib
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -75,7 +76,8 @@ def register(app: typer.Typer) -> None:
         dtype: Annotated[Optional[RunDtypeOpt], typer.Option("--dtype", help="Run dtype (default: the plan's weight dtype, fp32 if it has none of these).")] = None,
         check: Annotated[bool, typer.Option("--check", help="Compare with the unsplit model in fp32 (outputs; losses and gradients in train).")] = False,
         tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Largest relative error --check accepts (default 1e-4 in fp32).")] = None,
-        timeout: Annotated[float, typer.Option("--timeout", help="Seconds any rank waits for another before the run fails.", min=0.1)] = 60.0,
+        timeout: Annotated[float, typer.Option("--timeout", help="Seconds any rank waits for another before the run fails (a hung rank ends the run within 1.5x this).", min=0.1)] = 60.0,
+        startup_timeout: Annotated[float, typer.Option("--startup-timeout", help="Seconds the ranks have to start, join and load their stages, before --timeout applies.", min=0.1)] = 300.0,
         nnodes: Annotated[int, typer.Option("--nnodes", help="Nodes taking part (torchrun rendezvous).", min=1)] = 1,
         node_rank: Annotated[int, typer.Option("--node-rank", help="This node's index.", min=0)] = 0,
         rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous, the same on every node.")] = None,
@@ -89,27 +91,41 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Deploy a plan as a pipeline of processes (torch.distributed) and measure it."""
+        import sys
+
         import torch
 
+        from cachefit.cli import _STATE, _err
+        from cachefit.deploy.preflight import load_checked_plan
         from cachefit.deploy.runtime import NodeConfig, RunConfig, launch, read_inputs_file, resolve_model_dir
-        from cachefit.deploy.verify import check_run, save_outputs as write_outputs
+        from cachefit.deploy.verify import check_run, check_tolerance, save_outputs as write_outputs
         from cachefit.errors import ConfigError, DeployError
         from cachefit.files import check_writable
-        from cachefit.plan import load_plan
 
         if save_outputs is not None:
             check_writable(save_outputs, what="--save-outputs")  # now, not after the whole run
-        plan_obj = load_plan(plan)
-        if device or capacity:
-            # the cards the plan is meant for: refuse a plan made for other ones (the run itself uses
-            # the local processes; the model and workload are checked against the plan before launch)
-            from cachefit.hardware.devices import cluster_to_dict
-            from cachefit.plan import check_provenance, cluster_digest
-
-            cluster = _cluster(device, capacity, level, headroom, reserve)
-            check_provenance(plan_obj, cluster_digest_=cluster_digest(cluster_to_dict(cluster)))
+        # everything is checked before any process starts: the options here, the plan file against
+        # itself and its cards, then (launch) the checkpoint, the processes and the inputs against the plan
+        if tolerance is not None and not check:
+            raise ConfigError(f"--tolerance {tolerance:g} sets what --check accepts; add --check")
         if input_ids is not None and inputs is not None:
             raise ConfigError("give --input-ids or --inputs, not both")
+        if (batch is not None or seq is not None) and (input_ids is not None or inputs is not None):
+            raise ConfigError("--batch and --seq shape random inputs; --input-ids / --inputs give their own shape: "
+                              "drop --batch and --seq")
+        if not (device or capacity) and (level or headroom or reserve):
+            raise ConfigError("--level, --headroom and --reserve describe the cards of --device / --capacity; "
+                              "give one of those too")
+        if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"--run-dir {str(run_dir)!r} is a file; give a folder (it is made if missing)")
+        cards_digest = None
+        if device or capacity:
+            # the cards the plan is meant for (the run itself uses the local processes)
+            from cachefit.hardware.devices import cluster_to_dict
+            from cachefit.plan import cluster_digest
+
+            cards_digest = cluster_digest(cluster_to_dict(_cluster(device, capacity, level, headroom, reserve)))
+        plan_obj = load_checked_plan(plan, cluster_digest_=cards_digest)
         ids = mask = None
         if input_ids is not None:
             ids = _parse_ids(input_ids)
@@ -141,12 +157,19 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(f"the plan's {plan_obj.cards} cards do not divide over {nnodes} nodes; give --nproc")
             nproc = plan_obj.cards // nnodes
         config = RunConfig(schedule=schedule.value, micro_batches=m, mode=run_mode, steps=steps, warmup=warmup,
-                           dtype=run_dtype, timeout_s=timeout, save_grads=check and run_mode == "train",
-                           new_tokens=new_tokens or 0)
+                           dtype=run_dtype, timeout_s=timeout, startup_timeout_s=startup_timeout,
+                           save_grads=check and run_mode == "train", new_tokens=new_tokens or 0)
+        if check:
+            check_tolerance(tolerance, run_dtype)
         nodes = NodeConfig(nproc_per_node=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                            rdzv_id=rdzv_id)
-        result = launch(resolve_model_dir(model_dir), plan_obj, nodes=nodes, config=config, input_ids=ids,
-                        attention_mask=mask, run_dir=run_dir)
+        # the ranks' output goes to the run directory's log; with --debug to the terminal as well
+        verbose = bool(_STATE["debug"])
+        status = (_err.status(f"running {nodes.nproc_per_node} process(es) under torchrun (their output: run.log "
+                              "in the run directory)") if _err.is_terminal and not verbose else contextlib.nullcontext())
+        with status:
+            result = launch(resolve_model_dir(model_dir), plan_obj, nodes=nodes, config=config, input_ids=ids,
+                            attention_mask=mask, run_dir=run_dir, stream=sys.stderr if verbose else None)
         report: dict[str, Any] = dict(result.report)
         if save_outputs is not None:
             if result.outputs is None:
@@ -213,6 +236,10 @@ def _render(report: dict[str, Any], verdict: Any) -> None:
         _console.print(f"loss per micro-batch: {', '.join(f'{v:.6g}' for v in report['losses'])}")
     if report.get("outputs_file"):
         _console.print(f"outputs written to {report['outputs_file']} (key `outputs`)")
+    for note in report.get("notes", ()):
+        _console.print(f"[dim]note:[/] {note}")
+    if report.get("log_file"):
+        _console.print(f"[dim]ranks' output: {report['log_file']}[/]")
     if verdict is not None:
         mark = "[green]passed[/]" if verdict.passed else "[bold red]FAILED[/]"
         _console.print(f"check against the unsplit model: {mark}: {verdict.describe()}")

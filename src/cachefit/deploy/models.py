@@ -53,6 +53,10 @@ _ST_DTYPE_BYTES = {
     "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
     "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
 }
+FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+"""safetensors dtypes of floating-point tensors (what a weight must be stored as)."""
+_MAX_HEADER_BYTES = 100 * 2**20
+"""Largest safetensors header read (the format caps it at 100 MB as well)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,40 +94,82 @@ class ModelSource:
         return self.family != "bert"
 
 
-def _read_header(file: Path) -> dict[str, Any]:
+def _read_header(file: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the bytes of tensor data after it.
+
+    Bounded: the claimed header length is checked against the file's size (and a 100 MiB cap)
+    before anything is read, so a corrupt length never allocates or reads more than the file holds.
+    """
     try:
+        size = file.stat().st_size
         with open(file, "rb") as fh:
             raw = fh.read(8)
             if len(raw) != 8:
-                raise ConfigError(f"{file}: not a safetensors file (shorter than its 8-byte header length)")
+                raise ConfigError(f"{file}: not a safetensors file ({size} B, shorter than its 8-byte header length); "
+                                  "the file is truncated: download or save it again")
             (length,) = struct.unpack("<Q", raw)
-            if length > 100 * 2**20:
-                raise ConfigError(f"{file}: safetensors header claims {length} bytes; the file is corrupt")
-            header = json.loads(fh.read(length))
+            if length > min(_MAX_HEADER_BYTES, size - 8):
+                raise ConfigError(
+                    f"{file}: safetensors header claims {length:,} B but the file holds {size - 8:,} B after the "
+                    "length; the file is truncated or corrupt: download or save it again"
+                )
+            text = fh.read(length)
+        header = json.loads(text)
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read it ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ConfigError(f"{file}: safetensors header is not valid JSON; the file is corrupt or not safetensors") from None
     if not isinstance(header, dict):
         raise ConfigError(f"{file}: safetensors header is not a JSON object")
-    return header
+    return header, size - 8 - length
+
+
+def _tensor_entry(file: Path, name: str, info: Any, data_bytes: int) -> CheckpointTensor:
+    """One header entry, checked: a shape of non-negative ints, a dtype, and ``data_offsets`` that
+    lie inside the file and hold exactly shape x dtype bytes (a truncated file fails here, before
+    any process reads it)."""
+    try:
+        shape = tuple(int(d) for d in info["shape"])
+        dtype = str(info["dtype"])
+        begin, end = (int(v) for v in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{file}: header entry {name!r} has no valid shape, dtype and data_offsets; "
+                          "the file is corrupt: download or save it again") from None
+    if any(d < 0 for d in shape) or not 0 <= begin <= end:
+        raise ConfigError(f"{file}: header entry {name!r} has shape {shape} and data_offsets [{begin}, {end}]; "
+                          "the file is corrupt: download or save it again")
+    if end > data_bytes:
+        raise ConfigError(
+            f"{file}: truncated: tensor {name!r} ends at byte {end:,} of the data but the file holds {data_bytes:,} B "
+            "of data after its header; download or save the checkpoint again"
+        )
+    itemsize = _ST_DTYPE_BYTES.get(dtype)
+    if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+        raise ConfigError(
+            f"{file}: tensor {name!r} ({dtype}, shape {shape}) needs {math.prod(shape) * itemsize:,} B but its "
+            f"data_offsets span {end - begin:,} B; the file is corrupt: download or save it again"
+        )
+    return CheckpointTensor(name=name, shape=shape, dtype=dtype, file=file)
 
 
 def read_checkpoint_tensors(files: Iterable[Path]) -> dict[str, CheckpointTensor]:
-    """Name, shape and dtype of every tensor in ``files``, from their safetensors headers only."""
+    """Name, shape and dtype of every tensor in ``files``, from their safetensors headers only.
+
+    Raises:
+        ConfigError: a file is not safetensors, or is truncated or corrupt (a header longer than the
+            file, a tensor whose bytes lie past its end or do not match its shape and dtype), or two
+            files store the same tensor; the message names the file.
+    """
     out: dict[str, CheckpointTensor] = {}
     for file in files:
-        for name, info in _read_header(file).items():
+        header, data_bytes = _read_header(file)
+        for name, info in header.items():
             if name == "__metadata__":
                 continue
-            try:
-                shape = tuple(int(d) for d in info["shape"])
-                dtype = str(info["dtype"])
-            except (KeyError, TypeError, ValueError):
-                raise ConfigError(f"{file}: header entry {name!r} has no valid shape/dtype") from None
+            tensor = _tensor_entry(file, name, info, data_bytes)
             if name in out:
                 raise ConfigError(f"{file}: tensor {name!r} is also stored in {out[name].file}; remove one copy")
-            out[name] = CheckpointTensor(name=name, shape=shape, dtype=dtype, file=file)
+            out[name] = tensor
     return out
 
 

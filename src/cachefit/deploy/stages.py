@@ -234,6 +234,7 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
             it splits a unit in a way cachefit cannot run, or it compresses units and real
             compression is not available.
     """
+    from cachefit.deploy.models import FLOAT_DTYPES
     from cachefit.profile import profile_model
 
     workload = _plan_workload(plan)
@@ -265,6 +266,13 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
                 raise ConfigError(
                     f"{stored.file}: tensor {stored.name!r} has shape {tuple(stored.shape)}, but config.json gives "
                     f"{tuple(t.shape)} for unit {unit.name}; the weights do not match the config"
+                )
+            if stored.dtype not in FLOAT_DTYPES:
+                declared = source.config.get("torch_dtype") or source.config.get("dtype")
+                raise ConfigError(
+                    f"{stored.file}: tensor {stored.name!r} of unit {unit.name} is stored as {stored.dtype}, but "
+                    f"config.json makes it a floating-point weight{f' ({declared})' if declared else ''}; the "
+                    "weights do not match the config (a quantized checkpoint? cachefit reads float weights)"
                 )
     placements: list[StagePlacement] = []
     for stage_idx, members in enumerate(_group_stages(plan)):

@@ -13,6 +13,7 @@ near-zero entries every output has, so it says nothing about the pipeline.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,21 @@ from cachefit.errors import ConfigError
 
 DEFAULT_TOLERANCE: Mapping[str, float] = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 2e-2}
 """Largest relative error ``--check`` accepts, by run dtype (fp32: reduction-order noise only)."""
+
+
+def check_tolerance(tolerance: float | None, dtype: str = "fp32") -> float:
+    """The tolerance ``--check`` applies: ``tolerance`` if given (a finite number > 0), else the dtype's default.
+
+    Raises:
+        ConfigError: ``tolerance`` is not a finite number > 0 (checked before a run starts, not after it).
+    """
+    if tolerance is None:
+        return DEFAULT_TOLERANCE.get(dtype, 1e-4)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
+            or tolerance <= 0:
+        raise ConfigError(f"--tolerance {tolerance!r}: give the largest relative error --check accepts, a finite "
+                          f"number > 0 (default {DEFAULT_TOLERANCE.get(dtype, 1e-4):g} in {dtype})")
+    return float(tolerance)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -232,7 +248,7 @@ def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout:
     family = getattr(layout, "family", None)
     tied = [t for st in getattr(layout, "stages", ()) for t in st.tied]
     compressed = [st for st in getattr(layout, "stages", ()) if st.compressed]
-    tol = DEFAULT_TOLERANCE.get(dtype, 1e-4) if tolerance is None else tolerance
+    tol = check_tolerance(tolerance, dtype)
     if inputs is None:
         from safetensors.torch import load_file
 
@@ -302,6 +318,7 @@ __all__ = [
     "CheckReport",
     "Comparison",
     "check_run",
+    "check_tolerance",
     "compare",
     "compare_gradients",
     "load_reference",
