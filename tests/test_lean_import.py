@@ -7,7 +7,7 @@ CORE = [
     "cachefit",
     "cachefit.units",
     "cachefit.sizes",
-    "cachefit.activations",
+    "cachefit.profile.activations",
     "cachefit.plan",
     "cachefit.profile",
     "cachefit.profile.hf_config",

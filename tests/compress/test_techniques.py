@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachefit.activations import estimate_activations, estimate_flops_per_token
+from cachefit.profile.activations import estimate_activations, estimate_flops_per_token
 from cachefit.compress import (
     CANONICAL_ORDER,
     TECHNIQUES,

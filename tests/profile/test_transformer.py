@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachefit.activations import estimate_activations
+from cachefit.profile.activations import estimate_activations
 from cachefit.errors import ConfigError, ProfileError
 from cachefit.profile import profile_model
 from cachefit.profile.spec import TransformerSpec

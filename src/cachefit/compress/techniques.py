@@ -38,7 +38,7 @@ from fnmatch import fnmatchcase
 from fractions import Fraction
 from types import MappingProxyType
 
-from cachefit.activations import estimate_activations, estimate_flops_per_token
+from cachefit.profile.activations import estimate_activations, estimate_flops_per_token
 from cachefit.errors import ConfigError, UnsupportedCompressionError
 from cachefit.families import mlp_down_names, mlp_up_names, transposed_weight_patterns
 from cachefit.units import (

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
-from cachefit.activations import estimate_activations, estimate_flops_per_token
+from cachefit.profile.activations import estimate_activations, estimate_flops_per_token
 from cachefit.errors import ConfigError
 from cachefit.families import transposed_weight_patterns
 from cachefit.units import Footprint, LayerShape, TensorSpec, Unit, Workload, dtype_bytes

@@ -1,7 +1,7 @@
 """Analytic profile of a transformer: ``TransformerSpec`` + ``Workload`` -> units in execution order.
 
 Weights come from the spec's real tensors (bytes = numel x weight dtype, per tensor); activations,
-buffers and FLOPs from :mod:`cachefit.activations`, a pure function of each unit's shape. A tied LM
+buffers and FLOPs from :mod:`cachefit.profile.activations`, a pure function of each unit's shape. A tied LM
 head counts its bytes in the head unit too (the card that runs the head needs the matrix), but its
 parameters only once (as ``model.parameters()`` does).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from cachefit.activations import estimate_activations, estimate_flops_per_token
+from cachefit.profile.activations import estimate_activations, estimate_flops_per_token
 from cachefit.errors import ConfigError, ProfileError
 from cachefit.profile.spec import TransformerSpec
 from cachefit.units import (

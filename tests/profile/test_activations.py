@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachefit.activations import ActivationEstimate, estimate_activations, estimate_flops_per_token
+from cachefit.profile.activations import ActivationEstimate, estimate_activations, estimate_flops_per_token
 from cachefit.errors import ConfigError
 from cachefit.units import LayerShape, Workload
 
