@@ -154,7 +154,7 @@ def size_model(device: Any, work: Path) -> ModelShape:
 
     from cachefit.errors import InfeasiblePlanError
     from cachefit.hardware.devices import make_cluster
-    from cachefit.partition.search import plan_partition
+    from cachefit.plan.search import plan_partition
     from cachefit.profile import profile_model
 
     cluster = make_cluster(device)
@@ -181,7 +181,7 @@ def make_plans(model_dir: Path, device: Any) -> dict[str, Any]:
     """The INT8 plan on the probed cards, the fp32 verdict there, and fp32 with the INT8 plan's cuts."""
     from cachefit.errors import InfeasiblePlanError
     from cachefit.hardware.devices import device_from_capacity, make_cluster
-    from cachefit.partition.search import plan_partition
+    from cachefit.plan.search import plan_partition
     from cachefit.profile import profile_model
 
     profile = profile_model(model_dir, demo_workload())

@@ -57,7 +57,7 @@ def build_model(path: Path, *, hidden: int, layers: int, intermediate: int, voca
 
 def plan_for(model_dir: Path, cards: int, workload: Any, device: Any = None) -> tuple[Any, Any]:
     from cachefit.hardware.devices import device_from_capacity, make_cluster
-    from cachefit.partition.search import plan_partition
+    from cachefit.plan.search import plan_partition
     from cachefit.profile import profile_model
 
     profile = profile_model(model_dir, workload)

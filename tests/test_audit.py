@@ -11,7 +11,7 @@ from cachefit.cli import app
 from cachefit.errors import ConfigError
 from cachefit.export import to_accelerate
 from cachefit.hardware.devices import device_from_capacity, make_cluster
-from cachefit.partition.search import plan_partition
+from cachefit.plan.search import plan_partition
 from cachefit.profile import profile_model
 from cachefit.units import Workload
 

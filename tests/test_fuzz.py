@@ -169,7 +169,7 @@ def test_device_file_structures_load_or_raise(scratch, doc, as_yaml):
 @pytest.fixture(scope="module")
 def plan_doc():
     from cachefit.hardware.devices import device_from_capacity, make_cluster
-    from cachefit.partition.search import plan_partition
+    from cachefit.plan.search import plan_partition
     from cachefit.profile import profile_model
 
     plan, _ = plan_partition(profile_model("gpt2"), make_cluster(device_from_capacity("50MB")))

@@ -17,7 +17,7 @@ CORE = [
     "cachefit.compress",
     "cachefit.partition.contiguous",
     "cachefit.partition.split",
-    "cachefit.partition.search",
+    "cachefit.plan.search",
     "cachefit.report.tables",
     "cachefit.cli",
 ]
@@ -28,7 +28,7 @@ def test_core_imports_no_torch():
         "import sys\n"
         + "".join(f"import {m}\n" for m in CORE)
         + "from cachefit.profile import profile_model\n"
-        + "from cachefit.partition.search import plan_partition\n"
+        + "from cachefit.plan.search import plan_partition\n"
         + "from cachefit.hardware import get_device, make_cluster\n"
         + "plan_partition(profile_model('gpt2'), make_cluster(get_device('h100')))\n"
         + "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'matplotlib'))\n"
@@ -40,7 +40,7 @@ def test_core_imports_no_torch():
 def test_python_api_is_lazy_and_complete():
     code = (
         "import sys, cachefit\n"
-        "assert 'cachefit.partition.search' not in sys.modules\n"
+        "assert 'cachefit.plan.search' not in sys.modules\n"
         "prof = cachefit.profile_model('gpt2', cachefit.Workload(batch=1, seq_len=128, mode='decode'))\n"
         "plan, _ = cachefit.plan_partition(prof, cachefit.make_cluster(cachefit.device_from_capacity('100MB')))\n"
         "assert plan.feasible\n"

@@ -24,7 +24,7 @@ LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_
 def _plan_dict() -> dict:
     from cachefit import make_cluster as cluster_of
     from cachefit.hardware.devices import device_from_capacity
-    from cachefit.partition.search import plan_partition
+    from cachefit.plan.search import plan_partition
     from cachefit.profile import profile_model
 
     plan, _ = plan_partition(profile_model("gpt2"), cluster_of(device_from_capacity("100MB")))
@@ -199,7 +199,7 @@ def test_plan_from_dict_refuses_nan_and_oversized_counts():
 
 def test_plan_partition_bounds_num_cards():
     from cachefit.hardware.devices import device_from_capacity
-    from cachefit.partition.search import plan_partition
+    from cachefit.plan.search import plan_partition
     from cachefit.profile import profile_model
 
     with pytest.raises(ConfigError, match=r"num_cards = 100,000 .*limits\.MAX_CARDS"):

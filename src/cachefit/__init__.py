@@ -34,8 +34,8 @@ _API = {
     "make_cluster": "cachefit.hardware.devices",
     "device_from_capacity": "cachefit.hardware.devices",
     "compress_unit": "cachefit.compress.techniques",
-    "plan_partition": "cachefit.partition.search",
-    "pareto_front": "cachefit.partition.search",
+    "plan_partition": "cachefit.plan.search",
+    "pareto_front": "cachefit.plan.search",
     "fewest_cards": "cachefit.partition.contiguous",
     "balanced": "cachefit.partition.contiguous",
     "estimate_cost": "cachefit.cost",
@@ -135,7 +135,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only
         resolve_device,
     )
     from cachefit.partition.contiguous import balanced, fewest_cards
-    from cachefit.partition.search import pareto_front, plan_partition
+    from cachefit.plan.search import pareto_front, plan_partition
     from cachefit.plan import Plan, load_plan
     from cachefit.profile import profile_model
     from cachefit.profile.module import profile_module

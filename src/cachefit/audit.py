@@ -27,7 +27,7 @@ off-chip traffic too. Off-chip bytes per token = traffic per micro-batch / token
 (``batch x query length``: ``batch`` in decode). Embedding tables are counted whole, an upper bound
 (a lookup reads only its tokens' rows).
 
-**The fix** is cachefit's plan for the same cards (:func:`cachefit.partition.search.plan_partition`
+**The fix** is cachefit's plan for the same cards (:func:`cachefit.plan.search.plan_partition`
 with ``num_cards`` = the cards the map uses), or the fewest cards that fit when none fits that many.
 """
 
@@ -305,7 +305,7 @@ def _activations_only(fp: Footprint) -> Footprint:
 
 def _fix_plan(profile: ModelProfile, cluster: Cluster, num_cards: int, allow: Sequence[str],
               stacking: str) -> tuple[Plan | None, str]:
-    from cachefit.partition.search import plan_partition
+    from cachefit.plan.search import plan_partition
 
     if num_cards >= 1:
         try:

@@ -356,7 +356,7 @@ def plan(
     as_json: JsonOption = False,
 ) -> None:
     """Plan a model over cards so every card's partition fits its on-chip memory."""
-    from cachefit.partition.search import pareto_front, plan_partition
+    from cachefit.plan.search import pareto_front, plan_partition
     from cachefit.profile import profile_model
     from cachefit.report.tables import candidates_table, plan_table
 

@@ -17,7 +17,7 @@ from cachefit.cost.roofline import LINK_LATENCY_S
 from cachefit.errors import ConfigError
 from cachefit.hardware import get_device, make_cluster
 from cachefit.hardware.devices import DeviceSpec, MemoryLevel
-from cachefit.partition.search import plan_partition
+from cachefit.plan.search import plan_partition
 from cachefit.plan import Plan, Stage
 from cachefit.profile import profile_model
 from cachefit.units import Footprint, LayerShape, ModelProfile, Unit, Workload

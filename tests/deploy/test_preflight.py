@@ -103,7 +103,7 @@ def test_cluster_digest_is_recomputed_from_the_stages_or_the_cards_given(plan, t
 
 def test_plans_for_catalog_devices_and_with_headroom(model_dirs, tmp_path):
     from cachefit.hardware.devices import cluster_to_dict, make_cluster, resolve_device
-    from cachefit.partition.search import plan_partition
+    from cachefit.plan.search import plan_partition
     from cachefit.plan import cluster_digest
     from cachefit.profile import profile_model
 

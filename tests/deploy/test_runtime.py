@@ -141,7 +141,7 @@ def test_sequential_module_through_the_python_api():
     from torch import nn
 
     from cachefit.hardware.devices import device_from_capacity, make_cluster
-    from cachefit.partition.search import plan_partition
+    from cachefit.plan.search import plan_partition
     from cachefit.profile.module import profile_module
 
     torch.manual_seed(0)

@@ -176,7 +176,7 @@ def test_sequential_layout_checks_children_and_bytes():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     profile = profile_module(model, torch.randn(2, 8))
     from cachefit.hardware.devices import device_from_capacity, make_cluster
-    from cachefit.partition.search import plan_partition
+    from cachefit.plan.search import plan_partition
 
     plan, _ = plan_partition(profile, make_cluster(device_from_capacity("1500B")))
     layout = layout_from_module(plan, model)
@@ -199,7 +199,7 @@ def test_minilm_two_stages_equal_the_pretrained_model():
     workload = dataclasses.replace(WORKLOAD, seq_len=16, micro_batches=1)
     profile = profile_model(path, workload)
     from cachefit.hardware.devices import device_from_capacity, make_cluster
-    from cachefit.partition.search import plan_partition
+    from cachefit.plan.search import plan_partition
 
     plan, _ = plan_partition(profile, make_cluster(device_from_capacity("60MB")), num_cards=2)
     src = inspect_model_dir(path)

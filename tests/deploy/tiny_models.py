@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from cachefit.hardware.devices import device_from_capacity, make_cluster  # noqa: E402
-from cachefit.partition.search import plan_partition  # noqa: E402
+from cachefit.plan.search import plan_partition  # noqa: E402
 from cachefit.profile import profile_model  # noqa: E402
 from cachefit.units import Workload  # noqa: E402
 

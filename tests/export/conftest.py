@@ -3,7 +3,7 @@
 import pytest
 
 from cachefit.hardware.devices import device_from_capacity, make_cluster
-from cachefit.partition.search import plan_partition
+from cachefit.plan.search import plan_partition
 from cachefit.profile import profile_model
 from cachefit.units import Workload
 

@@ -8,7 +8,7 @@ from conftest import CONFIGS, plan_of, profile_of
 from cachefit.export import export_plan, to_accelerate, unit_modules
 from cachefit.export.modules import key_covers
 from cachefit.hardware.devices import device_from_capacity, make_cluster
-from cachefit.partition.search import plan_partition
+from cachefit.plan.search import plan_partition
 
 CASES = [(name, g, k) for name in CONFIGS for g in ("layer", "block") for k in (1, 2, 3)]
 

@@ -84,7 +84,7 @@ def test_export_and_audit_import_no_torch():
         "import sys\n"
         "import cachefit.export, cachefit.audit\n"
         "from cachefit.export import export_plan\n"
-        "from cachefit.partition.search import plan_partition\n"
+        "from cachefit.plan.search import plan_partition\n"
         "from cachefit.profile import profile_model\n"
         "from cachefit.hardware import device_from_capacity, make_cluster\n"
         "plan, _ = plan_partition(profile_model('gpt2'), make_cluster(device_from_capacity('100MB')), num_cards=4)\n"

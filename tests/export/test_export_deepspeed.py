@@ -11,7 +11,7 @@ from cachefit.export import to_deepspeed
 from cachefit.export.deepspeed import partition_uniform
 from cachefit.export.modules import pipeline_parts
 from cachefit.hardware.devices import device_from_capacity, make_cluster
-from cachefit.partition.search import plan_partition
+from cachefit.plan.search import plan_partition
 
 
 def _deepspeed_partition_uniform(num_items, num_parts):

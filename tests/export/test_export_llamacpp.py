@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from cachefit.export import to_llamacpp
 from cachefit.hardware.devices import device_from_capacity, make_cluster
-from cachefit.partition.search import plan_partition
+from cachefit.plan.search import plan_partition
 
 
 def llamacpp_devices(tensor_split, n_layer, n_gpu_layers):

@@ -8,7 +8,7 @@ from conftest import CONFIGS, plan_of, profile_of
 from cachefit.export import to_pipelining
 from cachefit.export.modules import key_covers, pipeline_parts
 from cachefit.hardware.devices import device_from_capacity, make_cluster
-from cachefit.partition.search import plan_partition
+from cachefit.plan.search import plan_partition
 
 CASES = [(name, g, k) for name in CONFIGS for g in ("layer", "block") for k in (1, 2, 3)]
 

@@ -157,10 +157,10 @@ def test_planning_core_tables_are_the_registry_s():
 
 def test_torch_edge_tables_are_the_registry_s():
     pytest.importorskip("torch")
-    from cachefit.compress import apply
+    from cachefit.compress import pruning
     from cachefit.profile import module
 
-    assert apply._MLP_PATTERNS == mlp_patterns()
+    assert pruning._MLP_PATTERNS == mlp_patterns()
     roles = role_module_names()
     assert (module._QKV_NAMES, module._ATTN_OUT_NAMES, module._HEAD_NAMES) == (
         frozenset(roles.qkv), frozenset(roles.attn_out), frozenset(roles.head)

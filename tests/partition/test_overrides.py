@@ -13,7 +13,7 @@ from cachefit.partition.overrides import (
     parse_pin,
     resolve_overrides,
 )
-from cachefit.partition.search import plan_partition
+from cachefit.plan.search import plan_partition
 from cachefit.profile import profile_model
 from cachefit.units import Workload
 

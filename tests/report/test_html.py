@@ -11,7 +11,7 @@ import pytest
 
 from cachefit.cost import compare_layouts, estimate_cost
 from cachefit.hardware import get_device, make_cluster
-from cachefit.partition.search import plan_partition
+from cachefit.plan.search import plan_partition
 from cachefit.profile import profile_model
 from cachefit.report.html import write_report
 from cachefit.report.tables import stage_groups

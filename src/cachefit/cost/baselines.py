@@ -14,7 +14,7 @@ weights it streams from DRAM):
 * ``tensor-parallel`` (Megatron-LM intra-layer, Shoeybi et al. 2019): every unit split over all K
   cards with :func:`cachefit.partition.split.shard_unit` (a unit that cannot be split K ways is split
   as far as it goes), one pipeline stage, two all-reduces per layer;
-* ``cachefit``: :func:`cachefit.partition.search.plan_partition` on K cards. When no plan fits K
+* ``cachefit``: :func:`cachefit.plan.search.plan_partition` on K cards. When no plan fits K
   cards, cachefit's best layout is the balanced contiguous partition ignoring capacity (smallest
   largest stage), with the lightest allowed compression, and it is marked as not fitting on-chip;
   ``min_cards_to_fit`` says how many cards a fitting plan needs.
@@ -28,17 +28,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cachefit.compress.techniques import CompressionConfig, compress_unit, resolve_techniques
+from cachefit.compress.techniques import CompressionConfig, compress_unit
 from cachefit.cost.pipeline import PlanCost, estimate_cost
 from cachefit.cost.roofline import LINK_LATENCY_S
 from cachefit.errors import ConfigError, InfeasiblePlanError
 from cachefit.hardware.devices import Card, Cluster
 from cachefit.partition.contiguous import balanced, footprint_cost_arrays
-from cachefit.partition.search import STACKING, plan_partition, technique_sets
 from cachefit.partition.split import max_shards, shard_unit
-from cachefit.plan import Plan, Stage
+from cachefit.plan.build import plan_from_stages, stage_for
+from cachefit.plan.model import Plan
+from cachefit.plan.search import STACKING, plan_partition, technique_sets
 from cachefit.sizes import format_bytes
-from cachefit.units import ModelProfile, Unit, stack_footprints
+from cachefit.units import ModelProfile, Unit
 
 log = logging.getLogger(__name__)
 
@@ -59,42 +60,10 @@ def _check_cards(cluster: Cluster, num_cards: int) -> None:
         )
 
 
-def _stage(card_index: int, card: Card, start: int, units: Sequence[Unit], stacking: str, *,
-           shard: tuple[int, int] | None = None, collective_bytes_per_token: int = 0) -> Stage:
-    applied = sorted({t for u in units for t in u.compression})
-    return Stage(
-        card=card_index,
-        device=card.device.name,
-        level=card.level_name,
-        units=(start, start + len(units)),
-        unit_names=tuple(u.name for u in units),
-        unit_compression=tuple(u.compression for u in units) if applied else (),
-        footprint=stack_footprints((u.footprint for u in units), reuse=stacking == "reuse"),
-        capacity_bytes=card.capacity_bytes,
-        compression=resolve_techniques(applied) if applied else (),
-        shard=shard,
-        collective_bytes_per_token=collective_bytes_per_token,
-    )
-
-
-def _plan(profile: ModelProfile, stages: Sequence[Stage], objective: str, stacking: str,
-          notes: Sequence[str]) -> Plan:
-    return Plan(
-        model=profile.model,
-        workload=profile.workload.to_dict(),
-        devices=tuple(s.device for s in stages),
-        objective=objective,
-        stages=tuple(stages),
-        num_units=len(profile.units),
-        stacking=stacking,
-        notes=tuple(notes),
-    )
-
-
 def _contiguous_plan(profile: ModelProfile, cluster: Cluster, parts: Sequence[tuple[int, int]],
                      units: Sequence[Unit], objective: str, stacking: str, notes: Sequence[str]) -> Plan:
-    stages = [_stage(i, _card(cluster, i), a, units[a:b], stacking) for i, (a, b) in enumerate(parts)]
-    return _plan(profile, stages, objective, stacking, notes)
+    stages = [stage_for(i, _card(cluster, i), a, units[a:b], stacking=stacking) for i, (a, b) in enumerate(parts)]
+    return plan_from_stages(profile, stages, objective=objective, stacking=stacking, notes=notes)
 
 
 def uniform_layers_plan(profile: ModelProfile, cluster: Cluster, num_cards: int, *, stacking: str = "reuse") -> Plan:
@@ -180,11 +149,11 @@ def tensor_parallel_plan(profile: ModelProfile, cluster: Cluster, num_cards: int
     if capped:
         notes.append(f"split as far as their dimensions allow: {', '.join(capped[:4])}{' ...' if len(capped) > 4 else ''}")
     stages = [
-        _stage(r, _card(cluster, r), 0, shards, stacking, shard=(r, num_cards) if num_cards > 1 else None,
-               collective_bytes_per_token=traffic if num_cards > 1 else 0)
+        stage_for(r, _card(cluster, r), 0, shards, stacking=stacking, shard=(r, num_cards) if num_cards > 1 else None,
+                  collective_bytes_per_token=traffic if num_cards > 1 else 0)
         for r in range(num_cards)
     ]
-    return _plan(profile, stages, "tensor_parallel", stacking, notes)
+    return plan_from_stages(profile, stages, objective="tensor_parallel", stacking=stacking, notes=notes)
 
 
 def _lightest(profile: ModelProfile, allow: Sequence[str], config: CompressionConfig) -> tuple[tuple[str, ...], tuple[Unit, ...]]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from cachefit.compress.techniques import compress_unit, compression_risk, explain_compression
 from cachefit.hardware.devices import get_device, make_cluster
-from cachefit.partition.search import Candidate, pareto_front, plan_partition
+from cachefit.plan.search import Candidate, pareto_front, plan_partition
 from cachefit.plan import Plan
 from cachefit.profile import profile_model
 from cachefit.sizes import format_bytes
@@ -88,7 +88,7 @@ def _mb(nbytes: float) -> str:
 
 def _smallest_combo_under(layer: Unit, wl: Workload, limit: int) -> tuple[tuple[str, ...], int] | None:
     """The least risky technique set that brings the layer's weights under ``limit`` bytes."""
-    from cachefit.partition.search import technique_sets
+    from cachefit.plan.search import technique_sets
 
     for combo in technique_sets(ALL_TECHNIQUES):
         if not combo:

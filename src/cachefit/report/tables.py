@@ -12,7 +12,7 @@ from cachefit.units import ModelProfile
 
 if TYPE_CHECKING:
     from cachefit.hardware.devices import DeviceSpec
-    from cachefit.partition.search import Candidate
+    from cachefit.plan.search import Candidate
     from cachefit.plan import Plan, Stage
 
 

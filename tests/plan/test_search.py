@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from cachefit.compress import compress_unit
 from cachefit.errors import InfeasiblePlanError
 from cachefit.hardware import device_from_capacity, get_device, make_cluster
-from cachefit.partition.search import plan_partition, technique_sets
+from cachefit.plan.search import plan_partition, technique_sets
 from cachefit.partition.split import shard_unit
 from cachefit.profile import profile_model
 from cachefit.units import Footprint, ModelProfile, Unit, Workload, stack_footprints

@@ -7,7 +7,7 @@ import pytest
 from cachefit.errors import ConfigError
 from cachefit.hardware import device_from_capacity, get_device, make_cluster
 from cachefit.hardware.devices import cluster_to_dict
-from cachefit.partition.search import plan_partition
+from cachefit.plan.search import plan_partition
 from cachefit.plan import Plan, check_provenance, cluster_digest, load_plan
 from cachefit.profile import profile_model
 from cachefit.units import Workload
@@ -33,7 +33,7 @@ def test_plan_round_trips_through_json(tmp_path):
 def test_plans_are_byte_identical_across_processes():
     code = (
         "from cachefit.profile import profile_model\n"
-        "from cachefit.partition.search import plan_partition\n"
+        "from cachefit.plan.search import plan_partition\n"
         "from cachefit.hardware import get_device, make_cluster\n"
         "p, _ = plan_partition(profile_model('llama-2-7b'), make_cluster(get_device('h100')), allow=['int8'])\n"
         "print(p.to_json())\n"

@@ -24,12 +24,13 @@ from cachefit.compress.techniques import (
     resolve_techniques,
 )
 from cachefit.errors import ConfigError, InfeasiblePlanError, UnsupportedCompressionError
-from cachefit.hardware.devices import Card, Cluster, DeviceSpec, cluster_to_dict
+from cachefit.hardware.devices import Card, Cluster, DeviceSpec
 from cachefit.limits import check_limit
 from cachefit.partition.contiguous import Partition, balanced, fewest_cards
 from cachefit.partition.overrides import Overrides, ResolvedOverrides, constrained_partition, resolve_overrides
 from cachefit.partition.split import Shard, max_shards, shard_unit
-from cachefit.plan import Plan, Stage, cluster_digest
+from cachefit.plan.build import plan_from_stages, stage_for
+from cachefit.plan.model import Plan
 from cachefit.sizes import format_bytes
 from cachefit.units import Footprint, ModelProfile, Unit, stack_footprints
 
@@ -580,29 +581,11 @@ def _revert_unneeded(
 
 def _build_plan(profile: ModelProfile, cards: _Cards, layout: _Layout, combo: tuple[str, ...]) -> Plan:
     stages = []
-    idx = 0
-    reuse = layout.stacking == "reuse"
     for g in layout.groups:
-        footprint = stack_footprints((u.footprint for u in g.units), reuse=reuse)
-        applied = resolve_techniques(sorted({t for u in g.units for t in u.compression}))
         for r in range(g.shards):
-            card = cards.card(idx)
-            stages.append(
-                Stage(
-                    card=idx,
-                    device=card.device.name,
-                    level=card.level_name,
-                    units=(g.start, g.end),
-                    unit_names=tuple(u.name for u in g.units),
-                    unit_compression=tuple(u.compression for u in g.units),
-                    footprint=footprint,
-                    capacity_bytes=card.capacity_bytes,
-                    compression=applied,
-                    shard=(r, g.shards) if g.shards > 1 else None,
-                    collective_bytes_per_token=g.collective_bytes_per_token,
-                )
-            )
-            idx += 1
+            stages.append(stage_for(len(stages), cards.card(len(stages)), g.start, g.units, stacking=layout.stacking,
+                                    shard=(r, g.shards) if g.shards > 1 else None,
+                                    collective_bytes_per_token=g.collective_bytes_per_token))
     notes = []
     if "batch" in combo:
         notes.append(
@@ -623,23 +606,8 @@ def _build_plan(profile: ModelProfile, cards: _Cards, layout: _Layout, combo: tu
     if cards.num_cards is not None and layout.cards < cards.num_cards:
         notes.append(f"uses {layout.cards} of the {cards.num_cards} cards asked for: the split layout found "
                      "no better bottleneck with more")
-    from cachefit.version import __version__
-
-    return Plan(
-        model=profile.model,
-        workload=profile.workload.to_dict(),
-        devices=tuple(s.device for s in stages),
-        objective="fewest_cards" if cards.num_cards is None else "balanced",
-        stages=tuple(stages),
-        num_units=len(profile.units),
-        stacking=layout.stacking,
-        notes=tuple(notes),
-        provenance={
-            "version": __version__,
-            "profile": profile.digest(),
-            "cluster": cluster_digest(cluster_to_dict(cards.cluster)),
-        },
-    )
+    return plan_from_stages(profile, stages, objective="fewest_cards" if cards.num_cards is None else "balanced",
+                            stacking=layout.stacking, notes=notes, cluster=cards.cluster)
 
 
 def _infeasible(

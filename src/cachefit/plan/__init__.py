@@ -1,0 +1,17 @@
+"""The plan and the search that makes it.
+
+:mod:`.model` holds :class:`Plan` and :class:`Stage` (the planner's decision as a plain, versioned
+value that ``cost``, ``report`` and ``deploy`` read) with its JSON reader and provenance checks;
+:mod:`.search` chooses compression and a partition of the units over the cards
+(:func:`plan_partition`), using the algorithms of :mod:`cachefit.partition`; :mod:`.build` turns
+units placed on cards into stages and plans, for the search and the cost model's baselines alike.
+"""
+
+from cachefit.plan.model import PLAN_SCHEMA, Plan, Stage, check_provenance, cluster_digest, load_plan
+from cachefit.plan.build import plan_from_stages, stage_for  # noqa: E402 - after the model it builds
+from cachefit.plan.search import STACKING, Candidate, pareto_front, plan_partition, technique_sets  # noqa: E402
+
+__all__ = [
+    "PLAN_SCHEMA", "STACKING", "Candidate", "Plan", "Stage", "check_provenance", "cluster_digest", "load_plan",
+    "pareto_front", "plan_partition", "plan_from_stages", "stage_for", "technique_sets",
+]

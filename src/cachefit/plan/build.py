@@ -1,0 +1,60 @@
+"""Building stages and plans from units placed on cards: the one constructor the planner's search
+and the cost model's baselines share, so a baseline layout is a plan made the way plans are made."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cachefit.compress.techniques import resolve_techniques
+from cachefit.hardware.devices import Card, Cluster, cluster_to_dict
+from cachefit.plan.model import Plan, Stage, cluster_digest
+from cachefit.units import ModelProfile, Unit, stack_footprints
+
+
+def stage_for(card_index: int, card: Card, start: int, units: Sequence[Unit], *, stacking: str,
+              shard: tuple[int, int] | None = None, collective_bytes_per_token: int = 0) -> Stage:
+    """The stage of ``units`` (the profile's units ``start .. start + len(units)``, compressed as they
+    say) on card ``card_index``; ``shard`` = (index, count) for one shard of a split stage.
+
+    Its bytes stack the units' footprints (``stacking``: ``reuse`` shares scratch, ``sum`` adds all).
+    """
+    applied = resolve_techniques(sorted({t for u in units for t in u.compression}))
+    return Stage(
+        card=card_index,
+        device=card.device.name,
+        level=card.level_name,
+        units=(start, start + len(units)),
+        unit_names=tuple(u.name for u in units),
+        unit_compression=tuple(u.compression for u in units),
+        footprint=stack_footprints((u.footprint for u in units), reuse=stacking == "reuse"),
+        capacity_bytes=card.capacity_bytes,
+        compression=applied,
+        shard=shard,
+        collective_bytes_per_token=collective_bytes_per_token,
+    )
+
+
+def plan_from_stages(profile: ModelProfile, stages: Sequence[Stage], *, objective: str, stacking: str,
+                     notes: Sequence[str] = (), cluster: Cluster | None = None) -> Plan:
+    """A plan of ``profile`` over ``stages``; with ``cluster`` it records its provenance (cachefit's
+    version and the digests of the profile and the cards), which ``cachefit run`` checks."""
+    provenance = None
+    if cluster is not None:
+        from cachefit.version import __version__
+
+        provenance = {"version": __version__, "profile": profile.digest(),
+                      "cluster": cluster_digest(cluster_to_dict(cluster))}
+    return Plan(
+        model=profile.model,
+        workload=profile.workload.to_dict(),
+        devices=tuple(s.device for s in stages),
+        objective=objective,
+        stages=tuple(stages),
+        num_units=len(profile.units),
+        stacking=stacking,
+        notes=tuple(notes),
+        provenance=provenance,
+    )
+
+
+__all__ = ["plan_from_stages", "stage_for"]
