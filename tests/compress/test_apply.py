@@ -23,8 +23,6 @@ from cachefit.compress.apply import (  # noqa: E402
     CompressionReport,
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
-    _pack_nibbles,
-    _unpack_nibbles,
     bytes_by_role,
     check_bytes,
     checkpoint_modules_,
@@ -33,6 +31,7 @@ from cachefit.compress.apply import (  # noqa: E402
     measure_module_bytes,
     sparse24_mask,
 )
+from cachefit.compress.quantized import _pack_nibbles, _unpack_nibbles  # noqa: E402
 from cachefit.errors import ConfigError, UnsupportedCompressionError  # noqa: E402
 from cachefit.profile import profile_model  # noqa: E402
 from cachefit.units import Mode, Workload  # noqa: E402

@@ -10,6 +10,16 @@ one the planner reads) and in-place functions with a trailing ``_``::
     measured = measure_module_bytes(model, fqns=[t.name for t in unit.tensors])
     check_bytes(sum(measured.values()), planned, what="layers.0").ok
 
+This module is the orchestration: which layers each technique acts on, the handler of each
+technique (checkpointing and SDPA whole, they are a few lines each), the report, the byte check
+against the plan and the torchao backend. The work itself
+lives by role next to it, and the public names are re-exported here:
+
+* :mod:`cachefit.compress.quantized`: the int8 / int4 weight-only linear modules.
+* :mod:`cachefit.compress.pruning`: structured MLP sparsity and 2:4 masks.
+* :mod:`cachefit.compress.measure`: real bytes of a module (by FQN, by role) and embedding cosine.
+* :mod:`cachefit.compress.linear`: what counts as a linear layer (``nn.Linear``, GPT-2 ``Conv1D``).
+
 What each technique does here (the byte formulas are those of ``techniques.py``, and the stored
 bytes match them: ``measure_module_bytes`` after ``compress_module_`` equals ``compress_unit``'s
 weight bytes, tested per family):
@@ -60,13 +70,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from cachefit.compress.linear import as_out_in, check_fqns, is_conv1d, is_linear_like, join_fqn
+from cachefit.compress.measure import base_fqn, bytes_by_role, embedding_cosine, measure_module_bytes
+from cachefit.compress.pruning import find_mlps, mask_24_, prune_mlp_, sparse24_mask, to_semi_structured_
+from cachefit.compress.quantized import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from cachefit.compress.techniques import CompressionConfig, compress_unit, resolve_techniques
 from cachefit.errors import ConfigError, UnsupportedCompressionError
-from cachefit.families import MlpPattern, mlp_patterns
 from cachefit.units import DTYPE_BITS, Footprint, TensorSpec, Unit, Workload, normalize_dtype
 
 _log = logging.getLogger(__name__)
@@ -91,18 +103,6 @@ BACKENDS: tuple[str, ...] = ("cachefit", "torchao")
 """``cachefit``: cachefit's own modules, stored exactly in the format the planner counts, on any
 device. ``torchao``: torchao's configs where they run (int8 anywhere, int4 on CUDA), bytes as
 torchao stores them."""
-
-_TORCH_DTYPES: Mapping[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-}
-# The CPU int4 kernel (aten _weight_int4pack_mm_for_cpu) accepts these group sizes and needs the
-# output rows in multiples of 16 (its own checks: "expect qGroupSize to be 32, 64, 128 or 256",
-# "expect N to be dividable by 16"), seen on torch 2.13.
-_CPU_INT4_GROUPS = (32, 64, 128, 256)
-_CPU_INT4_ROW_MULTIPLE = 16
-_FLOAT_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ class CompressionReport:
         total = sum(measured.values())
         for t in self.tensors:
             if t.counted_not_measured and t.fqn in measured:
-                total += t.counted_bytes - sum(v for k, v in measured.items() if _base_fqn(k) == t.fqn)
+                total += t.counted_bytes - sum(v for k, v in measured.items() if base_fqn(k) == t.fqn)
         return total
 
     def describe(self) -> str:
@@ -231,346 +231,7 @@ def check_bytes(measured: int, planned: int, *, tolerance: float = 0.02, what: s
 
 
 # --------------------------------------------------------------------------------------------------
-# Measuring real bytes
-
-# Suffixes of the tensors stored next to a weight ``<fqn>``: ``<fqn>_scale``, ``<fqn>_zero_point``,
-# ``<fqn>_scales_and_zeros`` (role "scales"), ``<fqn>_meta`` / bitmasks (role "metadata").
-_SCALE_MARKERS = ("scale", "zero")
-_METADATA_MARKERS = ("meta", "bitmask")
-
-
-def _companion_role(suffix: str) -> str | None:
-    lowered = suffix.lower()
-    if any(m in lowered for m in _METADATA_MARKERS):
-        return "metadata"
-    if any(m in lowered for m in _SCALE_MARKERS):
-        return "scales"
-    return None
-
-
-def _base_fqn(key: str) -> str:
-    """``a.weight_scale`` -> ``a.weight``; any other key is its own base."""
-    owner, _, name = key.rpartition(".")
-    stem, sep, suffix = name.partition("_")
-    if sep and _companion_role(suffix) is not None:
-        return f"{owner}.{stem}" if owner else stem
-    return key
-
-
-def _storage_parts(fqn: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """(key, plain tensor) pairs holding the storages of ``tensor``; wrapper subclasses (torchao's
-    quantized tensors, semi-structured sparse) are opened to their inner tensors: values under
-    ``fqn``, scales / zero points / metadata under ``fqn_<inner name>``."""
-    if is_traceable_wrapper_subclass(tensor):
-        inner_names, _ = tensor.__tensor_flatten__()
-        parts = []
-        for inner in inner_names:
-            value = getattr(tensor, inner)
-            if value is None:
-                continue
-            key = f"{fqn}_{inner}" if _companion_role(inner) is not None else fqn
-            parts += _storage_parts(key, value)
-        return parts
-    return [(fqn, tensor)]
-
-
-def measure_module_bytes(module: nn.Module, fqns: Collection[str] | None = None) -> dict[str, int]:
-    """Real bytes of a module's parameters and buffers, by FQN, each storage counted once.
-
-    Bytes are the storages' sizes (a view of a larger tensor counts the whole storage it keeps
-    alive). Quantized weights appear as their values under the weight's FQN and their scales / zero
-    points / metadata under ``<fqn>_scale``, ``<fqn>_scales_and_zeros``, ``<fqn>_zero_point``,
-    ``<fqn>_meta``. A storage shared by several FQNs (a tied LM head) is counted under the first
-    FQN that ``named_parameters(remove_duplicate=False)`` gives.
-
-    Args:
-        module: the module to measure.
-        fqns: keep only these FQNs (and the scales / metadata stored next to them); None keeps all.
-            Names of weights that were compressed still select their values and scales.
-    """
-    wanted = None if fqns is None else frozenset(_check_names(fqns, "measure_module_bytes: fqns"))
-    seen: set[int] = set()
-    out: dict[str, int] = {}
-    named = [
-        *module.named_parameters(remove_duplicate=False),
-        *module.named_buffers(remove_duplicate=False),
-    ]
-    for fqn, tensor in named:
-        if tensor is None:
-            continue
-        for key, part in _storage_parts(fqn, tensor):
-            if wanted is not None and key not in wanted and _base_fqn(key) not in wanted:
-                continue
-            storage = part.untyped_storage()
-            ident = storage._cdata  # one StorageImpl per real allocation, whatever Python object wraps it
-            if ident in seen:
-                continue
-            seen.add(ident)
-            out[key] = out.get(key, 0) + storage.nbytes()
-    return out
-
-
-def bytes_by_role(measured: Mapping[str, int], tensors: Sequence[TensorSpec]) -> dict[str, int]:
-    """Group measured bytes by the roles of ``tensors`` (a unit's ``TensorSpec``s): scales and zero
-    points go to ``scales``, sparsity metadata to ``metadata`` (as ``Footprint.weight_roles`` does);
-    FQNs not among ``tensors`` go to ``other``."""
-    role_of = {t.name: t.role for t in tensors}
-    out: dict[str, int] = {}
-    for key, nbytes in measured.items():
-        base = _base_fqn(key)
-        if base != key and base in role_of:
-            role = _companion_role(key[len(base) + 1 :]) or role_of[base]
-        else:
-            role = role_of.get(key, "other")
-        out[role] = out.get(role, 0) + nbytes
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Quantized linear modules
-
-
-def _scale_dtype(config: CompressionConfig) -> torch.dtype:
-    return _TORCH_DTYPES[config.scale_dtype]
-
-
-def _as_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight as (out_features, in_features), whatever the module stores (Conv1D: (in, out))."""
-    weight = module.weight.detach()
-    return weight.t() if _is_conv1d(module) else weight
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D (GPT-2): weight (nx=in, nf=out), matched by name so that
-    # cachefit does not import transformers.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-class Int8WeightOnlyLinear(nn.Module):
-    """``y = x W^T + b`` with W stored as symmetric int8 and one scale per output row (or group).
-
-    Stored: ``weight`` int8 (out, in), ``weight_scale`` (out, groups) in the config's scale dtype,
-    ``bias`` as it was. Bytes: ``out * in + out * groups * s`` (``techniques.py``).
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, config: CompressionConfig) -> None:
-        super().__init__()
-        out_features, in_features = weight.shape
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        self.group_size = config.int8_group_size or in_features
-        groups = -(-in_features // self.group_size)
-        w = weight.detach().float()
-        padded = F.pad(w, (0, groups * self.group_size - in_features)).reshape(out_features, groups, self.group_size)
-        scale_dtype = _scale_dtype(config)
-        # Symmetric: scale = max|w| / 127 per row (group), values in [-127, 127]. The scale is
-        # rounded to its stored dtype first so that values and stored scale agree exactly.
-        amax = padded.abs().amax(dim=-1)
-        scale = (amax / 127.0).clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)
-        q = torch.round(padded / scale.float().unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-        self.register_buffer("weight", q.reshape(out_features, -1)[:, :in_features].contiguous())
-        self.register_buffer("weight_scale", scale.contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.exact_fp32 = False  # True: fp32 activations stay fp32 in aten's kernel (slow, no bf16 rounding)
-
-    @property
-    def kernel(self) -> str:
-        if self.weight.device.type == "cpu" and self.group_size == self.in_features:
-            return "aten _weight_int8pack_mm (CPU, per-row scales; bf16 activations when aligned)"
-        return "dequantize on the fly"
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as (out, in) floats: int8 value x its scale."""
-        scale = self.weight_scale.to(dtype).repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
-        return self.weight.to(dtype) * scale
-
-    def _kernel_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """Activation dtype for aten's CPU int8 kernel.
-
-        Its vectorized path is bf16 only: with fp32 activations it runs a scalar loop about 4x slower
-        than the fp32 GEMV it replaces (bench/cachefit_demo.py), so fp32 runs in bf16 (relative error
-        ~1e-2 on top of the int8 rounding) unless ``exact_fp32``. The bf16 path crashes (SIGSEGV,
-        torch 2.13 CPU) for more than one row when in_features is not a multiple of 16: those shapes
-        stay fp32.
-        """
-        aligned = self.in_features % 16 == 0
-        if dtype == torch.bfloat16 and not aligned:
-            return torch.float32
-        if dtype == torch.float32 and aligned and not self.exact_fp32:
-            return torch.bfloat16
-        return dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type == "cpu"
-            and self.group_size == self.in_features
-            and x.dtype in _FLOAT_KERNEL_DTYPES
-            and hasattr(torch, "_weight_int8pack_mm")
-        ):
-            kdtype = self._kernel_dtype(x.dtype)
-            flat = x.reshape(-1, self.in_features).to(kdtype).contiguous()
-            y = torch._weight_int8pack_mm(flat, self.weight, self.weight_scale.reshape(-1).to(kdtype))
-            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        else:
-            y = F.linear(x, self.dequantize(x.dtype))
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
-
-
-def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """Values in [0, 15] -> flat uint8, two per byte (element 2k in the high nibble), zero-padded."""
-    flat = q.reshape(-1).to(torch.uint8)
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return (flat[0::2] << 4) | flat[1::2]
-
-
-def _unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`_pack_nibbles`: the first ``numel`` values as uint8."""
-    out = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1)
-    return out[:numel]
-
-
-class Int4WeightOnlyLinear(nn.Module):
-    """``y = x W^T + b`` with W stored in 4 bits, groups of ``g`` inputs, a scale (and zero point)
-    per group and output row.
-
-    Quantization (gpt-fast / torchao ``groupwise_affine_quantize``, asymmetric): per group
-    ``scale = (max - min) / 15``, ``zero = min + 8 scale``, ``q = round((w - min) / scale)`` in
-    [0, 15]; the weight is ``(q - 8) scale + zero``, the form aten's int4 kernels use. Symmetric
-    (``int4_zero_points=False``): ``scale = 2 max|w| / 15``, zero 0, no zero points stored.
-    Input features that are not a multiple of ``g`` are padded with zeros (stored and counted, as
-    ``techniques.py`` counts them with ``pad_groups``).
-
-    Stored: ``weight`` uint8 (two values a byte: aten's CPU packing ``(out, in_padded / 2)`` or
-    cachefit's flat packing), ``weight_scales_and_zeros`` ``(groups, out, 2)`` or ``weight_scale``
-    ``(groups, out)`` in the scale dtype, ``bias`` as it was.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, config: CompressionConfig) -> None:
-        super().__init__()
-        out_features, in_features = weight.shape
-        group = config.int4_group_size
-        if in_features % group and not config.pad_groups:
-            raise UnsupportedCompressionError(
-                f"int4: {in_features} input features are not a multiple of the group size {group}; choose "
-                f"int4_group_size dividing {in_features}, or allow padding (pad_groups=True)"
-            )
-        self.in_features, self.out_features, self.group_size = int(in_features), int(out_features), group
-        padded_in = -(-in_features // group) * group
-        self.padded_in_features = padded_in
-        groups = padded_in // group
-        w = F.pad(weight.detach().float(), (0, padded_in - in_features)).reshape(out_features, groups, group)
-        scale_dtype = _scale_dtype(config)
-        tiny = torch.finfo(scale_dtype).tiny
-        self.zero_points = config.int4_zero_points
-        if self.zero_points:
-            lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-            scale = ((hi - lo) / 15.0).clamp(min=tiny).to(scale_dtype)
-            zero = (lo + 8.0 * scale.float()).to(scale_dtype)
-            # the stored (rounded) scale and zero define the grid: w ~ (q - 8) scale + zero
-            base = zero.float() - 8.0 * scale.float()
-            q = torch.round((w - base.unsqueeze(-1)) / scale.float().unsqueeze(-1)).clamp(0, 15)
-            scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # (groups, out, 2)
-            self.register_buffer("weight_scales_and_zeros", scales_and_zeros.contiguous())
-        else:
-            scale = (2.0 * w.abs().amax(dim=-1) / 15.0).clamp(min=tiny).to(scale_dtype)
-            q = (torch.round(w / scale.float().unsqueeze(-1)) + 8.0).clamp(0, 15)
-            self.register_buffer("weight_scale", scale.t().contiguous())
-        q = q.reshape(out_features, padded_in).to(torch.int32)
-        self.aten_packed = (
-            weight.device.type == "cpu"
-            and out_features % _CPU_INT4_ROW_MULTIPLE == 0
-            and group in _CPU_INT4_GROUPS
-            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
-        )
-        if self.aten_packed:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-        else:
-            packed = _pack_nibbles(q)
-        self.register_buffer("weight", packed.contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    @property
-    def kernel(self) -> str:
-        if self.aten_packed:
-            return "aten _weight_int4pack_mm_for_cpu"
-        return "dequantize on the fly (cachefit nibble packing)"
-
-    def _scales_and_zeros(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.zero_points:
-            return self.weight_scales_and_zeros.to(dtype)
-        scale = self.weight_scale.to(dtype)
-        return torch.stack([scale, torch.zeros_like(scale)], dim=-1)
-
-    def _values(self) -> torch.Tensor:
-        """The 4-bit values in [0, 15] as (out, in_padded) uint8."""
-        if not self.aten_packed:
-            return _unpack_nibbles(self.weight, self.out_features * self.padded_in_features).reshape(
-                self.out_features, self.padded_in_features
-            )
-        # aten's CPU packing is opaque: recover the values by multiplying identity rows through the
-        # kernel with unit scales and zero points 8, (q - 8) * 1 + 8 = q (exact in fp32), a slice of
-        # inputs at a time. Used by dequantize() only, not by forward.
-        k = self.padded_in_features
-        unit = torch.ones(k // self.group_size, self.out_features, 2)
-        unit[..., 1] = 8.0
-        cols = []
-        for start in range(0, k, 512):
-            eye = torch.eye(k, dtype=torch.float32)[start : start + 512]
-            cols.append(torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, unit))
-        return torch.cat(cols).t().round().to(torch.uint8)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as (out, in) floats: ``(q - 8) scale + zero`` per group."""
-        sz = self._scales_and_zeros(torch.float32)  # (groups, out, 2)
-        scale = sz[..., 0].t().repeat_interleave(self.group_size, dim=1)
-        zero = sz[..., 1].t().repeat_interleave(self.group_size, dim=1)
-        w = (self._values().float() - 8.0) * scale + zero
-        return w[:, : self.in_features].to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.aten_packed and self.weight.device.type != "cpu":
-            raise UnsupportedCompressionError(
-                f"int4 weights packed for aten's CPU kernel were moved to {self.weight.device}; compress the "
-                f"module on the device it runs on (compress_module_(..., device=...))"
-            )
-        if self.aten_packed and x.device.type == "cpu" and x.dtype in _FLOAT_KERNEL_DTYPES:
-            flat = x.reshape(-1, self.in_features)
-            if self.padded_in_features != self.in_features:
-                flat = F.pad(flat, (0, self.padded_in_features - self.in_features))
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat.contiguous(), self.weight, self.group_size, self._scales_and_zeros(x.dtype)
-            )
-            y = y.reshape(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.dequantize(x.dtype))
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-            f"zero_points={self.zero_points}"
-        )
-
-
-# --------------------------------------------------------------------------------------------------
 # Finding the layers
-
-
-def _check_names(names: Collection[str], what: str) -> list[str]:
-    if isinstance(names, str):
-        raise ConfigError(f"{what} must be a collection of FQNs, got the string {names!r}; wrap it in a list")
-    out = list(names)
-    bad = [n for n in out if not isinstance(n, str)]
-    if bad:
-        raise ConfigError(f"{what} must hold FQN strings, got {bad[:3]!r}")
-    return out
 
 
 def _role_guesser(root: nn.Module, roles: Mapping[str, str] | None) -> Callable[[str], str]:
@@ -586,10 +247,6 @@ def _role_guesser(root: nn.Module, roles: Mapping[str, str] | None) -> Callable[
     return role
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 def _linear_targets(
     root: nn.Module,
     allowed_roles: Collection[str],
@@ -599,9 +256,9 @@ def _linear_targets(
     """(module FQN, module) of the linear layers whose weight FQN is selected and has an allowed role."""
     out = []
     for name, mod in root.named_modules():
-        if not _is_linear_like(mod) or not isinstance(getattr(mod, "weight", None), torch.Tensor):
+        if not is_linear_like(mod) or not isinstance(getattr(mod, "weight", None), torch.Tensor):
             continue
-        weight_fqn = _join(name, "weight")
+        weight_fqn = join_fqn(name, "weight")
         if fqns is not None and weight_fqn not in fqns:
             continue
         if role(weight_fqn) in allowed_roles:
@@ -618,173 +275,6 @@ def _replace_module(root: nn.Module, fqn: str, new: nn.Module) -> None:
     parent_fqn, _, child = fqn.rpartition(".")
     parent = root.get_submodule(parent_fqn) if parent_fqn else root
     setattr(parent, child, new)
-
-
-@dataclass(slots=True)
-class _Record:
-    """A weight's history while compress_module_ runs."""
-
-    shape_before: tuple[int, ...]
-    bytes_before: int
-    dtype: str
-    role: str
-    techniques: list[str] = field(default_factory=list)
-    sparse24_masked: bool = False
-    kernel: str = "dense"
-
-
-# --------------------------------------------------------------------------------------------------
-# Structured MLP sparsity
-
-
-# Relative paths, from the module that owns them, of the MLP matrices that share the intermediate
-# dimension (transformers' module names): every family's FamilySpec.mlp_patterns, gated ones first.
-_MLP_PATTERNS: tuple[MlpPattern, ...] = mlp_patterns()
-
-
-@dataclass(frozen=True, slots=True)
-class _Mlp:
-    fqn: str
-    owner: nn.Module
-    pattern: MlpPattern
-    up: nn.Module
-    down: nn.Module
-    gate: nn.Module | None
-
-    def weight_fqns(self) -> list[str]:
-        names = [self.pattern.up, self.pattern.down] + ([self.pattern.gate] if self.pattern.gate else [])
-        return [_join(self.fqn, f"{n}.weight") for n in names]
-
-
-def _get(owner: nn.Module, path: str) -> nn.Module | None:
-    try:
-        mod = owner.get_submodule(path)
-    except AttributeError:
-        return None
-    return mod if _is_linear_like(mod) else None
-
-
-def _find_mlps(root: nn.Module) -> list[_Mlp]:
-    found = []
-    for name, mod in root.named_modules():
-        for pattern in _MLP_PATTERNS:
-            up, down = _get(mod, pattern.up), _get(mod, pattern.down)
-            gate = _get(mod, pattern.gate) if pattern.gate else None
-            if up is None or down is None or (pattern.gate and gate is None):
-                continue
-            found.append(_Mlp(fqn=name, owner=mod, pattern=pattern, up=up, down=down, gate=gate))
-            break
-    return found
-
-
-def _out_rows_norm(module: nn.Module) -> torch.Tensor:
-    return _as_out_in(module).float().norm(dim=1)
-
-
-def _set_weight_(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-
-
-def _keep_rows_(module: nn.Module, index: torch.Tensor) -> None:
-    """Keep output features ``index`` of a Linear / Conv1D (weight rows, bias entries).
-
-    The kept slices are copied (``contiguous``), so the old, larger storages are freed.
-    """
-    with torch.no_grad():
-        if _is_conv1d(module):
-            _set_weight_(module, "weight", module.weight.detach()[:, index])
-            module.nf = int(index.numel())
-        else:
-            _set_weight_(module, "weight", module.weight.detach()[index])
-            module.out_features = int(index.numel())
-        if getattr(module, "bias", None) is not None:
-            _set_weight_(module, "bias", module.bias.detach()[index])
-
-
-def _keep_cols_(module: nn.Module, index: torch.Tensor) -> None:
-    """Keep input features ``index`` of a Linear / Conv1D (weight columns; the bias is per output)."""
-    with torch.no_grad():
-        if _is_conv1d(module):
-            _set_weight_(module, "weight", module.weight.detach()[index])
-            module.nx = int(index.numel())
-        else:
-            _set_weight_(module, "weight", module.weight.detach()[:, index])
-            module.in_features = int(index.numel())
-
-
-def _prune_mlp_(mlp: _Mlp, removed_fraction: float) -> tuple[int, int]:
-    """Remove the lowest-scoring intermediate neurons of one MLP; returns (width before, kept)."""
-    up_rows = _out_rows_norm(mlp.up)
-    width = _as_out_in(mlp.down).shape[1]
-    if mlp.pattern.fused_gate_up:
-        if up_rows.numel() != 2 * width:
-            raise UnsupportedCompressionError(
-                f"structured sparsity on {mlp.fqn}: fused gate_up has {up_rows.numel()} outputs, expected "
-                f"2 x {width} (the down projection's inputs)"
-            )
-        score = up_rows[:width] * up_rows[width:]
-    else:
-        score = up_rows
-        if score.numel() != width:
-            raise UnsupportedCompressionError(
-                f"structured sparsity on {mlp.fqn}: the up projection has {score.numel()} outputs but the down "
-                f"projection {width} inputs; not an MLP cachefit can prune"
-            )
-        if mlp.gate is not None:
-            score = score * _out_rows_norm(mlp.gate)
-    # Neuron i's contribution is bounded by ||up_i|| ||gate_i|| ||down_:,i|| (its input rows and its
-    # output column): a magnitude criterion in the spirit of LLM-Pruner's first-order importance
-    # without gradients (Ma et al. 2023).
-    score = score * _as_out_in(mlp.down).float().norm(dim=0)
-    # Same count as techniques.py: floor(width * fraction) neurons removed.
-    kept = width - math.floor(width * removed_fraction)
-    index = torch.topk(score, kept).indices.sort().values.to(_as_out_in(mlp.down).device)
-    if mlp.pattern.fused_gate_up:
-        _keep_rows_(mlp.up, torch.cat([index, index + width]))
-    else:
-        _keep_rows_(mlp.up, index)
-        if mlp.gate is not None:
-            _keep_rows_(mlp.gate, index)
-    _keep_cols_(mlp.down, index)
-    # Modules that remember the width (transformers' LlamaMLP.intermediate_size) follow it.
-    if isinstance(getattr(mlp.owner, "intermediate_size", None), int):
-        mlp.owner.intermediate_size = kept
-    mlp.owner._cachefit_pruned = True  # pruned once: a second call would compound (the planner refuses that too)
-    return width, kept
-
-
-# --------------------------------------------------------------------------------------------------
-# 2:4 masks
-
-
-def sparse24_mask(weight_out_in: torch.Tensor) -> torch.Tensor:
-    """Boolean 2:4 mask of an (out, in) matrix: in every 4 consecutive inputs of a row the 2 largest
-    |w| are kept (ties: the first). A last partial group keeps at most 2."""
-    rows, cols = weight_out_in.shape
-    cols4 = -(-cols // 4) * 4
-    mag = F.pad(weight_out_in.detach().abs().float(), (0, cols4 - cols), value=-1.0)  # padding never wins
-    groups = mag.reshape(rows, cols4 // 4, 4)
-    top = groups.topk(2, dim=-1).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
-    return mask.reshape(rows, cols4)[:, :cols]
-
-
-def _mask_24_(module: nn.Module) -> None:
-    with torch.no_grad():
-        mask = sparse24_mask(_as_out_in(module))
-        if _is_conv1d(module):
-            mask = mask.t()
-        module.weight.mul_(mask.to(module.weight.dtype))
-
-
-def _to_semi_structured_(module: nn.Module) -> str:
-    """CUDA: store a masked nn.Linear weight as torch's semi-structured sparse tensor."""
-    from torch.sparse import to_sparse_semi_structured
-
-    sparse = to_sparse_semi_structured(module.weight.detach())
-    module.weight = nn.Parameter(sparse, requires_grad=False)
-    return "torch.sparse semi-structured (CUDA)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -811,7 +301,7 @@ def checkpoint_modules_(module: nn.Module, fqns: Collection[str]) -> tuple[str, 
         ConfigError: an FQN that names no submodule.
     """
     wrapped = []
-    for fqn in _check_names(fqns, "checkpoint_modules_: fqns"):
+    for fqn in check_fqns(fqns, "checkpoint_modules_: fqns"):
         try:
             sub = module.get_submodule(fqn)
         except AttributeError:
@@ -838,9 +328,9 @@ def _layer_stack_fqns(root: nn.Module, fqns: frozenset[str] | None) -> list[str]
         if len({type(child) for child in mod}) != 1:
             continue
         for index, child in enumerate(mod):
-            child_fqn = _join(name, str(index))
+            child_fqn = join_fqn(name, str(index))
             if fqns is not None:
-                owned = {_join(child_fqn, n) for n, _ in child.named_parameters(remove_duplicate=False)}
+                owned = {join_fqn(child_fqn, n) for n, _ in child.named_parameters(remove_duplicate=False)}
                 if not owned & fqns:
                     continue
             out.append(child_fqn)
@@ -869,6 +359,19 @@ def _set_sdpa_(root: nn.Module) -> str | None:
 
 # --------------------------------------------------------------------------------------------------
 # The entry point
+
+
+@dataclass(slots=True)
+class _Record:
+    """A weight's history while compress_module_ runs."""
+
+    shape_before: tuple[int, ...]
+    bytes_before: int
+    dtype: str
+    role: str
+    techniques: list[str] = field(default_factory=list)
+    sparse24_masked: bool = False
+    kernel: str = "dense"
 
 
 def _counted_bytes(record: _Record, shape: tuple[int, int], config: CompressionConfig, fqn: str) -> int:
@@ -916,7 +419,7 @@ class _Run:
         if weight_fqn not in self.records:
             w = mod.weight
             self.records[weight_fqn] = _Record(
-                shape_before=tuple(_as_out_in(mod).shape),
+                shape_before=tuple(as_out_in(mod).shape),
                 bytes_before=sum(measure_module_bytes(mod, fqns=["weight"]).values()),
                 dtype=_dtype_name(w.dtype),
                 role=self.role(weight_fqn),
@@ -938,9 +441,9 @@ def _apply_prune(run: _Run, name: str) -> str | None:
     fraction = {"sparse50": 0.5, "sparse75": 0.75}[name]
     mlps = [
         m
-        for m in _find_mlps(run.module)
-        if (run.selected is None or _join(m.fqn, f"{m.pattern.up}.weight") in run.selected)
-        and not getattr(m.owner, "_cachefit_pruned", False)
+        for m in find_mlps(run.module)
+        if (run.selected is None or join_fqn(m.fqn, f"{m.pattern.up}.weight") in run.selected)
+        and not m.pruned
         and not any(_is_compressed(x) for x in (m.up, m.down, m.gate) if x is not None)
     ]
     if not mlps:
@@ -949,7 +452,7 @@ def _apply_prune(run: _Run, name: str) -> str | None:
     for mlp in mlps:
         for weight_fqn in mlp.weight_fqns():
             run.record(weight_fqn, run.module.get_submodule(weight_fqn.rpartition(".")[0])).techniques.append(name)
-        widths.add(_prune_mlp_(mlp, fraction))
+        widths.add(prune_mlp_(mlp, fraction))
     shown = ", ".join(f"{w} -> {k}" for w, k in sorted(widths))
     run.notes.append(f"{name}: {len(mlps)} MLP(s) pruned, intermediate neurons {shown}")
     return None
@@ -964,8 +467,8 @@ def _apply_sparse24(run: _Run, name: str) -> str | None:
     if not targets:
         return f"no float linear layer with a role in {run.config.sparse24_roles} among the selected weights"
     for mod_fqn, mod in targets:
-        rec = run.record(_join(mod_fqn, "weight"), mod)
-        _mask_24_(mod)
+        rec = run.record(join_fqn(mod_fqn, "weight"), mod)
+        mask_24_(mod)
         rec.techniques.append(name)
         rec.sparse24_masked = True
         rec.kernel = "masked dense (2:4 zeros stored densely; compressed size counted)"
@@ -985,13 +488,13 @@ def _apply_quantize(run: _Run, name: str) -> str | None:
             f"selected weights"
         )
     for mod_fqn, mod in targets:
-        rec = run.record(_join(mod_fqn, "weight"), mod)
+        rec = run.record(join_fqn(mod_fqn, "weight"), mod)
         rec.techniques.append(name)
         if run.backend == "torchao":
             rec.kernel = _torchao_quantize_(mod, name, run.config, run.device)
             continue
         cls = Int8WeightOnlyLinear if name == "int8" else Int4WeightOnlyLinear
-        new = cls(_as_out_in(mod), getattr(mod, "bias", None), config=run.config)
+        new = cls(as_out_in(mod), getattr(mod, "bias", None), config=run.config)
         _replace_module(run.module, mod_fqn, new)
         rec.kernel = new.kernel
     return None
@@ -1042,7 +545,7 @@ def _semi_structured_on_cuda_(run: _Run) -> None:
         if not rec.sparse24_masked or not isinstance(mod, nn.Linear) or _is_compressed(mod):
             continue
         try:
-            rec.kernel = _to_semi_structured_(mod)
+            rec.kernel = to_semi_structured_(mod)
         except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:
             run.notes.append(f"sparse24: {weight_fqn} stays masked dense on CUDA ({exc})")
 
@@ -1057,7 +560,7 @@ def _tensor_changes(run: _Run) -> tuple[TensorChange, ...]:
         if isinstance(mod, (Int8WeightOnlyLinear, Int4WeightOnlyLinear)):
             out_in = (mod.out_features, mod.in_features)
         else:
-            out_in = tuple(_as_out_in(mod).shape)
+            out_in = tuple(as_out_in(mod).shape)
         counted = measured
         if rec.sparse24_masked and not is_traceable_wrapper_subclass(getattr(mod, "weight", None)):
             counted = _counted_bytes(rec, out_in, run.config, weight_fqn)
@@ -1132,7 +635,7 @@ def compress_module_(
         )
     selected: frozenset[str] | None = None
     if fqns is not None:
-        selected = frozenset(_check_names(fqns, "compress_module_: fqns"))
+        selected = frozenset(check_fqns(fqns, "compress_module_: fqns"))
         known = {n for n, _ in module.named_parameters(remove_duplicate=False)}
         known |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
         unknown = sorted(selected - known)
@@ -1189,7 +692,7 @@ def _torchao_quantize_(mod: nn.Module, name: str, config: CompressionConfig, dev
         raise UnsupportedCompressionError(
             f"backend 'torchao' needs torchao ({exc}); install it (pip install torchao) or use backend='cachefit'"
         ) from None
-    if _is_conv1d(mod):
+    if is_conv1d(mod):
         raise UnsupportedCompressionError(
             "backend 'torchao' quantizes nn.Linear only, not GPT-2's Conv1D; use backend='cachefit' for GPT-2"
         )
@@ -1210,59 +713,3 @@ def _torchao_quantize_(mod: nn.Module, name: str, config: CompressionConfig, dev
     quantize_(mod, ao_config)
     return f"torchao {type(ao_config).__name__}"
 
-
-# --------------------------------------------------------------------------------------------------
-# Quality
-
-
-def embedding_cosine(
-    model_fp32: nn.Module,
-    model_q: nn.Module,
-    sentences: Sequence[str] | Mapping[str, torch.Tensor],
-    *,
-    tokenizer: Any = None,
-) -> float:
-    """Smallest cosine similarity, over sentences, of mean-pooled embeddings of two encoders.
-
-    Mean pooling over the tokens the attention mask keeps (sentence-transformers' pooling for
-    all-MiniLM-L6-v2). ``sentences`` are strings (tokenized with ``tokenizer``, by default the
-    tokenizer saved next to ``model_fp32``'s checkpoint, loaded offline) or an already tokenized
-    batch (``input_ids``, ``attention_mask``).
-
-    Raises:
-        ConfigError: no sentences, or strings without a tokenizer to read them.
-    """
-    if isinstance(sentences, Mapping):
-        batch = dict(sentences)
-    else:
-        sentences = list(sentences)
-        if not sentences or not all(isinstance(s, str) for s in sentences):
-            raise ConfigError("embedding_cosine: give a non-empty list of sentences (strings) or a tokenized batch")
-        if tokenizer is None:
-            path = getattr(getattr(model_fp32, "config", None), "_name_or_path", "")
-            if not path:
-                raise ConfigError(
-                    "embedding_cosine: no tokenizer given and the model does not say where it was loaded from; "
-                    "pass tokenizer=AutoTokenizer.from_pretrained(...)"
-                )
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        batch = dict(tokenizer(sentences, padding=True, truncation=True, return_tensors="pt"))
-    if "input_ids" not in batch:
-        raise ConfigError(f"embedding_cosine: the tokenized batch has no input_ids (keys: {sorted(batch)})")
-    mask = batch.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(batch["input_ids"])
-
-    def embed(model: nn.Module) -> torch.Tensor:
-        param = next(iter(model.parameters()), None)
-        dev = param.device if param is not None else torch.device("cpu")
-        with torch.no_grad():
-            out = model(**{k: v.to(dev) for k, v in batch.items()})
-        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-        m = mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)
-        return ((hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).float().cpu()
-
-    a, b = embed(model_fp32), embed(model_q)
-    return float(F.cosine_similarity(a, b, dim=-1).min())
