@@ -470,19 +470,6 @@ def _register_commands() -> None:
             module.register(app)
 
 
-# The names `cachefit.commands.run` still imports from here; it moves to cachefit.commands.options
-# with the rest (the other commands already have).
-from cachefit.commands.options import (  # noqa: E402
-    CapacityOption,
-    DeviceOption,
-    HeadroomOption,
-    LevelOption,
-    ReserveOption,
-)
-
-_console, _err, _STATE, _handles_errors, _print_json, _cluster = (
-    console, err_console, STATE, handles_errors, print_json, build_cluster)
-
 _register_commands()
 
 

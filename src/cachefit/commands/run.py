@@ -43,21 +43,20 @@ def _parse_ids(text: str) -> Any:
 
 
 def register(app: typer.Typer) -> None:
-    # no `from __future__ import annotations` here: typer evaluates these annotations, and JsonOption
-    # is imported in this function (importing cachefit.cli at module level would be circular)
-    from cachefit.cli import (
+    # no `from __future__ import annotations` here: typer evaluates these annotations in this scope
+    from cachefit.commands.options import (
         CapacityOption,
         DeviceOption,
         HeadroomOption,
         JsonOption,
         LevelOption,
         ReserveOption,
-        _cluster,
-        _handles_errors,
+        build_cluster,
+        handles_errors,
     )
 
     @app.command()
-    @_handles_errors
+    @handles_errors
     def run(
         model_dir: Annotated[str, typer.Argument(help="A local Hugging Face model directory (config.json + *.safetensors), or all-minilm-l6-v2.")],
         plan: Annotated[Path, typer.Option("--plan", "-p", help="Plan JSON written by `cachefit plan ... --json`.")],
@@ -95,7 +94,7 @@ def register(app: typer.Typer) -> None:
 
         import torch
 
-        from cachefit.cli import _STATE, _err
+        from cachefit.commands.options import STATE, err_console
         from cachefit.deploy.preflight import load_checked_plan
         from cachefit.deploy.runtime import NodeConfig, RunConfig, launch, read_inputs_file, resolve_model_dir
         from cachefit.deploy.verify import check_run, check_tolerance, save_outputs as write_outputs
@@ -124,7 +123,7 @@ def register(app: typer.Typer) -> None:
             from cachefit.hardware.devices import cluster_to_dict
             from cachefit.plan import cluster_digest
 
-            cards_digest = cluster_digest(cluster_to_dict(_cluster(device, capacity, level, headroom, reserve)))
+            cards_digest = cluster_digest(cluster_to_dict(build_cluster(device, capacity, level, headroom, reserve)))
         plan_obj = load_checked_plan(plan, cluster_digest_=cards_digest)
         ids = mask = None
         if input_ids is not None:
@@ -164,9 +163,9 @@ def register(app: typer.Typer) -> None:
         nodes = NodeConfig(nproc_per_node=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                            rdzv_id=rdzv_id)
         # the ranks' output goes to the run directory's log; with --debug to the terminal as well
-        verbose = bool(_STATE["debug"])
-        status = (_err.status(f"running {nodes.nproc_per_node} process(es) under torchrun (their output: run.log "
-                              "in the run directory)") if _err.is_terminal and not verbose else contextlib.nullcontext())
+        verbose = bool(STATE["debug"])
+        status = (err_console.status(f"running {nodes.nproc_per_node} process(es) under torchrun (their output: run.log "
+                              "in the run directory)") if err_console.is_terminal and not verbose else contextlib.nullcontext())
         with status:
             result = launch(resolve_model_dir(model_dir), plan_obj, nodes=nodes, config=config, input_ids=ids,
                             attention_mask=mask, run_dir=run_dir, stream=sys.stderr if verbose else None)
@@ -188,9 +187,9 @@ def register(app: typer.Typer) -> None:
                                 tolerance=tolerance, dtype=run_dtype)
             report["check"] = verdict.to_dict()
         if as_json:
-            from cachefit.cli import _print_json
+            from cachefit.commands.options import print_json
 
-            _print_json(report)
+            print_json(report)
         else:
             _render(report, verdict)
         if verdict is not None and not verdict.passed:
@@ -200,11 +199,11 @@ def register(app: typer.Typer) -> None:
 def _render(report: dict[str, Any], verdict: Any) -> None:
     from rich.table import Table
 
-    from cachefit.cli import _console
+    from cachefit.commands.options import console
     from cachefit.sizes import format_bytes
 
     if "stages" not in report:
-        _console.print(report.get("note", "done"))
+        console.print(report.get("note", "done"))
         return
     run = report["run"]
     title = (f"{report['model']}: {report['stages_count']} stages on {report['cards']} cards, {run['schedule']}, "
@@ -222,24 +221,24 @@ def _render(report: dict[str, Any], verdict: Any) -> None:
                       format_bytes(st["planned_weight_bytes"]), format_bytes(held) if held is not None else "-",
                       f"{fwd * 1e3:.2f} ms" if fwd is not None else "-",
                       f"{st['busy_s']:.3f} s" if st.get("busy_s") is not None else "-")
-    _console.print(table)
+    console.print(table)
     t = report["timings"]
     if t.get("mean_step_s"):
-        _console.print(f"step: {t['mean_step_s'] * 1e3:.2f} ms mean over {len(t['step_s'])} step(s), "
+        console.print(f"step: {t['mean_step_s'] * 1e3:.2f} ms mean over {len(t['step_s'])} step(s), "
                        f"{t['tokens_per_s']:.1f} tokens/s end to end")
     if t.get("ms_per_token") is not None:
-        _console.print(f"decode: {t['ms_per_token']:.2f} ms/token (mean of {len(t['token_s'])} one-token step(s)), "
+        console.print(f"decode: {t['ms_per_token']:.2f} ms/token (mean of {len(t['token_s'])} one-token step(s)), "
                        f"prefill {t['prefill_s'][-1] * 1e3:.2f} ms")
     if report.get("generated_ids") is not None:
-        _console.print(f"generated ids: {report['generated_ids']}")
+        console.print(f"generated ids: {report['generated_ids']}")
     if report.get("losses"):
-        _console.print(f"loss per micro-batch: {', '.join(f'{v:.6g}' for v in report['losses'])}")
+        console.print(f"loss per micro-batch: {', '.join(f'{v:.6g}' for v in report['losses'])}")
     if report.get("outputs_file"):
-        _console.print(f"outputs written to {report['outputs_file']} (key `outputs`)")
+        console.print(f"outputs written to {report['outputs_file']} (key `outputs`)")
     for note in report.get("notes", ()):
-        _console.print(f"[dim]note:[/] {note}")
+        console.print(f"[dim]note:[/] {note}")
     if report.get("log_file"):
-        _console.print(f"[dim]ranks' output: {report['log_file']}[/]")
+        console.print(f"[dim]ranks' output: {report['log_file']}[/]")
     if verdict is not None:
         mark = "[green]passed[/]" if verdict.passed else "[bold red]FAILED[/]"
-        _console.print(f"check against the unsplit model: {mark}: {verdict.describe()}")
+        console.print(f"check against the unsplit model: {mark}: {verdict.describe()}")
