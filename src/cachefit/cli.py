@@ -462,7 +462,7 @@ def _register_commands() -> None:
     import importlib
     import pkgutil
 
-    from cachefit import commands
+    import cachefit.commands as commands
 
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         module = importlib.import_module(f"cachefit.commands.{info.name}")

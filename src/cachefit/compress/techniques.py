@@ -586,7 +586,7 @@ def _quantize(state: _State, name: str, config: CompressionConfig) -> tuple[_Sta
 
 
 # MLP projections into (up, gate) and out of (down) the intermediate, from the family registry's
-# MLP patterns (``FamilySpec.mlp_patterns``), the same ones compress/apply.py prunes by.
+# MLP patterns (``FamilySpec.mlp_patterns``), the same ones compress/pruning.py prunes by.
 _UP_NAMES = mlp_up_names()
 _DOWN_NAMES = mlp_down_names()
 

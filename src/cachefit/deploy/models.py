@@ -292,7 +292,7 @@ def build_skeleton(source: ModelSource, *, attn_implementation: str | None = Non
     return model
 
 
-def _stored_name(source: ModelSource, model: nn.Module, fqn: str) -> str | None:
+def stored_name(source: ModelSource, model: nn.Module, fqn: str) -> str | None:
     """The checkpoint name of the model tensor ``fqn`` (the checkpoint may omit the base-model prefix)."""
     if fqn in source.tensors:
         return fqn
@@ -310,9 +310,9 @@ def checkpoint_name(source: ModelSource, model: nn.Module, fqn: str, *, tied_to:
     Raises:
         ConfigError: neither ``fqn`` nor the tensor it is tied to is in the checkpoint.
     """
-    got = _stored_name(source, model, fqn)
+    got = stored_name(source, model, fqn)
     if got is None and tied_to is not None:
-        got = _stored_name(source, model, tied_to)
+        got = stored_name(source, model, tied_to)
     if got is None:
         raise ConfigError(
             f"{source.path}: tensor {fqn!r} is missing from the checkpoint's safetensors files"
@@ -410,7 +410,7 @@ def _init_buffers_(model: nn.Module, source: ModelSource, *, device: torch.devic
         elif attr == "token_type_ids":
             value = torch.zeros(buf.shape, dtype=torch.long, device=device)
         else:
-            stored = _stored_name(source, model, fqn)
+            stored = stored_name(source, model, fqn)
             if stored is None:
                 raise DeployError(
                     f"buffer {fqn} of {type(owner).__name__} is not in the checkpoint and cachefit cannot recompute it"

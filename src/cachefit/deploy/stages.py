@@ -252,9 +252,9 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
         for t in unit.tensors:
             stored = source.tensors.get(t.name) or (source.tensors.get(t.tied_to) if t.tied_to else None)
             if stored is None:
-                from cachefit.deploy.models import _stored_name  # prefix-tolerant lookup, no torch
+                from cachefit.deploy.models import stored_name  # prefix-tolerant lookup, no torch
 
-                alt = _stored_name(source, _Prefix(source), t.name)
+                alt = stored_name(source, _Prefix(source), t.name)
                 stored = source.tensors.get(alt) if alt else None
             if stored is None:
                 raise ConfigError(
@@ -342,7 +342,7 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
 
 
 class _Prefix:
-    """Stands in for a model in ``_stored_name`` before any torch import: only the prefix is read."""
+    """Stands in for a model in ``stored_name`` before any torch import: only the prefix is read."""
     def __init__(self, source: ModelSource) -> None:
         self.base_model_prefix = {"llama": "model", "gpt2": "transformer", "bert": "bert"}.get(source.family, "")
 

@@ -88,7 +88,7 @@ class FamilySpec:
     """True for decoder families; False for encoders (a config may still say otherwise, as BERT's
     ``is_decoder``: the spec's ``causal`` is the one that counts for a model)."""
     mlp_patterns: tuple[MlpPattern, ...]
-    """The family's MLP module names, which structured sparsity (``compress/apply.py``) prunes and
+    """The family's MLP module names, which structured sparsity (``compress/pruning.py``) prunes and
     ``compress/techniques.py`` reads to tell up from down projections."""
     transposed_weights: tuple[str, ...] = ()
     """fnmatch patterns of weights stored (in, out) instead of ``nn.Linear``'s (out, in): GPT-2's

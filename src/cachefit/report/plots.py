@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from cachefit.plan import Plan
 
 
-def _pyplot():
+def pyplot():  # noqa: ANN201 - the matplotlib.pyplot module
+    """matplotlib's pyplot on the Agg backend (files only, no display), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,7 +29,8 @@ def _unit_scale(max_bytes: float) -> tuple[float, str]:
     return 1.0, "B"
 
 
-def _png_bytes(fig) -> bytes:
+def png_bytes(fig) -> bytes:  # noqa: ANN001 - a matplotlib Figure
+    """The figure as PNG bytes."""
     # rendered in memory: the file is then written whole or not at all, always as PNG whatever
     # the path's extension (savefig would append ".png" to a name without one)
     buf = io.BytesIO()
@@ -49,7 +51,7 @@ def render_plan_png(plan: Plan) -> bytes:
     """Per-card stacked bars (weights, activations, buffers) against each card's capacity line, as PNG bytes."""
     from cachefit.report.tables import stage_groups
 
-    plt = _pyplot()
+    plt = pyplot()
     groups = stage_groups(plan)
     stages = [stage for stage, _ in groups]
     peak = max(max(s.total_bytes for s in stages), max(s.capacity_bytes for s in stages))
@@ -84,6 +86,6 @@ def render_plan_png(plan: Plan) -> bytes:
     ax.legend(fontsize=8, loc="upper center", ncol=4, frameon=False)
     fig.tight_layout()
     try:
-        return _png_bytes(fig)
+        return png_bytes(fig)
     finally:
         plt.close(fig)

@@ -48,9 +48,9 @@ def render_timeline_png(cost: PlanCost, *, max_stages: int = 64) -> bytes:
         cost: a :class:`cachefit.cost.PlanCost` (its ``ops`` are the simulated step).
         max_stages: draw at most this many pipeline stages (the first ones), saying so in the title.
     """
-    from cachefit.report.plots import _png_bytes, _pyplot
+    from cachefit.report.plots import png_bytes, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     rows = min(cost.pipeline_stages, max_stages)
     height = max(2.5, min(14.0, 0.45 * rows + 1.6))
     fig, ax = plt.subplots(figsize=(10, height), dpi=120)
@@ -87,7 +87,7 @@ def render_timeline_png(cost: PlanCost, *, max_stages: int = 64) -> bytes:
                 fontsize=10,
             )
         fig.tight_layout()
-        return _png_bytes(fig)
+        return png_bytes(fig)
     finally:
         plt.close(fig)
 
