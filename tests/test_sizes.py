@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from cachefit.errors import ConfigError
-from cachefit.sizes import format_bytes, parse_bytes
+from cachefit.sizes import format_bytes, format_capacity, parse_bytes
 
 
 @pytest.mark.parametrize(
@@ -45,3 +45,18 @@ def test_format_bytes_names_units():
     assert format_bytes(50_000_000) == "50.0 MB"
     assert format_bytes(512) == "512 B"
     assert format_bytes(50 * 2**20, binary=True) == "50.0 MiB"
+
+
+def test_format_capacity_picks_the_units_the_count_was_written_in():
+    assert format_capacity(50 * 2**20) == "50.0 MiB"  # whole MiB: binary
+    assert format_capacity(48 * 2**10) == "48.0 KiB"  # whole KiB below 1 MiB: binary
+    assert format_capacity(44_000_000_000) == "44.0 GB"  # else decimal
+    assert format_capacity(3 * 2**10 + 1) == "3.1 KB"
+
+
+def test_rate_and_time_parsers_live_here_and_in_the_hardware_face():
+    import cachefit.hardware.devices as devices
+    import cachefit.sizes as sizes
+
+    for name in ("parse_bandwidth", "parse_flops", "parse_duration"):
+        assert getattr(devices, name) is getattr(sizes, name)

@@ -1,7 +1,9 @@
-"""Byte sizes and durations: parse ``50MB`` / ``1.5GiB``, format bytes and seconds for humans.
+"""Numbers from text and back: byte sizes, bandwidths, FLOP/s and durations.
 
-Decimal units (B, KB, MB, GB, TB) are powers of 10^3, binary units (KiB, MiB, GiB, TiB) powers of
-2^10, on the command line as in every file cachefit reads. Output always names its unit.
+Parse ``50MB`` / ``1.5GiB`` (bytes), ``7.0TB/s`` (bytes/s), ``989TFLOPS`` (FLOP/s) and ``2.4us``
+(seconds); format bytes and seconds for humans. Decimal units (B, KB, MB, GB, TB) are powers of
+10^3, binary units (KiB, MiB, GiB, TiB) powers of 2^10, on the command line as in every file
+cachefit reads. Output always names its unit.
 """
 
 from __future__ import annotations
@@ -25,12 +27,25 @@ _UNITS: dict[str, int] = {
     "tib": 2**40,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
+_FLOPS_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
+# per second: a time is divided by these (2.5 / 1e6 is exactly 2.5e-06; 2.5 * 1e-6 is not)
+_DURATION_UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6, "\u00b5s": 1e6, "\u03bcs": 1e6, "ns": 1e9}
 
 
 def _shown(text: object) -> str:
     """``repr(text)``, cut to 60 characters: messages stay one readable line whatever the input."""
     shown = repr(text)
     return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_positive(value: object, what: str) -> None:
+    if not (_is_number(value) and math.isfinite(value) and value > 0):  # type: ignore[arg-type]
+        raise ConfigError(f"{what} must be a positive number, got {value!r}")
 
 
 def parse_bytes(text: str | int | float, *, what: str = "size") -> int:
@@ -76,6 +91,78 @@ def parse_bytes(text: str | int | float, *, what: str = "size") -> int:
     return int(round(nbytes))
 
 
+def parse_bandwidth(text: str | int | float, *, what: str = "bandwidth") -> float:
+    """Parse a bandwidth such as ``7.0TB/s``, ``900 GB/s``, ``48KiB/s`` or a number of bytes/s.
+
+    Units are the byte units of :func:`parse_bytes` followed by ``/s``. Bits per second
+    (``Gb/s``) are refused: a lower-case ``b`` is too easy to misread by 8x.
+
+    Raises:
+        ConfigError: not a positive rate with a known unit.
+    """
+    if isinstance(text, bool):
+        raise ConfigError(f"{what}: expected a bandwidth such as 7.0TB/s, got {text!r}")
+    if _is_number(text):
+        _check_positive(text, what)
+        return float(text)
+    match = re.fullmatch(rf"\s*{_NUMBER}\s*(?:([A-Za-z]+)\s*/\s*s)?\s*", str(text))
+    if not match:
+        raise ConfigError(
+            f"{what}: cannot read {text!r} as a bandwidth; write a number with a unit per second, "
+            "e.g. 7.0TB/s, 900GB/s, or bytes/s as a plain number"
+        )
+    value, unit = float(match.group(1)), match.group(2) or "B"
+    if unit.endswith("b") and not unit.lower().endswith("ib"):
+        raise ConfigError(
+            f"{what}: {text!r} is in bits per second; write bytes, e.g. {value / 8:g}{unit[:-1].upper()}B/s"
+        )
+    try:
+        scale = parse_bytes(f"1{unit}", what=what)
+    except ConfigError:
+        raise ConfigError(
+            f"{what}: unknown unit {unit!r}/s in {text!r}; use B, KB, MB, GB, TB, PB, KiB, MiB, GiB or TiB per second"
+        ) from None
+    rate = value * scale
+    _check_positive(rate, what)
+    return rate
+
+
+def parse_flops(text: str | int | float, *, what: str = "peak_flops") -> float:
+    """Parse a compute rate: ``989TFLOPS``, ``989 TFLOP/s``, ``750 TOPS``, ``2.25e15`` (FLOP/s)."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{what}: expected a rate such as 989TFLOPS, got {text!r}")
+    if _is_number(text):
+        _check_positive(text, what)
+        return float(text)
+    match = re.fullmatch(rf"\s*{_NUMBER}\s*([kKmMgGtTpP]?)\s*(flops|flop/s|ops|op/s)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ConfigError(
+            f"{what}: cannot read {text!r} as a compute rate; write e.g. 989TFLOPS, 750TOPS or 9.89e14"
+        )
+    rate = float(match.group(1)) * _FLOPS_PREFIX[match.group(2).lower()]
+    _check_positive(rate, what)
+    return rate
+
+
+def parse_duration(text: str | int | float, *, what: str = "duration") -> float:
+    """Parse a time such as ``2.4us``, ``2.4 µs``, ``0.005ms``, ``3e-6 s`` or a number of seconds."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{what}: expected a time such as 2.4us, got {text!r}")
+    if _is_number(text):
+        _check_positive(text, f"{what} (seconds)")
+        return float(text)
+    match = re.fullmatch(rf"\s*{_NUMBER}\s*([a-zA-Z\u00b5\u03bc]+)?\s*", str(text))
+    unit = (match.group(2) or "s") if match else ""
+    if not match or unit.lower() not in _DURATION_UNITS:
+        raise ConfigError(
+            f"{what}: cannot read {text!r} as a time; write a number with s, ms, us (or \u00b5s) or ns, e.g. 2.4us, "
+            "or seconds as a plain number"
+        )
+    seconds = float(match.group(1)) / _DURATION_UNITS[unit.lower()]
+    _check_positive(seconds, what)
+    return seconds
+
+
 def format_bytes(nbytes: int | float, *, binary: bool = False, digits: int = 1) -> str:
     """Format bytes with a unit: ``format_bytes(50_000_000) == '50.0 MB'``."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Real):
@@ -95,6 +182,15 @@ def format_bytes(nbytes: int | float, *, binary: bool = False, digits: int = 1) 
             return f"{sign}{value:.{digits}f} {unit}"
         value /= base
     raise AssertionError("unreachable")
+
+
+def format_capacity(nbytes: int) -> str:
+    """Bytes in the units they were likely written in: ``50.0 MiB`` for 52,428,800 B, ``44.0 GB`` for 44e9 B.
+
+    Binary units where the count is a whole number of MiB (or KiB below 1 MiB), else decimal.
+    """
+    binary = nbytes % 2**20 == 0 or (nbytes < 2**20 and nbytes % 2**10 == 0)
+    return format_bytes(nbytes, binary=binary)
 
 
 def format_seconds(seconds: float | None, *, unknown: str = "-", digits: int = 3) -> str:

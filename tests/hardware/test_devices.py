@@ -693,14 +693,14 @@ def test_a_new_bandwidth_on_a_base_level_is_attributed_to_the_file(tmp_path):
      ("1500ns", 1.5e-6), (5e-6, 5e-6), ("2.5us", 2.5e-6)],
 )
 def test_parse_duration(text, expected):
-    from cachefit.hardware.devices import parse_duration
+    from cachefit.sizes import parse_duration
 
     assert parse_duration(text) == expected  # exact: 2.5 / 1e6, not 2.5 * 1e-6
 
 
 @pytest.mark.parametrize("bad", ["", "fast", "2 min", "-1us", "0us", 0, True, "1e400s"])
 def test_parse_duration_rejects(bad):
-    from cachefit.hardware.devices import parse_duration
+    from cachefit.sizes import parse_duration
 
     with pytest.raises(ConfigError):
         parse_duration(bad, what="kernel_overhead")
