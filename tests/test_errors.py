@@ -7,7 +7,6 @@ code, or a Python API call failing with TypeError / AttributeError.
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 from typer.testing import CliRunner
@@ -82,13 +81,12 @@ def test_error_messages_are_not_read_as_markup(tmp_path):
     (lambda d: d.joinpath("config.json").write_text("[" * 100_000 + "]" * 100_000), "limits.MAX_JSON_DEPTH"),
     (lambda d: d.joinpath("config.json").write_bytes(b'{"model_type": "\xff"}'), "byte 0xff at offset 16"),
 ])
-def test_bad_config_files_are_one_line(tmp_path, make, needle):
+def test_bad_config_files_are_one_line(tmp_path, make, needle, hang_guard):
     make(tmp_path)
-    start = time.perf_counter()
-    for command in ("profile", "plan"):
-        args = [command, str(tmp_path / "config.json")] + (["--capacity", "1MB"] if command == "plan" else [])
-        assert needle in _one_line_error(runner.invoke(app, args))
-    assert time.perf_counter() - start < 10
+    with hang_guard():
+        for command in ("profile", "plan"):
+            args = [command, str(tmp_path / "config.json")] + (["--capacity", "1MB"] if command == "plan" else [])
+            assert needle in _one_line_error(runner.invoke(app, args))
 
 
 @pytest.mark.parametrize("make, needle", [
@@ -103,11 +101,10 @@ def test_bad_sizes_files_are_one_line(tmp_path, make, needle):
     assert needle in _one_line_error(result)
 
 
-def test_sizes_file_dev_zero_stops():
-    start = time.perf_counter()
-    result = runner.invoke(app, ["partition", "--sizes-file", "/dev/zero", "--capacity", "8MB"])
+def test_sizes_file_dev_zero_stops(hang_guard):
+    with hang_guard():
+        result = runner.invoke(app, ["partition", "--sizes-file", "/dev/zero", "--capacity", "8MB"])
     assert "limits.MAX_FILE_BYTES" in _one_line_error(result)
-    assert time.perf_counter() - start < 10
 
 
 def test_too_many_cards_is_one_line():

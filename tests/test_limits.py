@@ -3,7 +3,6 @@ that names the limit."""
 
 import json
 import os
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -55,13 +54,11 @@ def test_the_message_names_the_limit_its_value_and_the_fix():
 @pytest.mark.parametrize("key, config", [("num_hidden_layers", LLAMA),
                                          ("n_layer", {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
                                                       "vocab_size": 100, "n_positions": 32})])
-def test_a_billion_layers_is_refused_before_any_table_is_built(tmp_path, key, config):
+def test_a_billion_layers_is_refused_before_any_table_is_built(tmp_path, key, config, hang_guard):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(dict(config, **{key: 1_000_000_000})))
-    start = time.perf_counter()
-    with pytest.raises(ConfigError, match=rf"{key} = 1,000,000,000 exceeds .*limits\.MAX_LAYERS"):
+    with hang_guard(), pytest.raises(ConfigError, match=rf"{key} = 1,000,000,000 exceeds .*limits\.MAX_LAYERS"):
         load_transformer_spec(path)
-    assert time.perf_counter() - start < 2
     with pytest.raises(ConfigError, match="MAX_LAYERS"):
         load_transformer_spec(dict(config, **{key: limits.MAX_LAYERS + 1}))
 
@@ -71,13 +68,11 @@ def test_a_billion_layers_is_refused_before_any_table_is_built(tmp_path, key, co
     (".json", '{"cards": [{"device": "h100", "count": 1000000000}]}'),
     (".toml", '[[cards]]\ndevice = "h100"\ncount = 40000\n[[cards]]\ndevice = "a100"\ncount = 40000\n'),
 ])
-def test_a_huge_cluster_count_is_refused_before_the_cards_are_built(tmp_path, suffix, text):
+def test_a_huge_cluster_count_is_refused_before_the_cards_are_built(tmp_path, suffix, text, hang_guard):
     path = tmp_path / f"cluster{suffix}"
     path.write_text(text)
-    start = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"limits\.MAX_CLUSTER_CARDS"):
+    with hang_guard(), pytest.raises(ConfigError, match=r"limits\.MAX_CLUSTER_CARDS"):
         load_device_file(path)
-    assert time.perf_counter() - start < 2
 
 
 def test_make_cluster_count_is_bounded():
@@ -98,11 +93,9 @@ def test_the_file_reader_stops_at_the_size_limit(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
-def test_dev_zero_stops_at_the_limit():
-    start = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"MAX_FILE_BYTES"):
+def test_dev_zero_stops_at_the_limit(hang_guard):
+    with hang_guard(), pytest.raises(ConfigError, match=r"MAX_FILE_BYTES"):
         read_text("/dev/zero", where="/dev/zero")
-    assert time.perf_counter() - start < 5
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
