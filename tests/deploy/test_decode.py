@@ -13,6 +13,7 @@ from cachefit.deploy.runtime import NodeConfig, RunConfig, check_world, launch  
 from cachefit.deploy.stages import layout_from_plan  # noqa: E402
 from cachefit.deploy.verify import check_run  # noqa: E402
 from cachefit.errors import ConfigError  # noqa: E402
+from cachefit.families import FAMILIES  # noqa: E402
 
 NEW_TOKENS = 4
 
@@ -22,9 +23,10 @@ def _prompt(batch: int = 2, seq: int = 8):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("granularity", "capacity"), [("layer", "400KB"), ("block", "420KB")])
-def test_pipelined_decode_matches_generate(model_dirs, granularity, capacity):
-    model_dir = model_dirs["llama"]
+@pytest.mark.parametrize(("name", "granularity", "capacity"),
+                         [("llama", "layer", "400KB"), ("llama", "block", "420KB"), ("qwen3", "layer", "400KB")])
+def test_pipelined_decode_matches_generate(model_dirs, name, granularity, capacity):
+    model_dir = model_dirs[name]
     plan = make_plan(model_dir, capacity, granularity=granularity)
     layout = layout_from_plan(plan, inspect_model_dir(model_dir))
     assert layout.num_stages == 2 and layout.granularity == granularity
@@ -58,14 +60,16 @@ def test_decode_config_is_checked(model_dirs):
     with pytest.raises(ConfigError, match="new-tokens"):
         RunConfig(mode="decode")
     with pytest.raises(ConfigError, match="for --mode decode"):
-        RunConfig(mode="infer", new_tokens=3)
+        RunConfig(mode="prefill", new_tokens=3)
     plan = make_plan(model_dirs["llama"], "400KB")
     layout = layout_from_plan(plan, inspect_model_dir(model_dirs["llama"]))
     with pytest.raises(ConfigError, match="micro-batch"):
         check_world(layout, NodeConfig(nproc_per_node=2), RunConfig(mode="decode", new_tokens=2, micro_batches=2))
     bert = make_plan(model_dirs["bert"], "400KB")
     bert_layout = layout_from_plan(bert, inspect_model_dir(model_dirs["bert"]))
-    with pytest.raises(ConfigError, match="llama-family"):
+    # the families that decode come from the registry (FamilySpec.decode), and the message lists them
+    decoding = [n for n, f in FAMILIES.items() if f.decode]
+    with pytest.raises(ConfigError, match=f"runs {', '.join(decoding)} checkpoints, not bert; use --mode prefill"):
         check_world(bert_layout, NodeConfig(nproc_per_node=bert_layout.world_size), RunConfig(mode="decode", new_tokens=2))
     ids, mask = padded_inputs(batch=2)
     with pytest.raises(ConfigError, match="padding"):

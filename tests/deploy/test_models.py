@@ -22,11 +22,13 @@ from cachefit.deploy.models import (  # noqa: E402
     read_checkpoint_tensors,
 )
 from cachefit.errors import ConfigError  # noqa: E402
+from cachefit.families import FAMILIES  # noqa: E402
 
 
 def test_inspect_reads_config_and_headers(model_dirs):
     src = inspect_model_dir(model_dirs["llama"])
-    assert (src.model_type, src.family, src.architecture) == ("llama", "llama", "LlamaForCausalLM")
+    assert (src.model_type, src.architecture) == ("llama", "LlamaForCausalLM")
+    assert src.family is FAMILIES["llama"] and src.family.stage_adapter == "rotary_decoder" and src.causal
     # shapes come from the safetensors header: q_proj is (heads x head_dim, hidden) = (4 x 16, 64)
     assert src.tensors["model.layers.0.self_attn.q_proj.weight"].shape == (64, 64)
     assert src.tensors["model.layers.0.self_attn.k_proj.weight"].shape == (32, 64)  # 2 KV heads x 16
@@ -39,14 +41,14 @@ def test_inspect_reads_config_and_headers(model_dirs):
             assert tuple(fh.get_slice(name).get_shape()) == src.tensors[name].shape
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gpt2", "bert"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "gpt2", "bert"])
 def test_load_model_equals_transformers(model_dirs, name):
     ours = load_model(model_dirs[name])
     theirs = getattr(transformers, ours.__class__.__name__).from_pretrained(model_dirs[name]).eval()
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = ours(ids), theirs(ids)
-    key = "last_hidden_state" if name == "bert" else "logits"
+    key = "logits" if FAMILIES[name].causal else "last_hidden_state"
     assert torch.equal(a[key], b[key])
     if name == "gpt2":  # tied head kept tied
         assert ours.lm_head.weight is ours.transformer.wte.weight
@@ -84,7 +86,14 @@ def test_unsupported_family_and_architecture(model_dirs, tmp_path):
         inspect_model_dir(d)
     cfg["model_type"] = "t5"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="'t5' cannot be deployed"):
+    # the families deploy runs are the registry's with a stage adapter, and the message lists them
+    deployable = ", ".join(n for n, f in FAMILIES.items() if f.stage_adapter is not None)
+    with pytest.raises(ConfigError, match=f"'t5' cannot be deployed; cachefit deploys {deployable} checkpoints"):
+        inspect_model_dir(d)
+    cfg["model_type"] = "falcon"  # registered (cachefit plans it) without a stage adapter
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert FAMILIES["falcon"].stage_adapter is None
+    with pytest.raises(ConfigError, match="'falcon' cannot be deployed .cachefit plans it"):
         inspect_model_dir(d)
 
 

@@ -53,6 +53,30 @@ def test_llama_two_cards_gpipe_matches_unsplit(model_dirs):
     assert [s["unit_names"] for s in report["stages"]] == [["embed", "layers.0", "layers.1"], ["layers.2", "head"]]
 
 
+def test_qwen3_two_cards_matches_unsplit_and_trains_like_it(model_dirs):
+    # Qwen3 is deployed by the registry's word alone: its FamilySpec names the rotary decoder adapter
+    # (Llama's layer layout; the per-head q/k norms live inside self_attn), no deploy table lists it
+    model_dir = model_dirs["qwen3"]
+    assert inspect_model_dir(model_dir).family.stage_adapter == "rotary_decoder"
+    plan = make_plan(model_dir, "400KB")
+    layout, result = _run(model_dir, plan, RunConfig(micro_batches=2))
+    assert [s["unit_names"] for s in result.report["stages"]] == [["embed", "layers.0", "layers.1"], ["layers.2", "head"]]
+    assert result.report["run"]["mode"] == "prefill"
+    for stage in result.report["stages"]:
+        assert stage["measured_weight_bytes"] == stage["planned_weight_bytes"]
+    verdict = check_run(result, model_dir, layout=layout)
+    assert verdict.passed and verdict.comparisons[0].max_rel_error <= 1e-5, verdict.describe()
+    assert result.outputs.shape == (4, 8, 128)
+    # a training step: losses and every gradient (q_norm / k_norm included) as the unsplit model's
+    config = RunConfig(micro_batches=2, schedule="1f1b", mode="train", save_grads=True)
+    layout, result = _run(model_dir, plan, config)
+    verdict = check_run(result, model_dir, layout=layout, mode="train", micro_batches=2)
+    assert verdict.passed, verdict.describe()
+    what = {c.what: c for c in verdict.comparisons}
+    # embedding, 3 layers x (q, k, v, o, q_norm, k_norm, gate, up, down, 2 norms), final norm, head
+    assert what["gradients"].tensors == 1 + 3 * 11 + 1 + 1
+
+
 def test_bf16_run_holds_half_the_bytes_and_is_checked_loosely(model_dirs):
     plan = make_plan(model_dirs["llama"], "400KB")  # planned in fp32
     layout, result = _run(model_dirs["llama"], plan, RunConfig(micro_batches=2, dtype="bf16"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from typing import get_args
 
 import pytest
 
@@ -12,8 +13,9 @@ torch = pytest.importorskip("torch")
 
 from tiny_models import WORKLOAD, make_plan, padded_inputs, model_dirs  # noqa: E402,F401
 
-from cachefit.deploy.models import inspect_model_dir, load_model  # noqa: E402
+from cachefit.deploy.models import SUPPORTED_MODEL_TYPES, inspect_model_dir, load_model  # noqa: E402
 from cachefit.deploy.stages import (  # noqa: E402
+    STAGE_ADAPTERS,
     build_stage,
     compressed_weight_bytes,
     layout_from_module,
@@ -25,6 +27,8 @@ from cachefit.deploy.stages import (  # noqa: E402
     tensor_parallel_plan,
 )
 from cachefit.errors import ConfigError  # noqa: E402
+from cachefit.families import FAMILIES  # noqa: E402
+from cachefit.families.family_spec import StageAdapter  # noqa: E402
 from cachefit.plan import Plan  # noqa: E402
 from cachefit.profile import profile_model  # noqa: E402
 
@@ -33,7 +37,7 @@ def _reference(src, ids, mask):
     model = load_model(src)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask)
-    return out.last_hidden_state if src.family == "bert" else out.logits
+    return out.logits if src.causal else out.last_hidden_state
 
 
 def _one_unit_per_card(model_dir, granularity):
@@ -42,7 +46,7 @@ def _one_unit_per_card(model_dir, granularity):
     return make_plan(model_dir, f"{max(u.total_bytes for u in profile.units) + 1}B", granularity=granularity)
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gpt2", "bert"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "gpt2", "bert"])
 @pytest.mark.parametrize("granularity", ["layer", "block"])
 def test_stages_in_sequence_equal_the_unsplit_model(model_dirs, name, granularity):
     plan = _one_unit_per_card(model_dirs[name], granularity)
@@ -145,8 +149,24 @@ def test_splits_cachefit_cannot_run_are_refused_before_launch(model_dirs):
         layout_from_plan(plan, inspect_model_dir(model_dirs["llama_tp"]))
     gpt2 = make_plan(model_dirs["gpt2"], "150KB")
     assert any(st.shard for st in gpt2.stages)
-    with pytest.raises(ConfigError, match="only for llama-family"):
+    # the families that split come from the registry (FamilySpec.tensor_parallel), listed in the message
+    split = ", ".join(n for n, f in FAMILIES.items() if f.tensor_parallel)
+    with pytest.raises(ConfigError, match=f"deployed only for {split} models, not gpt2"):
         layout_from_plan(gpt2, inspect_model_dir(model_dirs["gpt2"]))
+
+
+def test_every_deployable_family_has_its_stage_adapter():
+    # the registry names adapters by key; STAGE_ADAPTERS is the one place that maps them to torch code
+    named = {f.stage_adapter for f in FAMILIES.values() if f.stage_adapter is not None}
+    assert named <= set(STAGE_ADAPTERS) == set(get_args(StageAdapter))
+    for family in FAMILIES.values():
+        if family.decode:  # a family that decodes runs on an adapter with a cached step
+            assert hasattr(STAGE_ADAPTERS[family.stage_adapter], "decode_context"), family.name
+        if family.tensor_parallel:  # tensor_parallel_plan names the rotary decoder's modules
+            assert family.stage_adapter == "rotary_decoder", family.name
+    # what deploy runs is what the registry says: every family with an adapter, and only those
+    assert SUPPORTED_MODEL_TYPES == tuple(n for n, f in FAMILIES.items() if f.stage_adapter is not None)
+    assert "qwen3" in SUPPORTED_MODEL_TYPES and "falcon" not in SUPPORTED_MODEL_TYPES
 
 
 @pytest.mark.parametrize("allow,capacity", [(("int8",), "100KB"), (("int4",), "100KB"), (("sparse50", "int8"), "90KB")])

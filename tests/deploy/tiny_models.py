@@ -41,6 +41,10 @@ def _configs() -> dict[str, object]:
         "qwen2": transformers.Qwen2Config(
             vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64),
+        # Qwen3: Llama's layer plus per-head q/k RMSNorms; head_dim is a field (its default is 128)
+        "qwen3": transformers.Qwen3Config(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=64),
         "gpt2": transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=64,
                                         bos_token_id=0, eos_token_id=0),
         "bert": transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -49,7 +53,7 @@ def _configs() -> dict[str, object]:
 
 
 _CLASSES = {"llama": "LlamaForCausalLM", "llama_tp": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel"}
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertModel"}
 
 
 _BUILT: dict[str, Path] = {}

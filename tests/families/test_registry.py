@@ -123,6 +123,10 @@ def test_family_spec_checks_itself():
         FamilySpec(**(base | {"stage_adapter": None}))
     with pytest.raises(ConfigError, match="loss"):
         FamilySpec(**(base | {"loss": "mse"}))
+    with pytest.raises(ConfigError, match="stage_adapter must be one of rotary_decoder, gpt2_decoder, bert_encoder"):
+        FamilySpec(**(base | {"stage_adapter": "llama"}))
+    with pytest.raises(ConfigError, match="decode needs a stage_adapter"):
+        FamilySpec(**(base | {"stage_adapter": None, "tensor_parallel": False}))
     with pytest.raises(ConfigError, match="fused"):
         MlpPattern(up="gate_up_proj", down="down_proj", gate="gate_proj", fused_gate_up=True)
 
@@ -132,8 +136,10 @@ def test_deploy_facts():
         assert family.stage_adapter in (None, "rotary_decoder", "gpt2_decoder", "bert_encoder")
         assert family.loss == ("causal_lm" if family.causal else "encoder_mean")
         assert family.base_model_prefix
-    # What deploy runs today (deploy/models.py, stages.py, runtime.py), recorded here.
+    # What deploy runs today (deploy/models.py, stages.py, runtime.py and preflight.py read these), recorded here.
     assert {n for n, f in FAMILIES.items() if f.tensor_parallel} == {"llama", "mistral", "qwen2"}
+    assert {n for n, f in FAMILIES.items() if f.decode} == {"llama", "mistral", "qwen2", "qwen3"}
+    assert {n for n, f in FAMILIES.items() if f.stage_adapter} == {"llama", "mistral", "qwen2", "qwen3", "gpt2", "bert"}
     assert FAMILIES["gpt2"].stage_adapter == "gpt2_decoder" and FAMILIES["gpt2"].base_model_prefix == "transformer"
     assert FAMILIES["bert"].stage_adapter == "bert_encoder" and FAMILIES["bert"].architectures == ("BertModel",)
     from cachefit.deploy.models import SUPPORTED_MODEL_TYPES
@@ -227,7 +233,6 @@ def test_live_module_roles_agree_with_the_adapter(name):
 # ---- no family tables outside families/ --------------------------------------------------------
 
 _SRC = Path(cachefit.__file__).resolve().parent
-_NOT_YET = ("deploy",)  # switched to the registry by its own change
 
 
 def _family_comparisons(text: str, names: tuple[str, ...]) -> list[tuple[int, str]]:
@@ -265,7 +270,7 @@ def test_no_family_name_tables_outside_families():
     offenders = []
     for path in sorted(_SRC.rglob("*.py")):
         rel = path.relative_to(_SRC)
-        if rel.parts[0] in ("families", *_NOT_YET):
+        if rel.parts[0] == "families":
             continue
         for line, snippet in _family_comparisons(path.read_text(encoding="utf-8"), family_names()):
             offenders.append(f"{rel}:{line}: {snippet}")

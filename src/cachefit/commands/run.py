@@ -7,23 +7,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from cachefit.deploy.config import RUN_DTYPES, RUN_MODES, SCHEDULES  # plain data, no torch
 
-class ScheduleOpt(str, Enum):
-    gpipe = "gpipe"
-    f1b = "1f1b"
-    interleaved = "interleaved"
+_INFER = "infer"
+"""``--mode infer``: cachefit run's name for ``prefill`` before the run modes became the planner's;
+still accepted, as an alias."""
 
-
-class RunModeOpt(str, Enum):
-    infer = "infer"
-    train = "train"
-    decode = "decode"
-
-
-class RunDtypeOpt(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+# typer's choices, from the closed sets RunConfig checks (one list each)
+ScheduleOpt = Enum("ScheduleOpt", {v: v for v in SCHEDULES}, type=str)
+RunModeOpt = Enum("RunModeOpt", {v: v for v in (*RUN_MODES, _INFER)}, type=str)
+RunDtypeOpt = Enum("RunDtypeOpt", {v: v for v in RUN_DTYPES}, type=str)
 
 
 def _parse_ids(text: str) -> Any:
@@ -66,9 +59,9 @@ def register(app: typer.Typer) -> None:
         batch: Annotated[Optional[int], typer.Option("--batch", "-b", help="Random inputs: sequences (default: the plan's batch x micro-batches).", min=1)] = None,
         seq: Annotated[Optional[int], typer.Option("--seq", "-s", help="Random inputs: tokens per sequence (default: the plan's).", min=1)] = None,
         save_outputs: Annotated[Optional[Path], typer.Option("--save-outputs", help="Write the final outputs (key `outputs`) to this safetensors file.")] = None,
-        schedule: Annotated[ScheduleOpt, typer.Option("--schedule", help="Pipeline schedule.")] = ScheduleOpt.gpipe,
+        schedule: Annotated[ScheduleOpt, typer.Option("--schedule", help="Pipeline schedule.")] = ScheduleOpt["gpipe"],
         micro_batches: Annotated[Optional[int], typer.Option("--micro-batches", "-m", help="Micro-batches per step (default: the plan's).", min=1)] = None,
-        mode: Annotated[Optional[RunModeOpt], typer.Option("--mode", help="infer, train (one training step, loss on the last stage) or decode (greedy generation with a KV cache per stage); default: decode with --new-tokens, else train for a training plan, else infer.")] = None,
+        mode: Annotated[Optional[RunModeOpt], typer.Option("--mode", help="prefill (one forward over the inputs; infer is an alias of it), train (one training step, loss on the last stage) or decode (greedy generation with a KV cache per stage), as in the plan's workload; default: decode with --new-tokens, else train for a training plan, else prefill.")] = None,
         new_tokens: Annotated[Optional[int], typer.Option("--new-tokens", help="Decode: tokens to generate after the prompt (one pipelined forward per token; the whole batch is one micro-batch).", min=1)] = None,
         steps: Annotated[int, typer.Option("--steps", help="Timed steps.", min=1)] = 1,
         warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps before them.", min=0)] = 0,
@@ -96,7 +89,8 @@ def register(app: typer.Typer) -> None:
 
         from cachefit.commands.options import STATE, err_console
         from cachefit.deploy.preflight import load_checked_plan
-        from cachefit.deploy.runtime import NodeConfig, RunConfig, launch, read_inputs_file, resolve_model_dir
+        from cachefit.deploy.config import NodeConfig, RunConfig
+        from cachefit.deploy.runtime import launch, read_inputs_file, resolve_model_dir
         from cachefit.deploy.verify import check_run, check_tolerance, save_outputs as write_outputs
         from cachefit.errors import ConfigError, DeployError
         from cachefit.files import check_writable
@@ -133,9 +127,9 @@ def register(app: typer.Typer) -> None:
         wl = plan_obj.workload
         plan_mode = str(wl.get("mode", "prefill"))
         if mode is not None:
-            run_mode = mode.value
+            run_mode = "prefill" if mode.value == _INFER else mode.value
         else:
-            run_mode = "decode" if new_tokens is not None else ("train" if plan_mode == "train" else "infer")
+            run_mode = "decode" if new_tokens is not None else ("train" if plan_mode == "train" else "prefill")
         if run_mode == "decode" and new_tokens is None:
             raise ConfigError("--mode decode needs --new-tokens N, the tokens to generate after the prompt")
         if run_mode != "decode" and new_tokens is not None:
@@ -150,7 +144,7 @@ def register(app: typer.Typer) -> None:
             ids = torch.randint(0, vocab, (batch or int(wl.get("batch", 1)) * m, seq or int(wl.get("seq_len", 16))),
                                 generator=gen)
         plan_dtype = str(wl.get("weight_dtype", "fp32"))
-        run_dtype = dtype.value if dtype is not None else (plan_dtype if plan_dtype in ("fp32", "bf16", "fp16") else "fp32")
+        run_dtype = dtype.value if dtype is not None else (plan_dtype if plan_dtype in RUN_DTYPES else "fp32")
         if nproc is None:
             if plan_obj.cards % nnodes:
                 raise ConfigError(f"the plan's {plan_obj.cards} cards do not divide over {nnodes} nodes; give --nproc")

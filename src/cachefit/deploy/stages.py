@@ -9,10 +9,11 @@ differ from the bytes recomputed from the model (split and compressed as the pla
 
 :func:`build_stage` then turns one stage into a module, as torchtitan's pipeline split does: the
 ``transformers`` model is built on the meta device, everything the stage does not own is pruned, and
-only the stage's tensors are read from the checkpoint. The stage's forward is written out per family
-(llama-like, GPT-2, BERT), down to the attention block and the MLP block of a layer when the plan
-cuts inside one, with the side inputs (padding mask, position ids, rotary tables) rebuilt on every
-stage from the 2-D attention mask that travels with the hidden states.
+only the stage's tensors are read from the checkpoint. The stage's forward is written out per stage
+adapter (:data:`STAGE_ADAPTERS`: rotary decoders such as Llama, GPT-2, BERT encoders; a family's
+:class:`~cachefit.families.FamilySpec` names its adapter), down to the attention block and the MLP
+block of a layer when the plan cuts inside one, with the side inputs (padding mask, position ids,
+rotary tables) rebuilt on every stage from the 2-D attention mask that travels with the hidden states.
 
 A unit split over several cards (``Stage.shard``) is run tensor-parallel (Megatron-LM's scheme,
 Shoeybi et al. 2019, sec. 3) with ``torch.distributed.tensor.parallel.parallelize_module``:
@@ -28,12 +29,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from cachefit.errors import ConfigError, DeployError
+from cachefit.families import FAMILIES, FamilySpec, get_family
 from cachefit.plan import Plan
 from cachefit.sizes import format_bytes
 from cachefit.units import ModelProfile, Unit, Workload, dtype_bytes, stack_footprints
@@ -44,6 +46,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _BLOCK_SUFFIXES = (".attn", ".mlp")
+
+LayoutKind = Literal["transformer", "sequential"]
+"""``transformer``: a Hugging Face checkpoint; ``sequential``: an ``nn.Sequential``'s children."""
+Granularity = Literal["layer", "block"]
+"""Units are whole layers, or attention and MLP blocks (``layers.3.attn``, ``layers.3.mlp``)."""
+Stacking = Literal["reuse", "sum"]
+"""How the plan stacks a stage's activation bytes (see :func:`cachefit.units.stack_footprints`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,15 +115,31 @@ class StagePlacement:
 class DeployLayout:
     """A plan as processes: one :class:`StagePlacement` per pipeline stage."""
     model: str
-    kind: str
+    kind: LayoutKind
     """``transformer`` (a Hugging Face checkpoint) or ``sequential`` (an ``nn.Sequential``)."""
-    family: str | None
-    """``llama``, ``gpt2`` or ``bert`` for checkpoints."""
+    model_type: str | None
+    """The checkpoint's ``model_type``, a deployable family of :mod:`cachefit.families`; None for an
+    ``nn.Sequential``."""
     stages: tuple[StagePlacement, ...]
     weight_dtype: str
     """The plan's weight dtype (its bytes are counted in it)."""
-    granularity: str = "layer"
-    stacking: str = "reuse"
+    granularity: Granularity = "layer"
+    stacking: Stacking = "reuse"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("kind", get_args(LayoutKind)), ("granularity", get_args(Granularity)),
+                              ("stacking", get_args(Stacking))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"deploy layout of {self.model}: {name} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
+        if (self.kind == "transformer") != (self.model_type is not None):
+            raise ConfigError(f"deploy layout of {self.model}: a {self.kind} layout "
+                              f"{'needs' if self.kind == 'transformer' else 'has no'} model_type")
+
+    @property
+    def family(self) -> FamilySpec | None:
+        """The registry's facts on the checkpoint's family (None for an ``nn.Sequential``)."""
+        return get_family(self.model_type) if self.model_type is not None else None
 
     @property
     def world_size(self) -> int:
@@ -150,7 +175,7 @@ def _plan_workload(plan: Plan) -> Workload:
         raise ConfigError(f"plan of {plan.model}: workload is malformed ({exc}); regenerate the plan") from None
 
 
-def plan_granularity(plan: Plan) -> str:
+def plan_granularity(plan: Plan) -> Granularity:
     """``block`` if the plan cuts layers into attention / MLP units, else ``layer``."""
     names = (n for st in plan.stages for n in st.unit_names)
     return "block" if any(n.endswith(_BLOCK_SUFFIXES) for n in names) else "layer"
@@ -197,13 +222,13 @@ def _stage_units(profile: ModelProfile, start: int, end: int, shards: int,
     return out
 
 
-def _check_tensor_parallel(plan: Plan, family: str, profile: ModelProfile, start: int, end: int, shards: int,
-                           where: str) -> None:
-    if family != "llama":
+def _check_tensor_parallel(plan: Plan, family: FamilySpec, profile: ModelProfile, start: int, end: int,
+                           shards: int, where: str) -> None:
+    if not family.tensor_parallel:
+        split = ", ".join(name for name, f in FAMILIES.items() if f.tensor_parallel)
         raise ConfigError(
             f"{where} splits units over {shards} cards, but tensor-parallel stages are deployed only for "
-            f"llama-family models (llama, mistral, qwen2), not {family}; plan with a larger --capacity or more "
-            "cards so that no unit is split"
+            f"{split} models, not {family.name}; plan with a larger --capacity or more cards so that no unit is split"
         )
     for unit in profile.units[start:end]:
         shape = unit.shape
@@ -254,7 +279,7 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
             if stored is None:
                 from cachefit.deploy.models import stored_name  # prefix-tolerant lookup, no torch
 
-                alt = stored_name(source, _Prefix(source), t.name)
+                alt = stored_name(source, t.name)
                 stored = source.tensors.get(alt) if alt else None
             if stored is None:
                 raise ConfigError(
@@ -325,11 +350,11 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
     layout = DeployLayout(
         model=str(source.path),
         kind="transformer",
-        family=source.family,
+        model_type=source.model_type,
         stages=tuple(placements),
         weight_dtype=workload.weight_dtype,
         granularity=granularity,
-        stacking=plan.stacking,
+        stacking=plan.stacking,  # checked by DeployLayout
     )
     if plan.provenance and plan.provenance.get("profile"):
         from cachefit.plan import check_provenance
@@ -339,12 +364,6 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
         check_provenance(plan, profile_digest=profile.digest())
     _check_compression_available(layout)
     return layout
-
-
-class _Prefix:
-    """Stands in for a model in ``stored_name`` before any torch import: only the prefix is read."""
-    def __init__(self, source: ModelSource) -> None:
-        self.base_model_prefix = {"llama": "model", "gpt2": "transformer", "bert": "bert"}.get(source.family, "")
 
 
 def _check_compression_available(layout: DeployLayout) -> None:
@@ -417,7 +436,7 @@ def layout_from_module(plan: Plan, module: nn.Module) -> DeployLayout:
                 expected_weight_bytes=expected,
             )
         )
-    return DeployLayout(model=plan.model, kind="sequential", family=None, stages=tuple(placements),
+    return DeployLayout(model=plan.model, kind="sequential", model_type=None, stages=tuple(placements),
                         weight_dtype=weight_dtype, stacking=plan.stacking)
 
 
@@ -433,7 +452,8 @@ def _module_bytes(module: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Family adapters: the forward of each unit kind, with side inputs passed explicitly
+# Stage adapters: the forward of each unit kind, with side inputs passed explicitly. A family's
+# FamilySpec.stage_adapter names which one runs it (STAGE_ADAPTERS below).
 # --------------------------------------------------------------------------------------------
 
 
@@ -454,8 +474,11 @@ def _first(out: Any) -> Any:
     return out[0] if isinstance(out, tuple) else out
 
 
-class _Llama:
-    """llama, mistral, qwen2: ``transformers`` ``*ForCausalLM`` (models/llama/modeling_llama.py)."""
+class _RotaryDecoder:
+    """Llama-like decoders with rotary positions: ``transformers`` ``*ForCausalLM`` whose layers are
+    ``LlamaDecoderLayer``'s (models/llama/modeling_llama.py): pre-norm ``self_attn`` and ``mlp``, the
+    rotary table in ``model.rotary_emb``, optional sliding windows per ``layer_types``. Runs cached
+    decoding too (:meth:`decode_context`)."""
     @staticmethod
     def embed(root: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         return root.model.embed_tokens(input_ids)
@@ -495,7 +518,7 @@ class _Llama:
         + past_seen_tokens``).
         """
         if position == 0:
-            ctx = _Llama.context(root, hidden, mask)
+            ctx = _RotaryDecoder.context(root, hidden, mask)
         else:
             position_ids = torch.arange(position, position + hidden.shape[1], device=hidden.device).unsqueeze(0)
             ctx = {"position_ids": position_ids, "position_embeddings": root.model.rotary_emb(hidden, position_ids),
@@ -515,14 +538,14 @@ class _Llama:
         cache = ctx.get("cache")
         extra = {"cache": cache, "use_cache": True} if cache is not None else {}
         return _first(root.model.layers[i](
-            hidden, attention_mask=_Llama._mask(ctx, i), position_ids=ctx["position_ids"],
+            hidden, attention_mask=_RotaryDecoder._mask(ctx, i), position_ids=ctx["position_ids"],
             position_embeddings=ctx["position_embeddings"], **extra))
 
     @staticmethod
     def attn(root: nn.Module, i: int, hidden: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
         # LlamaDecoderLayer.forward, first half: pre-norm, self-attention, residual
         layer = root.model.layers[i]
-        out = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=_Llama._mask(ctx, i),
+        out = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=_RotaryDecoder._mask(ctx, i),
                               position_ids=ctx["position_ids"], position_embeddings=ctx["position_embeddings"],
                               **({"cache": ctx["cache"]} if ctx.get("cache") is not None else {}))
         return hidden + _first(out)
@@ -542,7 +565,7 @@ class _Llama:
         return config.vocab_size
 
 
-class _GPT2:
+class _GPT2Decoder:
     """GPT-2: ``transformers`` ``GPT2LMHeadModel`` (models/gpt2/modeling_gpt2.py)."""
     @staticmethod
     def embed(root: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -586,7 +609,7 @@ class _GPT2:
         return config.vocab_size
 
 
-class _Bert:
+class _BertEncoder:
     """BERT encoders: ``transformers`` ``BertModel`` (models/bert/modeling_bert.py). The output is the
     last hidden state; the pooler (the ``head`` unit) runs on its card and its output is dropped."""
 
@@ -627,7 +650,13 @@ class _Bert:
         return config.hidden_size
 
 
-FAMILIES: Mapping[str, type] = {"llama": _Llama, "gpt2": _GPT2, "bert": _Bert}
+STAGE_ADAPTERS: Mapping[str, type] = {
+    "rotary_decoder": _RotaryDecoder,
+    "gpt2_decoder": _GPT2Decoder,
+    "bert_encoder": _BertEncoder,
+}
+"""Stage implementations by :data:`~cachefit.families.family_spec.StageAdapter` key: the one place
+that maps a family's ``stage_adapter`` to torch code."""
 
 
 def _parse_unit(name: str) -> tuple[str, int | None]:
@@ -657,11 +686,15 @@ class TransformerStage(nn.Module):
     (encoders). Forward times of real (non-meta) calls are kept in ``forward_times_s``.
     """
 
-    def __init__(self, root: nn.Module, family: str, placement: StagePlacement, *, is_first: bool,
+    def __init__(self, root: nn.Module, adapter: str | None, placement: StagePlacement, *, is_first: bool,
                  is_last: bool) -> None:
         super().__init__()
+        if adapter not in STAGE_ADAPTERS:
+            raise DeployError(f"{placement.describe()}: stage adapter {adapter!r} is not one of "
+                              f"{', '.join(STAGE_ADAPTERS)}; the family's FamilySpec.stage_adapter names none that exists")
         self.model = root
-        self.family_name = family
+        self.adapter_name = adapter
+        """The :data:`STAGE_ADAPTERS` key whose forward runs the units."""
         self.placement = placement
         self.is_first = is_first
         self.is_last = is_last
@@ -673,8 +706,8 @@ class TransformerStage(nn.Module):
         """What real compression did to the stage's units (empty: uncompressed)."""
 
     @property
-    def family(self) -> type:
-        return FAMILIES[self.family_name]
+    def adapter(self) -> type:
+        return STAGE_ADAPTERS[self.adapter_name]
 
     def _meta_outputs(self, x: torch.Tensor, mask: torch.Tensor) -> Any:
         """Output shapes alone, for the meta-device shape inference of some torch versions."""
@@ -682,7 +715,7 @@ class TransformerStage(nn.Module):
         cfg = self.model.config
         batch, seq = mask.shape[0], mask.shape[1]
         dtype = next((p.dtype for p in self.model.parameters()), torch.float32)
-        width = self.family.output_width(cfg) if self.is_last else cfg.hidden_size
+        width = self.adapter.output_width(cfg) if self.is_last else cfg.hidden_size
         hidden = torch.empty(batch, seq, width, dtype=dtype, device="meta")
         return hidden if self.is_last else (hidden, mask)
 
@@ -696,7 +729,7 @@ class TransformerStage(nn.Module):
     def compute(self, x: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         """The stage's units on real tensors (tensor-parallel followers call this directly)."""
         start = time.perf_counter()
-        fam = self.family
+        fam = self.adapter
         hidden = x
         ctx: dict[str, Any] | None = None
         for kind, i in self.steps:
@@ -713,7 +746,7 @@ class TransformerStage(nn.Module):
 
 
     def decode(self, x: torch.Tensor, attention_mask: torch.Tensor, cache: Any, position: int) -> torch.Tensor:
-        """One step of cached decoding through the stage's units (llama family).
+        """One step of cached decoding through the stage's units (adapters with a cached step).
 
         ``x``: token ids ``(batch, q)`` on the first stage, hidden states ``(batch, q, hidden)``
         elsewhere, for the positions ``position .. position + q - 1``; ``cache``: this stage's
@@ -721,10 +754,11 @@ class TransformerStage(nn.Module):
         layer ``i`` writes slot ``i``). Returns the hidden states, or on the last stage the logits of
         the last position ``(batch, 1, vocab)`` (the only ones greedy decoding reads).
         """
-        if not hasattr(self.family, "decode_context"):
-            raise DeployError(f"cached decoding is deployed for llama-family models, not {self.family_name}")
+        if not hasattr(self.adapter, "decode_context"):
+            raise DeployError(f"{self.placement.describe()}: the {self.adapter_name} stage adapter runs no cached "
+                              "decoding step")
         start = time.perf_counter()
-        fam = self.family
+        fam = self.adapter
         hidden = x
         ctx: dict[str, Any] | None = None
         for kind, i in self.steps:
@@ -816,7 +850,7 @@ def build_stage(layout: DeployLayout, placement: StagePlacement, source: ModelSo
         if mesh is None:
             raise DeployError(f"{placement.describe()} is split over {placement.shards} cards but no device mesh was given")
         apply_tensor_parallel_(root, placement, mesh)
-    stage = TransformerStage(root, layout.family or "", placement, is_first=placement.stage_idx == 0,
+    stage = TransformerStage(root, source.family.stage_adapter, placement, is_first=placement.stage_idx == 0,
                              is_last=placement.stage_idx == layout.num_stages - 1)
     stage.compression_reports = stage_reports
     return stage
@@ -889,7 +923,7 @@ def _is_compressed_tensor(stage: TransformerStage, key: str) -> bool:
 
 
 def tensor_parallel_plan(placement: StagePlacement, *, num_kv_heads: int | None = None) -> dict[str, Any]:
-    """``parallelize_module`` plan for the llama-family units of a split stage (module FQN -> style).
+    """``parallelize_module`` plan for the rotary-decoder units of a split stage (module FQN -> style).
 
     With fewer KV heads than shards (``num_kv_heads < shards``) k/v projections are left out: each
     shard keeps a copy of the one KV head its query heads read (:func:`apply_tensor_parallel_`).
@@ -1002,7 +1036,7 @@ def run_stages_locally(stages: Sequence[Any], input_ids: torch.Tensor, attention
 
 
 __all__ = [
-    "FAMILIES",
+    "STAGE_ADAPTERS",
     "DeployLayout",
     "SequentialStage",
     "StagePlacement",

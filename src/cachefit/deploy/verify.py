@@ -23,24 +23,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from cachefit.deploy.config import RUN_DTYPES, RUN_MODES, RunDtype, RunMode, check_choice
 from cachefit.errors import ConfigError
 
 DEFAULT_TOLERANCE: Mapping[str, float] = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 2e-2}
 """Largest relative error ``--check`` accepts, by run dtype (fp32: reduction-order noise only)."""
 
 
-def check_tolerance(tolerance: float | None, dtype: str = "fp32") -> float:
+def check_tolerance(tolerance: float | None, dtype: RunDtype = "fp32") -> float:
     """The tolerance ``--check`` applies: ``tolerance`` if given (a finite number > 0), else the dtype's default.
 
     Raises:
-        ConfigError: ``tolerance`` is not a finite number > 0 (checked before a run starts, not after it).
+        ConfigError: ``tolerance`` is not a finite number > 0 (checked before a run starts, not after it),
+            or ``dtype`` is not a run dtype.
     """
+    check_choice(dtype, RUN_DTYPES, what="dtype")
     if tolerance is None:
-        return DEFAULT_TOLERANCE.get(dtype, 1e-4)
+        return DEFAULT_TOLERANCE[dtype]
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
             or tolerance <= 0:
         raise ConfigError(f"--tolerance {tolerance!r}: give the largest relative error --check accepts, a finite "
-                          f"number > 0 (default {DEFAULT_TOLERANCE.get(dtype, 1e-4):g} in {dtype})")
+                          f"number > 0 (default {DEFAULT_TOLERANCE[dtype]:g} in {dtype})")
     return float(tolerance)
 
 
@@ -229,21 +232,22 @@ class CheckReport:
         return text
 
 
-def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout: Any = None, mode: str = "infer",
-              micro_batches: int = 1, tolerance: float | None = None, dtype: str = "fp32",
+def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout: Any = None,
+              mode: RunMode = "prefill", micro_batches: int = 1, tolerance: float | None = None,
+              dtype: RunDtype = "fp32",
               inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
               loss_fn: Any = None, target: torch.Tensor | None = None) -> CheckReport:
     """Compare a :class:`~cachefit.deploy.runtime.RunResult` with the unsplit model.
 
     For a checkpoint run the inputs are read back from the run directory; for a module give them.
     ``layout`` (the run's :class:`~cachefit.deploy.stages.DeployLayout`, by default the result's) gives
-    the family (its loss),
-    tied tensors (their gradients add up) and the compression of each unit: a compressed plan is
+    the family (its ``loss``, unless ``loss_fn`` and ``target`` are given), tied tensors (their gradients add up) and the compression of each unit: a compressed plan is
     compared with the unsplit model compressed the same way (the pipeline must not add error), and
     the error compression itself adds, against the uncompressed model, is reported beside it.
     """
     from cachefit.deploy.runtime import labels_for, loss_for
 
+    check_choice(mode, RUN_MODES, what="mode")
     layout = layout if layout is not None else getattr(result, "layout", None)
     family = getattr(layout, "family", None)
     tied = [t for st in getattr(layout, "stages", ()) for t in st.tied]
@@ -273,8 +277,11 @@ def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout:
         quality = None
     if mode == "train":
         if loss_fn is None:
-            loss_fn = loss_for(family)
-            target = labels_for(family, inputs, attention_mask)
+            if family is None:
+                raise ConfigError("checking a training step of an nn.Module needs its loss_fn(output, target) and "
+                                  "target; give both")
+            loss_fn = loss_for(family.loss)
+            target = labels_for(family.loss, inputs, attention_mask)
         losses, grads = reference_training_step(reference, inputs, target, loss_fn, micro_batches, attention_mask)
         got = result.report.get("losses") or []
         if len(got) == len(losses):

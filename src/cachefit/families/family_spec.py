@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 from cachefit.errors import ConfigError
 
@@ -24,7 +24,14 @@ Loss = Literal["causal_lm", "encoder_mean"]
 or for encoders without labels half the mean square of the unpadded hidden states
 (``encoder_mean``)."""
 
-_LOSSES: tuple[str, ...] = ("causal_lm", "encoder_mean")
+_LOSSES: tuple[str, ...] = get_args(Loss)
+
+StageAdapter = Literal["rotary_decoder", "gpt2_decoder", "bert_encoder"]
+"""The deploy-side stage implementations (``cachefit.deploy.stages.STAGE_ADAPTERS`` maps each to its
+torch code): Llama-like decoders with rotary positions (``rotary_decoder``), GPT-2 (``gpt2_decoder``),
+BERT encoders (``bert_encoder``)."""
+
+_STAGE_ADAPTERS: tuple[str, ...] = get_args(StageAdapter)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,11 +110,14 @@ class FamilySpec:
     base_model_prefix: str
     """The attribute holding the base model in that class (``model``, ``transformer``, ``bert``);
     a checkpoint saved from the base model alone stores its tensors without it."""
-    stage_adapter: str | None = None
+    stage_adapter: StageAdapter | None = None
     """Which deploy-side stage implementation runs the family (``rotary_decoder``, ``gpt2_decoder``,
     ``bert_encoder``), or None where cachefit plans the family but does not deploy it."""
     tensor_parallel: bool = False
     """Whether deploy runs a unit of this family split over cards (tensor-parallel shards)."""
+    decode: bool = False
+    """Whether deploy runs pipelined greedy decoding (``cachefit run --mode decode``: a KV cache per
+    stage) for this family; the stage adapter must implement a cached step."""
     loss: Loss = "causal_lm"
     """The training loss of the last stage when deployed."""
 
@@ -126,10 +136,17 @@ class FamilySpec:
             raise ConfigError(f"family {self.name}: default_architecture set but architectures is empty")
         if self.stage_adapter is not None and self.default_architecture is None:
             raise ConfigError(f"family {self.name}: a stage_adapter needs a transformers class to build")
+        if self.stage_adapter is not None and self.stage_adapter not in _STAGE_ADAPTERS:
+            raise ConfigError(
+                f"family {self.name}: stage_adapter must be one of {', '.join(_STAGE_ADAPTERS)} or None, "
+                f"got {self.stage_adapter!r}"
+            )
         if self.tensor_parallel and self.stage_adapter is None:
             raise ConfigError(f"family {self.name}: tensor_parallel needs a stage_adapter (deploy runs the shards)")
+        if self.decode and self.stage_adapter is None:
+            raise ConfigError(f"family {self.name}: decode needs a stage_adapter (deploy runs the cached steps)")
         if self.loss not in _LOSSES:
             raise ConfigError(f"family {self.name}: loss must be one of {', '.join(_LOSSES)}, got {self.loss!r}")
 
 
-__all__ = ["FamilySpec", "Loss", "MlpPattern", "RoleNames"]
+__all__ = ["FamilySpec", "Loss", "MlpPattern", "RoleNames", "StageAdapter"]

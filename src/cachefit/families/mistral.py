@@ -47,5 +47,6 @@ FAMILY = FamilySpec(
     base_model_prefix="model",
     stage_adapter="rotary_decoder",
     tensor_parallel=True,
+    decode=True,
     loss="causal_lm",
 )

@@ -62,5 +62,6 @@ FAMILY = FamilySpec(
     base_model_prefix="model",
     stage_adapter="rotary_decoder",
     tensor_parallel=True,
+    decode=True,
     loss="causal_lm",
 )

@@ -53,9 +53,11 @@ FAMILY = FamilySpec(
     architectures=("Qwen3ForCausalLM",),
     default_architecture="Qwen3ForCausalLM",
     base_model_prefix="model",
-    # Qwen3DecoderLayer has Llama's layout (the q/k norms live inside self_attn), so the Llama stage
-    # should run it unchanged; tensor-parallel shards are not checked with q_norm / k_norm yet.
+    # Qwen3DecoderLayer has Llama's layout (the q/k norms live inside self_attn), so the rotary decoder
+    # stage runs it unchanged, cached decoding included (tests/deploy: test_runtime.py, test_decode.py);
+    # tensor-parallel shards are not checked with q_norm / k_norm yet.
     stage_adapter="rotary_decoder",
     tensor_parallel=False,
+    decode=True,
     loss="causal_lm",
 )
