@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import pytest
 
@@ -123,7 +122,6 @@ def test_plans_for_catalog_devices_and_with_headroom(model_dirs, tmp_path):
 
 def test_inputs_larger_than_the_plans_workload_are_refused_saying_what_differs(model_dirs, plan, no_launch):
     nodes = NodeConfig(nproc_per_node=2)
-    start = time.perf_counter()
     ids = torch.zeros(8, 32, dtype=torch.long)  # 4 per micro-batch x 32 tokens vs the plan's 2 x 8
     with pytest.raises(ConfigError, match=r"4 sequences per micro-batch where the plan has 2; 32 tokens per "
                                           r"sequence where the plan has 8.*--batch 4 --seq 8.*"
@@ -132,7 +130,7 @@ def test_inputs_larger_than_the_plans_workload_are_refused_saying_what_differs(m
     with pytest.raises(ConfigError, match="3 sequences per micro-batch where the plan has 2"):
         launch(model_dirs["llama"], plan, nodes=nodes, config=RunConfig(),
                input_ids=torch.zeros(3, 8, dtype=torch.long))
-    assert time.perf_counter() - start < 10  # refused before any process: no torchrun start (seconds each)
+    # refused before any process: `no_launch` fails the test if torchrun would have started
 
 
 def test_workload_notes_say_what_differs():

@@ -156,19 +156,23 @@ def test_decode_flags_are_checked(model_dirs, llama_plan):
     assert got.exit_code == 2 and "is for --mode decode, not --mode prefill" in " ".join(got.output.split())
 
 
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_hung_rank_ends_the_run_within_one_and_a_half_timeouts_in_one_line(model_dirs, llama_plan, tmp_path):
-    # rank 1 hangs at its first step; rank 0's wait for it times out after --timeout, and the launcher
-    # ends the hung rank at once (measured here: about --timeout + 1.3 s, CLI exit included)
-    timeout = 5.0
+def _hung_run(model_dirs, llama_plan, tmp_path, timeout):
+    """A run whose rank 1 hangs at its first step: (process, when it ended, when the rank hung, run dir)."""
     run_dir = tmp_path / "run"
     proc = _cli("run", str(model_dirs["llama"]), "--plan", str(llama_plan), "--nproc", "2", "--micro-batches", "2",
                 "--timeout", str(timeout), "--run-dir", str(run_dir), env={"CACHEFIT_DEPLOY_FAULT": "1:hang"})
     ended = time.time()
     hung_at = json.loads((run_dir / "fault-rank1.json").read_text())["time"]
+    return proc, ended, hung_at, run_dir
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_hung_rank_ends_the_run_in_one_line(model_dirs, llama_plan, tmp_path):
+    # rank 1 hangs at its first step; rank 0's wait for it times out after --timeout, and the launcher
+    # ends the hung rank at once (how soon is a measurement: the hardware-marked test below)
+    proc, _, _, run_dir = _hung_run(model_dirs, llama_plan, tmp_path, timeout=5.0)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert ended - hung_at <= 1.5 * timeout, ended - hung_at
     # the terminal: one line naming each stage's fate and the log; the tracebacks are in the log
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -177,6 +181,16 @@ def test_hung_rank_ends_the_run_within_one_and_a_half_timeouts_in_one_line(model
     assert lines[0].endswith(str(run_dir / "run.log"))
     log = (run_dir / "run.log").read_text()
     assert "Traceback" in log and "Timed out waiting 5000ms" in log
+
+
+@pytest.mark.hardware
+@pytest.mark.multiprocess
+def test_hung_rank_ends_the_run_within_one_and_a_half_timeouts(model_dirs, llama_plan, tmp_path):
+    # measured on the 2-core machine: about --timeout + 1.3 s from the hang to the CLI's exit
+    timeout = 5.0
+    proc, ended, hung_at, _ = _hung_run(model_dirs, llama_plan, tmp_path, timeout)
+    assert proc.returncode == 1
+    assert ended - hung_at <= 1.5 * timeout, ended - hung_at
 
 
 def _boom(*args, **kwargs):
@@ -218,10 +232,7 @@ def test_run_refuses_before_any_process_starts(model_dirs, llama_plan, tmp_path,
         # the checkpoint: cut short, refused naming the file
         ([str(truncated), "--plan", plan], f"{weights}: truncated: tensor"),
     ]
-    for args, expect in cases:
-        start = time.perf_counter()
+    for args, expect in cases:  # `_boom` fails the test if torchrun would have started
         got = runner.invoke(app, ["run", *args])
-        elapsed = time.perf_counter() - start
         assert got.exit_code == 2, (args, got.output)
         assert expect in got.output and len(got.output.strip().splitlines()) == 1, (args, got.output)
-        assert elapsed < 5, (args, elapsed)

@@ -207,14 +207,12 @@ def test_wrong_process_counts_are_refused_before_launch(model_dirs):
     ("kill", r"stage 1 \(card 1: layers.2..head\) died without a report"),
     ("hang", r"stage 1 \(card 1: layers.2..head\) was still running.*stage 0 \(card 0: embed..layers.1\) timed out"),
 ])
-def test_a_failing_rank_ends_the_run_with_the_stage_named(model_dirs, monkeypatch, kind, expect):
+def test_a_failing_rank_ends_the_run_with_the_stage_named(model_dirs, monkeypatch, kind, expect, hang_guard):
     plan = make_plan(model_dirs["llama"], "400KB")
     monkeypatch.setenv(FAULT_ENV, f"1:{kind}")
-    start = time.perf_counter()
-    with pytest.raises(DeployError, match=expect):
-        _run(model_dirs["llama"], plan, RunConfig(micro_batches=2, timeout_s=3))
     # bounded: a hang is noticed after the 3 s timeout, then the launcher ends the hung rank
-    assert time.perf_counter() - start < 60
+    with hang_guard(), pytest.raises(DeployError, match=expect):
+        _run(model_dirs["llama"], plan, RunConfig(micro_batches=2, timeout_s=3))
 
 
 def test_a_rank_that_starts_late_is_waited_for_beyond_the_run_timeout(model_dirs, monkeypatch):
