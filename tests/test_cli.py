@@ -122,6 +122,34 @@ def test_plan_infeasible_exits_3_and_names_the_fix():
     assert "cards" in result.output
 
 
+def test_plan_on_too_few_cards_is_a_partial_fit_with_exit_0():
+    # a device with off-chip memory to stream from: the best partial fit, marked, exit 0
+    result = run("plan", "gpt2", "--device", "h100", "--cards", "1")
+    assert result.exit_code == 0, result.output
+    assert "DOES NOT FIT" in result.stdout and "a fit needs" in result.stdout
+    doc = json.loads(run("plan", "gpt2", "--device", "h100", "--cards", "1", "--json").stdout)
+    assert doc["feasible"] is False and doc["cards"] == 1 and doc["cards_to_fit"] > 1
+    assert doc["objective"] == "fewest_offchip_bytes"
+    assert doc["stages"][0]["overflow_bytes"] == doc["stages"][0]["total_bytes"] - doc["stages"][0]["capacity_bytes"]
+
+
+def test_plan_on_more_cards_than_units_splits_them():
+    doc = json.loads(run("plan", "gpt2", "--device", "h100", "--cards", "40", "--json").stdout)
+    assert doc["cards"] == 40 and doc["feasible"] is True
+    assert any(s["shard"] for s in doc["stages"])
+
+
+def test_compress_roles_reach_the_head_only_with_the_opt_in():
+    plain = json.loads(run("plan", "gpt2", "--device", "h100", "--cards", "2", "--allow", "int8", "--json").stdout)
+    both = json.loads(run("plan", "gpt2", "--device", "h100", "--cards", "2", "--allow", "int8",
+                          "--compress-roles", "head,embed", "--json").stdout)
+    assert plain["compress_roles"] == [] and both["compress_roles"] == ["head", "embed"]
+    compressed = {name for s in both["stages"] for name in s["unit_compression"]}
+    assert compressed & {"head", "embed"}
+    assert not {name for s in plain["stages"] for name in s["unit_compression"]} & {"head", "embed"}
+    assert run("plan", "gpt2", "--device", "h100", "--compress-roles", "lm").exit_code == 2
+
+
 def test_devices_json_has_sources():
     result = run("devices", "--json")
     assert result.exit_code == 0

@@ -25,6 +25,7 @@ from cachefit.commands.options import (
     ActDtypeOption,
     AllowOption,
     AttentionOpt,
+    CompressRolesOption,
     AttnOption,
     BatchOpt,
     DtypeOpt,
@@ -40,6 +41,7 @@ from cachefit.commands.options import (
     StackingOption,
     build_cluster,
     build_workload,
+    compression_config,
     console,
     err_console,
     handles_errors,
@@ -340,8 +342,9 @@ def _verify_partition(values: list[int], cap: int | None, cards: int | None, res
 @shared_options()
 def plan(
     model: Annotated[str, typer.Argument(help="A preset name, a config.json, or a Hugging Face model directory.")],
-    cards: Annotated[Optional[int], typer.Option("--cards", "-k", help="Use exactly K cards, balanced; default: the fewest that fit.", min=1)] = None,
+    cards: Annotated[Optional[int], typer.Option("--cards", "-k", help="Use exactly K cards (any K: units are split where K exceeds them; a partial fit, marked DOES NOT FIT, where K is too few); default: the fewest that fit.", min=1)] = None,
     allow: AllowOption = "",
+    compress_roles: CompressRolesOption = "",
     shared: SharedArgs = None,  # type: ignore[assignment] - the card and workload options (shared_options)
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of per-card bytes against capacity.")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write a self-contained HTML report (plan, charts, timeline, baselines, sources) to this directory.")] = None,
@@ -359,6 +362,7 @@ def plan(
     from cachefit.plan.search import pareto_front, plan_partition
     from cachefit.profile import profile_model
     from cachefit.report.tables import candidates_table, plan_table
+    from cachefit.sizes import format_bytes
 
     if plot is not None:
         from cachefit.files import check_writable
@@ -378,9 +382,16 @@ def plan(
         forbid=tuple(parse_forbid(f) for f in forbid or ()),
     )
     allowed = [a.strip() for a in allow.split(",") if a.strip()]
+    config = compression_config(compress_roles)
+    pricing = None
+    if cards is not None:  # a partial fit is chosen as `cachefit compare` chooses it: priced beside the baselines
+        from cachefit.cost import layout_pricing
+
+        pricing = layout_pricing(prof, cluster, cards, stacking=shared.stacking.value, config=config,
+                                 micro_batches=shared.micro_batches)
     result, tried = plan_partition(prof, cluster, num_cards=cards, allow=allowed, stacking=shared.stacking.value,
                                    max_risk=max_risk, overrides=overrides, reorder_cards=any_order,
-                                   even_splits=even_splits)
+                                   even_splits=even_splits, config=config, pricing=pricing)
     front = pareto_front(tried)
     if plot is not None:
         from cachefit.report.plots import plot_plan
@@ -391,7 +402,8 @@ def plan(
         from cachefit.cost import compare_layouts
         from cachefit.report.html import write_report
 
-        comparison = compare_layouts(prof, cluster, result.cards, allowed, stacking=shared.stacking.value)
+        comparison = compare_layouts(prof, cluster, result.cards, allowed, stacking=shared.stacking.value,
+                                     config=config)
         index = write_report(result, prof, cluster, report, comparison, what="--report")
     if as_json:
         doc = result.to_dict()
@@ -402,8 +414,17 @@ def plan(
         print_json(doc)
         return
     console.print(plan_table(result))
+    if not result.feasible:
+        need = (f"a fit needs {result.cards_to_fit} card(s)" if result.cards_to_fit is not None
+                else "no number of these cards fits")
+        console.print(f"[bold red]DOES NOT FIT[/] on {result.cards} card(s): {need}; shown is the best partial fit, "
+                      f"{format_bytes(sum(s.overflow_bytes for s in result.stages))} over capacity in all "
+                      "(the 'over' column), streamed from off-chip memory")
+    if result.compress_roles:
+        console.print(f"[dim]note:[/] compression may also touch {', '.join(result.compress_roles)} (--compress-roles)")
     for note in result.notes:
-        console.print(f"[dim]note:[/] {note}")
+        if not note.startswith("DOES NOT FIT"):  # the banner above says it
+            console.print(f"[dim]note:[/] {note}")
     if candidates:
         console.print(candidates_table(tried))
     elif len(front) > 1:

@@ -14,6 +14,7 @@ from cachefit.cost import (
 )
 from cachefit.errors import ConfigError
 from cachefit.hardware import get_device, make_cluster
+from cachefit.hardware.devices import device_from_capacity
 from cachefit.profile import profile_model
 
 H100 = make_cluster(get_device("h100"))
@@ -75,13 +76,23 @@ def test_tensor_parallel_splits_every_unit_over_all_cards(paper):
     assert abs(plan.stages[0].footprint.weight_bytes / total - 0.5) < 0.001
 
 
-def test_cachefit_falls_back_to_a_balanced_layout_that_says_it_does_not_fit(paper):
+def test_cachefit_on_too_few_cards_is_its_best_partial_fit(paper):
+    # Was: the balanced contiguous partition with capacity ignored, whatever it streamed. The partial
+    # fit is now the planner's: exactly 4 cards, the fewest off-chip bytes, priced beside the baselines.
     plan = cachefit_plan(paper, H100, 4)
     assert plan.cards == 4 and not plan.feasible
-    assert plan.objective == "balanced_ignoring_capacity"
+    assert plan.objective == "fewest_offchip_bytes"
     assert any("DOES NOT FIT" in n for n in plan.notes)
-    # balanced: the largest stage is as small as 4 contiguous parts of 18 units allow
-    assert max(s.footprint.weight_bytes for s in plan.stages) <= 5 * LAYER_W
+    assert plan.cards_to_fit == 154
+    assert sum(s.overflow_bytes for s in plan.stages) > 0
+
+
+def test_cachefit_on_cards_without_offchip_memory_falls_back_to_a_layout_that_cannot_run():
+    gpt2 = profile_model("gpt2")
+    tiny = make_cluster(device_from_capacity("20MB", level="sram"))  # no off-chip memory to stream from
+    plan = cachefit_plan(gpt2, tiny, 2)
+    assert plan.objective == "balanced_ignoring_capacity" and not plan.feasible
+    assert any("cannot run" in n for n in plan.notes)
 
 
 def test_min_cards_to_fit_matches_the_planner(paper):

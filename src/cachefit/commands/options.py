@@ -119,6 +119,20 @@ LevelOption = Annotated[Optional[str], typer.Option("--level", help="Memory leve
 HeadroomOption = Annotated[float, typer.Option("--headroom", help="Fraction of each card kept free, in [0, 1).")]
 ReserveOption = Annotated[Optional[str], typer.Option("--reserve", help="Bytes kept free on every card, e.g. 2MiB.")]
 AllowOption = Annotated[str, typer.Option("--allow", help="Compression the planner may apply: int8,int4,sparse50,sparse75,sparse24,ckpt,fuse,batch.")]
+CompressRolesOption = Annotated[str, typer.Option("--compress-roles", help="Also let int8 / int4 / sparse24 touch these weight roles (off by default, as common practice keeps them): head, embed, router.")]
+
+
+def compression_config(compress_roles: str):  # noqa: ANN201 - a cachefit.compress.techniques.CompressionConfig
+    """The compression options of ``--compress-roles``: the weight techniques also reach these roles
+    (``head,embed``) beyond the attention and MLP matrices."""
+    from cachefit.compress.techniques import DEFAULT_MATRIX_ROLES, CompressionConfig
+
+    extra = tuple(r.strip() for r in compress_roles.split(",") if r.strip())
+    bad = [r for r in extra if r not in ("head", "embed", "router")]
+    if bad:
+        raise ConfigError(f"--compress-roles: unknown role(s) {', '.join(bad)}; give some of head, embed, router")
+    roles = tuple(dict.fromkeys((*DEFAULT_MATRIX_ROLES, *extra)))
+    return CompressionConfig(quantize_roles=roles, sparse24_roles=roles)
 
 
 def build_workload(batch: int, seq: int, mode: ModeOpt, dtype: DtypeOpt, act_dtype: DtypeOpt | None,
@@ -252,9 +266,9 @@ def shared_options(*, micro_batches: bool = True, device_help: str | None = None
 
 
 __all__ = [
-    "STATE", "ActDtypeOption", "AllowOption", "AttentionOpt", "AttnOption", "BatchOpt", "CapacityOption",
+    "STATE", "ActDtypeOption", "AllowOption", "CompressRolesOption", "AttentionOpt", "AttnOption", "BatchOpt", "CapacityOption",
     "DeviceOption", "DtypeOpt", "DtypeOption", "GranOption", "GranularityOpt", "HeadroomOption", "JsonOption",
     "LevelOption", "MicroBatchesOption", "ModeOpt", "ModeOption", "ReserveOption", "SeqOpt", "SharedArgs",
     "StackingOpt", "StackingOption", "build_cluster", "build_workload", "console", "err_console", "handles_errors",
-    "print_error", "print_json", "shared_options",
+    "compression_config", "print_error", "print_json", "shared_options",
 ]

@@ -10,9 +10,11 @@ from cachefit.cost.baselines import (
     LAYOUTS,
     Comparison,
     LayoutCost,
+    baseline_plans,
     cachefit_plan,
     compare_layouts,
     greedy_dram_plan,
+    layout_pricing,
     min_cards_to_fit,
     tensor_parallel_plan,
     uniform_layers_plan,
@@ -28,6 +30,7 @@ from cachefit.cost.pipeline import (
     schedule_bubble_fraction,
     simulate_schedule,
 )
+from cachefit.cost.pricing import LayoutPricing
 from cachefit.cost.roofline import LINK_LATENCY_S, StageCost, estimate_stage
 
 __all__ = [
@@ -36,16 +39,19 @@ __all__ = [
     "SCHEDULES",
     "Comparison",
     "LayoutCost",
+    "LayoutPricing",
     "PlanCost",
     "ScheduledOp",
     "StageCost",
     "TransferCost",
+    "baseline_plans",
     "cachefit_plan",
     "compare_layouts",
     "count_kernels",
     "estimate_cost",
     "estimate_stage",
     "greedy_dram_plan",
+    "layout_pricing",
     "list_kernels",
     "measured_bubble_fraction",
     "min_cards_to_fit",

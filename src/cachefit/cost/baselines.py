@@ -14,22 +14,22 @@ weights it streams from DRAM):
 * ``tensor-parallel`` (Megatron-LM intra-layer, Shoeybi et al. 2019): every unit split over all K
   cards with :func:`cachefit.partition.split.shard_unit` (a unit that cannot be split K ways is split
   as far as it goes), one pipeline stage, two all-reduces per layer;
-* ``cachefit``: :func:`cachefit.plan.search.plan_partition` on K cards. When no plan fits K
-  cards, cachefit's best layout is the balanced contiguous partition ignoring capacity (smallest
-  largest stage), with the lightest allowed compression, and it is marked as not fitting on-chip;
-  ``min_cards_to_fit`` says how many cards a fitting plan needs.
+* ``cachefit``: :func:`cachefit.plan.search.plan_partition` on exactly K cards: the fitting plan, or,
+  where none fits, its best partial fit, chosen by the cost model among the planner's layouts and
+  these baselines (:mod:`cachefit.cost.pricing`): never more off-chip bytes per token than a baseline
+  on K cards, and as fast as every baseline wherever one of the layouts found is.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cachefit.compress.techniques import CompressionConfig, compress_unit
-from cachefit.cost.pipeline import PlanCost, estimate_cost
+from cachefit.cost.pipeline import PlanCost
+from cachefit.cost.pricing import LayoutPricing
 from cachefit.cost.roofline import LINK_LATENCY_S
 from cachefit.errors import ConfigError, InfeasiblePlanError
 from cachefit.hardware.devices import Card, Cluster
@@ -169,6 +169,35 @@ def _lightest(profile: ModelProfile, allow: Sequence[str], config: CompressionCo
     return best
 
 
+def baseline_plans(profile: ModelProfile, cluster: Cluster, num_cards: int, *,
+                   stacking: str = "reuse") -> tuple[tuple[str, Plan], ...]:
+    """The cache-oblivious layouts that can be built on ``num_cards`` cards, each under its name
+    (``uniform-layers``, ``greedy-dram``, ``tensor-parallel``); one that cannot is left out."""
+    builders = {
+        "uniform-layers": uniform_layers_plan,
+        "greedy-dram": greedy_dram_plan,
+        "tensor-parallel": tensor_parallel_plan,
+    }
+    out = []
+    for name, build in builders.items():
+        try:
+            out.append((name, build(profile, cluster, num_cards, stacking=stacking)))
+        except ConfigError as exc:
+            log.info("layout %s skipped: %s", name, exc)
+    return tuple(out)
+
+
+def layout_pricing(profile: ModelProfile, cluster: Cluster, num_cards: int, *, stacking: str = "reuse",
+                   config: CompressionConfig | None = None, micro_batches: int | None = None,
+                   schedule: str = "1f1b", steps_per_load: int | None = None,
+                   link_latency_s: float = LINK_LATENCY_S) -> LayoutPricing:
+    """How ``cachefit plan --cards K`` and ``cachefit compare`` price a partial fit on ``num_cards`` cards:
+    the cost model with these options, and the baselines of the same cards beside cachefit's layouts."""
+    return LayoutPricing(profile, cluster, config=config, micro_batches=micro_batches, schedule=schedule,
+                         steps_per_load=steps_per_load, link_latency_s=link_latency_s,
+                         alternatives=baseline_plans(profile, cluster, num_cards, stacking=stacking))
+
+
 def cachefit_plan(
     profile: ModelProfile,
     cluster: Cluster,
@@ -177,40 +206,35 @@ def cachefit_plan(
     allow: Sequence[str] = (),
     stacking: str = "reuse",
     config: CompressionConfig | None = None,
+    pricing: LayoutPricing | None = None,
 ) -> Plan:
-    """cachefit's plan on ``num_cards`` cards; if none fits, its best layout that does not.
+    """cachefit's plan on exactly ``num_cards`` cards: the fitting plan, or else the best partial fit
+    (``plan.feasible`` False), chosen with ``pricing`` (default: :func:`layout_pricing`, the baselines of
+    the same cards beside it).
 
-    The fallback is the balanced contiguous partition with capacity ignored (smallest largest stage)
-    of the units compressed with the lightest allowed technique set; the plan is then infeasible
-    (``plan.feasible`` is False) and its notes say so.
+    Only where a partial fit cannot run (cards without off-chip memory) is the layout the balanced
+    contiguous partition with capacity ignored, with the lightest allowed compression, marked so.
     """
     _check_cards(cluster, num_cards)
     if stacking not in STACKING:
         raise ConfigError(f"stacking must be one of {STACKING}, got {stacking!r}")
     config = config or CompressionConfig()
-    n = len(profile.units)
+    if pricing is None:
+        pricing = layout_pricing(profile, cluster, num_cards, stacking=stacking, config=config)
     try:
-        if num_cards <= n:
-            plan, _ = plan_partition(profile, cluster, num_cards=num_cards, allow=allow, stacking=stacking,
-                                     config=config)
-            return plan
-        # more cards than units: only a split layout can use them all; take the fewest-card plan if
-        # it needs no more than given
-        plan, _ = plan_partition(profile, cluster, num_cards=None, allow=allow, stacking=stacking, config=config)
-        if plan.cards <= num_cards:
-            if plan.cards < num_cards:
-                idle = f"fits on {plan.cards} of the {num_cards} cards; the rest stay idle"
-                plan = dataclasses.replace(plan, notes=(*plan.notes, idle))
-            return plan
+        plan, _ = plan_partition(profile, cluster, num_cards=num_cards, allow=allow, stacking=stacking, config=config,
+                                 pricing=pricing)
+        return plan
     except InfeasiblePlanError:
         pass
+    n = len(profile.units)
     combo, units = _lightest(profile, allow, config)
     resident, transient = footprint_cost_arrays([u.footprint for u in units], reuse=stacking == "reuse")
     k = min(num_cards, n)
     part = balanced(resident, k, transient=transient, exact=True)
     notes = [
-        f"DOES NOT FIT on-chip on {num_cards} card(s): no cachefit plan fits, so this is the balanced contiguous "
-        "partition with capacity ignored (smallest largest stage); the overflow is streamed from off-chip memory"
+        f"DOES NOT FIT on-chip on {num_cards} card(s), and the cards have no off-chip memory to stream from: this is "
+        "the balanced contiguous partition with capacity ignored (smallest largest stage); it cannot run"
     ]
     if combo:
         notes.append(f"every unit compressed with {','.join(combo)} (the lightest allowed set)")
@@ -349,25 +373,25 @@ def compare_layouts(
     """
     _check_cards(cluster, num_cards)
     config = config or CompressionConfig()
-    builders = {
-        "cachefit": lambda: cachefit_plan(profile, cluster, num_cards, allow=allow, stacking=stacking, config=config),
-        "uniform-layers": lambda: uniform_layers_plan(profile, cluster, num_cards, stacking=stacking),
-        "greedy-dram": lambda: greedy_dram_plan(profile, cluster, num_cards, stacking=stacking),
-        "tensor-parallel": lambda: tensor_parallel_plan(profile, cluster, num_cards, stacking=stacking),
-    }
+    pricing = layout_pricing(profile, cluster, num_cards, stacking=stacking, config=config,
+                             micro_batches=micro_batches, schedule=schedule, steps_per_load=steps_per_load,
+                             link_latency_s=link_latency_s)
+    plans = dict(pricing.alternatives)
+    plans["cachefit"] = cachefit_plan(profile, cluster, num_cards, allow=allow, stacking=stacking, config=config,
+                                      pricing=pricing)
     layouts: list[LayoutCost] = []
     for name in LAYOUTS:
-        try:
-            plan = builders[name]()
-        except ConfigError as exc:
-            if name == "cachefit":
-                raise
-            log.info("layout %s skipped: %s", name, exc)
-            layouts.append(LayoutCost(name=name, description=_DESCRIPTIONS[name], plan=None, cost=None, skipped=str(exc)))
+        plan = plans.get(name)
+        if plan is None:
+            try:  # say why the baseline could not be built
+                {"uniform-layers": uniform_layers_plan, "greedy-dram": greedy_dram_plan,
+                 "tensor-parallel": tensor_parallel_plan}[name](profile, cluster, num_cards, stacking=stacking)
+                reason = "not built"
+            except ConfigError as exc:
+                reason = str(exc)
+            layouts.append(LayoutCost(name=name, description=_DESCRIPTIONS[name], plan=None, cost=None, skipped=reason))
             continue
-        cost = estimate_cost(plan, profile, cluster, micro_batches=micro_batches, schedule=schedule,
-                             steps_per_load=steps_per_load, config=config, link_latency_s=link_latency_s)
-        layouts.append(LayoutCost(name=name, description=_DESCRIPTIONS[name], plan=plan, cost=cost))
+        layouts.append(LayoutCost(name=name, description=_DESCRIPTIONS[name], plan=plan, cost=pricing.price(plan)))
     return Comparison(
         model=profile.model,
         workload=profile.workload.to_dict(),
@@ -385,9 +409,11 @@ __all__ = [
     "LAYOUTS",
     "Comparison",
     "LayoutCost",
+    "baseline_plans",
     "cachefit_plan",
     "compare_layouts",
     "greedy_dram_plan",
+    "layout_pricing",
     "min_cards_to_fit",
     "tensor_parallel_plan",
     "uniform_layers_plan",

@@ -370,6 +370,15 @@ def _pipeline_groups(plan: Plan) -> list[list[Stage]]:
     return groups
 
 
+def collective_latency_steps(collectives: Sequence[str], shards: int) -> int:
+    """Message steps on the critical path of a split unit's collectives: ``2 ceil(log2 s)`` per
+    all-reduce, ``ceil(log2 s)`` per all-gather (recursive halving / doubling, Thakur et al. 2005; see
+    :data:`cachefit.cost.roofline.LINK_LATENCY_S`)."""
+    if shards <= 1:
+        return 0
+    return sum((2 if name.startswith("all-reduce") else 1) * math.ceil(math.log2(shards)) for name in collectives)
+
+
 class _UnitCache:
     """Each unit as a card runs it: its shard of a split, then its compression (recomputed)."""
 
@@ -388,10 +397,7 @@ class _UnitCache:
             if degree > 1:
                 shard = shard_unit(unit, degree, wl)
                 unit = shard.unit
-                for name in shard.collectives:
-                    # latency steps: 2 ceil(log2 s) per all-reduce, ceil(log2 s) per all-gather
-                    # (recursive halving / doubling, Thakur et al. 2005; see LINK_LATENCY_S)
-                    steps += (2 if name.startswith("all-reduce") else 1) * math.ceil(math.log2(degree))
+                steps = collective_latency_steps(shard.collectives, degree)
             if techniques:
                 unit = compress_unit(unit, techniques, wl, self.config)
             self.cache[key] = (unit, steps)
@@ -607,6 +613,7 @@ def estimate_cost(
 
 __all__ = [
     "SCHEDULES",
+    "collective_latency_steps",
     "PlanCost",
     "ScheduledOp",
     "TransferCost",

@@ -24,15 +24,15 @@ launch-bound part the roofline has no term for; it dominates small stages (a lay
 a few microseconds on a GPU, or any layer of a small model on a CPU). A device without the figure
 gets no such term (0) and a note; units without a shape (live-module profiles) count no kernels.
 
-**Which bytes are off-chip.** The stage's footprint (weights + activations + buffers, stacked as the
-plan stacked them) is compared with the capacity its card offers. The part beyond capacity
-(``total - capacity``, clipped at 0) is taken from the weights first (at most all of them): those
-weights are *streamed* from DRAM on every micro-batch, the rest stay on-chip (a partial fit). Only if
-the overflow is larger than the weights does the persistent activation state (the KV cache in
-decode, saved tensors in train) spill, then the transient scratch. The model assumes the resident
-part stays pinned (explicit SRAM, or a persisting L2 access window such as CUDA's
-``cudaAccessPolicyWindow``); an LRU cache streaming a working set larger than itself may keep far
-less, so for partial fits on caches this is optimistic.
+**Which bytes are off-chip.** One rule, shared with the planner (:mod:`cachefit.plan.offchip`): the
+stage's footprint (weights + activations + buffers, stacked as the plan stacked them) is compared
+with the capacity its card offers. The part beyond capacity (``total - capacity``, clipped at 0) is
+taken from the weights first (at most all of them): those weights are *streamed* from DRAM on every
+micro-batch, the rest stay on-chip (a partial fit). Only if the overflow is larger than the weights
+does the persistent activation state (the KV cache in decode, saved tensors in train) spill, then the
+transient scratch. The model assumes the resident part stays pinned (explicit SRAM, or a persisting
+L2 access window such as CUDA's ``cudaAccessPolicyWindow``); an LRU cache streaming a working set
+larger than itself may keep far less, so for partial fits on caches this is optimistic.
 
 **Loads.** Weights that fit are read from DRAM once per *load* (``load_bytes``). By default
 (``steps_per_load=None``) they stay resident, as with the seed's pre-allocation: the load is a
@@ -72,7 +72,8 @@ from typing import Any
 from cachefit.cost.kernels import count_unit_kernels
 from cachefit.errors import ConfigError
 from cachefit.hardware.devices import DeviceSpec
-from cachefit.units import Mode, Unit, Workload
+from cachefit.plan.offchip import StageBytes, offchip_split
+from cachefit.units import Footprint, Mode, Unit, Workload
 
 log = logging.getLogger(__name__)
 
@@ -190,23 +191,6 @@ class StageCost:
         }
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _is_embedding(unit: Unit) -> bool:
-    return unit.shape is not None and unit.shape.part == "embedding"
-
-
-def _embedding_read_bytes(unit: Unit, tokens: int) -> int:
-    """Bytes of an embedding unit's tables one micro-batch reads: the rows of its tokens."""
-    vocab = unit.shape.vocab_size if unit.shape is not None else 0
-    weight = unit.footprint.weight_bytes
-    if not vocab or tokens >= vocab:
-        return weight
-    return _ceil_div(weight * tokens, vocab)
-
-
 def _div(nbytes: float, rate: float | None) -> float | None:
     if nbytes == 0:
         return 0.0
@@ -269,23 +253,18 @@ def estimate_stage(
     train = workload.mode is Mode.TRAIN
     passes = 2 if train else 1  # weights (and scratch) touched in forward, and again in backward
 
-    # -- what fits: overflow taken from the weights first, then persistent, then transient state
+    # -- what fits and what streams: one rule with the planner's (cachefit.plan.offchip)
     total = weight_bytes + activation_bytes + buffer_bytes
-    overflow = max(0, total - capacity_bytes)
-    streamed = min(weight_bytes, overflow)
-    # An embedding lookup reads only the rows of the micro-batch's tokens, so its tables are the
-    # cheapest weights to leave off-chip: the overflow is taken from them first.
-    table_bytes = min(weight_bytes, sum(u.footprint.weight_bytes for u in stage_units if _is_embedding(u)))
-    table_read = min(table_bytes, sum(_embedding_read_bytes(u, tokens_per_micro_batch) for u in stage_units
-                                      if _is_embedding(u)))
-    streamed_tables = min(table_bytes, streamed)
-    streamed_matrices = streamed - streamed_tables
-    tables_off_read = _ceil_div(table_read * streamed_tables, table_bytes) if table_bytes else 0
-    weights_off_read = tables_off_read + streamed_matrices
-    weights_on_read = (table_read - tables_off_read) + (weight_bytes - table_bytes - streamed_matrices)
-    rest = overflow - streamed
-    spilled_persistent = min(persistent_activation_bytes, rest)
-    spilled_transient = rest - spilled_persistent
+    split = offchip_split(
+        StageBytes.of(
+            Footprint(weight_bytes=weight_bytes, activation_bytes=activation_bytes, buffer_bytes=buffer_bytes,
+                      persistent_activation_bytes=persistent_activation_bytes),
+            stage_units, tokens_per_micro_batch,
+        ),
+        capacity_bytes, workload,
+    )
+    overflow, streamed = split.overflow_bytes, split.streamed_weight_bytes
+    spilled_persistent, spilled_transient = split.spilled_persistent_bytes, split.spilled_transient_bytes
     resident = weight_bytes - streamed
     has_offchip = device.offchip_capacity_bytes is not None or device.offchip_bandwidth_bytes_per_s is not None
     possible = overflow == 0 or has_offchip
@@ -294,24 +273,8 @@ def estimate_stage(
             f"card {card} ({device.name}) has no off-chip memory: the stage needs {total:,} B but the card offers "
             f"{capacity_bytes:,} B, so it cannot run"
         )
-
-    # -- persistent state traffic per micro-batch
-    if workload.mode is Mode.DECODE:
-        # the micro-batch reads its own KV cache (the footprint holds every micro-batch's cache)
-        persistent_traffic = persistent_activation_bytes // workload.micro_batches
-        persistent_off = spilled_persistent // workload.micro_batches
-    elif train:
-        persistent_traffic = 2 * persistent_activation_bytes  # saved in forward, read in backward
-        persistent_off = 2 * spilled_persistent
-    else:
-        persistent_traffic = persistent_activation_bytes  # written once (prefill keeps nothing: 0)
-        persistent_off = spilled_persistent
-    # -- transient scratch: written once and read once per unit (a lower bound)
-    transient_traffic = 2 * passes * sum(u.footprint.transient_activation_bytes for u in stage_units)
-    transient_off = min(transient_traffic, 2 * passes * spilled_transient)
-
-    onchip_bytes = passes * weights_on_read + (persistent_traffic - persistent_off) + (transient_traffic - transient_off)
-    offchip_bytes = passes * weights_off_read + persistent_off + transient_off
+    onchip_bytes = split.onchip_bytes_per_micro_batch
+    offchip_bytes = split.offchip_bytes_per_micro_batch
     load_share = 0
     if steps_per_load is not None and resident and has_offchip:
         load_share = -(-resident // (steps_per_load * micro_batches))  # ceil: bytes never vanish

@@ -70,6 +70,16 @@ class Stage:
     def fits(self) -> bool:
         return self.footprint.total_bytes <= self.capacity_bytes
 
+    @property
+    def overflow_bytes(self) -> int:
+        """Bytes beyond the card's capacity, streamed from off-chip memory (0: the stage fits)."""
+        return max(0, self.footprint.total_bytes - self.capacity_bytes)
+
+    @property
+    def onchip_bytes(self) -> int:
+        """Bytes the card holds on-chip: the stage's bytes up to its capacity."""
+        return min(self.footprint.total_bytes, self.capacity_bytes)
+
     def to_dict(self) -> dict[str, Any]:
         fp = self.footprint
         return {
@@ -86,6 +96,8 @@ class Stage:
             **fp.to_dict(),
             "capacity_bytes": self.capacity_bytes,
             "utilization": round(self.utilization, 6),
+            "onchip_bytes": self.onchip_bytes,
+            "overflow_bytes": self.overflow_bytes,
             "collective_bytes_per_token": self.collective_bytes_per_token,
         }
 
@@ -108,6 +120,12 @@ class Plan:
     provenance: Mapping[str, str] | None = None
     """SHA-256 digests of what the plan was made from: ``profile`` (units, bytes, workload),
     ``cluster`` (cards, capacities, device figures), and the cachefit ``version``."""
+    cards_to_fit: int | None = None
+    """The fewest cards (copies of the first card) on which a plan fits with the same options; None:
+    not known, or no number of cards fits."""
+    compress_roles: tuple[str, ...] = ()
+    """Weight roles the weight techniques (int8, int4, sparse24) were allowed to touch beyond the
+    attention and MLP matrices, e.g. ``head``, ``embed`` (``cachefit plan --compress-roles``)."""
 
     def __post_init__(self) -> None:
         expected = 0
@@ -152,13 +170,16 @@ class Plan:
             "stacking": self.stacking,
             "feasible": self.feasible,
             "cards": self.cards,
+            "cards_to_fit": self.cards_to_fit,
             "num_units": self.num_units,
+            "compress_roles": list(self.compress_roles),
             "summary": {
                 "bottleneck_bytes": self.bottleneck_bytes,
                 "mean_utilization": round(self.mean_utilization, 6),
                 "min_utilization": round(min(utils), 6),
                 "max_utilization": round(max(utils), 6),
                 "spread": round(max(utils) - min(utils), 6),
+                "overflow_bytes": sum(s.overflow_bytes for s in self.stages),
             },
             "stages": [s.to_dict() for s in self.stages],
             "notes": list(self.notes),
@@ -212,6 +233,8 @@ class Plan:
                 stacking=str(data.get("stacking", "reuse")),
                 notes=tuple(data.get("notes", ())),
                 provenance=dict(data["provenance"]) if data.get("provenance") else None,
+                cards_to_fit=None if data.get("cards_to_fit") is None else int(data["cards_to_fit"]),
+                compress_roles=tuple(str(r) for r in data.get("compress_roles", ())),
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
             raise ConfigError(f"{where}: malformed plan ({type(exc).__name__}: {exc}); regenerate it with `cachefit plan --json`") from None

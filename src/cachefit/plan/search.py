@@ -15,24 +15,45 @@ import itertools
 import logging
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 from cachefit.compress.techniques import (
+    DEFAULT_MATRIX_ROLES,
     CompressionConfig,
     compress_unit,
     compression_risk,
     resolve_techniques,
 )
-from cachefit.errors import ConfigError, InfeasiblePlanError, UnsupportedCompressionError
+from cachefit.errors import (
+    ConfigError,
+    InfeasiblePlanError,
+    UnsupportedCompressionError,
+)
 from cachefit.hardware.devices import Card, Cluster, DeviceSpec
 from cachefit.limits import check_limit
 from cachefit.partition.contiguous import Partition, balanced, fewest_cards
-from cachefit.partition.overrides import Overrides, ResolvedOverrides, constrained_partition, resolve_overrides
-from cachefit.partition.split import Shard, max_shards, shard_unit
+from cachefit.partition.overrides import (
+    Overrides,
+    ResolvedOverrides,
+    constrained_partition,
+    resolve_overrides,
+)
+from cachefit.partition.split import Shard, max_shards
 from cachefit.plan.build import plan_from_stages, stage_for
+from cachefit.plan.layout import (
+    DEGREES,
+    Group,
+    Layout,
+    ShardTable,
+    degrees_for,
+    exact_cards_layout,
+    fewest_cards_layout,
+    partial_layouts,
+)
 from cachefit.plan.model import Plan
 from cachefit.sizes import format_bytes
-from cachefit.units import Footprint, ModelProfile, Unit, stack_footprints
+from cachefit.units import Footprint, ModelProfile, Unit
 
 _log = logging.getLogger(__name__)
 
@@ -49,6 +70,8 @@ class Candidate:
     """Cards the partition uses (None: no partition fits)."""
     bottleneck_bytes: int | None
     mean_utilization: float | None
+    compressed_units: int | None = None
+    """Units the set's plan compresses (after compression is undone where not needed); None: no fit."""
 
     @property
     def feasible(self) -> bool:
@@ -61,6 +84,7 @@ class Candidate:
             "cards": self.cards,
             "bottleneck_bytes": self.bottleneck_bytes,
             "mean_utilization": None if self.mean_utilization is None else round(self.mean_utilization, 6),
+            "compressed_units": self.compressed_units,
         }
 
 
@@ -157,156 +181,8 @@ def _try(cards: _Cards, units: Sequence[Unit], stacking: str) -> Partition | Non
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class _Group:
-    """One pipeline stage: units [start, end) on ``shards`` cards (1: no split)."""
-
-    start: int
-    end: int
-    shards: int
-    units: tuple[Unit, ...]
-    """The stage's units as one card holds them (the largest shard when split)."""
-    collective_bytes_per_token: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Layout:
-    groups: tuple[_Group, ...]
-    stacking: str
-
-    @property
-    def cards(self) -> int:
-        return sum(g.shards for g in self.groups)
-
-    def stage_bytes(self, g: _Group) -> int:
-        return stack_footprints((u.footprint for u in g.units), reuse=self.stacking == "reuse").total_bytes
-
-    @property
-    def bottleneck(self) -> int:
-        return max(self.stage_bytes(g) for g in self.groups)
-
-
-def _layout_from_partition(part: Partition, units: Sequence[Unit], stacking: str) -> _Layout:
-    return _Layout(tuple(_Group(a, b, 1, tuple(units[a:b])) for a, b in part.parts), stacking)
-
-
-def _divides_evenly(unit: Unit, shards: int) -> bool:
-    """Every split dimension of ``unit`` divides evenly over ``shards`` cards (KV heads: or the reverse)."""
-    shape = unit.shape
-    if shape is None:
-        return False
-    if shape.part in ("layer", "attention"):
-        kv = shape.num_kv_heads
-        if shape.num_heads % shards or (kv % shards and shards % kv):
-            return False
-    if shape.part in ("layer", "mlp") and shape.intermediate_size % shards:
-        return False
-    if shape.part in ("embedding", "head") and shape.vocab_size and shape.vocab_size % shards:
-        return False
-    return True
-
-
-class _ShardTable:
-    """Each unit's largest shard for every split degree, compressed with one technique set.
-
-    ``raw`` marks units kept uncompressed (the revert pass flips them one at a time).
-    """
-
-    def __init__(self, profile: ModelProfile, combo: tuple[str, ...], config: CompressionConfig,
-                 compressed: Sequence[Unit], shards: dict[tuple[int, int], Shard] | None = None) -> None:
-        self.profile, self.combo, self.config = profile, combo, config
-        self.shards = shards if shards is not None else {}  # uncompressed shards, shared across sets
-        self.keep_whole: frozenset[int] = frozenset()
-        self.even_splits = False
-        self.forbid: Mapping[int, frozenset[str]] = {}
-        self.raw: set[int] = set()
-        self.cache: dict[tuple[int, int, bool], tuple[Unit, int]] = {
-            (i, 1, False): (u, 0) for i, u in enumerate(compressed)
-        }
-        for i, u in enumerate(profile.units):
-            self.cache[(i, 1, True)] = (u, 0)
-
-    def get(self, i: int, shards: int) -> tuple[Unit, int] | None:
-        raw = i in self.raw or not self.combo
-        key = (i, shards, raw)
-        if key not in self.cache:
-            unit = self.profile.units[i]
-            if shards > max_shards(unit) or (shards > 1 and i in self.keep_whole):
-                return None
-            if shards > 1 and self.even_splits and not _divides_evenly(unit, shards):
-                return None
-            shard = self.shards.get((i, shards))
-            if shard is None:
-                shard = self.shards[(i, shards)] = shard_unit(unit, shards, self.profile.workload)
-            combo = _allowed(self.combo, self.forbid.get(i, frozenset()))
-            got = shard.unit if raw or not combo else compress_unit(shard.unit, combo, self.profile.workload, self.config)
-            self.cache[key] = (got, shard.collective_bytes_per_token)
-        return self.cache[key]
-
-
-def _split_layout(table: _ShardTable, capacity: int, stacking: str, degrees: Sequence[int]) -> _Layout | None:
-    """Fewest cards when stages may be split over several cards (tensor parallel), by dynamic programming.
-
-    ``best[j]`` is the cheapest layout of units [0, j): (cards, largest stage utilization). A stage
-    [i, j) split over s cards holds the largest shard of each of its units; extending it is monotone
-    (``stack_footprints`` never shrinks), so the inner loop stops at the first unit that overflows.
-    """
-    n = len(table.profile.units)
-    inf = (float("inf"), float("inf"))
-    best: list[tuple[float, float]] = [inf] * (n + 1)
-    back: list[tuple[int, int] | None] = [None] * (n + 1)
-    best[0] = (0, 0.0)
-    reuse = stacking == "reuse"
-    for i in range(n):
-        if best[i] == inf:
-            continue
-        for s in degrees:
-            resident = 0
-            peak = 0
-            for j in range(i, n):
-                got = table.get(j, s)
-                if got is None:
-                    break
-                fp = got[0].footprint
-                if reuse:
-                    resident += fp.weight_bytes + fp.persistent_activation_bytes
-                    peak = max(peak, fp.transient_activation_bytes + fp.buffer_bytes)
-                else:
-                    resident += fp.total_bytes
-                total = resident + peak
-                if total > capacity:
-                    break
-                cand = (best[i][0] + s, max(best[i][1], total / capacity))
-                if cand < best[j + 1]:
-                    best[j + 1], back[j + 1] = cand, (i, s)
-    if best[n] == inf:
-        return None
-    groups: list[_Group] = []
-    j = n
-    while j > 0:
-        i, s = back[j]  # type: ignore[misc]
-        members = tuple(table.get(k, s)[0] for k in range(i, j))  # type: ignore[index]
-        traffic = sum(table.get(k, s)[1] for k in range(i, j))  # type: ignore[index]
-        groups.append(_Group(i, j, s, members, traffic))
-        j = i
-    return _Layout(tuple(reversed(groups)), stacking)
-
-
-def _split_for_cards(table: _ShardTable, capacity: int, stacking: str, degrees: Sequence[int],
-                     num_cards: int) -> _Layout | None:
-    """The layout on at most ``num_cards`` cards with the smallest largest stage (bisection on the bound)."""
-    top = _split_layout(table, capacity, stacking, degrees)
-    if top is None or top.cards > num_cards:
-        return None
-    lo, hi, best = 1, capacity, top
-    while lo < hi:
-        mid = (lo + hi) // 2
-        got = _split_layout(table, mid, stacking, degrees)
-        if got is not None and got.cards <= num_cards:
-            hi, best = mid, got
-        else:
-            lo = mid + 1
-    return best
+def _layout_from_partition(part: Partition, units: Sequence[Unit], stacking: str) -> Layout:
+    return Layout(tuple(Group(a, b, 1, tuple(units[a:b])) for a, b in part.parts), stacking)
 
 
 def plan_partition(
@@ -321,13 +197,18 @@ def plan_partition(
     overrides: Overrides | None = None,
     reorder_cards: bool = False,
     even_splits: bool = False,
+    pricing: Pricing | None = None,
 ) -> tuple[Plan, tuple[Candidate, ...]]:
     """Plan ``profile`` on the cards of ``cluster``.
 
     Args:
         profile: the model's units for one workload.
         cluster: one card (then as many copies as needed, or ``num_cards``) or a fixed cluster.
-        num_cards: use exactly this many cards, balancing the largest part; None: the fewest cards.
+        num_cards: use exactly this many cards (any number >= 1: units are split tensor-parallel where
+            they are fewer than the cards): the fitting layout with the smallest largest part, or,
+            where none fits, the best partial fit (``plan.feasible`` False, ``overflow_bytes`` per
+            stage streamed from off-chip memory, ``cards_to_fit`` the cards a fit needs); None: the
+            fewest cards that fit.
         allow: compression techniques the search may apply (``int8``, ``int4``, ``sparse50``, ...);
             a plain string is read as a comma-separated list (``"int8,int4"``).
         stacking: ``reuse`` (transient scratch shared by a card's units) or ``sum`` (the seed's sum).
@@ -339,21 +220,27 @@ def plan_partition(
             distinct order for small clusters, else a heuristic) instead of keeping the given one.
         even_splits: split a unit only over a number of cards that divides its heads (KV heads:
             divides or is a multiple), MLP columns and vocabulary, as ``cachefit run`` deploys them.
+        pricing: how the cost model prices a partial fit (``num_cards`` too few for a fit): with it the
+            planner weighs predicted time too and lets it choose (:class:`cachefit.cost.LayoutPricing`);
+            without it the partial plan is the one with the fewest off-chip bytes.
 
     Returns:
         The plan and every candidate technique set tried, with the cards it needs.
 
     Raises:
-        ConfigError: an argument of the wrong type or out of range (checked before any work).
-        InfeasiblePlanError: nothing allowed fits; the message names the unit or constraint and the
-            minimal change that would make it fit.
+        ConfigError: an argument of the wrong type or out of range (checked before any work), or
+            ``num_cards`` more than the units can be split over.
+        InfeasiblePlanError: without ``num_cards``, nothing allowed fits any number of cards (the
+            message names the unit or constraint and the minimal change that would make it fit); with
+            it, pins or cuts that no plan honours, or a partial fit on cards with no off-chip memory.
     """
     allow = _check_arguments(profile, cluster, num_cards=num_cards, allow=allow, stacking=stacking, config=config,
                              max_risk=max_risk, overrides=overrides)
-    if num_cards is not None and num_cards > len(profile.units):
+    if num_cards is not None and num_cards > len(profile.units) and not cluster.is_homogeneous:
         raise ConfigError(
-            f"--cards {num_cards}: the model has only {len(profile.units)} units at this granularity; "
-            "use fewer cards or --granularity block"
+            f"--cards {num_cards}: the model has {len(profile.units)} units at this granularity and the cards "
+            "differ, and units are split tensor-parallel only over identical cards; use at most "
+            f"{len(profile.units)} cards of this cluster, --granularity block, or identical cards"
         )
     order_note = None
     if reorder_cards and not cluster.is_homogeneous:
@@ -368,8 +255,8 @@ def plan_partition(
 
     candidates: list[Candidate] = []
     variants: dict[tuple[str, ...], tuple[Unit, ...]] = {}
-    best: tuple[tuple[str, ...], _Layout] | None = None
-    seen: dict[tuple[Footprint, ...], _Layout | None] = {}
+    best: tuple[tuple[str, ...], Plan] | None = None
+    seen: dict[tuple[Footprint, ...], Plan | None] = {}
     shard_cache: dict[tuple[int, int], Shard] = {}
     for combo in sets:
         if best is not None and "batch" in combo:
@@ -378,40 +265,52 @@ def plan_partition(
             compress_unit(u, _allowed(combo, forbid.get(i, frozenset())), wl, config) for i, u in enumerate(profile.units)
         ) if combo else profile.units
         variants[combo] = units
-        # a technique that changed no unit (ckpt in decode, say) gives the layout of the set without it
+        # a technique that changed no unit (ckpt in decode, say) gives the plan of the set without it
         key = tuple(u.footprint for u in units)
         if key not in seen:
-            seen[key] = _layout(cards, profile, combo, config, units, stacking, shard_cache)
-        layout = seen[key]
-        candidates.append(
-            Candidate(
-                techniques=combo,
-                risk=compression_risk(combo) if combo else 0.0,
-                cards=layout.cards if layout else None,
-                bottleneck_bytes=layout.bottleneck if layout else None,
-                mean_utilization=_layout_util(layout, cards) if layout else None,
-            )
-        )
-        if layout is None:
+            layout = _layout(cards, profile, combo, config, units, stacking, shard_cache)
+            if layout is not None and combo:
+                layout = _revert_unneeded(profile, combo, config, list(units), cards, stacking, layout, shard_cache)
+            # the candidate's numbers are those of the plan it gives: the same stages the plan shows
+            seen[key] = None if layout is None else _build_plan(profile, cards, layout, combo, config)
+        got = seen[key]
+        candidates.append(_candidate(combo, got))
+        if got is None:
             continue
         # sets come least lossy first: with a fixed card count the first that fits wins; for the
         # fewest cards a lossier set is kept only if it saves a card
-        if best is None or (num_cards is None and layout.cards < best[1].cards):
-            best = (combo, layout)
+        if best is None or (num_cards is None and got.cards < best[1].cards):
+            best = (combo, got)
     if best is None:
-        raise _infeasible(profile, cards, variants, stacking)
-
-    combo, layout = best
-    if combo:
-        layout = _revert_unneeded(profile, combo, config, list(variants[combo]), cards, stacking, layout, shard_cache)
-    plan = _build_plan(profile, cards, layout, combo)
+        if num_cards is None or cards.overrides.shapes_partition:
+            raise _infeasible(profile, cards, variants, stacking)
+        plan = _partial_plan(profile, cards, sets, variants, config, stacking, shard_cache, pricing)
+    else:
+        plan = best[1]
     if order_note:
-        from dataclasses import replace as _replace
-
-        plan = _replace(plan, notes=(*plan.notes, order_note))
+        plan = replace(plan, notes=(*plan.notes, order_note))
+    if num_cards is None:
+        plan = replace(plan, cards_to_fit=plan.cards)
+    else:
+        plan = replace(plan, cards_to_fit=_cards_to_fit(profile, cluster, allow, stacking, config, max_risk, overrides,
+                                                        even_splits, plan))
+    if not plan.feasible:
+        plan = _partial_notes(plan, cards)
     if resolved is not None:
         plan = _with_override_cost(plan, profile, cluster, num_cards, allow, stacking, config, max_risk, overrides)
     return plan, tuple(candidates)
+
+
+def _candidate(combo: tuple[str, ...], plan: Plan | None) -> Candidate:
+    return Candidate(
+        techniques=combo,
+        risk=compression_risk(combo) if combo else 0.0,
+        cards=plan.cards if plan is not None else None,
+        bottleneck_bytes=plan.bottleneck_bytes if plan is not None else None,
+        mean_utilization=plan.mean_utilization if plan is not None else None,
+        compressed_units=None if plan is None else sum(
+            1 for st in plan.stages if st.shard is None or st.shard[0] == 0 for t in st.unit_compression if t),
+    )
 
 
 def _check_arguments(profile: object, cluster: object, *, num_cards: object, allow: object, stacking: object,
@@ -497,49 +396,51 @@ def _with_override_cost(plan: Plan, profile: ModelProfile, cluster: Cluster, num
     return _replace(plan, notes=(*plan.notes, f"overrides honoured ({honoured}); cost: {cost}"))
 
 
-_DEGREES = (*range(1, 17), 24, 32, 48, 64)
+def _table(cards: _Cards, profile: ModelProfile, combo: tuple[str, ...], config: CompressionConfig,
+           units: Sequence[Unit], shard_cache: dict[tuple[int, int], Shard]) -> ShardTable:
+    table = ShardTable(profile, combo, config, units, shard_cache)
+    table.keep_whole, table.forbid = cards.overrides.keep_whole, cards.overrides.forbid
+    table.even_splits = cards.even_splits
+    return table
 
 
 def _layout(cards: _Cards, profile: ModelProfile, combo: tuple[str, ...], config: CompressionConfig,
-            units: Sequence[Unit], stacking: str, shard_cache: dict[tuple[int, int], Shard]) -> _Layout | None:
-    """The best layout for one technique set: contiguous if every unit fits a card, else with splits."""
-    part = _try(cards, units, stacking)
-    if part is not None:
-        return _layout_from_partition(part, units, stacking)
+            units: Sequence[Unit], stacking: str, shard_cache: dict[tuple[int, int], Shard]) -> Layout | None:
+    """The best fitting layout for one technique set: contiguous if every unit fits a card, else with
+    splits; with ``num_cards`` K, on exactly K cards (splitting units when K exceeds them)."""
+    k = cards.num_cards
+    if k is None or k <= len(units):
+        part = _try(cards, units, stacking)
+        if part is not None:
+            return _layout_from_partition(part, units, stacking)
     caps = cards.cluster.capacities()
-    if all(u.total_bytes <= max(caps) for u in units) or not cards.cluster.is_homogeneous:
-        return None  # not a unit too large for a card: splitting would not help (or cards differ)
+    if not cards.cluster.is_homogeneous:
+        return None  # the cards differ: units are split only over identical cards
+    if k is None and all(u.total_bytes <= max(caps) for u in units):
+        return None  # not a unit too large for a card: splitting would not save a card
     if cards.overrides.shapes_partition:
-        big = next(u for u in units if u.total_bytes > max(caps))
+        big = next((u for u in units if u.total_bytes > max(caps)), None)
+        if big is None and k is not None and k <= len(units):
+            return None
+        what = (f"unit {big.name} ({format_bytes(big.total_bytes)}) fits no card whole" if big is not None
+                else f"--cards {k} is more than the {len(units)} units")
         raise ConfigError(
-            f"unit {big.name} ({format_bytes(big.total_bytes)}) fits no card whole, and pins / cuts apply to plans "
-            "without tensor-parallel splits; drop the pins and cuts, or allow compression that makes it fit"
+            f"{what}, and pins / cuts apply to plans without tensor-parallel splits; drop the pins and cuts, "
+            "or allow compression that makes it fit"
         )
-    table = _ShardTable(profile, combo, config, units, shard_cache)
-    table.keep_whole, table.forbid = cards.overrides.keep_whole, cards.overrides.forbid
-    table.even_splits = cards.even_splits
-    return _split_layouts(cards, table, stacking)
+    return _split_layouts(cards, _table(cards, profile, combo, config, units, shard_cache), stacking)
 
 
-def _split_layouts(cards: _Cards, table: _ShardTable, stacking: str) -> _Layout | None:
+def _split_layouts(cards: _Cards, table: ShardTable, stacking: str) -> Layout | None:
     capacity = min(cards.cluster.capacities())
-    limit = max(max_shards(u) for u in table.profile.units)
-    degrees = tuple(d for d in _DEGREES if d <= limit)
     if cards.num_cards is None:
-        got = _split_layout(table, capacity, stacking, degrees)
+        limit = max(max_shards(u) for u in table.profile.units)
+        got = fewest_cards_layout(table, capacity, stacking, tuple(d for d in DEGREES if d <= limit))
         if got is not None and not cards.unlimited and got.cards > len(cards.cluster):
             return None
         return got
-    return _split_for_cards(table, capacity, stacking, degrees, cards.num_cards)
-
-
-def _layout_util(layout: _Layout, cards: _Cards) -> float:
-    total, idx = 0.0, 0
-    for g in layout.groups:
-        for _ in range(g.shards):
-            total += layout.stage_bytes(g) / cards.card(idx).capacity_bytes
-            idx += 1
-    return total / layout.cards
+    degrees = degrees_for(table.profile.units, cards.num_cards)
+    return exact_cards_layout(table, capacity, stacking, degrees, cards.num_cards)
 
 
 def _revert_unneeded(
@@ -549,9 +450,9 @@ def _revert_unneeded(
     compressed: list[Unit],
     cards: _Cards,
     stacking: str,
-    layout: _Layout,
+    layout: Layout,
     shard_cache: dict[tuple[int, int], Shard],
-) -> _Layout:
+) -> Layout:
     """Undo compression on units that do not need it (smallest saving first), keeping the card count."""
     original = profile.units
     order = sorted(
@@ -559,10 +460,7 @@ def _revert_unneeded(
         key=lambda i: original[i].total_bytes - compressed[i].total_bytes,
     )
     split = any(g.shards > 1 for g in layout.groups)
-    table = _ShardTable(profile, combo, config, compressed, shard_cache) if split else None
-    if table is not None:
-        table.keep_whole, table.forbid = cards.overrides.keep_whole, cards.overrides.forbid
-        table.even_splits = cards.even_splits
+    table = _table(cards, profile, combo, config, compressed, shard_cache) if split else None
     for i in order:
         trial = list(compressed)
         trial[i] = original[i]
@@ -579,7 +477,108 @@ def _revert_unneeded(
     return layout
 
 
-def _build_plan(profile: ModelProfile, cards: _Cards, layout: _Layout, combo: tuple[str, ...]) -> Plan:
+class Pricing(Protocol):
+    """How the cost model prices partial-fit layouts for the planner (:class:`cachefit.cost.LayoutPricing`):
+    the planner searches, the cost model says what a stage takes and which finished plan is best."""
+
+    def stage_time_s(self, start: int, units: Sequence[Unit], footprint: Footprint, shards: int,
+                     collective_bytes_per_token: int, card: Card) -> float | None:
+        """Predicted time of one stage (see :data:`cachefit.plan.layout.StageTime`)."""
+
+    def choose(self, plans: Sequence[Plan]) -> Plan:
+        """The best of the planner's partial plans on the same cards (it may add layouts of its own)."""
+
+
+# Weights of time against off-chip bytes in the partial-fit variants priced by a Pricing (0: fewest
+# off-chip bytes, then time; larger: more bytes for less time; see partial_layouts)
+_TIME_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 256.0, 1024.0)
+
+
+def _partial_plan(profile: ModelProfile, cards: _Cards, sets: Sequence[tuple[str, ...]],
+                  variants: Mapping[tuple[str, ...], tuple[Unit, ...]], config: CompressionConfig, stacking: str,
+                  shard_cache: dict[tuple[int, int], Shard], pricing: Pricing | None) -> Plan:
+    """No layout fits ``cards.num_cards`` cards: the layout on exactly that many with the fewest bytes
+    off-chip per micro-batch, over the allowed technique sets (the least lossy among equals; never
+    ``batch``); compression is undone wherever undoing it moves no more bytes off-chip. With
+    ``pricing``, variants that trade bytes for time are priced too and it chooses."""
+    k = cards.num_cards
+    assert k is not None
+    card_list = [cards.card(0)] if len(cards.cluster) == 1 else list(cards.cluster.cards[:k])
+    degrees = degrees_for(profile.units, k) if cards.cluster.is_homogeneous else (1,)
+    wl = profile.workload
+    best: tuple[tuple[str, ...], ShardTable, Layout] | None = None
+    for combo in sets:
+        if "batch" in combo or combo not in variants:
+            continue
+        table = _table(cards, profile, combo, config, variants[combo], shard_cache)
+        got = partial_layouts(table, card_list, stacking, degrees, k, wl)
+        if got and (best is None or got[0].offchip_bytes < best[2].offchip_bytes):
+            best = (combo, table, got[0])
+    if best is None:
+        spread = sum(max_shards(u) for u in profile.units)
+        raise ConfigError(
+            f"--cards {k}: the {len(profile.units)} units of {profile.model} cannot be spread over exactly {k} cards "
+            f"(split over every card they allow, they fill {min(spread, k)} at most"
+            + (", and --even-splits allows only divisors" if cards.even_splits else "")
+            + "); use fewer cards"
+        )
+    combo, table, layout = best
+    original, compressed = profile.units, variants[combo]
+    order = sorted((i for i in range(len(original)) if compressed[i] is not original[i]),
+                   key=lambda i: original[i].total_bytes - compressed[i].total_bytes)
+    for i in order:
+        table.raw.add(i)
+        new = partial_layouts(table, card_list, stacking, degrees, k, wl)
+        if new and new[0].offchip_bytes <= layout.offchip_bytes:
+            layout = new[0]
+        else:
+            table.raw.discard(i)
+    if pricing is None:
+        return _build_plan(profile, cards, layout, combo, config, partial=True)
+    layouts = partial_layouts(table, card_list, stacking, degrees, k, wl, stage_time=pricing.stage_time_s,
+                              weights=_TIME_WEIGHTS)
+    return pricing.choose([_build_plan(profile, cards, lay, combo, config, partial=True) for lay in layouts])
+
+
+def _cards_to_fit(profile: ModelProfile, cluster: Cluster, allow: Sequence[str], stacking: str,
+                  config: CompressionConfig, max_risk: float, overrides: Overrides | None, even_splits: bool,
+                  plan: Plan) -> int | None:
+    """The fewest cards on which a plan fits with the same options (copies of the first card); None: none."""
+    if plan.feasible and plan.cards == 1:
+        return 1
+    single = Cluster(cards=(cluster.cards[0],))
+    try:
+        fewest, _ = plan_partition(profile, single, num_cards=None, allow=allow, stacking=stacking, config=config,
+                                   max_risk=max_risk, overrides=overrides, even_splits=even_splits)
+    except (InfeasiblePlanError, ConfigError):
+        return None
+    return fewest.cards
+
+
+def _partial_notes(plan: Plan, cards: _Cards) -> Plan:
+    """Say that the plan does not fit, what overflows, and what a fit needs; refuse it where a card that
+    overflows has no off-chip memory to stream from."""
+    over = [s for s in plan.stages if s.overflow_bytes]
+    total = sum(s.overflow_bytes for s in over)
+    need = (f"a fit needs {plan.cards_to_fit} cards" if plan.cards_to_fit is not None
+            else "no number of these cards fits")
+    stranded = [s for s in over if cards.card(s.card).device.offchip_capacity_bytes is None
+                and cards.card(s.card).device.offchip_bandwidth_bytes_per_s is None]
+    if stranded:
+        raise InfeasiblePlanError(
+            f"{plan.model} does not fit {plan.cards} card(s) of {stranded[0].device} ({need}), and the cards have no "
+            f"off-chip memory to stream the {format_bytes(total)} that overflow from; use --cards "
+            f"{plan.cards_to_fit or 'more'} or allow more compression",
+            report={"cards_needed": plan.cards_to_fit, "cards_given": plan.cards},
+        )
+    note = (f"DOES NOT FIT on-chip on {plan.cards} card(s) ({need}): the best partial fit, fewest bytes off-chip; "
+            f"{len(over)} card(s) overflow by {format_bytes(total)} in all, streamed from off-chip memory on every "
+            "micro-batch (overflow_bytes per card)")
+    return replace(plan, notes=(note, *plan.notes))
+
+
+def _build_plan(profile: ModelProfile, cards: _Cards, layout: Layout, combo: tuple[str, ...],
+                config: CompressionConfig, *, partial: bool = False) -> Plan:
     stages = []
     for g in layout.groups:
         for r in range(g.shards):
@@ -601,13 +600,16 @@ def _build_plan(profile: ModelProfile, cards: _Cards, layout: _Layout, combo: tu
     if split:
         notes.append(
             f"{len(split)} stage(s) split tensor-parallel (Megatron-style) over "
-            f"{', '.join(sorted({str(g.shards) for g in split}))} cards; bytes shown are the largest shard's"
+            f"{', '.join(str(d) for d in sorted({g.shards for g in split}))} cards; bytes shown are the largest shard's"
         )
-    if cards.num_cards is not None and layout.cards < cards.num_cards:
-        notes.append(f"uses {layout.cards} of the {cards.num_cards} cards asked for: the split layout found "
-                     "no better bottleneck with more")
-    return plan_from_stages(profile, stages, objective="fewest_cards" if cards.num_cards is None else "balanced",
-                            stacking=layout.stacking, notes=notes, cluster=cards.cluster)
+    roles = tuple(r for r in config.quantize_roles if r not in DEFAULT_MATRIX_ROLES)
+    if partial:
+        objective = "fewest_offchip_bytes"
+    else:
+        objective = "fewest_cards" if cards.num_cards is None else "balanced"
+    plan = plan_from_stages(profile, stages, objective=objective, stacking=layout.stacking, notes=notes,
+                            cluster=cards.cluster)
+    return replace(plan, compress_roles=roles) if roles else plan
 
 
 def _infeasible(

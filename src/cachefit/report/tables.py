@@ -103,6 +103,9 @@ def plan_table(plan: Plan) -> Table:
     table.add_column("bufs", justify="right", no_wrap=True)
     table.add_column("total", justify="right", no_wrap=True)
     table.add_column("used", justify="right", no_wrap=True)
+    partial = not plan.feasible
+    if partial:  # what each card streams from off-chip memory: the bytes beyond its capacity
+        table.add_column("over", justify="right", no_wrap=True)
     for stage, count in groups:
         fp = stage.footprint
         cards = str(stage.card) if count == 1 else f"{stage.card}-{stage.card + count - 1} ×{count}"
@@ -121,6 +124,8 @@ def plan_table(plan: Plan) -> Table:
             format_bytes(fp.total_bytes),
             Text(f"{util * 100:.1f}%", style=style),
         ]
+        if partial:
+            row.append(format_bytes(stage.overflow_bytes) if stage.overflow_bytes else "-")
         table.add_row(*row)
     return table
 
@@ -189,14 +194,16 @@ def device_figures_table(device: DeviceSpec) -> Table:
 def candidates_table(candidates: tuple[Candidate, ...]) -> Table:
     """Every technique set the planner tried: cards needed, quality risk, utilization."""
     table = Table(title="technique sets tried (least lossy first)", title_justify="left")
-    for col in ("techniques", "risk", "cards", "largest part", "mean utilization"):
+    for col in ("techniques", "risk", "cards", "largest part", "mean utilization", "units compressed"):
         table.add_column(col, justify="left" if col == "techniques" else "right")
     for c in candidates:
+        # the numbers of the plan each set gives (compression undone where not needed), as the plan shows them
         table.add_row(
             ",".join(c.techniques) or "none",
             f"{c.risk:.2f}",
             str(c.cards) if c.cards is not None else "does not fit",
             format_bytes(c.bottleneck_bytes) if c.bottleneck_bytes is not None else "-",
             f"{c.mean_utilization * 100:.1f}%" if c.mean_utilization is not None else "-",
+            str(c.compressed_units) if c.compressed_units is not None else "-",
         )
     return table

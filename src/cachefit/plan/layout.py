@@ -1,0 +1,435 @@
+"""Layouts of the units over cards, with tensor-parallel splits, and the dynamic programs that choose them.
+
+A layout is a sequence of pipeline stages, each a contiguous range of units on ``s`` cards (``s = 1``:
+no split; ``s > 1``: every unit of the stage split over the ``s`` cards, Megatron-style, each card
+holding the largest shard). Three questions, each answered exactly over that space of layouts for the
+split degrees given:
+
+* :func:`fewest_cards_layout`: the fewest cards on which every stage fits;
+* :func:`exact_cards_layout`: exactly K cards, every stage fitting, the smallest largest stage;
+* :func:`partial_layouts`: exactly K cards when no layout fits them: the fewest bytes moved off-chip
+  per micro-batch (:mod:`cachefit.plan.offchip`, the rule the cost model prices), then the shortest
+  pipeline; and variants trading a few more off-chip bytes for time, for the cost model to price.
+
+All three rely on the stage cost being monotone in the stage (a stage's stacked bytes never shrink as
+it grows, see :func:`cachefit.units.stack_footprints`), so a stage is extended until it no longer fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cachefit.compress.techniques import CompressionConfig, compress_unit
+from cachefit.hardware.devices import Card
+from cachefit.partition.split import Shard, max_shards, shard_unit
+from cachefit.plan.offchip import (
+    StageBytes,
+    embedding_read_bytes,
+    is_embedding,
+    offchip_split,
+)
+from cachefit.units import Footprint, ModelProfile, Unit, Workload, stack_footprints
+
+DEGREES: tuple[int, ...] = (*range(1, 17), 24, 32, 48, 64)
+"""Split degrees the fewest-cards search tries (every degree up to 16, then the common larger ones)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """One pipeline stage: units [start, end) on ``shards`` cards (1: no split)."""
+
+    start: int
+    end: int
+    shards: int
+    units: tuple[Unit, ...]
+    """The stage's units as one card holds them (the largest shard when split)."""
+    collective_bytes_per_token: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Stages in pipeline order; ``offchip_bytes`` is set by :func:`partial_layout` (per micro-batch,
+    all cards)."""
+
+    groups: tuple[Group, ...]
+    stacking: str
+    offchip_bytes: int = 0
+
+    @property
+    def cards(self) -> int:
+        return sum(g.shards for g in self.groups)
+
+    def stage_bytes(self, g: Group) -> int:
+        return stack_footprints((u.footprint for u in g.units), reuse=self.stacking == "reuse").total_bytes
+
+    @property
+    def bottleneck(self) -> int:
+        return max(self.stage_bytes(g) for g in self.groups)
+
+
+def divides_evenly(unit: Unit, shards: int) -> bool:
+    """Every split dimension of ``unit`` divides evenly over ``shards`` cards (KV heads: or the reverse)."""
+    shape = unit.shape
+    if shape is None:
+        return False
+    if shape.part in ("layer", "attention"):
+        kv = shape.num_kv_heads
+        if shape.num_heads % shards or (kv % shards and shards % kv):
+            return False
+    if shape.part in ("layer", "mlp") and shape.intermediate_size % shards:
+        return False
+    if shape.part in ("embedding", "head") and shape.vocab_size and shape.vocab_size % shards:
+        return False
+    return True
+
+
+class ShardTable:
+    """Each unit's largest shard for every split degree, compressed with one technique set.
+
+    ``raw`` marks units kept uncompressed (the revert pass flips them one at a time).
+    """
+
+    def __init__(self, profile: ModelProfile, combo: tuple[str, ...], config: CompressionConfig,
+                 compressed: Sequence[Unit], shards: dict[tuple[int, int], Shard] | None = None) -> None:
+        self.profile, self.combo, self.config = profile, combo, config
+        self.shards = shards if shards is not None else {}  # uncompressed shards, shared across sets
+        self.keep_whole: frozenset[int] = frozenset()
+        self.even_splits = False
+        self.forbid: Mapping[int, frozenset[str]] = {}
+        self.raw: set[int] = set()
+        self.cache: dict[tuple[int, int, bool], tuple[Unit, int]] = {
+            (i, 1, False): (u, 0) for i, u in enumerate(compressed)
+        }
+        for i, u in enumerate(profile.units):
+            self.cache[(i, 1, True)] = (u, 0)
+
+    def get(self, i: int, shards: int) -> tuple[Unit, int] | None:
+        """(unit ``i``'s largest shard over ``shards`` cards as a card holds it, collective bytes per
+        token), or None when it cannot be split that way."""
+        raw = i in self.raw or not self.combo
+        key = (i, shards, raw)
+        if key not in self.cache:
+            unit = self.profile.units[i]
+            if shards > max_shards(unit) or (shards > 1 and i in self.keep_whole):
+                return None
+            if shards > 1 and self.even_splits and not divides_evenly(unit, shards):
+                return None
+            shard = self.shards.get((i, shards))
+            if shard is None:
+                shard = self.shards[(i, shards)] = shard_unit(unit, shards, self.profile.workload)
+            forbidden = self.forbid.get(i, frozenset())
+            combo = tuple(t for t in self.combo if t not in forbidden)
+            got = shard.unit if raw or not combo else compress_unit(shard.unit, combo, self.profile.workload,
+                                                                    self.config)
+            self.cache[key] = (got, shard.collective_bytes_per_token)
+        return self.cache[key]
+
+    def group(self, start: int, end: int, shards: int) -> Group:
+        members = tuple(self.get(k, shards)[0] for k in range(start, end))  # type: ignore[index]
+        traffic = sum(self.get(k, shards)[1] for k in range(start, end))  # type: ignore[index]
+        return Group(start, end, shards, members, traffic)
+
+
+def degrees_for(units: Sequence[Unit], num_cards: int | None) -> tuple[int, ...]:
+    """Split degrees worth trying: :data:`DEGREES`, and with ``num_cards`` K also ``floor(K / t)`` and
+    ``ceil(K / t)`` for every stage count ``t`` up to the units, so that any K the units can be split
+    over is reachable (t stages of those two sizes add up to K)."""
+    limit = max((max_shards(u) for u in units), default=1)
+    found = set(DEGREES)
+    if num_cards is not None:
+        for t in range(1, len(units) + 1):
+            found.update((num_cards // t, -(-num_cards // t)))
+        found = {d for d in found if d <= num_cards}
+    return tuple(sorted(d for d in found if 1 <= d <= limit))
+
+
+def fewest_cards_layout(table: ShardTable, capacity: int, stacking: str, degrees: Sequence[int]) -> Layout | None:
+    """Fewest cards when stages may be split over several cards (tensor parallel), by dynamic programming.
+
+    ``best[j]`` is the cheapest layout of units [0, j): (cards, largest stage utilization). A stage
+    [i, j) split over s cards holds the largest shard of each of its units; extending it is monotone
+    (``stack_footprints`` never shrinks), so the inner loop stops at the first unit that overflows.
+    """
+    n = len(table.profile.units)
+    inf = (float("inf"), float("inf"))
+    best: list[tuple[float, float]] = [inf] * (n + 1)
+    back: list[tuple[int, int] | None] = [None] * (n + 1)
+    best[0] = (0, 0.0)
+    reuse = stacking == "reuse"
+    for i in range(n):
+        if best[i] == inf:
+            continue
+        for s in degrees:
+            resident = 0
+            peak = 0
+            for j in range(i, n):
+                got = table.get(j, s)
+                if got is None:
+                    break
+                fp = got[0].footprint
+                if reuse:
+                    resident += fp.weight_bytes + fp.persistent_activation_bytes
+                    peak = max(peak, fp.transient_activation_bytes + fp.buffer_bytes)
+                else:
+                    resident += fp.total_bytes
+                total = resident + peak
+                if total > capacity:
+                    break
+                cand = (best[i][0] + s, max(best[i][1], total / capacity))
+                if cand < best[j + 1]:
+                    best[j + 1], back[j + 1] = cand, (i, s)
+    if best[n] == inf:
+        return None
+    groups: list[Group] = []
+    j = n
+    while j > 0:
+        i, s = back[j]  # type: ignore[misc]
+        groups.append(table.group(i, j, s))
+        j = i
+    return Layout(tuple(reversed(groups)), stacking)
+
+
+def _stage_totals(table: ShardTable, stacking: str, degrees: Sequence[int],
+                  limit: int | None) -> dict[tuple[int, int], list[int]]:
+    """For every start ``i`` and degree ``s``: the stacked bytes of stages [i, i + 1), [i, i + 2), ...
+    split ``s`` ways, as long as every unit can be split so (and, with ``limit``, the stage fits it)."""
+    n = len(table.profile.units)
+    reuse = stacking == "reuse"
+    out: dict[tuple[int, int], list[int]] = {}
+    for i in range(n):
+        for s in degrees:
+            totals: list[int] = []
+            resident = peak = 0
+            for j in range(i, n):
+                got = table.get(j, s)
+                if got is None:
+                    break
+                fp = got[0].footprint
+                if reuse:
+                    resident += fp.weight_bytes + fp.persistent_activation_bytes
+                    peak = max(peak, fp.transient_activation_bytes + fp.buffer_bytes)
+                else:
+                    resident += fp.total_bytes
+                if limit is not None and resident + peak > limit:
+                    break
+                totals.append(resident + peak)
+            if totals:
+                out[(i, s)] = totals
+    return out
+
+
+def exact_cards_layout(table: ShardTable, capacity: int, stacking: str, degrees: Sequence[int],
+                       num_cards: int) -> Layout | None:
+    """Exactly ``num_cards`` cards, every stage within ``capacity``, the smallest largest stage; None if
+    no such layout exists.
+
+    Feasibility under a bound is monotone in the bound, so the optimum is found by bisection over the
+    distinct stage sizes; each check is a reachability sweep in which ``reach[j]`` is a bit set of the
+    card counts that can hold units [0, j) (bit c: c cards), and a stage [i, j) on s cards shifts
+    ``reach[i]`` left by s into ``reach[j]``.
+    """
+    n = len(table.profile.units)
+    totals = _stage_totals(table, stacking, degrees, capacity)
+    mask = (1 << (num_cards + 1)) - 1
+
+    def reach_under(bound: int) -> list[int]:
+        reach = [0] * (n + 1)
+        reach[0] = 1
+        for i in range(n):
+            if not reach[i]:
+                continue
+            for s in degrees:
+                sizes = totals.get((i, s))
+                if not sizes:
+                    continue
+                shifted = (reach[i] << s) & mask
+                if not shifted:
+                    continue
+                for k, size in enumerate(sizes):
+                    if size > bound:
+                        break
+                    reach[i + k + 1] |= shifted
+        return reach
+
+    if not reach_under(capacity)[n] >> num_cards & 1:
+        return None
+    values = sorted({v for sizes in totals.values() for v in sizes})
+    lo, hi = 0, len(values) - 1  # the optimum is one of the stage sizes
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reach_under(values[mid])[n] >> num_cards & 1:
+            hi = mid
+        else:
+            lo = mid + 1
+    bound = values[lo]
+    reach = reach_under(bound)
+    groups: list[Group] = []
+    j, left = n, num_cards
+    while j > 0:  # walk back: the longest stage on the fewest cards that leaves a reachable rest
+        chosen = None
+        for s in degrees:
+            if s > left:
+                break
+            for i in range(j):
+                sizes = totals.get((i, s))
+                if sizes and len(sizes) >= j - i and sizes[j - i - 1] <= bound and reach[i] >> (left - s) & 1:
+                    chosen = (i, s)
+                    break
+            if chosen:
+                break
+        assert chosen is not None, "a reachable layout has a last stage"
+        i, s = chosen
+        groups.append(table.group(i, j, s))
+        j, left = i, left - s
+    return Layout(tuple(reversed(groups)), stacking)
+
+
+StageTime = Callable[[int, Sequence[Unit], Footprint, int, int, Card], "float | None"]
+"""Predicted time of one stage, in seconds: ``(start, units as a card runs them, their stacked
+footprint, shards, collective bytes per token, the stage's first card)``; None if unknown. The cost
+model provides it (:class:`cachefit.cost.LayoutPricing`); the planner only adds it up."""
+
+
+def partial_layouts(table: ShardTable, cards: Sequence[Card], stacking: str, degrees: Sequence[int],
+                    num_cards: int, workload: Workload, *, stage_time: StageTime | None = None,
+                    weights: Sequence[float] = (0.0,)) -> list[Layout]:
+    """Layouts on exactly ``num_cards`` cards when none fits them, one per weight in ``weights``
+    (duplicates dropped); empty if the units cannot be spread over that many cards.
+
+    Weight 0 gives the fewest bytes off-chip per micro-batch (all cards,
+    :func:`cachefit.plan.offchip.offchip_split`), then the shortest pipeline (the summed stage times,
+    what one token waits for in decode). A weight w > 0 minimizes ``off-chip bytes + w x time x the
+    card's off-chip bandwidth`` (the bytes it could have streamed meanwhile): layouts that stream a
+    little more but run faster, for the caller to price. Without ``stage_time`` a stage's time is its
+    largest shard's off-chip bytes over the off-chip bandwidth.
+
+    ``cards[c]`` is card c (one card: every card alike; a split stage is priced on its first card, so
+    split only over equal cards). Dynamic programming over (units placed, cards used), vectorized over
+    the cards: a stage [i, j) on s cards moves ``s`` times its largest shard's off-chip bytes.
+    """
+    n = len(table.profile.units)
+    k = num_cards
+    kinds: list[Card] = []  # distinct cards, in order
+    for card in cards[:k]:
+        if card not in kinds:
+            kinds.append(card)
+    kind_of = np.asarray([kinds.index(c) for c in cards[:k]] if len(cards) > 1 else [0] * k, dtype=np.int64)
+    tokens = workload.tokens
+    reuse = stacking == "reuse"
+
+    def bandwidth(card: Card) -> float:
+        return card.device.offchip_bandwidth_bytes_per_s or 1e12  # unknown: any constant ranks alike
+
+    # every stage once: (start, degree) -> per end: (off-chip bytes per card, time) for each kind of card
+    stages: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    for i in range(n):
+        for s in degrees:
+            if s > k:
+                break
+            rows: list[tuple[np.ndarray, np.ndarray]] = []
+            wb = p = tables = read = transient = 0
+            peak: tuple[int, int] = (0, 0)  # (transient, buffers) of the unit with the largest sum
+            summed = [0, 0]
+            members: list[Unit] = []
+            for j in range(i, n):
+                got = table.get(j, s)
+                if got is None:
+                    break
+                unit = got[0]
+                members.append(unit)
+                fp = unit.footprint
+                wb += fp.weight_bytes
+                p += fp.persistent_activation_bytes
+                t, b = fp.transient_activation_bytes, fp.buffer_bytes
+                if t + b > sum(peak):
+                    peak = (t, b)
+                summed[0] += t
+                summed[1] += b
+                transient += t
+                if is_embedding(unit):
+                    tables += fp.weight_bytes
+                    read += embedding_read_bytes(unit, tokens)
+                scratch = peak if reuse else (summed[0], summed[1])
+                footprint = Footprint(weight_bytes=wb, activation_bytes=p + scratch[0], buffer_bytes=scratch[1],
+                                      persistent_activation_bytes=p)
+                stats = StageBytes(weight_bytes=wb, persistent_activation_bytes=p, other_bytes=sum(scratch),
+                                   table_bytes=min(wb, tables), table_read_bytes=min(wb, tables, read),
+                                   transient_traffic_bytes=transient)
+                offs, times = [], []
+                traffic = sum(table.get(m, s)[1] for m in range(i, j + 1))  # type: ignore[index]
+                for card in kinds:
+                    off = offchip_split(stats, card.capacity_bytes, workload).offchip_bytes_per_micro_batch
+                    took = None if stage_time is None else stage_time(i, tuple(members), footprint, s, traffic, card)
+                    offs.append(off)
+                    times.append(off / bandwidth(card) if took is None else took)
+                rows.append((np.asarray(offs, dtype=np.float64), np.asarray(times, dtype=np.float64)))
+            if rows:
+                stages[(i, s)] = rows
+
+    found: list[Layout] = []
+    for weight in weights:
+        layout = _partial_dp(n, k, degrees, stages, kind_of, [bandwidth(c) for c in kinds], weight, table, stacking)
+        if layout is not None and all(layout.groups != f.groups for f in found):
+            found.append(layout)
+    return found
+
+
+def _partial_dp(n: int, k: int, degrees: Sequence[int], stages: Mapping[tuple[int, int], list[tuple[np.ndarray,
+                np.ndarray]]], kind_of: np.ndarray, bandwidths: Sequence[float], weight: float, table: ShardTable,
+                stacking: str) -> Layout | None:
+    """One dynamic program of :func:`partial_layouts`: objective ``off + weight x time x bandwidth``, then
+    time; state (units placed, cards used), vectorized over the cards used."""
+    inf = float("inf")
+    obj = np.full((n + 1, k + 1), inf)
+    tie = np.full((n + 1, k + 1), inf)
+    total = np.full((n + 1, k + 1), inf)
+    back_i = np.full((n + 1, k + 1), -1, dtype=np.int64)
+    back_s = np.zeros((n + 1, k + 1), dtype=np.int64)
+    obj[0, 0] = tie[0, 0] = total[0, 0] = 0.0
+    bw = np.asarray(bandwidths, dtype=np.float64)
+    for i in range(n):
+        if not np.isfinite(obj[i]).any():
+            continue
+        for s in degrees:
+            if s > k:
+                break
+            rows = stages.get((i, s))
+            if not rows:
+                continue
+            width = k + 1 - s
+            live = np.isfinite(obj[i, :width])
+            if not live.any():
+                continue
+            kinds = kind_of[:width]
+            for offset, (offs, times) in enumerate(rows):
+                j = i + offset + 1
+                stage_off = s * offs[kinds]  # every shard moves what the largest one does
+                stage_time = times[kinds]
+                cand_obj = obj[i, :width] + stage_off + weight * stage_time * bw[kinds]
+                cand_tie = tie[i, :width] + stage_time
+                tgt_obj, tgt_tie = obj[j, s:], tie[j, s:]
+                better = live & ((cand_obj < tgt_obj) | ((cand_obj == tgt_obj) & (cand_tie < tgt_tie)))
+                if better.any():
+                    tgt_obj[better] = cand_obj[better]
+                    tgt_tie[better] = cand_tie[better]
+                    total[j, s:][better] = (total[i, :width] + stage_off)[better]
+                    back_i[j, s:][better] = i
+                    back_s[j, s:][better] = s
+    if not np.isfinite(obj[n, k]):
+        return None
+    groups: list[Group] = []
+    j, left = n, k
+    while j > 0:
+        i, s = int(back_i[j, left]), int(back_s[j, left])
+        groups.append(table.group(i, j, s))
+        j, left = i, left - s
+    return Layout(tuple(reversed(groups)), stacking, offchip_bytes=int(round(total[n, k])))
+
+
+__all__ = [
+    "DEGREES", "Group", "Layout", "ShardTable", "degrees_for", "divides_evenly", "exact_cards_layout",
+    "fewest_cards_layout", "partial_layouts", "StageTime",
+]
