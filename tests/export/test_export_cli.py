@@ -36,7 +36,7 @@ def test_accelerate_prints_the_bare_device_map(plan_file):
 
 
 def test_every_format_and_the_json_envelope(plan_file):
-    for fmt in ("accelerate", "pipelining", "deepspeed", "llamacpp"):
+    for fmt in ("accelerate", "pipelining", "deepspeed", "llamacpp", "megatron", "vllm"):
         result = runner.invoke(app, ["export", str(plan_file), "--to", fmt, "--json"])
         assert result.exit_code == 0, result.output
         doc = json.loads(result.stdout)
@@ -47,6 +47,23 @@ def test_every_format_and_the_json_envelope(plan_file):
     result = runner.invoke(app, ["export", str(plan_file), "--to", "deepspeed"])
     compile(result.stdout, "<snippet>", "exec")
     assert "PARTS = [0, 2, 4, 6]" in result.stdout
+    result = runner.invoke(app, ["export", str(plan_file), "--to", "megatron"])
+    assert result.stdout.splitlines()[0] == ("--tensor-model-parallel-size 1 --pipeline-model-parallel-size 3 "
+                                             "--pipeline-model-parallel-layout 'Et|t*2|tL'")
+    result = runner.invoke(app, ["export", str(plan_file), "--to", "vllm"])
+    assert result.stdout.startswith("VLLM_PP_LAYER_PARTITION=1,2,1 vllm serve MODEL --tensor-parallel-size 1 ")
+
+
+def test_an_engine_refusal_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["llama"]))
+    result = runner.invoke(app, ["plan", "config.json", "-g", "block", "--capacity", "150KB", "--seq", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "plan.json").write_text(result.stdout)
+    for fmt in ("megatron", "vllm"):
+        result = runner.invoke(app, ["export", "plan.json", "--to", fmt])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert "inside decoder layer" in result.output and "the nearest" in result.output
 
 
 def test_out_file_and_model_override(plan_file, tmp_path, monkeypatch):

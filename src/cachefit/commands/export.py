@@ -1,5 +1,5 @@
 """``cachefit export``: a plan in the terms of accelerate, torch.distributed.pipelining / torchtitan,
-DeepSpeed or llama.cpp."""
+DeepSpeed, llama.cpp, Megatron-Core or vLLM."""
 
 
 from enum import Enum
@@ -14,6 +14,8 @@ class ExportFormat(str, Enum):
     pipelining = "pipelining"
     deepspeed = "deepspeed"
     llamacpp = "llamacpp"
+    megatron = "megatron"
+    vllm = "vllm"
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +25,7 @@ def register(app: typer.Typer) -> None:
     @handles_errors
     def export_command(
         plan_file: Annotated[Path, typer.Argument(metavar="PLAN.json", help="A plan written by `cachefit plan --json`.")],
-        to: Annotated[ExportFormat, typer.Option("--to", "-t", help="accelerate: device_map JSON; pipelining: module FQNs per stage and split_spec; deepspeed: PipelineModule parts and snippet; llamacpp: --tensor-split flags.")],
+        to: Annotated[ExportFormat, typer.Option("--to", "-t", help="accelerate: device_map JSON; pipelining: module FQNs per stage and split_spec; deepspeed: PipelineModule parts and snippet; llamacpp: --tensor-split flags; megatron: --pipeline-model-parallel-layout and parallel sizes; vllm: VLLM_PP_LAYER_PARTITION and parallel sizes.")],
         model: Annotated[Optional[str], typer.Option("--model", "-m", help="The plan's model as a preset, config.json or model directory (default: the plan's `model`).")] = None,
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the export to this file instead of stdout.")] = None,
         as_json: JsonOption = False,

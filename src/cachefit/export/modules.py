@@ -282,7 +282,7 @@ class Export:
     """A plan in another tool's terms."""
 
     format: str
-    """``accelerate``, ``pipelining``, ``deepspeed`` or ``llamacpp``."""
+    """``accelerate``, ``pipelining``, ``deepspeed``, ``llamacpp``, ``megatron`` or ``vllm``."""
     model: str
     """The model the plan was made for."""
     document: Mapping[str, Any]
