@@ -13,7 +13,6 @@ from cachefit.cost.pipeline import (
     schedule_bubble_fraction,
     simulate_schedule,
 )
-from cachefit.cost.roofline import LINK_LATENCY_S
 from cachefit.errors import ConfigError
 from cachefit.hardware import get_device, make_cluster
 from cachefit.hardware.devices import DeviceSpec, MemoryLevel
@@ -117,6 +116,10 @@ def test_simulated_schedules_respect_dependencies_and_bounds(times, m, train, sc
 # whole plans
 
 
+HOP_S = 5e-6
+"""The toy device's latency of one chip-to-chip message."""
+
+
 def toy_device() -> DeviceSpec:
     return DeviceSpec(
         name="toy",
@@ -126,6 +129,8 @@ def toy_device() -> DeviceSpec:
         offchip_bandwidth_bytes_per_s=100.0,
         peak_flops_per_s=(("fp16", 1000.0),),
         link_bandwidth_bytes_per_s=200.0,
+        kernel_overhead_s=0.0,  # declared: no per-kernel cost, so the hand calculations stay round
+        hop_latency_s=HOP_S,
     )
 
 
@@ -155,7 +160,7 @@ def test_two_stage_plan_by_hand():
     assert cost.stage_times_s == (pytest.approx(0.5), pytest.approx(0.5))
     # boundary: 1 token x hidden 8 x 2 B = 16 B over 100 B/s one way = 0.16 s + latency
     assert cost.transfers[0].bytes_per_micro_batch == 16
-    transfer = 0.16 + LINK_LATENCY_S
+    transfer = 0.16 + HOP_S
     assert cost.transfers[0].time_s == pytest.approx(transfer)
     assert cost.latency_s == pytest.approx(0.5 + transfer + 0.5)
     # decode with one micro-batch: one token per latency
@@ -172,7 +177,7 @@ def test_decode_throughput_with_enough_micro_batches_reaches_the_bottleneck():
     # cycle = max(latency 1.16 s, 4 x 0.5 s) = 2 s for 4 tokens: 2 tokens/s
     assert cost.throughput_tokens_per_s == pytest.approx(2.0)
     # per step: 0.5 + transfer + 4 x 0.5 (the last stage runs the 4 micro-batches back to back)
-    assert cost.step_s == pytest.approx(0.5 + 0.16 + LINK_LATENCY_S + 2.0)
+    assert cost.step_s == pytest.approx(0.5 + 0.16 + HOP_S + 2.0)
 
 
 def test_reload_every_step_charges_the_weights_once_per_step():
@@ -230,3 +235,26 @@ def test_cost_to_dict_is_json_ready():
     doc = estimate_cost(plan, profile, toy_device()).to_dict(with_ops=True)
     text = json.dumps(doc)
     assert '"throughput_tokens_per_s"' in text and doc["ops"]
+
+
+def test_every_catalog_device_gives_a_finite_time_or_names_what_it_lacks():
+    # gpt2 decode on every catalog device, on the fewest cards that hold it on-chip: a prediction is
+    # either a positive, finite time, or unknown with the missing figures named, never 0 or infinite
+    import math
+
+    from cachefit.cost import cachefit_plan, min_cards_to_fit
+    from cachefit.hardware import list_devices, make_cluster
+
+    profile = profile_model("gpt2", Workload(mode="decode", seq_len=128))
+    for device in list_devices():
+        cluster = make_cluster(device)
+        cards = min_cards_to_fit(profile, cluster) or 1
+        cost = estimate_cost(cachefit_plan(profile, cluster, cards), profile, device)
+        if cost.throughput_tokens_per_s is None:
+            assert cost.missing or not cost.possible, device.name
+            assert all(m.startswith(device.name + " ") for m in cost.missing), cost.missing
+            assert cost.latency_s is None and cost.step_s is None
+        else:
+            assert not cost.missing and cost.complete, device.name
+            assert 0 < cost.latency_s < math.inf and 0 < cost.throughput_tokens_per_s < math.inf, device.name
+            assert all(t is not None and t > 0 for t in cost.stage_times_s), device.name

@@ -1,17 +1,22 @@
 """Roofline cost of one stage: tiny worked cases with the hand calculation in comments.
 
 The toy device has round figures so every number can be checked by hand: on-chip level 1,000 B at
-1,000 B/s, off-chip 100 B/s, 1,000 FLOP/s in fp16, links 200 B/s both ways (100 B/s one way).
+1,000 B/s, off-chip 100 B/s, 1,000 FLOP/s in fp16, links 200 B/s both ways (100 B/s one way), 5 us
+per chip-to-chip message, and no per-kernel cost (0 s, declared) unless a test gives one.
 """
 
 import pytest
 
-from cachefit.cost.roofline import LINK_LATENCY_S, estimate_stage
+from cachefit.cost.roofline import estimate_stage
 from cachefit.errors import ConfigError
 from cachefit.hardware.devices import DeviceSpec, MemoryLevel
 from cachefit.partition.split import shard_unit
 from cachefit.profile import profile_model
 from cachefit.units import Footprint, LayerShape, Unit, Workload
+
+
+HOP_S = 5e-6
+"""The toy device's latency of one chip-to-chip message."""
 
 
 def toy_device(*, offchip: bool = True, onchip_bw: float | None = 1000.0, flops: bool = True) -> DeviceSpec:
@@ -23,6 +28,8 @@ def toy_device(*, offchip: bool = True, onchip_bw: float | None = 1000.0, flops:
         offchip_bandwidth_bytes_per_s=100.0 if offchip else None,
         peak_flops_per_s=(("fp16", 1000.0),) if flops else (),
         link_bandwidth_bytes_per_s=200.0,
+        kernel_overhead_s=0.0,
+        hop_latency_s=HOP_S,
     )
 
 
@@ -124,11 +131,11 @@ def test_train_counts_three_times_the_flops_and_reads_weights_twice():
 
 def test_split_stage_pays_its_collectives_over_one_link_direction():
     # 1,000 B per token x 2 tokens = 2,000 B over 100 B/s (half of 200 B/s) = 20 s, plus 4 message
-    # steps of the link latency.
+    # steps of the device's hop latency.
     cost = stage_cost(unit(600, 100), collective_bytes_per_token=1000, collective_latency_steps=4)
     assert cost.collective_bytes_per_micro_batch == 2000
-    assert cost.collective_s == pytest.approx(20.0 + 4 * LINK_LATENCY_S)
-    assert cost.time_s == pytest.approx(0.8 + 20.0 + 4 * LINK_LATENCY_S)
+    assert cost.collective_s == pytest.approx(20.0 + 4 * HOP_S)
+    assert cost.time_s == pytest.approx(0.8 + 20.0 + 4 * HOP_S)
     assert cost.bound == "collectives"
 
 
@@ -147,7 +154,7 @@ def test_real_two_way_shard_of_a_paper_layer_has_two_all_reduces_per_token():
         collective_bytes_per_token=shard.collective_bytes_per_token, collective_latency_steps=4,
     )
     assert cost.collective_bytes_per_micro_batch == 16_384
-    assert cost.collective_s == pytest.approx(16_384 / 100 + 4 * LINK_LATENCY_S)
+    assert cost.collective_s == pytest.approx(16_384 / 100 + 4 * HOP_S)
     # half the heads and MLP columns: the shard's FLOPs are about half the layer's
     assert cost.flops_per_micro_batch == shard.unit.flops_per_token
     assert abs(shard.unit.flops_per_token / layer.flops_per_token - 0.5) < 0.01
@@ -174,15 +181,42 @@ def test_sram_only_card_cannot_run_a_stage_that_does_not_fit():
     assert stage_cost(unit(600, 100), device=toy_device(offchip=False)).time_s == pytest.approx(0.8)
 
 
-def test_unknown_figures_stay_unknown_or_fall_back_with_a_note():
+def test_a_time_that_needs_an_unknown_figure_is_unknown_and_names_it():
+    # no on-chip bandwidth: at the off-chip rate its 800 B would take 8 s, more than the 0.1 s of
+    # compute, so the time depends on it: unknown, and the figure is named
     cost = stage_cost(unit(600, 100), device=toy_device(onchip_bw=None))
-    # no on-chip bandwidth: the off-chip one stands in (800 B / 100 B/s = 8 s), and says so
-    assert cost.onchip_s == pytest.approx(8.0)
-    assert any("used the off-chip bandwidth" in n for n in cost.notes)
+    assert cost.onchip_s is None and cost.time_s is None and cost.bound == "unknown"
+    assert cost.missing == ("toy levels.sram.bandwidth",)
+    # no fp16 peak: compute time unknown, and so the stage's (never the largest known term)
     cost = stage_cost(unit(600, 100), device=toy_device(flops=False))
-    assert cost.compute_s is None
-    assert cost.time_s == pytest.approx(0.8)  # the largest known term
-    assert any("compute time unknown" in n for n in cost.notes)
+    assert cost.compute_s is None and cost.time_s is None
+    assert cost.missing == ("toy peak_flops.fp16",)
+    assert cost.to_dict()["missing"] == ["toy peak_flops.fp16"]
+
+
+def test_an_unknown_onchip_bandwidth_is_settled_where_offchip_traffic_dominates():
+    # 3,000 B of weights on 1,000 B of capacity: 2,000 B streamed at 100 B/s = 20 s; the 1,000 B read
+    # on-chip would take at most 10 s at the off-chip rate (an on-chip level is no slower), so the
+    # time is 20 s whatever the on-chip bandwidth, and a note says why
+    cost = stage_cost(unit(3000, 0, flops=0), device=toy_device(onchip_bw=None))
+    assert cost.offchip_s == pytest.approx(20.0) and cost.onchip_s is None
+    assert cost.time_s == pytest.approx(20.0) and not cost.missing
+    assert any("does not depend on it" in n for n in cost.notes)
+
+
+def test_collectives_need_the_hop_latency_and_the_link_bandwidth():
+    import dataclasses
+
+    no_hop = dataclasses.replace(toy_device(), hop_latency_s=None)
+    cost = stage_cost(unit(600, 100), device=no_hop, collective_bytes_per_token=1000, collective_latency_steps=4)
+    assert cost.collective_s is None and cost.time_s is None and cost.missing == ("toy hop_latency",)
+    # a latency given for every device (an assumption the caller owns) stands in: 20 s + 4 x 1 us
+    given = stage_cost(unit(600, 100), device=no_hop, collective_bytes_per_token=1000, collective_latency_steps=4,
+                       link_latency_s=1e-6)
+    assert given.collective_s == pytest.approx(20.0 + 4e-6)
+    no_link = dataclasses.replace(toy_device(), link_bandwidth_bytes_per_s=None)
+    cost = stage_cost(unit(600, 100), device=no_link, collective_bytes_per_token=1000, collective_latency_steps=4)
+    assert cost.time_s is None and cost.missing == ("toy link_bandwidth",)
 
 
 def test_bad_options_are_config_errors():
@@ -223,11 +257,11 @@ def test_kernel_overhead_adds_to_the_roofline():
     assert slow.time_s == pytest.approx(1.8) and slow.bound == "kernels"
 
 
-def test_without_the_figure_the_term_is_zero_and_a_note_says_so():
+def test_without_the_figure_a_stage_that_launches_kernels_has_no_time():
     cost = stage_cost(mlp_unit(), device=with_overhead(None))
     assert cost.kernels_per_micro_batch == 5 and cost.kernel_s is None
-    assert cost.time_s == pytest.approx(0.8) and cost.bound == "on-chip"
-    assert any("no per-kernel overhead figure" in n and "5 kernels" in n for n in cost.notes)
+    assert cost.time_s is None and cost.bound == "unknown"
+    assert cost.missing == ("toy kernel_overhead",)
     # an explicit 0 (e.g. CUDA graphs) turns the term off without a note; a value overrides the device's
     off = stage_cost(mlp_unit(), device=with_overhead(0.1), kernel_overhead_s=0.0)
     assert off.time_s == pytest.approx(0.8) and off.kernel_s == 0 and not off.notes
@@ -236,10 +270,27 @@ def test_without_the_figure_the_term_is_zero_and_a_note_says_so():
         stage_cost(mlp_unit(), kernel_overhead_s=-1.0)
 
 
+def test_a_compiled_device_pays_per_layer_not_per_kernel():
+    import dataclasses
+
+    # a per-layer latency of 0.3 s replaces the kernels: the MLP block is half a layer, 0.15 s on top
+    # of the 0.8 s roofline; the device needs no per-kernel figure
+    dataflow = dataclasses.replace(toy_device(), kernel_overhead_s=None, layer_latency_s=0.3)
+    cost = stage_cost(mlp_unit(), device=dataflow)
+    assert cost.layer_s == pytest.approx(0.15) and cost.kernel_s == 0 and not cost.missing
+    assert cost.time_s == pytest.approx(0.95) and cost.bound == "on-chip"
+    # a whole layer of 1 s: 1.8 s, bound by its layers
+    shape = LayerShape(part="layer", hidden_size=8, intermediate_size=32)
+    layer = Unit(name="l", kind="layer", footprint=Footprint(weight_bytes=600, activation_bytes=100), params=300,
+                 flops_per_token=50, shape=shape)
+    slow = stage_cost(layer, device=dataclasses.replace(dataflow, layer_latency_s=1.0))
+    assert slow.layer_s == pytest.approx(1.0) and slow.time_s == pytest.approx(1.8) and slow.bound == "layers"
+
+
 def test_kernel_overhead_in_train_and_for_units_without_a_shape():
     # train: 3 x 5 = 15 kernels x 0.1 s = 1.5 s on top of the roofline
     wl = Workload(mode="train", seq_len=2)
-    plain = stage_cost(mlp_unit(), workload=wl)
+    plain = stage_cost(mlp_unit(), workload=wl)  # the toy device's per-kernel cost is 0
     cost = stage_cost(mlp_unit(), workload=wl, device=with_overhead(0.1))
     assert cost.kernels_per_micro_batch == 15
     assert cost.time_s == pytest.approx(plain.time_s + 1.5)

@@ -47,14 +47,18 @@ def comparison_table(comparison: Any) -> Any:
             fits = "[bold red]NO (cannot run)[/]"
         bounds = sorted({s.bound for s in cost.stages})
         util = cost.compute_utilization
-        star = "" if cost.complete else " *"
+        if cost.possible and cost.missing:
+            needs = f"[yellow]unknown (needs {', '.join(cost.missing)})[/]"
+            rate, latency = needs, "unknown"
+        else:
+            rate, latency = _fmt_rate(cost.throughput_tokens_per_s), _fmt_s(cost.latency_s)
         table.add_row(
             item.name,
             str(item.cards),
             fits,
             format_bytes(cost.offchip_bytes_per_token),
-            _fmt_rate(cost.throughput_tokens_per_s) + star,
-            _fmt_s(cost.latency_s) + star,
+            rate,
+            latency,
             f"{item.plan.mean_utilization * 100:.1f}%",
             "-" if util is None else f"{util * 100:.3f}%",
             ", ".join(bounds),
@@ -82,7 +86,7 @@ def register(app: typer.Typer) -> None:
         shared: SharedArgs = None,  # type: ignore[assignment] - the card and workload options (shared_options)
         schedule: Annotated[ScheduleOpt, typer.Option("--schedule", help="Pipeline schedule (the same in inference).")] = ScheduleOpt.one_f_one_b,
         steps_per_load: Annotated[Optional[int], typer.Option("--steps-per-load", help="Charge the load of on-chip weights once every N steps (1: every step); default: loaded once, resident.", min=1)] = None,
-        link_latency_us: Annotated[float, typer.Option("--link-latency-us", help="Latency of one chip-to-chip message, in microseconds (an assumption).", min=0.0)] = 5.0,
+        link_latency_us: Annotated[Optional[float], typer.Option("--link-latency-us", help="Latency of one chip-to-chip message for every device, in microseconds (an assumption); default: each device's catalog hop_latency.", min=0.0)] = None,
         as_json: JsonOption = False,
     ) -> None:
         """Compare cachefit's plan with cache-oblivious layouts (uniform layers, greedy DRAM, tensor parallel)."""
@@ -107,7 +111,8 @@ def register(app: typer.Typer) -> None:
                 )
         comparison = compare_layouts(prof, cluster, cards, techniques, micro_batches=micro_batches,
                                      schedule=schedule.value, steps_per_load=steps_per_load,
-                                     stacking=stacking.value, link_latency_s=link_latency_us * 1e-6)
+                                     stacking=stacking.value,
+                                     link_latency_s=None if link_latency_us is None else link_latency_us * 1e-6)
         if as_json:
             print_json(comparison.to_dict())
             return
@@ -123,8 +128,14 @@ def register(app: typer.Typer) -> None:
             )
         else:
             console.print(f"[green]cachefit's plan fits on-chip[/] (the fewest cards that fit: {comparison.min_cards_to_fit})")
-        if any(item.cost is not None and not item.cost.complete for item in comparison.layouts):
-            console.print("[dim]*: a device figure is unknown; the time is a lower bound (see --json notes)[/]")
+        unknown = [item for item in comparison.layouts if item.cost is not None and item.cost.possible
+                   and item.cost.missing]
+        if unknown:
+            console.print(
+                f"[yellow]tokens/s and latency unknown for {len(unknown)} layout(s)[/]: a device figure they need is "
+                "not in the catalog (add it with a device file); the layouts are ranked by off-chip bytes per token, "
+                "which is known for all"
+            )
         if steps_per_load is None:
             console.print("[dim]weights that fit on-chip are loaded once and stay resident (not charged per step); "
                            "--steps-per-load 1 charges a reload every step[/]")

@@ -190,7 +190,7 @@ def baseline_plans(profile: ModelProfile, cluster: Cluster, num_cards: int, *,
 def layout_pricing(profile: ModelProfile, cluster: Cluster, num_cards: int, *, stacking: str = "reuse",
                    config: CompressionConfig | None = None, micro_batches: int | None = None,
                    schedule: str = "1f1b", steps_per_load: int | None = None,
-                   link_latency_s: float = LINK_LATENCY_S) -> LayoutPricing:
+                   link_latency_s: float | None = LINK_LATENCY_S) -> LayoutPricing:
     """How ``cachefit plan --cards K`` and ``cachefit compare`` price a partial fit on ``num_cards`` cards:
     the cost model with these options, and the baselines of the same cards beside cachefit's layouts."""
     return LayoutPricing(profile, cluster, config=config, micro_batches=micro_batches, schedule=schedule,
@@ -299,6 +299,7 @@ class LayoutCost:
             "bubble_fraction": cost.bubble_fraction if cost else None,
             "load_bytes": cost.load_bytes if cost else None,
             "skipped": self.skipped or None,
+            "missing": list(cost.missing) if cost else [],
             "notes": list(self.plan.notes if self.plan else ()) + list(cost.notes if cost else ()),
         }
 
@@ -359,7 +360,7 @@ def compare_layouts(
     steps_per_load: int | None = None,
     stacking: str = "reuse",
     config: CompressionConfig | None = None,
-    link_latency_s: float = LINK_LATENCY_S,
+    link_latency_s: float | None = LINK_LATENCY_S,
 ) -> Comparison:
     """cachefit's plan and the cache-oblivious baselines on ``num_cards`` cards, all priced by
     :func:`cachefit.cost.estimate_cost`.

@@ -3,9 +3,11 @@
 A plan's stages run as a pipeline: pipeline stage ``g`` is one card, or the cards of one
 tensor-parallel group (they run their shards at the same time). Each micro-batch crosses the
 boundary between stages ``g`` and ``g + 1`` as an activation of ``tokens x hidden x act bytes``
-(``B x T x hidden``), sent over one direction of the link in ``bytes / (link / 2) + LINK_LATENCY_S``;
-links are separate engines, so a transfer overlaps the next micro-batch's compute, but a link carries
-one transfer at a time.
+(``B x T x hidden``), sent over one direction of the link in ``bytes / (link / 2) + hop latency`` (the
+larger ``hop_latency_s`` of the two cards; see :mod:`cachefit.cost.roofline`); links are separate
+engines, so a transfer overlaps the next micro-batch's compute, but a link carries one transfer at a
+time. Where a figure a time needs is missing (a stage's, or a link's bandwidth or hop latency) the
+plan's times are ``None`` and ``missing`` names the figures; the byte counts are still given.
 
 The schedule is *simulated*, not read off a formula: every stage runs its operations in the order
 its schedule fixes, each starting when the stage is free and its input has arrived.
@@ -50,6 +52,8 @@ from cachefit.cost.roofline import (
     StageCost,
     compute_dtype,
     estimate_stage,
+    hop_latency_for,
+    missing_figure,
     one_way_link_bytes_per_s,
     peak_flops_for,
 )
@@ -239,8 +243,9 @@ class PlanCost:
     tokens_per_micro_batch: int
     steps_per_load: int | None
     """None: resident weights are loaded once and never charged per step."""
-    link_latency_s: float
-    """Latency of one chip-to-chip message assumed."""
+    link_latency_s: float | None
+    """Latency of one chip-to-chip message given for every device; None: each device's own
+    ``hop_latency_s``."""
     stages: tuple[StageCost, ...]
     """One per card, in plan order."""
     pipeline_stages: int
@@ -250,7 +255,7 @@ class PlanCost:
     possible: bool
     """False: some card cannot hold its stage and has nowhere to stream it from."""
     complete: bool
-    """False: a figure the estimate needs is unknown, so times are lower bounds."""
+    """False: the plan cannot run, or a figure the times need is missing (they are then None)."""
     latency_s: float | None
     step_s: float | None
     bottleneck_s: float | None
@@ -273,6 +278,9 @@ class PlanCost:
     ops: tuple[ScheduledOp, ...] = ()
     """The simulated step (for the timeline chart)."""
     notes: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    """Figures the times need and the devices lack (``<device> <catalog key>``), each once; the
+    times are None when any is missing."""
 
     def to_dict(self, *, with_ops: bool = False) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -303,6 +311,7 @@ class PlanCost:
             "stage_times_s": list(self.stage_times_s),
             "stages": [s.to_dict() for s in self.stages],
             "transfers": [t.to_dict() for t in self.transfers],
+            "missing": list(self.missing),
             "notes": list(self.notes),
         }
         if with_ops:
@@ -417,7 +426,7 @@ def estimate_cost(
     schedule: str = "1f1b",
     steps_per_load: int | None = None,
     config: CompressionConfig | None = None,
-    link_latency_s: float = LINK_LATENCY_S,
+    link_latency_s: float | None = LINK_LATENCY_S,
 ) -> PlanCost:
     """Predict the speed and memory traffic of ``plan`` (roofline per card, simulated pipeline).
 
@@ -431,7 +440,8 @@ def estimate_cost(
         steps_per_load: charge the load of on-chip weights once every this many steps; None: once
             ever (weights stay resident).
         config: compression options the plan was made with (default: the default config).
-        link_latency_s: latency of one chip-to-chip message (an assumption; default 5 us).
+        link_latency_s: latency of one chip-to-chip message for every device (an assumption the caller
+            owns); None (default): each device's ``hop_latency_s``.
 
     Raises:
         ConfigError: the plan does not match the profile, a device is unknown, or a bad option.
@@ -513,34 +523,41 @@ def estimate_cost(
     # -- transfers between pipeline stages
     act_bytes = dtype_bytes(wl.act_dtype, 1)
     transfers: list[TransferCost] = []
+    link_missing: list[str] = []
     for g in range(len(groups) - 1):
         hidden = hidden_out[g]
-        links = [one_way_link_bytes_per_s(d) for d in (*group_devices[g], *group_devices[g + 1])]
+        ends = (*group_devices[g], *group_devices[g + 1])
+        links = [one_way_link_bytes_per_s(d) for d in ends]
         link = None if any(bw is None for bw in links) else min(links)  # type: ignore[type-var]
+        hop = hop_latency_for(tuple(ends), link_latency_s)
+        for d in ends:
+            if d.link_bandwidth_bytes_per_s is None:
+                link_missing.append(missing_figure(d, "link_bandwidth"))
+            if link_latency_s is None and d.hop_latency_s is None:
+                link_missing.append(missing_figure(d, "hop_latency"))
         if hidden is None:
             notes.append(f"stage {g}: its last unit has no transformer shape, so the activation it sends is unknown")
             transfers.append(TransferCost(stage=g, bytes_per_micro_batch=0, link_bytes_per_s=link, time_s=None))
+            link_missing.append(f"stage {g} activation size (a unit without a transformer shape)")
             continue
         nbytes = tokens * hidden * act_bytes
-        t = None if link is None else nbytes / link + link_latency_s
+        t = None if link is None or hop is None else nbytes / link + hop
         transfers.append(TransferCost(stage=g, bytes_per_micro_batch=nbytes, link_bytes_per_s=link, time_s=t))
 
     possible = all(c.possible for c in stage_costs)
-    unknown_terms = any(c.time_s is None or c.compute_s is None or c.onchip_s is None or c.offchip_s is None
-                        or c.collective_s is None for c in stage_costs if c.possible)
-    unknown_links = any(t.time_s is None for t in transfers)
-    complete = possible and not unknown_terms and not unknown_links
+    missing = list(dict.fromkeys([m for c in stage_costs if c.possible for m in c.missing] + link_missing))
+    complete = possible and not missing
     for c in stage_costs:
         for note in c.notes:
-            if note not in notes:
+            if note not in notes and not note.startswith("time unknown: needs"):
                 notes.append(note)
-    if unknown_links:
-        notes.append("a link figure is unknown: those transfers are left out of the times (lower bounds)")
+    if missing and possible:
+        notes.append(f"times unknown: the estimate needs {', '.join(missing)} (not in the device description)")
 
     p = len(groups)
     latency = step = bottleneck = throughput = bubble = None
     ops: tuple[ScheduledOp, ...] = ()
-    if possible and all(t is not None for t in group_times):
+    if possible and not missing and all(t is not None for t in group_times):
         totals = [float(t) for t in group_times]  # type: ignore[arg-type]
         links_s = [t.time_s or 0.0 for t in transfers]
         if train:
@@ -608,6 +625,7 @@ def estimate_cost(
         compute_utilization=compute_util,
         ops=ops,
         notes=tuple(notes),
+        missing=tuple(missing),
     )
 
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from cachefit.compress.techniques import CompressionConfig
 from cachefit.cost.pipeline import PlanCost, collective_latency_steps, estimate_cost
-from cachefit.cost.roofline import LINK_LATENCY_S, estimate_stage, one_way_link_bytes_per_s
+from cachefit.cost.roofline import LINK_LATENCY_S, estimate_stage, hop_latency_for, one_way_link_bytes_per_s
 from cachefit.hardware.devices import Card, Cluster
 from cachefit.partition.split import max_shards, shard_unit
 from cachefit.plan.build import plan_from_stages
@@ -43,7 +43,7 @@ class LayoutPricing:
 
     def __init__(self, profile: ModelProfile, cluster: Cluster, *, config: CompressionConfig | None = None,
                  micro_batches: int | None = None, schedule: str = "1f1b", steps_per_load: int | None = None,
-                 link_latency_s: float = LINK_LATENCY_S, alternatives: Sequence[tuple[str, Plan]] = ()) -> None:
+                 link_latency_s: float | None = LINK_LATENCY_S, alternatives: Sequence[tuple[str, Plan]] = ()) -> None:
         self.profile, self.cluster = profile, cluster
         self.config = config or CompressionConfig()
         self.micro_batches = profile.workload.micro_batches if micro_batches is None else micro_batches
@@ -89,10 +89,11 @@ class LayoutPricing:
         if cost.time_s is None:
             return None
         link = one_way_link_bytes_per_s(card.device)
+        hop = hop_latency_for(card.device, self.link_latency_s)
         last = units[-1].shape
-        if link is None or last is None:
+        if link is None or hop is None or last is None:
             return cost.time_s
-        return cost.time_s + wl.tokens * last.hidden_size * dtype_bytes(wl.act_dtype, 1) / link + self.link_latency_s
+        return cost.time_s + wl.tokens * last.hidden_size * dtype_bytes(wl.act_dtype, 1) / link + hop
 
     def choose(self, plans: Sequence[Plan]) -> Plan:
         """The best of ``plans`` and the alternatives that use as many cards (see the module docstring);
@@ -115,9 +116,13 @@ class LayoutPricing:
         good = [item for item in pool if beats_all(item)]
         name, plan = min(good or pool, key=key)
         cost = self.price(plan)
+        tps = cost.throughput_tokens_per_s
+        speed = (f"{tps:,.1f} tokens/s" if tps is not None
+                 else f"tokens/s unknown (needs {', '.join(cost.missing)})" if cost.missing else "tokens/s unknown")
         how = (f"chosen by the cost model among {len(pool)} layouts on {cards} card(s): "
-               f"{format_bytes(cost.offchip_bytes_per_token)} off-chip per token, "
-               f"{cost.throughput_tokens_per_s or 0:,.1f} tokens/s")
+               f"{format_bytes(cost.offchip_bytes_per_token)} off-chip per token, {speed}")
+        if tps is None:
+            how += "; ranked by off-chip bytes per token, the figure known for every layout"
         if self.alternatives:
             how += ("; at least as good as every baseline on both" if good
                     else "; no layout is at least as good as every baseline on both, so the fewest off-chip bytes")

@@ -12,17 +12,34 @@ fixed cost per kernel, plus the time of the collectives of a tensor-parallel sta
 overlapped with compute here (the conservative choice; Megatron-LM's all-reduces sit on the critical
 path, Shoeybi et al. 2019 sec. 3).
 
-**Per-kernel overhead.** A kernel of ``V`` bytes takes ``T = a + V / b`` (the small-kernel model
-fitted to the RRZE ``gpu-small-kernels`` measurements: ``a`` about 2.4 us per kernel on an H200 on
-one stream, 1.2 us under CUDA graphs). The stage launches ``k`` kernels per micro-batch
+**Fixed costs.** A kernel of ``V`` bytes takes ``T = a + V / b`` (the small-kernel model fitted to
+the RRZE ``gpu-small-kernels`` measurements: ``a`` about 2.4 us per kernel on an H200 on one stream,
+1.2 us under CUDA graphs). The stage launches ``k`` kernels per micro-batch
 (:func:`cachefit.cost.kernels.count_kernels`, counted from each unit's shape and the workload), so
 ``kernel_s = k x DeviceSpec.kernel_overhead_s`` is *added* to the roofline term, not overlapped with
 it: the stage's kernels run one after another on one stream (each depends on the previous one's
 output), and the fixed part of each is time in which that kernel moves no bytes and does no
 arithmetic. The roofline term already charges the bytes and FLOPs at full rate, so this is the
 launch-bound part the roofline has no term for; it dominates small stages (a layer whose bytes take
-a few microseconds on a GPU, or any layer of a small model on a CPU). A device without the figure
-gets no such term (0) and a note; units without a shape (live-module profiles) count no kernels.
+a few microseconds on a GPU, or any layer of a small model on a CPU). Units without a shape
+(live-module profiles) count no kernels.
+
+A device that runs the whole model as one compiled, statically scheduled program (wafer-scale and
+dataflow chips: Cerebras, Groq) launches no kernels from a host; what it has instead is the time a
+token takes to cross a decoder layer's part of the chip beyond its bytes and FLOPs (the pipeline
+latency of the layer: operands crossing the fabric, partial sums reduced over the cores that hold
+the layer). Where the catalog gives ``DeviceSpec.layer_latency_s`` it replaces the per-kernel term:
+``layer_s = layers x layer_latency_s`` per pass (a block-granularity attention or MLP unit counts half
+a layer; embeddings and heads none). Such figures are calibrated on one published result and checked
+on others (``docs/validation.md``).
+
+A chip-to-chip message costs ``DeviceSpec.hop_latency_s`` besides its bytes: each message step of a
+collective (``2 ceil(log2 s)`` steps for an all-reduce over ``s`` cards, ``ceil(log2 s)`` for an
+all-gather: the latency term of recursive halving / doubling, Thakur, Rabenseifner and Gropp,
+"Optimization of collective communication operations in MPICH", IJHPCA 2005; the bandwidth term is
+the ring's ``2 (s - 1) / s`` of the message, which ``Stage.collective_bytes_per_token`` already
+carries) and each activation sent to the next pipeline stage (:mod:`cachefit.cost.pipeline`). A
+caller may give one latency for every device instead (``link_latency_s``, an assumption it owns).
 
 **Which bytes are off-chip.** One rule, shared with the planner (:mod:`cachefit.plan.offchip`): the
 stage's footprint (weights + activations + buffers, stacked as the plan stacked them) is compared
@@ -57,10 +74,15 @@ int4 dequantize to the activation dtype before the matmul, so they run at the ac
 peak (int8 peak only with int8 activations too, which cachefit's techniques never make). 2:4 sparse
 weights are costed at the dense peak (no sparse tensor-core speed-up assumed).
 
-**Unknown figures** stay unknown: a device without a published peak, bandwidth or link figure gives a
-``None`` term, the stage time is the largest *known* term and the cost is flagged incomplete (a lower
-bound). A device without off-chip memory (Groq, Cerebras) cannot stream: a stage that does not fit is
-*impossible*, not slow.
+**No number from an unknown.** A time that needs a figure the device does not have (a peak FLOP/s, a
+bandwidth, a per-kernel, per-layer or per-hop latency) is not computed: the term is ``None``, the
+stage's ``time_s`` is ``None`` and ``missing`` names each figure by its catalog key
+(``cerebras-wse3 peak_flops.fp16``), so a device file can add it. The one exception is a bound that
+settles the answer: an on-chip level without a published bandwidth is at least as fast as the
+device's off-chip memory (true of every catalog device that gives both), so where its traffic at the
+off-chip rate still takes no longer than the largest known term, the time does not depend on it and
+is given. A device without off-chip memory (Groq, Cerebras) cannot stream: a stage that does not fit
+is *impossible*, not slow.
 """
 
 from __future__ import annotations
@@ -77,14 +99,14 @@ from cachefit.units import Footprint, Mode, Unit, Workload
 
 log = logging.getLogger(__name__)
 
-LINK_LATENCY_S = 5e-6
-"""Fixed latency of one chip-to-chip message, in seconds: an assumption of the order of a small
-NCCL point-to-point message over NVLink or InfiniBand (a few microseconds). Added once per activation
-transfer and once per message step of a collective (``2 ceil(log2 s)`` steps for an all-reduce over
-``s`` cards, ``ceil(log2 s)`` for an all-gather: the latency term of recursive halving / doubling,
-Thakur, Rabenseifner and Gropp, "Optimization of collective communication operations in MPICH",
-IJHPCA 2005; the bandwidth term is the ring's ``2 (s - 1) / s`` of the message, which
-``Stage.collective_bytes_per_token`` already carries)."""
+LINK_LATENCY_S: float | None = None
+"""Default ``link_latency_s`` of the cost functions: None, each device's own ``hop_latency_s`` from
+the catalog (a message between two cards costs the larger of theirs). A number replaces it for every
+device (an assumption the caller owns, e.g. ``cachefit compare --link-latency-us``)."""
+
+LAYER_WEIGHT: dict[str, float] = {"layer": 1.0, "attention": 0.5, "mlp": 0.5}
+"""Decoder layers a unit counts for the per-layer latency, by ``LayerShape.part`` (a block-granularity
+attention or MLP unit is half a layer; embeddings and heads count none)."""
 
 TRAIN_FLOP_FACTOR = 3
 """Forward + backward FLOPs over forward FLOPs (backward ~ 2x forward: Kaplan et al. 2020, sec. 2.1)."""
@@ -114,6 +136,26 @@ def peak_flops_for(device: DeviceSpec, dtype: str) -> tuple[float | None, str]:
     if other is not None and device.peak_flops(other) is not None:
         return device.peak_flops(other), f"{device.name}: no {dtype} peak published, used its {other} peak (same rate)"
     return None, f"{device.name}: no {dtype} peak FLOP/s published: compute time unknown"
+
+
+def hop_latency_for(devices: DeviceSpec | tuple[DeviceSpec, ...], override: float | None = None) -> float | None:
+    """Latency of one message between ``devices`` (the largest of their ``hop_latency_s``), or
+    ``override`` for every device; None where a device has no such figure."""
+    if override is not None:
+        return float(override)
+    devs = devices if isinstance(devices, tuple) else (devices,)
+    values = [d.hop_latency_s for d in devs]
+    return None if any(v is None for v in values) else max(values)  # type: ignore[type-var]
+
+
+def missing_figure(device: DeviceSpec, key: str) -> str:
+    """How a missing figure is named: the device and the catalog key a device file would set."""
+    return f"{device.name} {key}"
+
+
+def layers_in(units: tuple[Unit, ...]) -> float:
+    """Decoder layers the units hold, for the per-layer latency (:data:`LAYER_WEIGHT`)."""
+    return sum(LAYER_WEIGHT.get(u.shape.part, 0.0) for u in units if u.shape is not None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,17 +192,23 @@ class StageCost:
     collective_bytes_per_micro_batch: int
     collective_s: float | None
     time_s: float | None
-    """``max(compute, on-chip, off-chip) + kernels + collectives``; None if impossible or nothing is known."""
+    """``max(compute, on-chip, off-chip) + kernels (or layers) + collectives``; None if impossible or a
+    figure it needs is missing."""
     bound: str
     """What dominates the time: ``compute``, ``on-chip`` or ``off-chip`` (the roofline term), or
-    ``kernels`` (the per-kernel overhead) or ``collectives`` when they take longer than it;
-    ``unknown`` or ``impossible`` without a time."""
+    ``kernels`` / ``layers`` (the fixed per-kernel or per-layer cost) or ``collectives`` when they
+    take longer than it; ``unknown`` or ``impossible`` without a time."""
     notes: tuple[str, ...] = ()
     kernels_per_micro_batch: int = 0
     """Kernels the stage's units launch per micro-batch (:func:`cachefit.cost.kernels.count_kernels`)."""
     kernel_s: float | None = 0.0
     """``kernels_per_micro_batch x kernel_overhead_s``; None where the device has no such figure
-    (the time then leaves the term out)."""
+    (the time is then unknown), 0 where the per-layer term takes its place."""
+    layer_s: float = 0.0
+    """``layers x layer_latency_s`` on a device with a per-layer latency (else 0)."""
+    missing: tuple[str, ...] = ()
+    """Figures the time needs and the device lacks (``<device> <catalog key>``); ``time_s`` is None
+    when any is missing."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -185,8 +233,10 @@ class StageCost:
             "collective_s": self.collective_s,
             "kernels_per_micro_batch": self.kernels_per_micro_batch,
             "kernel_s": self.kernel_s,
+            "layer_s": self.layer_s,
             "time_s": self.time_s,
             "bound": self.bound,
+            "missing": list(self.missing),
             "notes": list(self.notes),
         }
 
@@ -217,7 +267,7 @@ def estimate_stage(
     collective_latency_steps: int = 0,
     steps_per_load: int | None = None,
     micro_batches: int = 1,
-    link_latency_s: float = LINK_LATENCY_S,
+    link_latency_s: float | None = LINK_LATENCY_S,
     kernel_overhead_s: float | None = None,
 ) -> StageCost:
     """Roofline cost of one card's stage for one micro-batch (see the module docstring).
@@ -230,18 +280,18 @@ def estimate_stage(
             transient activation traffic.
         tokens_per_micro_batch: tokens one micro-batch processes (batch x query length).
         collective_latency_steps: message steps on the critical path of the stage's collectives per
-            forward pass (each adds :data:`LINK_LATENCY_S`).
+            forward pass (each adds one hop latency).
         steps_per_load: charge the load of resident weights once every this many steps (None: never,
             weights stay resident).
         micro_batches: micro-batches per step (to amortize a load over them).
-        link_latency_s: latency of one message step (default :data:`LINK_LATENCY_S`).
+        link_latency_s: latency of one message step; None (default): the device's ``hop_latency_s``.
         kernel_overhead_s: fixed cost of one kernel; None: the device's ``kernel_overhead_s`` (0 turns
             the term off, e.g. for stages replayed from a CUDA graph or compiled into few kernels,
             whose launch cost the catalog's stream figure overstates).
     """
     if capacity_bytes <= 0:
         raise ConfigError(f"card {card}: capacity must be positive, got {capacity_bytes} B")
-    if not link_latency_s >= 0:
+    if link_latency_s is not None and not link_latency_s >= 0:
         raise ConfigError(f"link latency must be >= 0 seconds, got {link_latency_s!r}")
     if kernel_overhead_s is not None and (isinstance(kernel_overhead_s, bool)
                                           or not isinstance(kernel_overhead_s, (int, float))
@@ -280,23 +330,21 @@ def estimate_stage(
         load_share = -(-resident // (steps_per_load * micro_batches))  # ceil: bytes never vanish
         offchip_bytes += load_share
 
+    missing: list[str] = []
+
     # -- bandwidths
     lvl = device.level(level)
     onchip_bw = lvl.bandwidth_bytes_per_s
-    if onchip_bw is None and onchip_bytes:
-        if device.offchip_bandwidth_bytes_per_s is not None:
-            onchip_bw = device.offchip_bandwidth_bytes_per_s
-            notes.append(
-                f"{device.name}: no {lvl.name} bandwidth published, used the off-chip bandwidth for on-chip "
-                "traffic (an upper bound on its time)"
-            )
-        else:
-            notes.append(f"{device.name}: no {lvl.name} or off-chip bandwidth published: on-chip time unknown")
+    # an on-chip level with no published bandwidth: its traffic at the off-chip rate bounds its time
+    # from above (settles the time only where a known term is larger; checked below)
+    onchip_bound_s: float | None = None
+    if onchip_bw is None and onchip_bytes and device.offchip_bandwidth_bytes_per_s is not None:
+        onchip_bound_s = onchip_bytes / device.offchip_bandwidth_bytes_per_s
     onchip_s = _div(onchip_bytes, onchip_bw)
     if possible:
         offchip_s = _div(offchip_bytes, device.offchip_bandwidth_bytes_per_s)
         if offchip_s is None:
-            notes.append(f"{device.name}: no off-chip bandwidth published: off-chip time unknown")
+            missing.append(missing_figure(device, "offchip_bandwidth"))
     else:
         offchip_s = None
 
@@ -305,52 +353,75 @@ def estimate_stage(
     factor = TRAIN_FLOP_FACTOR if train else 1
     flops = factor * tokens_per_micro_batch * sum(u.flops_per_token for u in stage_units)
     peak, peak_note = peak_flops_for(device, dtype)
-    if peak_note and flops:
+    if peak is not None and peak_note and flops:
         notes.append(peak_note)
     compute_s = _div(flops, peak)
+    if compute_s is None:
+        missing.append(missing_figure(device, f"peak_flops.{dtype}"))
+
+    # -- the on-chip term, where its bandwidth is unknown: settled by the bound, or missing
+    if onchip_s is None:
+        largest_known = max((t for t in (compute_s, offchip_s) if t is not None), default=None)
+        if onchip_bound_s is not None and largest_known is not None and onchip_bound_s <= largest_known:
+            notes.append(
+                f"{device.name}: no {lvl.name} bandwidth published; at the off-chip rate its traffic would take "
+                f"{onchip_bound_s * 1e6:.3g} us, no longer than the stage's {largest_known * 1e6:.3g} us, so the time "
+                "does not depend on it"
+            )
+        else:
+            missing.append(missing_figure(device, f"levels.{lvl.name}.bandwidth"))
 
     # -- collectives of a tensor-parallel stage (backward mirrors forward in train)
     coll_bytes = passes * collective_bytes_per_token * tokens_per_micro_batch
     coll_s: float | None = 0.0
     if coll_bytes:
         link = one_way_link_bytes_per_s(device)
+        hop = hop_latency_for(device, link_latency_s) if collective_latency_steps else 0.0
         if link is None:
-            coll_s = None
-            notes.append(f"{device.name}: no link bandwidth published: collective time unknown")
-        else:
-            coll_s = coll_bytes / link + passes * collective_latency_steps * link_latency_s
+            missing.append(missing_figure(device, "link_bandwidth"))
+        if hop is None:
+            missing.append(missing_figure(device, "hop_latency"))
+        coll_s = None if link is None or hop is None else (
+            coll_bytes / link + passes * collective_latency_steps * hop)
 
-    # -- fixed cost per kernel: added, the stage's kernels run one after another on one stream
+    # -- fixed costs: per kernel (host-launched, one after another on one stream), or per layer on a
+    #    device that runs the model as one compiled program
     counts = [count_unit_kernels(u, workload) for u in stage_units]
     kernels = sum(c for c in counts if c is not None)
     shapeless = sum(1 for c in counts if c is None)
-    per_kernel = device.kernel_overhead_s if kernel_overhead_s is None else float(kernel_overhead_s)
+    layer_s = 0.0
     kernel_s: float | None = 0.0
-    if per_kernel is None:
-        kernel_s = None
-        if kernels:
-            notes.append(
-                f"{device.name}: no per-kernel overhead figure: the fixed cost of the stage's {kernels:,} kernels "
-                "is left out (the time is a lower bound where kernels are small)"
-            )
+    if kernel_overhead_s is None and device.layer_latency_s is not None:
+        layers = layers_in(stage_units)
+        layer_s = (TRAIN_FLOP_FACTOR if train else 1) * layers * device.layer_latency_s
     else:
-        kernel_s = kernels * per_kernel
-        if shapeless and per_kernel:
-            notes.append(
-                f"{shapeless} unit(s) without a transformer shape: their kernels are not counted, so the "
-                f"per-kernel overhead ({per_kernel * 1e6:.2f} us each) leaves them out"
-            )
+        per_kernel = device.kernel_overhead_s if kernel_overhead_s is None else float(kernel_overhead_s)
+        if per_kernel is None:
+            if kernels:
+                kernel_s = None
+                missing.append(missing_figure(device, "kernel_overhead"))
+        else:
+            kernel_s = kernels * per_kernel
+            if shapeless and per_kernel:
+                notes.append(
+                    f"{shapeless} unit(s) without a transformer shape: their kernels are not counted, so the "
+                    f"per-kernel overhead ({per_kernel * 1e6:.2f} us each) leaves them out"
+                )
 
     terms = {"compute": compute_s, "on-chip": onchip_s, "off-chip": offchip_s}
     known = {k: v for k, v in terms.items() if v is not None}
-    if not possible or not known:
-        time_s, bound = None, "unknown" if possible else "impossible"
+    if not possible:
+        time_s, bound = None, "impossible"
+    elif missing or not known:
+        time_s, bound = None, "unknown"
+        notes.append(f"time unknown: needs {', '.join(missing)}")
     else:
         bound = max(known, key=lambda k: known[k])
         roof = known[bound]
-        time_s = roof + (kernel_s or 0.0) + (coll_s or 0.0)
-        if (kernel_s or 0.0) > roof and (kernel_s or 0.0) >= (coll_s or 0.0):
-            bound = "kernels"  # launch-bound: the fixed cost of its kernels exceeds their bytes and FLOPs
+        fixed = (kernel_s or 0.0) + layer_s
+        time_s = roof + fixed + (coll_s or 0.0)
+        if fixed > roof and fixed >= (coll_s or 0.0):
+            bound = "layers" if layer_s else "kernels"  # the fixed costs exceed the bytes and FLOPs
         elif coll_s and coll_s > roof:
             bound = "collectives"  # the all-reduces take longer than the roofline term they follow
     return StageCost(
@@ -378,15 +449,21 @@ def estimate_stage(
         notes=tuple(notes),
         kernels_per_micro_batch=kernels,
         kernel_s=kernel_s,
+        layer_s=layer_s,
+        missing=tuple(missing),
     )
 
 
 __all__ = [
+    "LAYER_WEIGHT",
     "LINK_LATENCY_S",
     "TRAIN_FLOP_FACTOR",
     "StageCost",
     "compute_dtype",
     "estimate_stage",
+    "hop_latency_for",
+    "layers_in",
+    "missing_figure",
     "one_way_link_bytes_per_s",
     "peak_flops_for",
 ]

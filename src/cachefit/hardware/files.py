@@ -17,6 +17,8 @@ Device file format (TOML, YAML or JSON; the catalog uses the same format)::
     offchip_bandwidth = "3.35TB/s"  # optional rates: "7.0TB/s", "900 GB/s", or bytes/s as a number
     link_bandwidth = "900GB/s"      # chip-to-chip, both directions of all links added up
     kernel_overhead = "2.4us"       # fixed cost of one kernel (launch / dispatch): "2.4us", "0.005ms", s
+    hop_latency = "3us"             # fixed cost of one chip-to-chip message (a collective step, a send)
+    layer_latency = "17us"          # compiled dataflow devices: fixed cost of one decoder layer per pass
     source = "my measurements"      # optional: provenance of the figures below without their own
     as_of = "2026-11-01"
 
@@ -31,7 +33,9 @@ Device file format (TOML, YAML or JSON; the catalog uses the same format)::
     fp16 = "989TFLOPS"
 
 Any scalar figure may instead be a table ``{value = ..., source = "...", as_of = "...",
-uncertain = true, note = "..."}``; ``value`` may be omitted (unknown). A cluster file has
+uncertain = true, calibrated = true, note = "..."}``; ``value`` may be omitted (unknown);
+``calibrated`` marks a figure fitted to one published end-to-end result (the source) rather than read
+from a specification or measured. A cluster file has
 ``[[cards]]`` entries with ``device`` (a catalog name, a device file relative to the cluster file, or
 an inline device table) and optional ``count``, ``level``, ``headroom`` (fraction in [0, 1)) and
 ``reserved`` (a size); top-level ``level``, ``headroom`` and ``reserved`` are defaults for every card.
@@ -81,10 +85,11 @@ _SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 # ----------------------------------------------------------------------------------------------
 # Parsing device and cluster descriptions (dicts read from TOML / YAML / JSON)
 
-_FIGURE_KEYS = {"value", "source", "as_of", "uncertain", "note"}
+_FIGURE_KEYS = {"value", "source", "as_of", "uncertain", "calibrated", "note"}
 _DEVICE_KEYS = {
     "name", "base", "full_name", "vendor", "aliases", "default_level", "levels", "offchip_capacity",
-    "offchip_bandwidth", "link_bandwidth", "kernel_overhead", "peak_flops", "source", "as_of", "note", "figures", "sources",
+    "offchip_bandwidth", "link_bandwidth", "kernel_overhead", "hop_latency", "layer_latency", "peak_flops", "source",
+    "as_of", "note", "figures", "sources",
     "default_capacity_bytes",
 }  # fmt: skip
 _DEVICE_KEY_ALIASES = {
@@ -93,6 +98,8 @@ _DEVICE_KEY_ALIASES = {
     "offchip_bandwidth_bytes_per_s": "offchip_bandwidth",
     "link_bandwidth_bytes_per_s": "link_bandwidth",
     "kernel_overhead_s": "kernel_overhead",
+    "hop_latency_s": "hop_latency",
+    "layer_latency_s": "layer_latency",
     "peak_flops_per_s": "peak_flops",
 }
 _LEVEL_KEYS = {
@@ -148,7 +155,8 @@ def _parse_figure(
     source: str,
     as_of: str,
 ) -> Figure:
-    """A scalar, or a ``{value, source, as_of, uncertain, note}`` table; ``source``/``as_of`` are defaults."""
+    """A scalar, or a ``{value, source, as_of, uncertain, calibrated, note}`` table; ``source``/``as_of``
+    are defaults."""
     if isinstance(raw, Mapping):
         unknown = set(raw) - _FIGURE_KEYS
         if unknown:
@@ -160,16 +168,19 @@ def _parse_figure(
         fig_source = raw.get("source") or ("" if ctx.strict else source)
         fig_as_of = raw["as_of"] if "as_of" in raw else as_of
         uncertain, note = raw.get("uncertain", False), raw.get("note", "")
-        if not isinstance(uncertain, bool):
-            raise ConfigError(f"{ctx.where}: {what}.uncertain must be true or false, got {uncertain!r}")
+        calibrated = raw.get("calibrated", False)
+        for flag, flag_value in (("uncertain", uncertain), ("calibrated", calibrated)):
+            if not isinstance(flag_value, bool):
+                raise ConfigError(f"{ctx.where}: {what}.{flag} must be true or false, got {flag_value!r}")
     else:
-        value, fig_source, fig_as_of, uncertain, note = raw, source, as_of, False, ""
+        value, fig_source, fig_as_of, uncertain, calibrated, note = raw, source, as_of, False, False, ""
     if ctx.strict and not (fig_source and fig_as_of):
         raise ConfigError(f"{ctx.where}: {what}: every catalog figure needs its own source and an as_of date")
     if value is not None:
         value = parse(value)
     try:
-        return Figure(value=value, source=fig_source, as_of=str(fig_as_of), uncertain=uncertain, note=str(note))
+        return Figure(value=value, source=fig_source, as_of=str(fig_as_of), uncertain=uncertain,
+                      calibrated=calibrated, note=str(note))
     except ConfigError as exc:
         raise ConfigError(f"{ctx.where}: {what}: {exc}; give a source (URL or document) for it") from None
 
@@ -342,6 +353,8 @@ def _parse_device(data: Any, ctx: _Context) -> DeviceSpec:
         "offchip_bandwidth": lambda v: parse_bandwidth(v, what=f"{ctx.where}: offchip_bandwidth"),
         "link_bandwidth": lambda v: parse_bandwidth(v, what=f"{ctx.where}: link_bandwidth"),
         "kernel_overhead": lambda v: parse_duration(v, what=f"{ctx.where}: kernel_overhead"),
+        "hop_latency": lambda v: parse_duration(v, what=f"{ctx.where}: hop_latency"),
+        "layer_latency": lambda v: parse_duration(v, what=f"{ctx.where}: layer_latency"),
     }
     provenance = d.get("figures") or {}
     if not isinstance(provenance, Mapping):
@@ -409,6 +422,8 @@ def _parse_device(data: Any, ctx: _Context) -> DeviceSpec:
             offchip_bandwidth_bytes_per_s=values.get("offchip_bandwidth_bytes_per_s"),
             link_bandwidth_bytes_per_s=values.get("link_bandwidth_bytes_per_s"),
             kernel_overhead_s=values.get("kernel_overhead_s"),
+            hop_latency_s=values.get("hop_latency_s"),
+            layer_latency_s=values.get("layer_latency_s"),
             peak_flops_per_s=tuple(sorted(flops.items(), key=lambda kv: FLOPS_DTYPES.index(kv[0]))),
             figures=tuple(figures.items()),
             sources=tuple(all_sources),

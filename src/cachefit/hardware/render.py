@@ -30,7 +30,7 @@ def _fmt_value(key: str, value: float | int | None) -> str:
         return format_bandwidth(value)
     if key.startswith("peak_flops."):
         return f"{value / 1e12:,.1f} T{'OP' if 'int' in key else 'FLOP'}/s"
-    if key == "kernel_overhead":
+    if key in ("kernel_overhead", "hop_latency", "layer_latency"):
         return format_seconds(value, digits=2)
     return str(value)
 
@@ -55,7 +55,8 @@ def format_catalog_markdown(devices: Sequence[DeviceSpec] | None = None) -> str:
             f"| `{dev.name}` | {_md(dev.full_name)} | **{_md(lvl.describe())}** | {_md(others)} | {off} | "
             f"{f'{fp16 / 1e12:,.0f} TFLOP/s' if fp16 else 'unknown'} |"
         )
-    out += ["", "Every figure, with its source (U: uncertain):", ""]
+    out += ["", "Every figure, with its source (U: uncertain; C: calibrated on the published result its source "
+            "names, see docs/validation.md):", ""]
     for dev in devs:
         out += [
             f"#### `{dev.name}`: {_md(dev.full_name)}"
@@ -71,7 +72,7 @@ def format_catalog_markdown(devices: Sequence[DeviceSpec] | None = None) -> str:
                 lvl = dev.level(key.split(".")[1])
                 if lvl.scope != "chip":
                     value = f"{lvl.count} x {lvl.capacity_bytes:,} B = {value}"
-            mark = "U" if fig.uncertain else ""
+            mark = "".join(m for m, on in (("U", fig.uncertain), ("C", fig.calibrated)) if on)
             out.append(f"| {key} | {value} | {mark} | {fig.as_of} | {_md(fig.source)} | {_md(fig.note)} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"

@@ -31,6 +31,8 @@ SCALAR_FIGURES: dict[str, str] = {
     "offchip_bandwidth": "offchip_bandwidth_bytes_per_s",
     "link_bandwidth": "link_bandwidth_bytes_per_s",
     "kernel_overhead": "kernel_overhead_s",
+    "hop_latency": "hop_latency_s",
+    "layer_latency": "layer_latency_s",
 }
 # A memory level's name: lower-case letters, digits and '_' (l2, infinity_cache, sram).
 LEVEL_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -73,11 +75,17 @@ class Figure:
     """Vendor-only, third-party, derived by an assumption, or measured on a sibling product."""
     note: str = ""
     """How the value was read or derived, and the caveats."""
+    calibrated: bool = False
+    """Fitted to one published end-to-end result (``source`` names it; ``note`` says how), not read
+    from a specification or a measurement of the figure itself: ``docs/validation.md`` checks it on
+    other published results."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ConfigError(f"figure {self.value!r}: source must name where it comes from, got {self.source!r}")
         _check_positive(self.value, f"figure from {self.source!r}")
+        if not isinstance(self.calibrated, bool):
+            raise ConfigError(f"figure from {self.source!r}: calibrated must be True or False, got {self.calibrated!r}")
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -85,6 +93,7 @@ class Figure:
             "source": self.source,
             "as_of": self.as_of,
             "uncertain": self.uncertain,
+            "calibrated": self.calibrated,
             "note": self.note,
         }
 
@@ -208,11 +217,21 @@ class DeviceSpec:
     kernel_overhead_s: float | None = None
     """Fixed time one kernel costs besides its bytes and FLOPs (launch, dispatch, the gap between
     dependent kernels on one stream): ``a`` of the small-kernel model ``T = a + V / b``. None where
-    unknown (the cost model then leaves the term out and says so)."""
+    unknown: a stage that launches kernels then has no predicted time (the cost model names the
+    missing figure) unless the device runs whole layers as one compiled program (``layer_latency_s``)."""
+    hop_latency_s: float | None = None
+    """Fixed time of one chip-to-chip message besides its bytes (one step of a collective, one
+    activation sent to the next pipeline stage). None where unknown: a plan that sends messages
+    between these cards then has no predicted time."""
+    layer_latency_s: float | None = None
+    """Fixed time one decoder layer adds per pass on a device that runs the model as one compiled,
+    statically scheduled program instead of launching kernels from a host (wafer-scale and
+    dataflow chips: Cerebras, Groq): the pipeline latency of a token through the layer beyond its
+    bytes and FLOPs. Where set it replaces the per-kernel term."""
     figures: tuple[tuple[str, Figure], ...] = ()
     """Provenance of the figures above: keys ``offchip_capacity``, ``offchip_bandwidth``,
-    ``link_bandwidth``, ``kernel_overhead``, ``peak_flops.<dtype>``; a Figure with value None
-    records a looked-for unknown."""
+    ``link_bandwidth``, ``kernel_overhead``, ``hop_latency``, ``layer_latency``, ``peak_flops.<dtype>``;
+    a Figure with value None records a looked-for unknown."""
     sources: tuple[str, ...] = ()
     """Every source the figures cite."""
     as_of: str = ""
@@ -238,7 +257,11 @@ class DeviceSpec:
         _check_positive(self.offchip_capacity_bytes, f"{where}: offchip_capacity_bytes", integer=True)
         _check_positive(self.offchip_bandwidth_bytes_per_s, f"{where}: offchip_bandwidth_bytes_per_s")
         _check_positive(self.link_bandwidth_bytes_per_s, f"{where}: link_bandwidth_bytes_per_s")
-        _check_positive(self.kernel_overhead_s, f"{where}: kernel_overhead_s")
+        # the fixed costs may be declared 0 (a device file saying there is none), never negative
+        for attr in ("kernel_overhead_s", "hop_latency_s", "layer_latency_s"):
+            value = getattr(self, attr)
+            if value is not None and not (_is_number(value) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{where}: {attr} must be a number of seconds >= 0, got {value!r}")
         seen: set[str] = set()
         for dtype, value in self.peak_flops_per_s:
             key = flops_key(dtype, what=f"{where}: peak_flops_per_s")
@@ -478,6 +501,8 @@ def device_to_dict(device: DeviceSpec) -> dict[str, Any]:
         "offchip_bandwidth_bytes_per_s": device.offchip_bandwidth_bytes_per_s,
         "link_bandwidth_bytes_per_s": device.link_bandwidth_bytes_per_s,
         "kernel_overhead_s": device.kernel_overhead_s,
+        "hop_latency_s": device.hop_latency_s,
+        "layer_latency_s": device.layer_latency_s,
         "peak_flops_per_s": dict(device.peak_flops_per_s),
         "figures": {key: fig.to_dict() for key, fig in device.figures},
         "sources": list(device.sources),

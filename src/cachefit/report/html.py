@@ -238,12 +238,15 @@ def render_report(
         _table(("device", "figure", "value", "", "as of", "source"), _source_rows(cluster), table_id="sources-table"),
         '<h2 id="assumptions">Cost model assumptions</h2>',
         "<ul>"
-        "<li>Per card: time = max(compute, on-chip traffic, off-chip traffic) (roofline) + collectives.</li>"
+        "<li>Per card: time = max(compute, on-chip traffic, off-chip traffic) (roofline) + the fixed cost of its "
+        "kernels (or, on compiled dataflow devices, of its layers) + collectives.</li>"
         "<li>Bytes beyond a card's capacity come from the weights first and are streamed from off-chip memory "
         "every micro-batch; the rest stays on-chip (pinned; optimistic for LRU caches).</li>"
-        f"<li>Link: one direction gets half the published both-directions bandwidth; {cost.link_latency_s * 1e6:g} µs "
-        "per message (an assumption).</li>"
-        "<li>Weight-only int8/int4 run at the activation dtype's peak; 2:4 sparsity at the dense peak.</li>"
+        "<li>Link: one direction gets half the published both-directions bandwidth; "
+        + (f"{cost.link_latency_s * 1e6:g} µs per message (an assumption).</li>" if cost.link_latency_s is not None
+           else "each device's catalog hop latency per message.</li>")
+        + (f"<li>Times unknown: the estimate needs {_e(', '.join(cost.missing))}.</li>" if cost.missing else "")
+        + "<li>Weight-only int8/int4 run at the activation dtype's peak; 2:4 sparsity at the dense peak.</li>"
         + ("<li>Weights that fit are loaded once and stay resident (the load is reported, not charged per step).</li>"
            if cost.steps_per_load is None else
            f"<li>The load of on-chip weights is charged once every {_e(cost.steps_per_load)} step(s).</li>")
