@@ -33,6 +33,7 @@ from cachefit.commands.options import (
     GranOption,
     GranularityOpt,
     JsonOption,
+    MeasureOption,
     ModeOpt,
     ModeOption,
     SeqOpt,
@@ -192,6 +193,7 @@ def profile(
     act_dtype: ActDtypeOption = None,
     attention: AttnOption = AttentionOpt.eager,
     granularity: GranOption = GranularityOpt.layer,
+    measure: MeasureOption = False,
     list_presets: Annotated[bool, typer.Option("--list", help="List the built-in model presets.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -215,15 +217,36 @@ def profile(
         return
     if model is None:
         raise ConfigError("give a MODEL (a preset name, a config.json or a model directory); see `cachefit profile --list`")
-    from cachefit.profile import profile_model
+    from cachefit.profile import MeasuredProfile, profile_model
     from cachefit.report.serialize import profile_to_dict
     from cachefit.report.tables import profile_table
 
-    prof = profile_model(model, build_workload(batch, seq, mode, dtype, act_dtype, attention), granularity=granularity.value)
+    prof = profile_model(model, build_workload(batch, seq, mode, dtype, act_dtype, attention),
+                         granularity=granularity.value, measure=measure)
+    measured = prof if isinstance(prof, MeasuredProfile) else None
     if as_json:
-        print_json(profile_to_dict(prof))
-    else:
-        console.print(profile_table(prof))
+        doc = profile_to_dict(prof)
+        doc.update(measured.measurement_dict() if measured is not None else {"memory_source": "analytic"})
+        print_json(doc)
+        return
+    console.print(profile_table(prof))
+    if measured is not None:
+        _print_measured(measured)
+
+
+def _print_measured(prof: Any) -> None:
+    """What a measured profile ran, and the tensors that make the largest unit's peak."""
+    from cachefit.sizes import format_bytes
+
+    console.print(f"[dim]memory: measured[/] {prof.method}")
+    top = max(prof.peaks, key=lambda p: p.peak_bytes)
+    console.print(f"largest activation peak: {top.unit}, {format_bytes(top.peak_bytes)}, live then:")
+    for t in top.live:
+        shape = "x".join(str(d) for d in t.shape) or "scalar"
+        console.print(f"  {format_bytes(t.nbytes):>12}  {shape} {t.dtype}  {t.kind}, {t.op} in {t.module or 'the model'}",
+                      highlight=False)
+    if top.other_count:
+        console.print(f"  {format_bytes(top.other_bytes):>12}  {top.other_count} smaller tensors", highlight=False)
 
 
 @app.command()
@@ -339,7 +362,7 @@ def _verify_partition(values: list[int], cap: int | None, cards: int | None, res
 
 @app.command()
 @handles_errors
-@shared_options()
+@shared_options(measure=True)
 def plan(
     model: Annotated[str, typer.Argument(help="A preset name, a config.json, or a Hugging Face model directory.")],
     cards: Annotated[Optional[int], typer.Option("--cards", "-k", help="Use exactly K cards (any K: units are split where K exceeds them; a partial fit, marked DOES NOT FIT, where K is too few); default: the fewest that fit.", min=1)] = None,
@@ -360,7 +383,6 @@ def plan(
 ) -> None:
     """Plan a model over cards so every card's partition fits its on-chip memory."""
     from cachefit.plan.search import pareto_front, plan_partition
-    from cachefit.profile import profile_model
     from cachefit.report.tables import candidates_table, plan_table
     from cachefit.sizes import format_bytes
 
@@ -372,7 +394,7 @@ def plan(
     if cards is not None:
         check_limit(cards, "MAX_CARDS", where="", what="--cards")
     cluster = shared.cluster()
-    prof = profile_model(model, shared.workload(), granularity=shared.granularity.value)
+    prof = shared.profile(model)
     from cachefit.partition.overrides import Overrides, parse_forbid, parse_pin
 
     overrides = Overrides(
@@ -414,6 +436,9 @@ def plan(
         print_json(doc)
         return
     console.print(plan_table(result))
+    if result.memory_source == "measured":
+        console.print(f"[dim]memory: measured[/] {prof.method}; measured units are not split across cards, "
+                      "and fuse, ckpt, sparse50 and sparse75 do not apply to them")
     if not result.feasible:
         need = (f"a fit needs {result.cards_to_fit} card(s)" if result.cards_to_fit is not None
                 else "no number of these cards fits")

@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     @handles_errors
-    @shared_options()
+    @shared_options(measure=True)
     def compare(
         model: Annotated[str, typer.Argument(help="A preset name, a config.json, or a Hugging Face model directory.")],
         cards: Annotated[Optional[int], typer.Option("--cards", "-k", help="Cards every layout may use; default: the fewest on which cachefit's plan fits.", min=1)] = None,
@@ -93,12 +93,11 @@ def register(app: typer.Typer) -> None:
         from cachefit.cost import compare_layouts, min_cards_to_fit
         from cachefit.errors import InfeasiblePlanError
         from cachefit.limits import check_limit
-        from cachefit.profile import profile_model
 
         if cards is not None:  # before any layout is built for that many cards
             check_limit(cards, "MAX_CARDS", where="", what="--cards")
         cluster = shared.cluster()
-        prof = profile_model(model, shared.workload(), granularity=shared.granularity.value)
+        prof = shared.profile(model)
         micro_batches, stacking = shared.micro_batches, shared.stacking
         techniques = [a for a in allow.split(",") if a.strip()]
         if cards is None:
@@ -114,7 +113,9 @@ def register(app: typer.Typer) -> None:
                                      stacking=stacking.value,
                                      link_latency_s=None if link_latency_us is None else link_latency_us * 1e-6)
         if as_json:
-            print_json(comparison.to_dict())
+            from cachefit.profile import memory_source
+
+            print_json({**comparison.to_dict(), "memory_source": memory_source(prof)})
             return
         console.print(comparison_table(comparison))
         own = comparison.layout("cachefit")

@@ -111,6 +111,7 @@ GranOption = Annotated[GranularityOpt, typer.Option("--granularity", "-g", help=
 JsonOption = Annotated[bool, typer.Option("--json", help="Print stable JSON instead of a table.")]
 MicroBatchesOption = Annotated[int, typer.Option("--micro-batches", help="Micro-batches per step in the pipeline.", min=1)]
 StackingOption = Annotated[StackingOpt, typer.Option("--stacking", help="reuse: units on a card share scratch (peak); sum: the seed's plain sum.")]
+MeasureOption = Annotated[bool, typer.Option("--measure", help="Take each unit's bytes from a run of the real transformers module on fake tensors (needs torch and transformers) instead of the analytic model.")]
 
 DEVICE_HELP = "Catalog name or device/cluster file; repeat for a heterogeneous cluster in order."
 DeviceOption = Annotated[Optional[list[str]], typer.Option("--device", "-d", help=DEVICE_HELP)]
@@ -193,6 +194,9 @@ class SharedArgs:
     micro_batches: int
     """``--micro-batches`` (1 where the command has no such option)."""
     granularity: GranularityOpt
+    measure: bool = False
+    """``--measure``: profile by running the real module on fake tensors (False where the command has
+    no such option)."""
 
     def workload(self):  # noqa: ANN201 - a cachefit.units.Workload
         """The workload these options describe."""
@@ -203,17 +207,24 @@ class SharedArgs:
         """The cards these options describe."""
         return build_cluster(self.device, self.capacity, self.level, self.headroom, self.reserve)
 
+    def profile(self, model: str):  # noqa: ANN201 - a cachefit.units.ModelProfile
+        """The profile of ``model`` for these options: measured with ``--measure``, else analytic."""
+        from cachefit.profile import profile_model
+
+        return profile_model(model, self.workload(), granularity=self.granularity.value, measure=self.measure)
+
 
 def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-def shared_options(*, micro_batches: bool = True, device_help: str | None = None,
+def shared_options(*, micro_batches: bool = True, measure: bool = False, device_help: str | None = None,
                    stacking_help: str | None = None) -> Callable[[F], F]:
     """Give a command the shared card and workload options in place of its ``shared`` parameter.
 
     Args:
         micro_batches: whether the command takes ``--micro-batches`` (else ``SharedArgs.micro_batches`` is 1).
+        measure: whether the command takes ``--measure`` (else ``SharedArgs.measure`` is False).
         device_help: the command's own help for ``--device``.
         stacking_help: the command's own help for ``--stacking``.
     """
@@ -231,6 +242,8 @@ def shared_options(*, micro_batches: bool = True, device_help: str | None = None
     if micro_batches:
         workload.append(_option("micro_batches", MicroBatchesOption, 1))
     workload.append(_option("granularity", GranOption, GranularityOpt.layer))
+    if measure:
+        workload.append(_option("measure", MeasureOption, False))
     added = cards + workload
     names = [p.name for p in added]
 
@@ -255,6 +268,7 @@ def shared_options(*, micro_batches: bool = True, device_help: str | None = None
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             values = {name: kwargs.pop(name) for name in names}
             values.setdefault("micro_batches", 1)
+            values.setdefault("measure", False)
             return func(*args, shared=SharedArgs(**values), **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=new_params)  # type: ignore[attr-defined]
@@ -268,7 +282,7 @@ def shared_options(*, micro_batches: bool = True, device_help: str | None = None
 __all__ = [
     "STATE", "ActDtypeOption", "AllowOption", "CompressRolesOption", "AttentionOpt", "AttnOption", "BatchOpt", "CapacityOption",
     "DeviceOption", "DtypeOpt", "DtypeOption", "GranOption", "GranularityOpt", "HeadroomOption", "JsonOption",
-    "LevelOption", "MicroBatchesOption", "ModeOpt", "ModeOption", "ReserveOption", "SeqOpt", "SharedArgs",
+    "LevelOption", "MeasureOption", "MicroBatchesOption", "ModeOpt", "ModeOption", "ReserveOption", "SeqOpt", "SharedArgs",
     "StackingOpt", "StackingOption", "build_cluster", "build_workload", "console", "err_console", "handles_errors",
     "compression_config", "print_error", "print_json", "shared_options",
 ]

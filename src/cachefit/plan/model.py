@@ -16,6 +16,7 @@ from typing import Any
 
 from cachefit.errors import ConfigError
 from cachefit.limits import check_limit
+from cachefit.profile.measure import MEMORY_SOURCES
 from cachefit.units import Footprint
 
 PLAN_SCHEMA = "cachefit.plan/1"
@@ -126,8 +127,16 @@ class Plan:
     compress_roles: tuple[str, ...] = ()
     """Weight roles the weight techniques (int8, int4, sparse24) were allowed to touch beyond the
     attention and MLP matrices, e.g. ``head``, ``embed`` (``cachefit plan --compress-roles``)."""
+    memory_source: str = "analytic"
+    """Where the units' bytes come from: ``analytic`` (:mod:`cachefit.profile.activations`) or
+    ``measured`` (the real module run on fake tensors: ``--measure``, ``cachefit.profile.measure``)."""
 
     def __post_init__(self) -> None:
+        if self.memory_source not in MEMORY_SOURCES:
+            raise ConfigError(
+                f"plan of {self.model}: memory_source must be one of {', '.join(MEMORY_SOURCES)}, "
+                f"got {self.memory_source!r}"
+            )
         expected = 0
         for stage in self.stages:
             start, end = stage.units
@@ -168,6 +177,7 @@ class Plan:
             "devices": list(self.devices),
             "objective": self.objective,
             "stacking": self.stacking,
+            "memory_source": self.memory_source,
             "feasible": self.feasible,
             "cards": self.cards,
             "cards_to_fit": self.cards_to_fit,
@@ -235,6 +245,7 @@ class Plan:
                 provenance=dict(data["provenance"]) if data.get("provenance") else None,
                 cards_to_fit=None if data.get("cards_to_fit") is None else int(data["cards_to_fit"]),
                 compress_roles=tuple(str(r) for r in data.get("compress_roles", ())),
+                memory_source=str(data.get("memory_source", "analytic")),  # plans made before it: analytic
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
             raise ConfigError(f"{where}: malformed plan ({type(exc).__name__}: {exc}); regenerate it with `cachefit plan --json`") from None

@@ -52,6 +52,7 @@ from cachefit.plan.layout import (
     partial_layouts,
 )
 from cachefit.plan.model import Plan
+from cachefit.profile.measure import memory_source
 from cachefit.sizes import format_bytes
 from cachefit.units import Footprint, ModelProfile, Unit
 
@@ -298,6 +299,10 @@ def plan_partition(
         plan = _partial_notes(plan, cards)
     if resolved is not None:
         plan = _with_override_cost(plan, profile, cluster, num_cards, allow, stacking, config, max_risk, overrides)
+    # the plan says where its bytes came from: a measured profile (--measure) or the analytic model
+    from dataclasses import replace as _with
+
+    plan = _with(plan, memory_source=memory_source(profile))
     return plan, tuple(candidates)
 
 

@@ -4,6 +4,11 @@
 holds one), a parsed config dict, or a :class:`~cachefit.profile.spec.TransformerSpec`. A live
 ``torch.nn.Module`` is profiled by ``cachefit.profile.module.profile_module`` instead (the only
 profiling path that imports torch).
+
+``profile_model(..., measure=True)`` (or :func:`~cachefit.profile.measure.measure_profile`, which also
+takes a live module) returns a :class:`~cachefit.profile.measure.MeasuredProfile`: the same units, with
+the footprints measured by running the real ``transformers`` module on fake tensors (torch and
+transformers are imported then, not before).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from cachefit.errors import ConfigError
+from cachefit.profile.measure import MEMORY_SOURCES, MeasuredProfile, measure_profile, memory_source
 from cachefit.profile.spec import TransformerSpec
 from cachefit.profile.transformer import build_units, profile_transformer
 from cachefit.units import ModelProfile, Workload
@@ -26,7 +32,12 @@ def _preset_names() -> tuple[str, ...]:
     return tuple(p.name for p in list_presets())
 
 
-def _resolve_spec(model: object) -> TransformerSpec:
+def resolve_spec(model: object) -> TransformerSpec:
+    """The spec of a preset name, a config.json / model directory path, a parsed config dict, or a spec.
+
+    Raises:
+        ConfigError: unknown preset / missing file, or a bad config.
+    """
     if isinstance(model, TransformerSpec):
         return model
     if isinstance(model, Mapping):
@@ -77,6 +88,7 @@ def profile_model(
     workload: Workload | None = None,
     *,
     granularity: str = "layer",
+    measure: bool = False,
 ) -> ModelProfile:
     """Profile a transformer for a workload.
 
@@ -86,17 +98,34 @@ def profile_model(
         workload: batch, sequence, mode and dtypes; ``Workload()`` (decode, batch 1, 1024 tokens,
             fp16) when None.
         granularity: ``layer`` (one unit per decoder layer) or ``block`` (attention and MLP apart).
+        measure: run the real module (the ``transformers`` class of the config) on fake tensors and
+            take each unit's bytes from that run (a :class:`MeasuredProfile`); needs torch and
+            transformers. Default: the analytic bytes.
 
     Raises:
-        ConfigError: unknown preset / missing file, a bad config, or an unsupported model type.
+        ConfigError: unknown preset / missing file, a bad config, or an unsupported model type;
+            with ``measure``, transformers missing or a workload the real module cannot run.
+        ProfileError: with ``measure``, a family without a transformers class, or a failed run.
     """
     if workload is not None and not isinstance(workload, Workload):
         raise ConfigError(
             f"profile_model: workload must be a cachefit.Workload or None, got {type(workload).__name__}; "
             "e.g. Workload(batch=1, seq_len=1024, mode='decode')"
         )
-    spec = _resolve_spec(model)
+    if measure:
+        return measure_profile(model, workload, granularity=granularity)
+    spec = resolve_spec(model)
     return profile_transformer(spec, workload if workload is not None else Workload(), granularity=granularity)
 
 
-__all__ = ["TransformerSpec", "build_units", "profile_model", "profile_transformer"]
+__all__ = [
+    "MEMORY_SOURCES",
+    "MeasuredProfile",
+    "TransformerSpec",
+    "build_units",
+    "measure_profile",
+    "memory_source",
+    "profile_model",
+    "profile_transformer",
+    "resolve_spec",
+]

@@ -22,6 +22,11 @@ on the example inputs and measures, per unit:
 It runs on any device, the meta device included: there only shapes exist, so a model larger than
 memory can be profiled (built under ``with torch.device("meta")``) with the same bytes and FLOPs.
 
+:func:`measure_unit_peaks` is the tracker of measured profiles (:mod:`cachefit.profile.measure`,
+``--measure``): one forward, usually on fake tensors, recorded as a timeline of every storage, then
+cut into given units, each with the peak of everything alive while it runs (not only what it
+touches) and the tensors that make it.
+
 "Per token" means per token when the example input is token ids (an integer ``batch x seq`` tensor,
 or ``inputs_embeds``); otherwise (images, feature vectors) the workload has ``seq_len = 1`` and
 every "per token" figure is **per sample**.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,11 +50,12 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from cachefit.errors import CachefitError, ConfigError, ProfileError
 from cachefit.families import role_module_names
+from cachefit.profile.measure import LiveTensor, UnitPeak
 from cachefit.units import Footprint, Mode, ModelProfile, TensorSpec, Unit, Workload, normalize_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["guess_role", "profile_module"]
+__all__ = ["MeasureUnit", "fake_weights", "guess_role", "measure_unit_peaks", "profile_module"]
 
 # Containers whose own forward is only "call the children in order" (Sequential) or that have no
 # forward at all (ModuleList, ModuleDict): never a block on their own unless they repeat.
@@ -1043,3 +1050,414 @@ def _build_unit(
         tensors=tuple(tensors),
     )
     return unit, flops
+
+
+# --------------------------------------------------------------------------------------------
+# Measured units: one timeline of every storage, cut into units afterwards
+# --------------------------------------------------------------------------------------------
+#
+# Why not torch.distributed._tools.mem_tracker.MemTracker (FakeTensorMode-aware, per-module peaks)?
+# It answers "what is live while module M runs", by category. A unit here is often not one module
+# call: an embedding unit is several modules plus the code that sums them (GPT-2's wte + wpe), an
+# attention block is half a decoder layer, a head is the final norm plus the LM head. MemTracker also
+# cannot leave out what another unit keeps for later (another layer's KV cache, tensors saved for
+# another unit's backward), and it keeps totals, not which tensors (made by which op) form a peak.
+# So this tracker records one timeline -- every storage made and freed, every op with the storages it
+# touched -- and the units are cut out of it afterwards, once all of that is known.
+
+_ALLOC, _OP, _FREE, _SAVED = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeasureUnit:
+    """A unit as the real module runs it, for :func:`measure_unit_peaks`."""
+
+    name: str
+    roots: tuple[nn.Module, ...]
+    """The modules whose calls are the unit's ops (``model.layers.3``; for an attention block the
+    layer's input norm and its attention). Ops outside every unit's modules (the model's own code:
+    masks, position ids, GPT-2's embedding sum, the residual adds of a layer split into blocks) go to
+    the unit that made the newest of their operands, or, when no unit made any, to the next unit to run."""
+    buffers: bool = True
+    """Whether the buffers alive while it runs (attention masks, rotary tables: what
+    :func:`measure_unit_peaks` is told makes them) count toward its peak. cachefit books them on layer
+    and attention units, so an embedding, an MLP block or a head leaves them out."""
+
+
+class _Storage:
+    __slots__ = ("buffer", "dtype", "finalizer", "module", "nbytes", "op", "order", "ref", "shape")
+
+
+class _TimelineTracker(TorchDispatchMode):
+    """Records every storage made (by which op, in which module) and freed, and every op with the
+    storages it touched and the unit whose modules were running. Storages are keyed by their
+    ``StorageImpl`` address; the ``StorageWeakRef`` held for each until the end keeps that address from
+    being reused, so a key names one storage for the whole timeline. Frees are seen through a
+    ``weakref.finalize`` on the storage object (kept alive by torch as long as the storage lives)."""
+
+    def __init__(self, weight_storages: Sequence[torch.UntypedStorage], unit_of_module: Mapping[int, int],
+                 names: Mapping[int, str], buffer_modules: frozenset[int] = frozenset(),
+                 buffer_code: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.buffer_modules = buffer_modules
+        self.buffer_code = buffer_code
+        self.in_buffer_module = 0
+        self._weights = tuple(weight_storages)  # strong references: weight addresses are never reused
+        self.weight_keys = frozenset(s._cdata for s in self._weights)
+        self.unit_of_module = unit_of_module
+        self.names = names
+        self.storages: dict[int, _Storage] = {}
+        self.events: list[tuple[Any, ...]] = []
+        self.windows: list[int] = []  # unit of each active unit-module call, innermost last
+        self.modules: list[str] = []  # FQN of each active module call, innermost last
+
+    def _register(self, storage: torch.UntypedStorage, tensor: torch.Tensor, op: str) -> int:
+        import weakref
+
+        key = storage._cdata
+        entry = _Storage()
+        entry.ref = StorageWeakRef(storage)
+        entry.nbytes = int(storage.nbytes())
+        entry.shape = tuple(int(d) for d in tensor.shape)
+        entry.dtype = str(tensor.dtype).removeprefix("torch.")
+        entry.op = op
+        entry.module = self.modules[-1] if self.modules else ""
+        entry.order = len(self.storages)  # creation order: ties in size list the older tensor first
+        entry.buffer = op not in ("input", "external") and (self.in_buffer_module > 0 or self._in_buffer_code())
+        entry.finalizer = weakref.finalize(storage, self.events.append, (_FREE, key))
+        entry.finalizer.atexit = False
+        self.storages[key] = entry
+        return key
+
+    def _in_buffer_code(self) -> bool:
+        """Whether the op runs in the model's own code (no unit's module) called from a buffer-making
+        source file (transformers' ``masking_utils.py``)."""
+        if not self.buffer_code or self.windows:
+            return False
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame.f_code.co_filename.endswith(self.buffer_code):
+                return True
+            frame = frame.f_back
+        return False
+
+    def track_inputs(self, obj: Any) -> None:
+        """Forward arguments: live from the start."""
+        for tensor in _iter_tensors(obj):
+            for storage in _tensor_storages(tensor):
+                key = storage._cdata
+                if key not in self.weight_keys and key not in self.storages:
+                    self._register(storage, tensor, "input")
+                    self.events.append((_ALLOC, key))
+
+    def _keys(self, obj: Any, op: str, new: list[int]) -> list[int]:
+        keys: list[int] = []
+        for tensor in _iter_tensors(obj):
+            for storage in _tensor_storages(tensor):
+                key = storage._cdata
+                if key in self.weight_keys:
+                    continue
+                if key not in self.storages:
+                    self._register(storage, tensor, op)
+                    new.append(key)
+                keys.append(key)
+        return keys
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        new: list[int] = []
+        keys = self._keys((args, kwargs), "external", new)  # operands made before the forward
+        keys += self._keys(out, str(getattr(func, "overloadpacket", func)), new)
+        self.events.append((_OP, self.windows[-1] if self.windows else -1, tuple(dict.fromkeys(keys)), tuple(new)))
+        return out
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.modules.append(self.names.get(id(module), ""))
+        if id(module) in self.buffer_modules:
+            self.in_buffer_module += 1
+        unit = self.unit_of_module.get(id(module))
+        if unit is not None:
+            self.windows.append(unit)
+
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.modules:
+            self.modules.pop()
+        if id(module) in self.buffer_modules:
+            self.in_buffer_module -= 1
+        if id(module) in self.unit_of_module and self.windows:
+            self.windows.pop()
+
+    def pack_hook(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``saved_tensors_hooks`` pack: what autograd keeps for backward (after the op that saved it)."""
+        new: list[int] = []
+        for key in self._keys(tensor, "external", new):
+            if key in new:
+                self.events.append((_ALLOC, key))
+            self.events.append((_SAVED, key))
+        return tensor
+
+    def close(self) -> None:
+        for entry in self.storages.values():
+            entry.finalizer.detach()
+
+
+def measure_unit_peaks(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    units: Sequence[MeasureUnit],
+    *,
+    grad: bool = False,
+    kept_for_later: Callable[[], Mapping[int, Sequence[torch.Tensor]]] | None = None,
+    buffer_modules: Sequence[nn.Module] = (),
+    buffer_code: Sequence[str] = (),
+    top: int = 8,
+) -> tuple[UnitPeak, ...]:
+    """Run ``module(*args, **kwargs)`` once and measure every unit: weight bytes, the peak of the live
+    non-weight bytes while it runs, and the tensors that make that peak.
+
+    Run it under ``FakeTensorMode`` (tensors without data: nothing is allocated or computed) with the
+    module and inputs built in that mode; it works on real tensors too. A unit's live set at an op is
+    every storage alive then -- its inputs, what it made, what the caller keeps alive -- except what
+    another unit keeps for later and this one never touched: another layer's KV cache
+    (``kept_for_later``), tensors autograd saved for another unit's backward (with ``grad``); and
+    buffers (attention masks, rotary tables) in units that leave them out (``MeasureUnit.buffers``).
+    Ops are assigned to units as :class:`MeasureUnit` says. Bytes are ``storage.nbytes()``, sampled
+    after every op (its operands and its output live together).
+
+    Args:
+        module: the model, in the mode (eval / train) it should run in.
+        args, kwargs: its forward arguments.
+        units: the units, in execution order.
+        grad: run with autograd (train): what it saves for backward stays live, owned by the unit
+            whose op saved it; otherwise under ``torch.no_grad()``.
+        kept_for_later: called after the forward (its output still alive): unit index -> the tensors
+            that unit keeps for a later step (its KV cache).
+        buffer_modules: modules whose outputs are buffers (rotary embeddings: their cos / sin tables).
+        buffer_code: source files (name suffixes) whose ops, run from the model's own code, make
+            buffers (transformers' ``masking_utils.py``: the attention masks).
+        top: how many of the largest tensors live at each peak to name.
+
+    Raises:
+        ProfileError: the forward fails, or a unit's modules never ran.
+    """
+    names = {id(m): fqn for fqn, m in module.named_modules(remove_duplicate=False)}
+    unit_of_module: dict[int, int] = {}
+    for index, unit in enumerate(units):
+        for root in unit.roots:
+            unit_of_module[id(root)] = index
+    tracker = _TimelineTracker(_weight_storages(module), unit_of_module, names,
+                               frozenset(id(m) for m in buffer_modules), tuple(buffer_code))
+    handles = []
+    try:
+        for m in module.modules():
+            handles.append(m.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
+            handles.append(m.register_forward_hook(tracker.post_hook, with_kwargs=True))
+        tracker.track_inputs((args, kwargs))
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
+            if grad:
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracker.pack_hook, lambda t: t))
+            stack.enter_context(tracker)
+            try:
+                output = module(*args, **kwargs)
+            except CachefitError:
+                raise
+            except Exception as exc:
+                raise ProfileError(
+                    f"forward of {type(module).__name__} failed while measuring: {type(exc).__name__}: {exc}"
+                ) from exc
+        kept: dict[int, set[int]] = {}
+        if kept_for_later is not None:
+            for index, tensors in kept_for_later().items():
+                for tensor in tensors:
+                    for storage in _tensor_storages(tensor):
+                        kept.setdefault(storage._cdata, set()).add(index)
+        del output
+        peaks = _cut_units(tracker, units, kept, top)
+    finally:
+        for handle in handles:
+            handle.remove()
+        tracker.close()
+    return peaks
+
+
+def _cut_units(tracker: _TimelineTracker, units: Sequence[MeasureUnit], kept: Mapping[int, set[int]],
+               top: int) -> tuple[UnitPeak, ...]:
+    """The per-unit peaks of a recorded timeline."""
+    events, info, count = tracker.events, tracker.storages, len(units)
+    # 1. The unit of every op: its own modules', else the newest unit that made an operand, else
+    #    (resolved backwards) the next unit whose modules run; ops after the last unit go to it.
+    op_unit: dict[int, int] = {}
+    made: dict[int, int] = {}
+    pending: list[int] = []
+    for i, event in enumerate(events):
+        if event[0] != _OP:
+            continue
+        _, unit, keys, new = event
+        if unit < 0:
+            producers = [made[k] for k in keys if k in made]
+            if not producers:
+                pending.append(i)
+                continue
+            unit = max(producers)
+        op_unit[i] = unit
+        for key in new:
+            made[key] = unit
+    following = count - 1
+    waiting = set(pending)
+    for i in range(len(events) - 1, -1, -1):
+        event = events[i]
+        if event[0] != _OP:
+            continue
+        if event[1] >= 0:
+            following = event[1]
+        elif i in waiting:
+            op_unit[i] = following
+    idle = sorted({u.name for u in units} - {units[u].name for u in op_unit.values()})
+    if idle:
+        logger.warning("units %s ran no op in the measured forward pass: their activation peak is 0", idle)
+    # 2. Who touched each storage, and who keeps it for later (KV cache, saved for backward).
+    touched: dict[int, set[int]] = {}
+    owners: dict[int, set[int]] = {key: set(us) for key, us in kept.items()}
+    kinds: dict[int, str] = {key: "kv_cache" for key in kept}
+    last = 0
+    for i, event in enumerate(events):
+        if event[0] == _OP:
+            last = op_unit[i]
+            for key in event[2]:
+                touched.setdefault(key, set()).add(last)
+        elif event[0] == _SAVED:
+            owners.setdefault(event[1], set()).add(last)
+            kinds.setdefault(event[1], "saved")
+    allowed = {key: frozenset(us | touched.get(key, set())) for key, us in owners.items()}
+    holding = frozenset(u for u, unit in enumerate(units) if unit.buffers)
+    for key, entry in info.items():
+        if entry.buffer and key not in allowed:
+            allowed[key] = holding  # masks and rotary tables count where cachefit books them
+            kinds[key] = "buffer"
+    sets_of_unit: list[list[frozenset[int]]] = [[] for _ in units]
+    for group in set(allowed.values()):
+        for u in group:
+            sets_of_unit[u].append(group)
+    # 3. Replay: live bytes at every op, less what other units keep and this one never touched.
+    peak, peak_at, ops = [0] * count, [-1] * count, [0] * count
+    total = kept_total = 0
+    kept_live: dict[frozenset[int], int] = {}
+    alive: set[int] = set()
+
+    def add(key: int) -> None:
+        nonlocal total, kept_total
+        if key in alive:
+            return
+        alive.add(key)
+        nbytes = info[key].nbytes
+        total += nbytes
+        group = allowed.get(key)
+        if group is not None:
+            kept_live[group] = kept_live.get(group, 0) + nbytes
+            kept_total += nbytes
+
+    def drop(key: int) -> None:
+        nonlocal total, kept_total
+        if key not in alive:
+            return
+        alive.discard(key)
+        nbytes = info[key].nbytes
+        total -= nbytes
+        group = allowed.get(key)
+        if group is not None:
+            kept_live[group] -= nbytes
+            kept_total -= nbytes
+
+    for i, event in enumerate(events):
+        kind = event[0]
+        if kind == _ALLOC:
+            add(event[1])
+        elif kind == _FREE:
+            drop(event[1])
+        elif kind == _OP:
+            for key in event[3]:
+                add(key)
+            u = op_unit[i]
+            ops[u] += 1
+            live = total - kept_total + sum(kept_live.get(g, 0) for g in sets_of_unit[u])
+            if live > peak[u] or peak_at[u] < 0:
+                peak[u], peak_at[u] = live, i
+    # 4. Replay again to list what is live at each unit's peak.
+    at_event: dict[int, list[int]] = {}
+    for u, i in enumerate(peak_at):
+        at_event.setdefault(i, []).append(u)
+    snapshots: dict[int, list[int]] = {}
+    alive.clear()
+    for i, event in enumerate(events):
+        kind = event[0]
+        if kind == _ALLOC:
+            alive.add(event[1])
+        elif kind == _FREE:
+            alive.discard(event[1])
+        elif kind == _OP:
+            alive.update(event[3])
+            for u in at_event.get(i, ()):
+                snapshots[u] = [k for k in alive if k not in allowed or u in allowed[k]]
+    peaks = []
+    for u, unit in enumerate(units):
+        persistent = sum(info[k].nbytes for k, us in owners.items() if u in us)
+        live_keys = sorted(snapshots.get(u, []), key=lambda k: (-info[k].nbytes, info[k].order))
+        named = tuple(
+            LiveTensor(shape=info[k].shape, dtype=info[k].dtype, nbytes=info[k].nbytes, op=info[k].op,
+                       module=info[k].module,
+                       kind=kinds[k] if u in owners.get(k, ()) or kinds.get(k) == "buffer" else "activation")
+            for k in live_keys[:top]
+        )
+        rest = live_keys[top:]
+        peaks.append(UnitPeak(
+            unit=unit.name,
+            weight_bytes=_roots_weight_bytes(unit.roots),
+            peak_bytes=max(peak[u], persistent),
+            persistent_bytes=persistent,
+            live=named,
+            other_bytes=sum(info[k].nbytes for k in rest),
+            other_count=len(rest),
+            ops=ops[u],
+        ))
+    return tuple(peaks)
+
+
+def _roots_weight_bytes(roots: Sequence[nn.Module]) -> int:
+    """Bytes of the parameters and registered buffers under ``roots``, each tensor once."""
+    seen: set[int] = set()
+    total = 0
+    for root in roots:
+        for fqn, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += _tensor_bytes(tensor, fqn)
+    return total
+
+
+@contextlib.contextmanager
+def fake_weights(module: nn.Module, fake_mode: Any) -> Iterator[None]:
+    """Swap ``module``'s parameters and buffers for fake copies made by ``fake_mode`` (same shapes,
+    dtypes and devices, no data) while the context is open, then put the real ones back.
+
+    ``FakeTensorMode.from_tensor`` keeps one fake per real tensor, so tied weights stay tied. Already
+    fake tensors are kept as they are.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    swapped: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    try:
+        for m in module.modules():
+            for registry in (m._parameters, m._buffers):
+                for tensor_name, tensor in list(registry.items()):
+                    if tensor is None or isinstance(tensor, FakeTensor):
+                        continue
+                    fake = fake_mode.from_tensor(tensor)
+                    swapped.append((registry, tensor_name, tensor))
+                    registry[tensor_name] = fake
+        yield
+    finally:
+        for registry, tensor_name, tensor in reversed(swapped):
+            registry[tensor_name] = tensor
