@@ -183,3 +183,14 @@ def test_partition_verify_against_the_milp():
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["verified"]["bottleneck"] == doc["bottleneck"] == 10
+
+
+def test_partition_table_shows_the_first_and_last_parts_of_many(tmp_path):
+    sizes = tmp_path / "sizes.txt"
+    sizes.write_text("\n".join(["7"] * 100) + "\n")
+    result = run("partition", "--sizes-file", str(sizes), "--cards", "100")
+    assert result.exit_code == 0, result.output
+    rows = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")]
+    assert rows == [*map(str, range(20)), "...", *map(str, range(80, 100))]
+    assert "60 more parts (--json lists all)" in result.stdout
+    assert len(json.loads(run("partition", "--sizes-file", str(sizes), "--cards", "100", "--json").stdout)["parts"]) == 100

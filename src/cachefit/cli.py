@@ -269,26 +269,17 @@ def devices(
 
 
 def _read_sizes(sizes: str | None, sizes_file: Path | None) -> list[int]:
-    from cachefit.sizes import parse_bytes
+    from cachefit.sizes import parse_sizes, read_sizes_file
 
     if (sizes is None) == (sizes_file is None):
         raise ConfigError("give exactly one of --sizes 3,5,2 or --sizes-file FILE (one size a line)")
     if sizes is not None:
-        where = "--sizes"
-        # counted before splitting: the list is built only when it is within limits.MAX_SIZES_LINES
-        check_limit(sizes.count(",") + 1, "MAX_SIZES_LINES", where=where, what="items")
-        items = sizes.split(",")
-    else:
-        from cachefit.files import read_text
+        return parse_sizes(sizes, where="--sizes")
+    return read_sizes_file(sizes_file, where=f"--sizes-file {sizes_file}")  # type: ignore[arg-type]
 
-        where = f"--sizes-file {sizes_file}"
-        text = read_text(sizes_file, where=where)  # type: ignore[arg-type]  # bounded, UTF-8 checked
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-        check_limit(text.count("\n") + (not text.endswith("\n")), "MAX_SIZES_LINES", where=where, what="lines")
-        items = [line for line in text.split("\n") if line.strip() and not line.lstrip().startswith("#")]
-    if not items:
-        raise ConfigError(f"{where}: no sizes given")
-    return [parse_bytes(item.strip(), what=f"{where} item {i}") for i, item in enumerate(items)]
+
+_PARTS_SHOWN = 20
+"""Parts shown at each end of the `cachefit partition` table when there are more than twice as many."""
 
 
 @app.command()
@@ -331,7 +322,15 @@ def partition(
     table = Table(title=f"{result.cards} part(s), largest {format_bytes(result.bottleneck)}", title_justify="left")
     for col in ("part", "units", "size", "capacity", "utilization"):
         table.add_column(col, justify="left" if col == "units" else "right")
-    for i, ((start, end), size) in enumerate(zip(result.parts, result.part_sizes)):
+    rows = list(enumerate(zip(result.parts, result.part_sizes)))
+    # rich takes about a second to lay out 4,096 rows that no one reads on a terminal: show the first
+    # and last parts and count the rest (--json lists every part)
+    shown = rows if len(rows) <= 2 * _PARTS_SHOWN else [*rows[:_PARTS_SHOWN], None, *rows[-_PARTS_SHOWN:]]
+    for row in shown:
+        if row is None:
+            table.add_row("...", f"{len(rows) - 2 * _PARTS_SHOWN:,} more parts (--json lists all)", "", "", "")
+            continue
+        i, ((start, end), size) = row
         table.add_row(str(i), f"{start}..{end - 1}", format_bytes(size),
                       format_bytes(cap) if cap else "-", f"{size / cap * 100:.1f}%" if cap else "-")
     console.print(table)

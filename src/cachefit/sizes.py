@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
+from typing import Any
 
 from cachefit.errors import ConfigError
 
@@ -89,6 +91,127 @@ def parse_bytes(text: str | int | float, *, what: str = "size") -> int:
     if round(nbytes) < 1:
         raise ConfigError(f"{what}: {shown} is less than one byte; give at least 1 B")
     return int(round(nbytes))
+
+
+def _parse_items(items: list[str], where: str) -> list[int]:
+    """Each item read by :func:`parse_bytes`, in order; the first bad one names its index."""
+    return [parse_bytes(item.strip(), what=f"{where} item {i}") for i, item in enumerate(items)]
+
+
+def parse_sizes(text: str, *, where: str = "--sizes") -> list[int]:
+    """Comma-separated sizes (``3MB,5MB,2MB``), each read by :func:`parse_bytes`.
+
+    Raises:
+        ConfigError: more items than :data:`~cachefit.limits.MAX_SIZES_LINES` (counted before the
+            text is split), none, or a bad one (the message gives its index from 0).
+    """
+    from cachefit.limits import check_limit
+
+    check_limit(text.count(",") + 1, "MAX_SIZES_LINES", where=where, what="items")
+    items = text.split(",")
+    if not items:
+        raise ConfigError(f"{where}: no sizes given")
+    return _parse_items(items, where)
+
+
+# A sizes file read whole. Lines of digits alone (``12345``, spaces and tabs around) are read by numpy
+# in one pass; lines that add a unit (``3MB``, `` 5 MiB``) or ``#`` comments by a few regular-expression
+# passes; anything else (decimals, exponents, other whitespace, a bad line) line by line by
+# parse_bytes, which gives the same numbers and names the bad item.
+_DIGITS_AND_SPACE = b"0123456789 \t\n"
+_MAX_INT64_DIGITS = 18  # 10**18 - 1 < 2**63: numpy's int64 reads every such number exactly
+_INT_LINES = re.compile(r"^[ \t]*([0-9]{1,300})[ \t]*$", re.MULTILINE)
+_UNIT_LINES = re.compile(r"^[ \t]*([0-9]{1,300})[ \t]*([A-Za-z]*)[ \t]*$", re.MULTILINE)
+_BLANK_LINES = re.compile(r"^[ \t]*$", re.MULTILINE)
+_COMMENT_LINES = re.compile(r"^[ \t]*#", re.MULTILINE)
+# ASCII whitespace other than space, tab and newline: str.strip() removes it, the patterns above do not
+_OTHER_SPACE = (b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e", b"\x1f")
+
+
+def _count_runs(is_digit: Any) -> int:
+    """Runs of True in a boolean array (numbers, where True marks a digit)."""
+    import numpy as np
+
+    return int(np.count_nonzero(is_digit[1:] > is_digit[:-1])) + int(is_digit[:1].sum())
+
+
+def _integer_lines(data: bytes) -> list[int] | None:
+    """The numbers of ASCII text made of digits, spaces, tabs and newlines only, read by numpy; None
+    where a line holds two numbers, or a number is 0 or too long for int64 to read exactly."""
+    import numpy as np
+
+    buf = np.frombuffer(data, dtype=np.uint8)
+    numbers = _count_runs(buf >= ord("0"))  # the other bytes (space, tab, newline) are all below "0"
+    # two numbers on one line are two runs that removing the spaces and tabs joins into one
+    if not numbers or _count_runs(buf[(buf != ord(" ")) & (buf != ord("\t"))] >= ord("0")) != numbers:
+        return None
+    values = np.fromstring(data, dtype=np.int64, sep=" ")  # any whitespace separates; C speed
+    # a number of 19 digits or more may be clamped to 2**63 - 1: such sizes go through parse_bytes
+    if len(values) != numbers or not values.all() or int(values.max()) >= 10**_MAX_INT64_DIGITS:
+        return None
+    return values.tolist()
+
+
+def _whole_number_lines(text: str, num_lines: int) -> list[int] | None:
+    """The sizes of a text whose every line is blank, a ``#`` comment or a positive whole number with
+    an optional known unit, read with a few passes over the whole text; None for any other text."""
+    if not text.isascii():
+        return None
+    data = text.encode("ascii")
+    if not data.translate(None, _DIGITS_AND_SPACE):
+        return _integer_lines(data)
+    if any(c in data for c in _OTHER_SPACE):
+        return None
+    skipped = len(_BLANK_LINES.findall(text)) + len(_COMMENT_LINES.findall(text))
+    numbers = _INT_LINES.findall(text)
+    if len(numbers) + skipped == num_lines:
+        values = list(map(int, numbers))
+        return None if 0 in values else values
+    pairs = _UNIT_LINES.findall(text)
+    if len(pairs) + skipped != num_lines:
+        return None
+    scale = {unit: _UNITS.get(unit.lower() or "b") for unit in {unit for _, unit in pairs}}
+    if None in scale.values():
+        return None
+    values = [int(number) * scale[unit] for number, unit in pairs]  # type: ignore[operator]
+    return None if 0 in values else values
+
+
+def read_sizes_file(path: str | os.PathLike[str], *, where: str | None = None) -> list[int]:
+    """Sizes one a line, each read as :func:`parse_bytes` reads it; blank lines and lines that start
+    with ``#`` are skipped.
+
+    The file is read as :func:`cachefit.files.read_text` reads it (bounded, UTF-8, a byte-order mark
+    dropped); ``\\r\\n`` and ``\\r`` end lines too. Whole numbers with or without a unit are read with a
+    few passes over the whole text (a million lines in a fraction of a second); any other line sends
+    the file through :func:`parse_bytes` line by line, which gives the same numbers and errors.
+
+    Args:
+        path: the file.
+        where: how to name the file in messages (default ``--sizes-file PATH``).
+
+    Raises:
+        ConfigError: the file cannot be read, is over a limit of :mod:`cachefit.limits` (bytes, or
+            :data:`~cachefit.limits.MAX_SIZES_LINES` lines, counted before the lines are split), holds
+            no size, or a bad one (the message gives its index among the sizes, from 0).
+    """
+    from cachefit.files import read_text
+    from cachefit.limits import check_limit
+
+    where = where or f"--sizes-file {os.fspath(path)}"
+    text = read_text(path, where=where)  # bounded, UTF-8 checked
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    num_lines = text.count("\n") + (not text.endswith("\n"))
+    check_limit(num_lines, "MAX_SIZES_LINES", where=where, what="lines")
+    # str.split keeps the empty last "line" after a final newline; the counts above see it too
+    values = _whole_number_lines(text, text.count("\n") + 1)
+    if values:
+        return values
+    items = [line for line in text.split("\n") if line.strip() and not line.lstrip().startswith("#")]
+    if not items:
+        raise ConfigError(f"{where}: no sizes given")
+    return _parse_items(items, where)
 
 
 def parse_bandwidth(text: str | int | float, *, what: str = "bandwidth") -> float:

@@ -59,13 +59,15 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cachefit.errors import ConfigError, InfeasiblePlanError
 from cachefit.sizes import format_bytes
-from cachefit.units import Footprint
+
+if TYPE_CHECKING:  # annotations only: `cachefit partition` need not import the unit types
+    from cachefit.units import Footprint
 
 logger = logging.getLogger(__name__)
 
