@@ -17,6 +17,8 @@ it grows, see :func:`cachefit.units.stack_footprints`), so a stage is extended u
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -293,9 +295,34 @@ footprint, shards, collective bytes per token, the stage's first card)``; None i
 model provides it (:class:`cachefit.cost.LayoutPricing`); the planner only adds it up."""
 
 
+# Stage evaluations (start, degree, end) one partial-fit search may price before it narrows its space:
+# each costs the off-chip rule and, with a pricing, the cost model's stage time (tens of microseconds),
+# and the search runs once per technique set and once per unit the revert pass tries.
+PARTIAL_SEARCH_BUDGET = 100_000
+
+
+def narrow_partial_search(num_units: int, num_cards: int, degrees: Sequence[int]
+                          ) -> tuple[tuple[int, ...], int | None]:
+    """The degrees and the longest stage (in units; None: any) a partial-fit search over ``num_units``
+    units on ``num_cards`` cards tries, within :data:`PARTIAL_SEARCH_BUDGET` stage evaluations.
+
+    Within the budget: every degree, any length (the exact search). Beyond it (Llama-3.1-405B's 254
+    block units on 4,096 cards would need tens of millions): the eight degrees nearest the cards per
+    unit ``K / n`` (by ratio) and 1, and stages of at most four times the units per card ``n / K``
+    (at least 2): where a layout spreads n units over K cards evenly, the best ones stay near that.
+    """
+    full = num_units * (num_units + 1) // 2 * max(1, len(degrees))
+    if full <= PARTIAL_SEARCH_BUDGET:
+        return tuple(degrees), None
+    target = num_cards / max(1, num_units)
+    near = sorted(degrees, key=lambda d: abs(math.log(d / target)) if target > 0 else d)[:8]
+    kept = tuple(sorted(set(near) | ({1} & set(degrees))))
+    return kept, max(2, math.ceil(4 * num_units / max(1, num_cards)))
+
+
 def partial_layouts(table: ShardTable, cards: Sequence[Card], stacking: str, degrees: Sequence[int],
                     num_cards: int, workload: Workload, *, stage_time: StageTime | None = None,
-                    weights: Sequence[float] = (0.0,)) -> list[Layout]:
+                    weights: Sequence[float] = (0.0,), max_stage_units: int | None = None) -> list[Layout]:
     """Layouts on exactly ``num_cards`` cards when none fits them, one per weight in ``weights``
     (duplicates dropped); empty if the units cannot be spread over that many cards.
 
@@ -309,6 +336,7 @@ def partial_layouts(table: ShardTable, cards: Sequence[Card], stacking: str, deg
     ``cards[c]`` is card c (one card: every card alike; a split stage is priced on its first card, so
     split only over equal cards). Dynamic programming over (units placed, cards used), vectorized over
     the cards: a stage [i, j) on s cards moves ``s`` times its largest shard's off-chip bytes.
+    ``max_stage_units`` bounds a stage's length (see :func:`narrow_partial_search`).
     """
     n = len(table.profile.units)
     k = num_cards
@@ -334,11 +362,15 @@ def partial_layouts(table: ShardTable, cards: Sequence[Card], stacking: str, deg
             peak: tuple[int, int] = (0, 0)  # (transient, buffers) of the unit with the largest sum
             summed = [0, 0]
             members: list[Unit] = []
+            traffic = 0
             for j in range(i, n):
+                if max_stage_units is not None and j - i >= max_stage_units:
+                    break
                 got = table.get(j, s)
                 if got is None:
                     break
                 unit = got[0]
+                traffic += got[1]
                 members.append(unit)
                 fp = unit.footprint
                 wb += fp.weight_bytes
@@ -359,7 +391,6 @@ def partial_layouts(table: ShardTable, cards: Sequence[Card], stacking: str, deg
                                    table_bytes=min(wb, tables), table_read_bytes=min(wb, tables, read),
                                    transient_traffic_bytes=transient)
                 offs, times = [], []
-                traffic = sum(table.get(m, s)[1] for m in range(i, j + 1))  # type: ignore[index]
                 for card in kinds:
                     off = offchip_split(stats, card.capacity_bytes, workload).offchip_bytes_per_micro_batch
                     took = None if stage_time is None else stage_time(i, tuple(members), footprint, s, traffic, card)
@@ -431,5 +462,5 @@ def _partial_dp(n: int, k: int, degrees: Sequence[int], stages: Mapping[tuple[in
 
 __all__ = [
     "DEGREES", "Group", "Layout", "ShardTable", "degrees_for", "divides_evenly", "exact_cards_layout",
-    "fewest_cards_layout", "partial_layouts", "StageTime",
+    "fewest_cards_layout", "narrow_partial_search", "partial_layouts", "PARTIAL_SEARCH_BUDGET", "StageTime",
 ]

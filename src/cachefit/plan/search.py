@@ -11,6 +11,8 @@ only when nothing without it fits, and the plan says so.
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import logging
 import numbers
@@ -49,6 +51,8 @@ from cachefit.plan.layout import (
     degrees_for,
     exact_cards_layout,
     fewest_cards_layout,
+    PARTIAL_SEARCH_BUDGET,
+    narrow_partial_search,
     partial_layouts,
 )
 from cachefit.plan.model import Plan
@@ -510,13 +514,14 @@ def _partial_plan(profile: ModelProfile, cards: _Cards, sets: Sequence[tuple[str
     assert k is not None
     card_list = [cards.card(0)] if len(cards.cluster) == 1 else list(cards.cluster.cards[:k])
     degrees = degrees_for(profile.units, k) if cards.cluster.is_homogeneous else (1,)
+    degrees, longest = narrow_partial_search(len(profile.units), k, degrees)
     wl = profile.workload
     best: tuple[tuple[str, ...], ShardTable, Layout] | None = None
     for combo in sets:
         if "batch" in combo or combo not in variants:
             continue
         table = _table(cards, profile, combo, config, variants[combo], shard_cache)
-        got = partial_layouts(table, card_list, stacking, degrees, k, wl)
+        got = partial_layouts(table, card_list, stacking, degrees, k, wl, max_stage_units=longest)
         if got and (best is None or got[0].offchip_bytes < best[2].offchip_bytes):
             best = (combo, table, got[0])
     if best is None:
@@ -533,16 +538,21 @@ def _partial_plan(profile: ModelProfile, cards: _Cards, sets: Sequence[tuple[str
                    key=lambda i: original[i].total_bytes - compressed[i].total_bytes)
     for i in order:
         table.raw.add(i)
-        new = partial_layouts(table, card_list, stacking, degrees, k, wl)
+        new = partial_layouts(table, card_list, stacking, degrees, k, wl, max_stage_units=longest)
         if new and new[0].offchip_bytes <= layout.offchip_bytes:
             layout = new[0]
         else:
             table.raw.discard(i)
+    narrowed = (f"the partial-fit search was narrowed to stages of at most {longest} units split over "
+                f"{', '.join(map(str, degrees))} cards (the full space exceeds {PARTIAL_SEARCH_BUDGET:,} stage "
+                "evaluations)") if longest is not None else None
     if pricing is None:
-        return _build_plan(profile, cards, layout, combo, config, partial=True)
-    layouts = partial_layouts(table, card_list, stacking, degrees, k, wl, stage_time=pricing.stage_time_s,
-                              weights=_TIME_WEIGHTS)
-    return pricing.choose([_build_plan(profile, cards, lay, combo, config, partial=True) for lay in layouts])
+        plan = _build_plan(profile, cards, layout, combo, config, partial=True)
+    else:
+        layouts = partial_layouts(table, card_list, stacking, degrees, k, wl, stage_time=pricing.stage_time_s,
+                                  weights=_TIME_WEIGHTS, max_stage_units=longest)
+        plan = pricing.choose([_build_plan(profile, cards, lay, combo, config, partial=True) for lay in layouts])
+    return dataclasses.replace(plan, notes=(*plan.notes, narrowed)) if narrowed else plan
 
 
 def _cards_to_fit(profile: ModelProfile, cluster: Cluster, allow: Sequence[str], stacking: str,

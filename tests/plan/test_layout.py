@@ -1,0 +1,22 @@
+"""The partial-fit search stays bounded: its space narrows past a named budget of stage evaluations."""
+
+from cachefit.plan.layout import PARTIAL_SEARCH_BUDGET, narrow_partial_search
+
+
+def test_small_searches_are_exact():
+    degrees = tuple(range(1, 9))
+    assert narrow_partial_search(20, 64, degrees) == (degrees, None)
+
+
+def test_large_searches_keep_the_degrees_near_cards_per_unit_and_short_stages():
+    # Llama-3.1-405B at block granularity: 254 units on 4,096 cards, about 16 cards a unit
+    degrees = tuple(range(1, 129))
+    assert 254 * 255 // 2 * len(degrees) > PARTIAL_SEARCH_BUDGET
+    kept, longest = narrow_partial_search(254, 4096, degrees)
+    assert 1 in kept and 16 in kept and len(kept) <= 9
+    assert all(12 <= d <= 21 for d in kept if d != 1)
+    assert longest == 2
+    # fewer cards than units: longer stages, small degrees
+    kept, longest = narrow_partial_search(254, 4, degrees)
+    assert set(kept) <= set(range(1, 9)) and longest == 254
+    assert 254 * longest * len(kept) < 254 * 255 // 2 * len(degrees)
