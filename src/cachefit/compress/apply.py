@@ -19,6 +19,16 @@ lives by role next to it, and the public names are re-exported here:
 * :mod:`cachefit.compress.pruning`: structured MLP sparsity and 2:4 masks.
 * :mod:`cachefit.compress.measure`: real bytes of a module (by FQN, by role) and embedding cosine.
 * :mod:`cachefit.compress.linear`: what counts as a linear layer (``nn.Linear``, GPT-2 ``Conv1D``).
+* :mod:`cachefit.compress.calibration`: input statistics of each linear layer, gathered once.
+* :mod:`cachefit.compress.gptq`: GPTQ and SparseGPT (error-compensating column sweeps).
+
+Calibrated methods (``CompressionConfig(sparsity_method="wanda" | "sparsegpt",
+quantize_method="gptq")``) take ``calibration=collect_input_stats(module, batches, gram=...)`` and
+store exactly the format, and bytes, of magnitude pruning and round to nearest::
+
+    stats = collect_input_stats(model, batches, gram=True)
+    compress_module_(model, ["sparse24", "int4"], config=CompressionConfig(sparsity_method="sparsegpt",
+                     quantize_method="gptq"), calibration=stats)
 
 What each technique does here (the byte formulas are those of ``techniques.py``, and the stored
 bytes match them: ``measure_module_bytes`` after ``compress_module_`` equals ``compress_unit``'s
@@ -73,6 +83,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from cachefit.compress.calibration import CalibrationStats
+from cachefit.compress.gptq import gptq_quantize, sparsegpt_24
 from cachefit.compress.linear import as_out_in, check_fqns, is_conv1d, is_linear_like, join_fqn
 from cachefit.compress.measure import base_fqn, bytes_by_role, embedding_cosine, measure_module_bytes
 from cachefit.compress.pruning import find_mlps, mask_24_, prune_mlp_, sparse24_mask, to_semi_structured_
@@ -411,6 +423,7 @@ class _Run:
     device: torch.device
     backend: str
     compile_module: bool
+    calibration: CalibrationStats | None = None
     records: dict[str, _Record] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     checkpointed: tuple[str, ...] = ()
@@ -449,12 +462,24 @@ def _apply_prune(run: _Run, name: str) -> str | None:
     if not mlps:
         return "no unpruned float MLP (up / gate / down linear layers of a known family) among the selected weights"
     widths = set()
+    method = run.config.sparsity_method
     for mlp in mlps:
+        down_inputs = None
+        if method != "magnitude":
+            down_inputs = _calibration(run).require(
+                join_fqn(mlp.fqn, mlp.pattern.down), method=f"{name} ({method})", gram=method == "sparsegpt"
+            )
         for weight_fqn in mlp.weight_fqns():
             run.record(weight_fqn, run.module.get_submodule(weight_fqn.rpartition(".")[0])).techniques.append(name)
-        widths.add(prune_mlp_(mlp, fraction))
+        widths.add(prune_mlp_(mlp, fraction, down_inputs=down_inputs, compensate=run.config.bias_correction,
+                              reconstruct=method == "sparsegpt"))
     shown = ", ".join(f"{w} -> {k}" for w, k in sorted(widths))
-    run.notes.append(f"{name}: {len(mlps)} MLP(s) pruned, intermediate neurons {shown}")
+    how = {
+        "magnitude": "magnitude scores",
+        "wanda": "Wanda scores (||X_i|| ||down_:,i||)",
+        "sparsegpt": "Wanda scores, down projection refit by least squares",
+    }[method]
+    run.notes.append(f"{name}: {len(mlps)} MLP(s) pruned by {how}, intermediate neurons {shown}")
     return None
 
 
@@ -466,9 +491,19 @@ def _apply_sparse24(run: _Run, name: str) -> str | None:
     ]
     if not targets:
         return f"no float linear layer with a role in {run.config.sparse24_roles} among the selected weights"
+    method = run.config.sparsity_method
     for mod_fqn, mod in targets:
         rec = run.record(join_fqn(mod_fqn, "weight"), mod)
-        mask_24_(mod)
+        inputs = None
+        if method != "magnitude":
+            inputs = _calibration(run).require(mod_fqn, method=f"{name} ({method})", gram=method == "sparsegpt")
+        if method == "sparsegpt":
+            assert inputs is not None
+            pruned, _ = sparsegpt_24(as_out_in(mod), inputs)
+            with torch.no_grad():
+                mod.weight.copy_((pruned.t() if is_conv1d(mod) else pruned).to(mod.weight.dtype))
+        else:
+            mask_24_(mod, inputs, compensate=run.config.bias_correction)
         rec.techniques.append(name)
         rec.sparse24_masked = True
         rec.kernel = "masked dense (2:4 zeros stored densely; compressed size counted)"
@@ -493,11 +528,30 @@ def _apply_quantize(run: _Run, name: str) -> str | None:
         if run.backend == "torchao":
             rec.kernel = _torchao_quantize_(mod, name, run.config, run.device)
             continue
-        cls = Int8WeightOnlyLinear if name == "int8" else Int4WeightOnlyLinear
-        new = cls(as_out_in(mod), getattr(mod, "bias", None), config=run.config)
+        new = _quantized_linear(run, mod_fqn, mod, bits)
         _replace_module(run.module, mod_fqn, new)
         rec.kernel = new.kernel
     return None
+
+
+def _quantized_linear(run: _Run, mod_fqn: str, mod: nn.Module, bits: int) -> nn.Module:
+    weight, bias = as_out_in(mod), getattr(mod, "bias", None)
+    if run.config.quantize_method == "rtn":
+        cls = Int8WeightOnlyLinear if bits == 8 else Int4WeightOnlyLinear
+        return cls(weight, bias, config=run.config)
+    stats = _calibration(run).require(mod_fqn, method=f"int{bits} (gptq)", gram=True)
+    record = run.records.get(join_fqn(mod_fqn, "weight"))
+    zero_mask = (weight == 0) if record is not None and record.sparse24_masked else None  # keep 2:4 zeros
+    values, (scale, zero) = gptq_quantize(weight, stats, bits=bits, config=run.config, zero_mask=zero_mask)
+    if bits == 8:
+        return Int8WeightOnlyLinear(values, bias, config=run.config, scale=scale)
+    return Int4WeightOnlyLinear(values, bias, config=run.config, qparams=(scale, zero))
+
+
+def _calibration(run: _Run) -> CalibrationStats:
+    if run.calibration is None:  # compress_module_ checks this up front; kept for direct handler use
+        raise ConfigError("calibrated compression needs calibration=collect_input_stats(module, batches)")
+    return run.calibration
 
 
 def _apply_fuse(run: _Run, name: str) -> str | None:
@@ -589,6 +643,7 @@ def compress_module_(
     roles: Mapping[str, str] | None = None,
     backend: str = "cachefit",
     compile_module: bool = False,
+    calibration: CalibrationStats | None = None,
 ) -> CompressionReport:
     """Compress ``module`` in place with ``techniques`` (applied in canonical order) and report.
 
@@ -607,6 +662,10 @@ def compress_module_(
         backend: ``cachefit`` (own modules, the planner's exact format) or ``torchao``.
         compile_module: with ``fuse``, also ``module.compile()`` (the first call then compiles,
             seconds to minutes).
+        calibration: input statistics of the module's linear layers, named as in ``module``
+            (:func:`~cachefit.compress.calibration.collect_input_stats`, ``gram=True`` for GPTQ);
+            needed when ``config`` asks for a calibrated method (``sparsity_method="wanda"``,
+            ``sparsity_method="sparsegpt"``, ``quantize_method="gptq"``).
 
     Raises:
         UnsupportedCompressionError: unknown or exclusive techniques; with ``config.strict``, a
@@ -622,6 +681,20 @@ def compress_module_(
     if backend not in BACKENDS:
         raise ConfigError(f"compress_module_: unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     names = resolve_techniques(techniques)
+    if config.calibrated and calibration is None:
+        raise ConfigError(
+            f"compress_module_: sparsity_method={config.sparsity_method!r} / quantize_method="
+            f"{config.quantize_method!r} need calibration statistics; pass calibration="
+            f"collect_input_stats(module, batches, gram=True) or use the magnitude / rtn methods"
+        )
+    if calibration is not None and not isinstance(calibration, CalibrationStats):
+        raise ConfigError(
+            f"compress_module_: calibration must be CalibrationStats (collect_input_stats), got {type(calibration).__name__}"
+        )
+    if backend == "torchao" and config.quantize_method != "rtn":
+        raise UnsupportedCompressionError(
+            "backend 'torchao' rounds to nearest; GPTQ runs on the cachefit backend (its own format)"
+        )
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -654,6 +727,7 @@ def compress_module_(
         device=device,
         backend=backend,
         compile_module=compile_module,
+        calibration=calibration,
     )
     bytes_before = sum(measure_module_bytes(module).values())
     applied: list[str] = []

@@ -2,11 +2,22 @@
 
 * Structured: :func:`find_mlps` finds the MLPs by the family registry's patterns
   (``FamilySpec.mlp_patterns``); :func:`prune_mlp_` removes the intermediate neurons with the
-  smallest score ``||up_i|| * ||gate_i|| * ||down_:,i||``, leaving smaller dense matrices with as
-  many neurons as ``techniques.py`` keeps.
-* 2:4: :func:`sparse24_mask` keeps the 2 largest |w| of every 4 consecutive inputs of a row;
-  :func:`mask_24_` zeroes the rest in place (stored densely), and on CUDA
-  :func:`to_semi_structured_` stores the masked weight as torch's semi-structured sparse tensor.
+  smallest score, leaving smaller dense matrices with as many neurons as ``techniques.py`` keeps.
+  The score is ``||up_i|| * ||gate_i|| * ||down_:,i||`` (magnitude), or with calibration
+  statistics Wanda's ``||X_i|| * ||down_:,i||`` (:func:`wanda_neuron_scores`), optionally with
+  the removed neurons' mean folded into the down projection's bias, or the down projection refit
+  by least squares (``sparsity_method="sparsegpt"``).
+* 2:4: :func:`sparse24_mask` keeps the 2 largest ``|w|`` (or Wanda's ``|w| ||X_j||``) of every 4
+  consecutive inputs of a row; :func:`mask_24_` zeroes the rest in place (stored densely), and on
+  CUDA :func:`to_semi_structured_` stores the masked weight as torch's semi-structured sparse
+  tensor. SparseGPT's 2:4 (mask and weight update together) is in :mod:`cachefit.compress.gptq`.
+
+Why Wanda is cachefit's own and not ``torchao.sparsity.WandaSparsifier`` (torchao 0.18, which runs
+on CPU): its observer accumulates ``sum_t x_tj^2`` and scores ``|W| * sum_t x_tj^2``, not the
+paper's ``|W| * ||X_j||_2`` (a different ranking; on MiniLM 2:4 it measured 0.249 ``1 - cos``
+against 0.224 for the paper's score; tests/compress/test_calibrated.py shows the two masks agree
+once fed the same statistic); its prepare / forward / step flow runs the model per sparsifier where
+cachefit gathers statistics once for every method and unit; and it has no structured variant.
 
 Which layers to prune is :func:`cachefit.compress.apply.compress_module_`'s choice.
 """
@@ -20,11 +31,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cachefit.compress.calibration import InputStats
 from cachefit.compress.linear import as_out_in, is_conv1d, is_linear_like, join_fqn
 from cachefit.errors import UnsupportedCompressionError
 from cachefit.families import MlpPattern, mlp_patterns
 
-__all__ = ["MlpMatch", "find_mlps", "mask_24_", "prune_mlp_", "sparse24_mask", "to_semi_structured_"]
+__all__ = [
+    "MlpMatch",
+    "find_mlps",
+    "mask_24_",
+    "prune_mlp_",
+    "sparse24_mask",
+    "to_semi_structured_",
+    "wanda_neuron_scores",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,10 +138,43 @@ def _keep_cols_(module: nn.Module, index: torch.Tensor) -> None:
             module.in_features = int(index.numel())
 
 
-def prune_mlp_(mlp: MlpMatch, removed_fraction: float) -> tuple[int, int]:
-    """Remove the lowest-scoring intermediate neurons of one MLP; returns (width before, kept)."""
-    up_rows = _out_rows_norm(mlp.up)
+def prune_mlp_(
+    mlp: MlpMatch,
+    removed_fraction: float,
+    *,
+    down_inputs: InputStats | None = None,
+    compensate: bool = False,
+    reconstruct: bool = False,
+) -> tuple[int, int]:
+    """Remove the lowest-scoring intermediate neurons of one MLP; returns (width before, kept).
+
+    Args:
+        mlp: the MLP.
+        removed_fraction: the fraction of intermediate neurons removed (rounded as ``techniques.py``).
+        down_inputs: calibration statistics of the down projection's input (the neurons' outputs):
+            given, the score is Wanda's ``||X_i|| ||down_:,i||`` (see :func:`wanda_neuron_scores`);
+            None, the weights-only magnitude score.
+        compensate: with ``down_inputs``, add the removed neurons' mean contribution
+            ``down_:,removed @ mean(X_removed)`` to the down projection's bias, where it has one
+            (FLAP's bias compensation; no bias, nothing is added: a new bias would cost bytes the
+            plan does not count).
+        reconstruct: with ``down_inputs`` holding ``X^T X``, refit the down projection's kept
+            columns (and its bias, where it has one) by least squares to the original output over
+            the calibration tokens (:func:`cachefit.compress.gptq.reconstruct_columns`).
+    """
     width = as_out_in(mlp.down).shape[1]
+    if down_inputs is not None:
+        score = wanda_neuron_scores(mlp, down_inputs)
+        kept = width - math.floor(width * removed_fraction)
+        index = torch.topk(score, kept).indices.sort().values.to(as_out_in(mlp.down).device)
+        original = as_out_in(mlp.down).float().clone() if reconstruct else None
+        if compensate and not reconstruct:
+            _compensate_bias_(mlp.down, _removed_columns(width, index), down_inputs.mean)
+        result = _keep_neurons_(mlp, index, width)
+        if original is not None:
+            _refit_down_(mlp.down, original, index, down_inputs)
+        return result
+    up_rows = _out_rows_norm(mlp.up)
     if mlp.pattern.fused_gate_up:
         if up_rows.numel() != 2 * width:
             raise UnsupportedCompressionError(
@@ -145,6 +198,74 @@ def prune_mlp_(mlp: MlpMatch, removed_fraction: float) -> tuple[int, int]:
     # Same count as techniques.py: floor(width * fraction) neurons removed.
     kept = width - math.floor(width * removed_fraction)
     index = torch.topk(score, kept).indices.sort().values.to(as_out_in(mlp.down).device)
+    return _keep_neurons_(mlp, index, width)
+
+
+def _check_fused_width(mlp: MlpMatch, width: int) -> None:
+    rows = as_out_in(mlp.up).shape[0]
+    if rows != (2 * width if mlp.pattern.fused_gate_up else width):
+        raise UnsupportedCompressionError(
+            f"structured sparsity on {mlp.fqn}: the up projection has {rows} outputs but the down projection "
+            f"{width} inputs; not an MLP cachefit can prune"
+        )
+
+
+def wanda_neuron_scores(mlp: MlpMatch, down_inputs: InputStats) -> torch.Tensor:
+    """Wanda's score of each intermediate neuron, ``||X_i||_2 ||down_:,i||_2``.
+
+    ``X_i`` is the neuron's output over the calibration tokens (the down projection's input ``i``):
+    the norm of the column ``i`` of ``|W_down| * ||X||`` that Wanda (Sun et al., "A Simple and
+    Effective Pruning Approach for Large Language Models", ICLR 2024, arXiv:2306.11695) scores
+    weight by weight, summed over the column in L2, as the structured variant ("Wanda-sp") that
+    FLAP (An et al., AAAI 2024, arXiv:2312.11983) compares against. It needs no up / gate weights:
+    the activation already carries them.
+    """
+    down = as_out_in(mlp.down).float()
+    width = down.shape[1]
+    _check_fused_width(mlp, width)
+    norm = down_inputs.norm.to(down.device)
+    if norm.numel() != width:
+        raise UnsupportedCompressionError(
+            f"structured sparsity on {mlp.fqn}: calibration statistics of {norm.numel()} channels for a down "
+            f"projection of {width} inputs; gather them on this model"
+        )
+    return down.norm(dim=0) * norm
+
+
+def _removed_columns(width: int, kept: torch.Tensor) -> torch.Tensor:
+    removed = torch.ones(width, dtype=torch.bool, device=kept.device)
+    removed[kept] = False
+    return removed
+
+
+def _compensate_bias_(module: nn.Module, removed: torch.Tensor, mean: torch.Tensor) -> bool:
+    """``bias += W[:, removed] @ mean[removed]``: the removed inputs' average contribution, kept.
+
+    Returns False (and changes nothing) when the layer has no bias.
+    """
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return False
+    with torch.no_grad():
+        w = as_out_in(module).float()
+        delta = w[:, removed] @ mean.to(w.device)[removed]
+        bias.add_(delta.to(bias.dtype))
+    return True
+
+
+def _refit_down_(down: nn.Module, original: torch.Tensor, kept: torch.Tensor, inputs: InputStats) -> None:
+    from cachefit.compress.gptq import reconstruct_columns  # the same damped Hessian as GPTQ's
+
+    bias = getattr(down, "bias", None)
+    weight, delta = reconstruct_columns(original, kept, inputs, with_bias=bias is not None)
+    with torch.no_grad():
+        down.weight.copy_((weight.t() if is_conv1d(down) else weight).to(down.weight.dtype))
+        if bias is not None and delta is not None:
+            bias.add_(delta.to(bias.dtype))
+
+
+def _keep_neurons_(mlp: MlpMatch, index: torch.Tensor, width: int) -> tuple[int, int]:
+    kept = int(index.numel())
     if mlp.pattern.fused_gate_up:
         _keep_rows_(mlp.up, torch.cat([index, index + width]))
     else:
@@ -163,22 +284,45 @@ def prune_mlp_(mlp: MlpMatch, removed_fraction: float) -> tuple[int, int]:
 # 2:4 masks
 
 
-def sparse24_mask(weight_out_in: torch.Tensor) -> torch.Tensor:
+def sparse24_mask(weight_out_in: torch.Tensor, input_norm: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean 2:4 mask of an (out, in) matrix: in every 4 consecutive inputs of a row the 2 largest
-    |w| are kept (ties: the first). A last partial group keeps at most 2."""
+    scores are kept (ties: the first). A last partial group keeps at most 2.
+
+    The score is ``|w|`` (magnitude), or with ``input_norm`` (``||X_j||_2`` per input channel over
+    calibration tokens) Wanda's ``|w_ij| ||X_j||_2`` (Sun et al., ICLR 2024, arXiv:2306.11695).
+    """
     rows, cols = weight_out_in.shape
     cols4 = -(-cols // 4) * 4
-    mag = F.pad(weight_out_in.detach().abs().float(), (0, cols4 - cols), value=-1.0)  # padding never wins
+    score = weight_out_in.detach().abs().float()
+    if input_norm is not None:
+        if input_norm.numel() != cols:
+            raise UnsupportedCompressionError(
+                f"2:4 with Wanda: {input_norm.numel()} input norms for a matrix of {cols} inputs"
+            )
+        score = score * input_norm.to(score.device).float().reshape(1, cols)
+    mag = F.pad(score, (0, cols4 - cols), value=-1.0)  # padding never wins
     groups = mag.reshape(rows, cols4 // 4, 4)
     top = groups.topk(2, dim=-1).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
     return mask.reshape(rows, cols4)[:, :cols]
 
 
-def mask_24_(module: nn.Module) -> None:
-    """Zero the weight of a Linear / Conv1D outside its 2:4 mask, in place (the weight stays dense)."""
+def mask_24_(module: nn.Module, inputs: InputStats | None = None, *, compensate: bool = False) -> None:
+    """Zero the weight of a Linear / Conv1D outside its 2:4 mask, in place (the weight stays dense).
+
+    Args:
+        module: the layer.
+        inputs: calibration statistics of its input: given, Wanda's mask; None, magnitude.
+        compensate: with ``inputs``, add the zeroed weights' mean contribution
+            ``sum_j w_ij mean(X_j)`` to the bias, where the layer has one.
+    """
     with torch.no_grad():
-        mask = sparse24_mask(as_out_in(module))
+        mask = sparse24_mask(as_out_in(module), None if inputs is None else inputs.norm)
+        if compensate and inputs is not None:
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                dropped = as_out_in(module).float() * (~mask).to(torch.float32)
+                bias.add_((dropped @ inputs.mean.to(dropped.device)).to(bias.dtype))
         if is_conv1d(module):
             mask = mask.t()
         module.weight.mul_(mask.to(module.weight.dtype))

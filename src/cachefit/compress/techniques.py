@@ -200,6 +200,14 @@ _MATRIX_ROLE_CHOICES = tuple(r for r in WEIGHT_ROLES if r not in ("scales", "met
 GPT2_CONV1D_PATTERNS: tuple[str, ...] = transposed_weight_patterns()
 
 
+SPARSITY_METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+"""How pruning chooses and what it leaves: by magnitude alone; by magnitude times input norm
+(Wanda, calibrated); or with the weights left updated to make up for what was removed (SparseGPT
+for 2:4, a least-squares refit of the down projection for structured sparsity; calibrated)."""
+QUANTIZE_METHODS: tuple[str, ...] = ("rtn", "gptq")
+"""How quantization rounds: to nearest, or GPTQ's error-compensating order (calibrated)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CompressionConfig:
     """Options of the compression techniques (the defaults follow torchao's weight-only configs)."""
@@ -226,6 +234,18 @@ class CompressionConfig:
     3-D expert tensors, (experts, in, out) instead of (experts, out, in) (e.g. gpt-oss)."""
     target_batch: int = 1
     """Batch the ``batch`` technique reduces to."""
+    sparsity_method: str = "magnitude"
+    """How ``sparse50`` / ``sparse75`` / ``sparse24`` choose what to remove: ``magnitude`` (weights
+    only), ``wanda`` (weights times input activation norms, Sun et al. 2024) or ``sparsegpt``
+    (2:4: SparseGPT, Frantar and Alistarh 2023; structured: Wanda's neurons, then the down
+    projection refit by least squares); the last two need calibration inputs. The same bytes
+    whichever."""
+    quantize_method: str = "rtn"
+    """How ``int8`` / ``int4`` round: ``rtn`` (round to nearest) or ``gptq`` (Frantar et al. 2023;
+    needs calibration inputs). The same format and bytes either way."""
+    bias_correction: bool = True
+    """With a calibrated method, fold the mean contribution of what pruning removes into the layer's
+    bias where it has one (no bytes added; layers without a bias are left as they are)."""
     strict: bool = False
     """Raise UnsupportedCompressionError when a listed technique does not apply to a unit,
     instead of recording a no-op that saves 0 B."""
@@ -247,6 +267,11 @@ class CompressionConfig:
             if isinstance(value, str):
                 raise ConfigError(f"compression config: {name} must be a tuple of names, got the string {value!r}")
             object.__setattr__(self, name, tuple(value))
+        for name, choices in (("sparsity_method", SPARSITY_METHODS), ("quantize_method", QUANTIZE_METHODS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"compression config: {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
         for name in ("quantize_roles", "sparse24_roles"):
             bad = [r for r in getattr(self, name) if r not in _MATRIX_ROLE_CHOICES]
             if bad:
@@ -254,6 +279,17 @@ class CompressionConfig:
                     f"compression config: {name} has unknown role(s) {bad}; "
                     f"use some of {', '.join(_MATRIX_ROLE_CHOICES)}"
                 )
+
+
+    @property
+    def calibrated(self) -> bool:
+        """True when a method needs calibration inputs (``wanda``, ``sparsegpt`` or ``gptq``)."""
+        return self.sparsity_method != "magnitude" or self.quantize_method != "rtn"
+
+    @property
+    def needs_hessian(self) -> bool:
+        """True when a method needs each layer's ``X^T X`` (``sparsegpt``, ``gptq``), not just norms."""
+        return self.sparsity_method == "sparsegpt" or self.quantize_method == "gptq"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -883,6 +919,8 @@ __all__ = [
     "CANONICAL_ORDER",
     "DEFAULT_MATRIX_ROLES",
     "GPT2_CONV1D_PATTERNS",
+    "QUANTIZE_METHODS",
+    "SPARSITY_METHODS",
     "TECHNIQUES",
     "TECHNIQUE_KINDS",
     "CompressionConfig",
