@@ -22,6 +22,7 @@ LAYERS: tuple[tuple[str, int], ...] = (
     ("cachefit.errors", 0), ("cachefit.version", 0), ("cachefit.limits", 0),
     ("cachefit.units", 1), ("cachefit.sizes", 1), ("cachefit.files", 1),
     ("cachefit.families", 2), ("cachefit.hardware", 2), ("cachefit.profile", 2), ("cachefit.compress.techniques", 2),
+    ("cachefit.compress.quality_profile", 2),
     ("cachefit.partition", 3),
     ("cachefit.plan", 4),
     ("cachefit.cost", 5),

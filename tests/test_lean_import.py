@@ -15,6 +15,7 @@ CORE = [
     "cachefit.profile.transformer",
     "cachefit.hardware",
     "cachefit.compress",
+    "cachefit.compress.quality_profile",
     "cachefit.partition.contiguous",
     "cachefit.partition.split",
     "cachefit.plan.search",

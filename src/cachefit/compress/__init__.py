@@ -2,6 +2,8 @@
 
 ``cachefit.compress.techniques`` is the memory and quality-risk model the planner uses; it imports
 no torch. ``cachefit.compress.apply`` (torch) applies the same techniques to a live model.
+``cachefit.compress.quality_profile`` (no torch) reads the measured quality losses that
+``cachefit.compress.quality`` (torch) measures per unit and technique.
 """
 
 from cachefit.compress.techniques import (
