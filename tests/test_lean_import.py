@@ -19,6 +19,7 @@ CORE = [
     "cachefit.partition.contiguous",
     "cachefit.partition.split",
     "cachefit.plan.search",
+    "cachefit.plan.quality",
     "cachefit.report.tables",
     "cachefit.cli",
 ]

@@ -377,6 +377,7 @@ def plan(
     even_splits: Annotated[bool, typer.Option("--even-splits", help="Split units only over card counts that divide heads, MLP columns and vocabulary (as `cachefit run` deploys them).")] = False,
     any_order: Annotated[bool, typer.Option("--any-order", help="Cards of a mixed cluster are interchangeable: choose their order.")] = False,
     max_risk: Annotated[float, typer.Option("--max-risk", help="Skip technique sets whose combined quality risk exceeds this (0..1).", min=0.0, max=1.0)] = 1.0,
+    quality: Annotated[Optional[Path], typer.Option("--quality", help="Quality file from `cachefit quality`: on the plan's cards, choose compression per unit for the least summed measured loss; the plan notes its predicted loss.")] = None,
     candidates: Annotated[bool, typer.Option("--candidates", help="Also show every technique set tried (cards, risk).")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -413,6 +414,9 @@ def plan(
     result, tried = plan_partition(prof, cluster, num_cards=cards, allow=allowed, stacking=shared.stacking.value,
                                    max_risk=max_risk, overrides=overrides, reorder_cards=any_order,
                                    even_splits=even_splits, config=config, pricing=pricing)
+    if quality is not None:
+        result = _least_loss(prof, cluster, result, allowed, quality, config, shared.stacking.value,
+                             not overrides.empty or any_order)
     front = pareto_front(tried)
     if plot is not None:
         from cachefit.report.plots import plot_plan
@@ -459,6 +463,20 @@ def plan(
         console.print(f"chart written to {plot}")
     if index is not None:
         console.print(f"report written to {index}")
+
+
+def _least_loss(prof: Any, cluster: Any, result: Any, allowed: list[str], quality: Path, config: Any, stacking: str,
+                constrained: bool) -> Any:
+    """``plan --quality``: the plan remade with the least summed measured loss (cachefit.plan.quality)."""
+    from cachefit.compress.quality_profile import read_quality_file
+    from cachefit.plan.quality import least_loss_plan
+    from cachefit.plan.search import technique_sets
+
+    if constrained:
+        raise ConfigError("--quality chooses compression per unit on whole-unit layouts; drop --pin, --cut-after, "
+                          "--keep-whole, --forbid and --any-order to use it")
+    return least_loss_plan(prof, cluster, result, technique_sets(allowed), read_quality_file(quality), config=config,
+                           stacking=stacking, source=quality.name)
 
 
 def cli_reference() -> str:

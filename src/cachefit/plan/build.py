@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cachefit.compress.techniques import resolve_techniques
+from cachefit.compress.techniques import CANONICAL_ORDER
 from cachefit.hardware.devices import Card, Cluster, cluster_to_dict
 from cachefit.plan.model import Plan, Stage, cluster_digest
 from cachefit.units import ModelProfile, Unit, stack_footprints
@@ -18,7 +18,8 @@ def stage_for(card_index: int, card: Card, start: int, units: Sequence[Unit], *,
 
     Its bytes stack the units' footprints (``stacking``: ``reuse`` shares scratch, ``sum`` adds all).
     """
-    applied = resolve_techniques(sorted({t for u in units for t in u.compression}))
+    # canonical order; units may differ (a least-loss plan gives one int8 and its neighbour int4)
+    applied = tuple(name for name in CANONICAL_ORDER if any(name in u.compression for u in units))
     return Stage(
         card=card_index,
         device=card.device.name,
