@@ -542,7 +542,10 @@ def _quantized_linear(run: _Run, mod_fqn: str, mod: nn.Module, bits: int) -> nn.
     stats = _calibration(run).require(mod_fqn, method=f"int{bits} (gptq)", gram=True)
     record = run.records.get(join_fqn(mod_fqn, "weight"))
     zero_mask = (weight == 0) if record is not None and record.sparse24_masked else None  # keep 2:4 zeros
-    values, (scale, zero) = gptq_quantize(weight, stats, bits=bits, config=run.config, zero_mask=zero_mask)
+    values, (scale, zero) = gptq_quantize(weight, stats, bits=bits, config=run.config,
+                                          zero_mask=None if zero_mask is None else zero_mask.cpu())
+    values, scale = values.to(weight.device), scale.to(weight.device)  # built where it runs (the kernels differ)
+    zero = None if zero is None else zero.to(weight.device)
     if bits == 8:
         return Int8WeightOnlyLinear(values, bias, config=run.config, scale=scale)
     return Int4WeightOnlyLinear(values, bias, config=run.config, qparams=(scale, zero))

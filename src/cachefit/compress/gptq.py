@@ -135,7 +135,7 @@ def gptq_quantize(
     """
     if bits not in (4, 8):
         raise ConfigError(f"GPTQ: bits must be 4 or 8, got {bits!r}")
-    w = weight.detach().float().clone()
+    w = weight.detach().float().cpu().clone()  # the statistics live on the CPU; callers move the result
     rows, cols = w.shape
     hinv = _factor(gram, cols, damping, "GPTQ")
     group = (config.int4_group_size if bits == 4 else config.int8_group_size) or cols
@@ -194,7 +194,7 @@ def sparsegpt_24(
     Returns:
         The new weight (out, in), zero outside the mask, and the mask (True: kept).
     """
-    w = weight.detach().float().clone()
+    w = weight.detach().float().cpu().clone()  # the statistics live on the CPU; callers move the result
     rows, cols = w.shape
     hinv = _factor(gram, cols, damping, "SparseGPT")
     kept = torch.ones(rows, cols, dtype=torch.bool)
@@ -229,7 +229,7 @@ def reconstruct_columns(
     if stats.gram is None:
         raise ConfigError("structured reconstruction: the calibration statistics hold no X^T X; gather them with gram=True")
     h = stats.gram.double()
-    w = weight.detach().double()
+    w = weight.detach().double().cpu()
     k = kept.to(torch.long).cpu()
     h_kk = h[k][:, k]
     rhs = w @ h[:, k]

@@ -249,7 +249,7 @@ def _compensate_bias_(module: nn.Module, removed: torch.Tensor, mean: torch.Tens
     with torch.no_grad():
         w = as_out_in(module).float()
         delta = w[:, removed] @ mean.to(w.device)[removed]
-        bias.add_(delta.to(bias.dtype))
+        bias.add_(delta.to(device=bias.device, dtype=bias.dtype))
     return True
 
 
@@ -261,7 +261,7 @@ def _refit_down_(down: nn.Module, original: torch.Tensor, kept: torch.Tensor, in
     with torch.no_grad():
         down.weight.copy_((weight.t() if is_conv1d(down) else weight).to(down.weight.dtype))
         if bias is not None and delta is not None:
-            bias.add_(delta.to(bias.dtype))
+            bias.add_(delta.to(device=bias.device, dtype=bias.dtype))
 
 
 def _keep_neurons_(mlp: MlpMatch, index: torch.Tensor, width: int) -> tuple[int, int]:
@@ -322,7 +322,7 @@ def mask_24_(module: nn.Module, inputs: InputStats | None = None, *, compensate:
             bias = getattr(module, "bias", None)
             if bias is not None:
                 dropped = as_out_in(module).float() * (~mask).to(torch.float32)
-                bias.add_((dropped @ inputs.mean.to(dropped.device)).to(bias.dtype))
+                bias.add_((dropped @ inputs.mean.to(dropped.device)).to(device=bias.device, dtype=bias.dtype))
         if is_conv1d(module):
             mask = mask.t()
         module.weight.mul_(mask.to(module.weight.dtype))
