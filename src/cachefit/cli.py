@@ -33,6 +33,8 @@ from cachefit.commands.options import (
     GranOption,
     GranularityOpt,
     JsonOption,
+    KVCacheOpt,
+    KVCacheOption,
     MeasureOption,
     ModeOpt,
     ModeOption,
@@ -192,6 +194,7 @@ def profile(
     dtype: DtypeOption = DtypeOpt.fp16,
     act_dtype: ActDtypeOption = None,
     attention: AttnOption = AttentionOpt.eager,
+    kv_cache: KVCacheOption = KVCacheOpt.static,
     granularity: GranOption = GranularityOpt.layer,
     measure: MeasureOption = False,
     list_presets: Annotated[bool, typer.Option("--list", help="List the built-in model presets.")] = False,
@@ -221,7 +224,7 @@ def profile(
     from cachefit.report.serialize import profile_to_dict
     from cachefit.report.tables import profile_table
 
-    prof = profile_model(model, build_workload(batch, seq, mode, dtype, act_dtype, attention),
+    prof = profile_model(model, build_workload(batch, seq, mode, dtype, act_dtype, attention, kv_cache=kv_cache),
                          granularity=granularity.value, measure=measure)
     measured = prof if isinstance(prof, MeasuredProfile) else None
     if as_json:

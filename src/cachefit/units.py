@@ -93,6 +93,13 @@ class Attention(str, enum.Enum):
     FLASH = "flash"
 
 
+class KVCache(str, enum.Enum):
+    """How the decode KV cache is held: pre-allocated once, or grown every step."""
+
+    STATIC = "static"  # pre-allocated for the whole context, written in place (transformers StaticCache)
+    DYNAMIC = "dynamic"  # grown by torch.cat every step: old and new cache alive together (DynamicCache)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Workload:
     """The workload a profile is computed for."""
@@ -121,6 +128,10 @@ class Workload:
     """The MLP's intermediates reuse the attention's scratch (peak = max, not sum), as in the seed."""
     dropout: bool = False
     """Train only: dropout layers present, so their 1-byte masks are saved for backward."""
+    kv_cache: KVCache = KVCache.STATIC
+    """Decode: ``static``, a cache pre-allocated for the whole context (what a deployment sizes once),
+    or ``dynamic``, one that grows by ``torch.cat`` each step and so briefly holds the old and the new
+    cache together."""
 
     def __post_init__(self) -> None:
         for name in ("batch", "seq_len", "micro_batches"):
@@ -138,6 +149,12 @@ class Workload:
         except ValueError:
             raise ConfigError(
                 f"workload.attention must be eager or flash, got {self.attention!r}"
+            ) from None
+        try:
+            object.__setattr__(self, "kv_cache", KVCache(self.kv_cache))
+        except ValueError:
+            raise ConfigError(
+                f"workload.kv_cache must be static or dynamic, got {self.kv_cache!r}"
             ) from None
         for name in ("weight_dtype", "act_dtype"):
             if normalize_dtype(getattr(self, name), what=f"workload.{name}") != getattr(self, name):
@@ -168,7 +185,9 @@ class Workload:
         return self.kv_dtype or self.act_dtype
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        """The workload as JSON data. ``kv_cache`` appears only when it is not the default (static),
+        so the digests of plans and profiles made before it existed stay the same."""
+        out: dict[str, object] = {
             "batch": self.batch,
             "seq_len": self.seq_len,
             "mode": self.mode.value,
@@ -182,6 +201,9 @@ class Workload:
             "buffer_reuse": self.buffer_reuse,
             "dropout": self.dropout,
         }
+        if self.kv_cache is not KVCache.STATIC:
+            out["kv_cache"] = self.kv_cache.value
+        return out
 
 
 # Roles a weight tensor can play; compression and reports group bytes by them.
@@ -348,6 +370,70 @@ class SplitDim:
             raise ConfigError(f"split dimension {self.name}: size must be >= 1, got {self.size}")
 
 
+_NORMS: tuple[str, ...] = ("rms", "rms_fp32", "layer")
+_POSITION_LOOKUPS: tuple[str, ...] = ("none", "broadcast", "batched")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardSpec:
+    """How a family's reference forward (its ``transformers`` modules) holds tensors, beyond the
+    shapes: the facts that change the bytes live at once. The defaults describe a Llama-style decoder
+    (``LlamaForCausalLM``); each family adapter states where its model differs.
+    ``cachefit.profile.activations`` reads them (docs/activations.md)."""
+
+    norm: str = "rms"
+    """``rms``: an RMSNorm normalizing in fp32, weighted in the activation dtype (``LlamaRMSNorm``);
+    ``rms_fp32``: one computed in fp32 to the end, weight included (``GemmaRMSNorm``:
+    ``(x * (1 + weight.float())).type_as(x)``); ``layer``: ``nn.LayerNorm``."""
+    softmax_fp32: bool = True
+    """Eager attention's softmax runs in fp32: ``softmax(scores, dtype=torch.float32).to(dtype)``
+    (Llama and most families); False where it runs in the activation dtype (GPT-2, BERT)."""
+    fused_qkv: bool = False
+    """Queries, keys and values are views of one projection's output (``c_attn``, ``query_key_value``,
+    ``qkv_proj``), which stays alive until the attention returns."""
+    qk_norm: bool = False
+    """An RMSNorm over every query and key head before rotary (Qwen3's ``q_norm`` / ``k_norm``)."""
+    fused_gate_up: bool = False
+    """Gate and up projections are one matrix (Phi-3's ``gate_up_proj``) whose output stays alive
+    through the MLP."""
+    activation_temporaries: int = 0
+    """MLP-width tensors the MLP activation holds besides its input and output (GPT-2's Python
+    ``gelu_new``: 2)."""
+    position_lookup: str = "none"
+    """Learned positions: ``none`` (rotary or none), ``broadcast`` (a ``1 x T x h`` lookup added to
+    every sequence: GPT-2, BERT), ``batched`` (``B x T x h`` from per-sequence positions: OPT)."""
+    embedding_norm: bool = False
+    """A norm closes the embedding (BERT's ``embeddings.LayerNorm``)."""
+    embedding_scale: bool = False
+    """The token lookup is scaled out of place (Gemma's ``embed_tokens * sqrt(h)``)."""
+    post_norm: bool = False
+    """Norms follow each residual add (BERT): none before the attention, the MLP or the head."""
+    attention_masks: int = 1
+    """Eager attention masks the model's forward builds and holds (Gemma 2: one for its full and one for
+    its sliding-window layers)."""
+    sdpa_mask: bool = False
+    """SDPA always gets a materialized boolean mask, even where ``is_causal`` would do (Falcon:
+    ``allow_is_causal_skip=False``), so grouped keys and values are repeated for it in prefill."""
+    caller_holds_probs: bool = False
+    """The model's forward holds each layer's returned attention probabilities through the next layer
+    (Falcon: ``outputs = block(...)``)."""
+    logit_softcap: bool = False
+    """The logits are soft-capped out of place (Gemma 2's ``final_logit_softcapping``)."""
+
+    def __post_init__(self) -> None:
+        if self.norm not in _NORMS:
+            raise ConfigError(f"forward spec: norm must be one of {', '.join(_NORMS)}, got {self.norm!r}")
+        if self.position_lookup not in _POSITION_LOOKUPS:
+            raise ConfigError(
+                f"forward spec: position_lookup must be one of {', '.join(_POSITION_LOOKUPS)}, "
+                f"got {self.position_lookup!r}"
+            )
+        for name, least in (("activation_temporaries", 0), ("attention_masks", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"forward spec: {name} must be an int >= {least}, got {value!r}")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LayerShape:
     """The dimensions of a transformer unit, enough to recompute its activations and FLOPs
@@ -379,6 +465,11 @@ class LayerShape:
     """Vocabulary (embedding and head units)."""
     embedding_tables: int = 1
     """Embedding unit: lookup tables summed into its output (token, learned position, token type)."""
+    forward: ForwardSpec = ForwardSpec()
+    """How the family's reference forward holds tensors (the same for every unit of a model)."""
+    first_layer: bool = False
+    """The model's first layer (or a block of it): its input is the embedding output itself, and no
+    earlier layer's outputs are held beside it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -489,6 +580,8 @@ __all__ = [
     "WEIGHT_ROLES",
     "Attention",
     "Footprint",
+    "ForwardSpec",
+    "KVCache",
     "LayerShape",
     "Mode",
     "ModelProfile",

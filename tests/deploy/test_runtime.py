@@ -92,7 +92,7 @@ def test_bf16_run_holds_half_the_bytes_and_is_checked_loosely(model_dirs):
 def test_gpt2_cut_inside_layers_trains_like_unsplit(model_dirs):
     # block granularity: 7 stages, cuts between attention and MLP blocks; GPT-2's head is tied to the
     # embedding on another card, so their gradients must add up to the unsplit model's
-    profile_cap = "170KB"
+    profile_cap = "230KB"  # the fewest cards with no unit split: GPT-2's gelu_new and eager softmax hold more
     plan = make_plan(model_dirs["gpt2"], profile_cap, granularity="block")
     assert plan.cards >= 4
     config = RunConfig(micro_batches=plan.cards, schedule="1f1b", mode="train", save_grads=True)

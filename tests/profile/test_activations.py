@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from cachefit.profile.activations import ActivationEstimate, estimate_activations, estimate_flops_per_token
 from cachefit.errors import ConfigError
-from cachefit.units import LayerShape, Workload
+from cachefit.units import ForwardSpec, LayerShape, Workload
 
 H, A, KV, D, F = 64, 4, 2, 16, 128
 B, S = 2, 8
@@ -42,58 +42,91 @@ def wl(mode: str = "prefill", **changes: object) -> Workload:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prefill, eager attention
+# Prefill, eager attention (the reference forward: transformers' modules, docs/activations.md)
+#
+# N = B x S = 16 tokens, fp16. Sizes used below:
+#   N x h = 1024 el = 2048 B (residual stream, inputs_embeds, norms, attention output);
+#   q, q_rot N x a x d = 2048 B; k, v, k_rot N x kv x d = 1024 B; k_rep, v_rep B x a x S x d = 2048 B;
+#   scores B x a x S x S = 512 el = 1024 B in fp16, 2048 B in fp32; N x f = 2048 el = 4096 B;
+#   position_ids 1 x S int64 = 64 B. Held through the whole layer: its input (residual, held by the
+#   caller), inputs_embeds (held by the model's forward) and position_ids: 2048 + 2048 + 64 = 4160 B.
+HELD = 2048 + 2048 + 64
 
 
 def test_prefill_eager_layer_peak_is_the_mlp_product() -> None:
-    # N = B x S = 16 tokens. Tensors (bytes, fp16):
-    #   residual stream N x h = 1024 el = 2048 B; gate / act / up / hidden N x f = 2048 el = 4096 B each.
-    # MLP walk (Llama order: gate, act, up, product): at the product op the live tensors are
-    #   attn_residual_out 2048 + act 4096 + up 4096 + hidden 4096 = 14336 B,
-    # which beats the attention block's peak (9216 B, next test).
+    # MLP product op (Llama: act(gate(x)) * up(x)): beside the held 4160 B, the eager probabilities
+    # (the layer keeps them in `_`) 1024, the attention output 2048 (GPT-2 keeps it; an upper bound
+    # here), the attention residual 2048, the MLP's normed input (its argument) 2048, and act, up,
+    # hidden 3 x 4096: 4160 + 1024 + 3 x 2048 + 12288 = 23616 B.
     est = estimate_activations(llama(), wl())
-    assert est.activation_bytes == 14336
-    assert est.parts == (("attn_residual_out", 2048), ("act", 4096), ("up", 4096), ("hidden", 4096))
+    assert est.activation_bytes == HELD + 1024 + 3 * 2048 + 3 * 4096 == 23616
+    assert dict(est.parts) == {
+        "residual": 2048, "inputs_embeds": 2048, "position_ids": 64, "probs": 1024, "attn_out": 2048,
+        "attn_residual_out": 2048, "mlp_norm": 2048, "act": 4096, "up": 4096, "hidden": 4096,
+    }  # fmt: skip
     assert est.persistent_bytes == 0  # prefill keeps no KV cache
-    # Buffers: additive mask B x 1 x S x S = 128 el = 256 B; rotary cos + sin 2 x N x 16 = 512 el = 1024 B.
-    assert est.buffer_parts == (("attention_mask", 256), ("rotary_cos_sin", 1024))
-    assert est.buffer_bytes == 1280
+    # Buffers: additive mask B x 1 x S x S = 128 el = 256 B; rotary cos + sin, each 1 x S x 16:
+    # 2 x 128 el = 512 B.
+    assert est.buffer_parts == (("attention_mask", 256), ("rotary_cos_sin", 512))
+    assert est.buffer_bytes == 768
 
 
-def test_prefill_eager_attention_block_with_gqa_repeat() -> None:
-    # q, q_rot: N x a x d = 1024 el = 2048 B; k, v, k_rot: N x kv x d = 512 el = 1024 B;
-    # repeat_kv copies k_rep, v_rep: B x a x S x d = 1024 el = 2048 B; scores/probs B x a x S x S = 1024 B.
-    # At repeat_v: residual 2048 + v 1024 + q_rot 2048 + k_rep 2048 + v_rep 2048 = 9216 B
-    # (QK^T ties it: residual + q_rot + k_rep + v_rep + scores = 9216 B; the first op wins).
+def test_prefill_eager_attention_block_with_gqa_repeat_and_fp32_softmax() -> None:
+    # The softmax op, softmax(x, dtype=float32): beside the held 4160 B, the normed input 2048 (the
+    # attention's argument), v 1024, q_rot 2048, k_rot 1024, the repeat_kv copies 2 x 2048, the fp16
+    # masked scores 1024, and the fp32 copy and fp32 output 2 x 2048: 4160 + 14336 + 1024 = 19520 B.
     est = estimate_activations(llama("attention"), wl())
-    assert est.activation_bytes == 9216
-    assert dict(est.parts) == {"residual": 2048, "v": 1024, "q_rot": 2048, "k_rep": 2048, "v_rep": 2048}
-    assert est.buffer_bytes == 1280
+    assert est.activation_bytes == HELD + 2048 + 1024 + 2048 + 1024 + 2 * 2048 + 1024 + 2 * 2048 == 19520
+    assert dict(est.parts) == {
+        "residual": 2048, "inputs_embeds": 2048, "position_ids": 64, "attn_norm": 2048, "v": 1024,
+        "q_rot": 2048, "k_rot": 1024, "k_rep": 2048, "v_rep": 2048, "scores_masked": 1024,
+        "probs_fp32": 2048, "softmax.fp32_input": 2048,
+    }  # fmt: skip
+    # In fp32 the upcast is a no-op (no copy): the masked scores (4 B) and the probabilities (4 B).
+    fp32 = estimate_activations(llama("attention"), wl(act_dtype="fp32"))
+    assert "softmax.fp32_input" not in dict(fp32.parts)
+    # A family whose softmax stays in fp16 (GPT-2, BERT) holds no fp32 scores at all.
+    plain = estimate_activations(llama("attention", forward=ForwardSpec(softmax_fp32=False)), wl())
+    assert not any("fp32" in name for name, _ in plain.parts)
+    assert plain.activation_bytes <= est.activation_bytes
+
+
+def test_prefill_first_layer_input_is_the_embedding_output() -> None:
+    # Layer 0's input is inputs_embeds itself: 2048 B less than any later layer.
+    later = estimate_activations(llama(), wl()).activation_bytes
+    assert estimate_activations(llama(first_layer=True), wl()).activation_bytes == later - 2048
 
 
 def test_prefill_without_buffer_reuse_sums_the_two_scratches() -> None:
-    # residual 2048 + attention scratch (9216 - 2048) + MLP scratch (14336 - 2048) = 21504 B.
+    # What the layer holds from its start (4160 B) once, then each block's live tensors at its own
+    # peak not counted yet: attention 19520 - 4160 = 15360, MLP 23616 - 4160 = 19456 -> 38976 B.
     est = estimate_activations(llama(), wl(buffer_reuse=False))
-    assert est.activation_bytes == 2048 + 7168 + 12288 == 21504
-    assert est.parts[0] == ("residual", 2048)
-    assert sum(nb for name, nb in est.parts if name.startswith("attn.")) == 7168
-    assert sum(nb for name, nb in est.parts if name.startswith("mlp.")) == 12288
+    assert est.activation_bytes == HELD + 15360 + 19456 == 38976
+    assert est.parts[:3] == (("residual", 2048), ("inputs_embeds", 2048), ("position_ids", 64))
+    assert sum(nb for name, nb in est.parts if name.startswith("attn.")) == 15360
+    assert sum(nb for name, nb in est.parts if name.startswith("mlp.")) == 19456
     # Reuse only ever helps.
     assert est.activation_bytes >= estimate_activations(llama(), wl()).activation_bytes
 
 
 def test_prefill_flash_and_fused_mlp() -> None:
-    # Flash: no scores/probs/repeat copies. At the flash op: residual 2048 + q_rot 2048 + k_rot 1024
-    # + v 1024 + context 2048 + fp32 log-sum-exp B x a x S x 4 B = 256 B  -> 8448 B.
-    # Fused MLP materializes only hidden (4096 B): its peak is residual 2048 + norm 2048 + hidden 4096
-    # = 8192 B < 8448 B, so the attention now makes the layer's peak.
+    # Flash and a fused MLP (one 4096 B intermediate): the MLP's RMSNorm makes the peak. LlamaRMSNorm
+    # normalizes in fp32: beside its 2048 B input two input-sized fp32 tensors (8 B x 1024 el = 8192 B,
+    # the 2048 B output included), plus the fp32 variance and rsqrt per row (8 x 16 = 128 B):
+    # workspace 8192 - 2048 + 128 = 6272 B.
+    # At that op: held 4160 + attention output 2048 + its input 2048 + output 2048 + 6272 = 16576 B.
     est = estimate_activations(llama(), wl(attention="flash", fused_mlp=True))
-    assert est.activation_bytes == 8448
-    assert dict(est.parts) == {"residual": 2048, "q_rot": 2048, "k_rot": 1024, "v": 1024, "context": 2048, "lse": 256}
-    # Causal flash needs no mask; rotary tables stay.
-    assert est.buffer_parts == (("rotary_cos_sin", 1024),)
-    # Fused MLP alone: peak 8192 B.
-    assert estimate_activations(llama("mlp"), wl(fused_mlp=True)).activation_bytes == 8192
+    assert est.activation_bytes == HELD + 3 * 2048 + 6272 == 16576
+    assert dict(est.parts)["mlp_norm.workspace"] == 6272
+    # Causal flash prefill needs no mask; rotary tables stay.
+    assert est.buffer_parts == (("rotary_cos_sin", 512),)
+    # The fused product op alone: held 4160 + probs 1024 (eager) + attn_out, attn_residual_out,
+    # mlp_norm 3 x 2048 + hidden 4096 = 15424 B < its norm op (4160 + 1024 + 3 x 2048 + 6272).
+    assert estimate_activations(llama("mlp"), wl(fused_mlp=True)).activation_bytes == HELD + 1024 + 3 * 2048 + 6272
+    # GemmaRMSNorm multiplies in fp32 by (1 + weight.float()): that 4 x 64 = 256 B row beside the
+    # normalized tensor and the product outweighs the 128 B of row statistics: 128 B more.
+    gemma = llama(forward=ForwardSpec(norm="rms_fp32"))
+    assert estimate_activations(gemma, wl(attention="flash", fused_mlp=True)).activation_bytes == 16576 + 128
 
 
 def test_encoder_flash_keeps_a_padding_mask() -> None:
@@ -104,40 +137,63 @@ def test_encoder_flash_keeps_a_padding_mask() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Decode with a KV cache
+#
+# T = 1, N = 2 tokens, a cache of S = 8 positions. N x h = 256 B; q_rot N x a x d = 256 B; k_rot, v
+# 128 B; held through the layer: residual 256 + inputs_embeds 256 + position_ids 8 = 520 B.
+# KV cache: 2 (k, v) x B x 8 x kv 2 x d 16 = 2 x 512 el = 2048 B, persistent.
 
 
 def test_decode_gqa_eager_counts_the_cache_and_its_repeated_copies() -> None:
-    # T = 1, N = 2 tokens, cache of S = 8 positions.
-    # KV cache: 2 (k, v) x B x 8 x kv 2 x d 16 = 2 x 512 el = 2 x 1024 B = 2048 B, persistent.
-    # Walk: k_rep, v_rep B x a x 8 x d = 1024 el = 2048 B each; scores B x a x 1 x 8 = 64 el = 128 B.
-    # At QK^T: residual 256 + q_rot 256 + k_rep 2048 + v_rep 2048 + scores 128 = 4736 B.
+    # Softmax op: held 520 + attn_norm 256 + v 128 + q_rot 256 + k_rot 128 + k_rep, v_rep
+    # (B x a x 8 x d = 1024 el) 2 x 2048 + masked scores B x a x 1 x 8 = 64 el = 128 B + fp32 copy
+    # and output 2 x 256 = 6024 B.
     est = estimate_activations(llama(), wl("decode"))
     assert est.persistent_bytes == 2048
-    assert est.activation_bytes == 2048 + 4736
-    assert est.parts == (
-        ("kv_cache", 2048),
-        ("residual", 256),
-        ("q_rot", 256),
-        ("k_rep", 2048),
-        ("v_rep", 2048),
-        ("scores", 128),
-    )
-    # Mask B x 1 x 1 x 8 = 16 el = 32 B; rotary 2 x N x 16 = 64 el = 128 B.
-    assert est.buffer_parts == (("attention_mask", 32), ("rotary_cos_sin", 128))
+    assert est.activation_bytes == 2048 + 520 + 256 + 128 + 256 + 128 + 2 * 2048 + 128 + 2 * 256 == 2048 + 6024
+    assert est.parts[0] == ("kv_cache", 2048)
+    assert dict(est.parts)["k_rep"] == dict(est.parts)["v_rep"] == 2048
+    # Mask B x 1 x 1 x 8 = 16 el = 32 B; rotary 2 x 1 x 1 x 16 = 32 el = 64 B.
+    assert est.buffer_parts == (("attention_mask", 32), ("rotary_cos_sin", 64))
+
+
+def test_decode_with_one_kv_head_repeats_by_view() -> None:
+    # One KV head: repeat_kv's reshape is a view. Over B = 2 sequences each matmul copies its expanded
+    # operand (2048 B) only while it runs; never both copies at once, and never with one sequence.
+    mqa = llama(num_kv_heads=1)
+    parts = dict(estimate_activations(mqa, wl("decode")).parts)
+    assert "k_rep" not in parts and "v_rep" not in parts
+    assert parts.get("qk.k_copy", parts.get("pv.v_copy")) == 2048
+    single = estimate_activations(mqa, Workload(batch=1, seq_len=S, mode="decode"))
+    assert not any(name.endswith("_copy") for name, _ in single.parts)
+
+
+def test_decode_dynamic_cache_holds_old_and_new_together() -> None:
+    # DynamicCache: torch.cat(old, new) for keys, then values; while the values are joined, the new
+    # keys, the old and the new values are alive: one half (B x 8 x 2 x 16 x 2 B = 1024 B) more than
+    # the cache. With flash attention that op is the layer's peak: held 520 + attn_norm 256 + v 128
+    # + q_rot 256 + k_rot 128 + 1024 = 2312 B beside the 2048 B cache.
+    static = estimate_activations(llama("attention"), wl("decode", attention="flash"))
+    dynamic = estimate_activations(llama("attention"), wl("decode", attention="flash", kv_cache="dynamic"))
+    assert dict(dynamic.parts)["kv_cache.grown"] == 1024
+    assert dynamic.activation_bytes == 2048 + 520 + 256 + 128 + 256 + 128 + 1024 == 4360
+    assert static.activation_bytes < dynamic.activation_bytes
+    assert dynamic.persistent_bytes == static.persistent_bytes == 2048
 
 
 def test_decode_flash_reads_the_cache_in_place() -> None:
-    # No repeat copies: the MLP product is the peak: attn_residual_out 256 + 3 x (N x f = 256 el = 512 B)
-    # = 1792 B, plus the 2048 B cache.
+    # No repeat copies: the MLP product is the peak: held 520 + attn_out, attn_residual_out, mlp_norm
+    # 3 x 256 + act, up, hidden 3 x (N x f = 256 el = 512 B) = 2824 B, plus the 2048 B cache.
     est = estimate_activations(llama(), wl("decode", attention="flash"))
-    assert est.activation_bytes == 2048 + 1792
-    assert est.buffer_parts == (("rotary_cos_sin", 128),)
+    assert est.activation_bytes == 2048 + 520 + 3 * 256 + 3 * 512 == 2048 + 2824
+    # SDPA over a cache gets a boolean mask B x 1 x 1 x 8 = 16 B.
+    assert est.buffer_parts == (("attention_mask", 16), ("rotary_cos_sin", 64))
 
 
 def test_decode_mlp_block_has_no_cache() -> None:
+    # The eager layer's probabilities (B x a x 1 x 8 fp16 = 128 B) are held through its MLP.
     est = estimate_activations(llama("mlp"), wl("decode"))
     assert est.persistent_bytes == 0
-    assert est.activation_bytes == 1792
+    assert est.activation_bytes == 2824 + 128
     assert est.buffer_bytes == 0
 
 
@@ -151,16 +207,16 @@ def test_decode_sliding_window_caps_the_cache() -> None:
 def test_decode_int8_cache_is_read_through_dequantized_copies() -> None:
     # int8 cache: 2 x (B x 8 x 2 x 16 = 512 el) x 1 B = 1024 B. Attention reads fp16 copies
     # k_dequant, v_dequant of 512 el = 1024 B each; eager then repeats them (2048 B each).
-    # At repeat_v: residual 256 + q_rot 256 + v_dequant 1024 + k_rep 2048 + v_rep 2048 = 5632 B.
+    # At repeat_v: held 520 + attn_norm 256 + v 128 + q_rot 256 + k_rot 128 + v_dequant 1024
+    # + k_rep 2048 + v_rep 2048 = 6408 B.
     est = estimate_activations(llama("attention"), wl("decode", kv_dtype="int8"))
     assert est.persistent_bytes == 1024
-    assert est.activation_bytes == 1024 + 5632
-    assert dict(est.parts) == {
-        "kv_cache": 1024, "residual": 256, "q_rot": 256, "v_dequant": 1024, "k_rep": 2048, "v_rep": 2048,
-    }  # fmt: skip
-    # Flash reads the copies directly: residual 256 + q_rot 256 + 2 x 1024 + context 256 + lse 32 = 2848 B.
+    assert est.activation_bytes == 1024 + 6408
+    assert dict(est.parts)["v_dequant"] == 1024
+    # Flash reads the copies directly; its peak is the context's contiguous copy: held 520 + 256 + 128
+    # + 256 + 128 + 2 x 1024 + context 256 + its copy 256 = 3848 B.
     flash = estimate_activations(llama("attention"), wl("decode", kv_dtype="int8", attention="flash"))
-    assert flash.activation_bytes == 1024 + 2848
+    assert flash.activation_bytes == 1024 + 3848
 
 
 def test_decode_cache_grows_with_micro_batches_in_flight() -> None:
@@ -242,18 +298,16 @@ def test_moe_prefill_routes_token_expert_pairs() -> None:
     # N = 16 tokens, 2 experts each: P = 32 pairs. Router logits / probs N x E = 64 el = 128 B;
     # routing weights P = 64 B; int64 indices 32 x 8 = 256 B; gathered input P x h = 2048 el = 4096 B;
     # gate / act / up / product P x f = 1024 el = 2048 B each.
-    # At the activation: attn_residual_out 2048 + weights 64 + index 256 + expert_in 4096 + gate 2048 + act 2048
-    # = 10560 B (the up op ties it).
+    # At the product: held 4160 + probs 1024 + attn_out, attn_residual_out, mlp_norm 3 x 2048
+    # + weights 64 + index 256 + expert_in 4096 + act, up, hidden 3 x 2048 = 21888 B.
     est = estimate_activations(moe(), wl())
-    assert est.activation_bytes == 10560
-    assert dict(est.parts) == {
-        "attn_residual_out": 2048,
-        "routing_weights": 64,
-        "expert_index": 256,
-        "expert_in": 4096,
-        "expert_gate": 2048,
-        "expert_act": 2048,
-    }
+    assert est.activation_bytes == HELD + 1024 + 3 * 2048 + 64 + 256 + 4096 + 3 * 2048 == 21888
+    parts = dict(est.parts)
+    assert {k: parts[k] for k in ("routing_weights", "expert_index", "expert_in", "expert_act", "expert_up",
+                                  "expert_hidden")} == {
+        "routing_weights": 64, "expert_index": 256, "expert_in": 4096, "expert_act": 2048, "expert_up": 2048,
+        "expert_hidden": 2048,
+    }  # fmt: skip
     # FLOPs: router 2 h E = 512; 2 routed experts x 3 matrices x 2 h f = 2 x 12288 = 24576.
     assert estimate_flops_per_token(moe(), wl()) == 512 + 24576
 
@@ -272,38 +326,59 @@ def test_moe_train_saved_set() -> None:
 def test_parallel_layer_keeps_both_outputs_until_the_sum() -> None:
     shape = gpt_shape(64, 4, parallel_attn_mlp=True, rotary_dim=0)
     est = estimate_activations(shape, Workload(batch=2, seq_len=8, mode="prefill"))
-    names = dict(est.parts)
-    # The MLP runs while the residual and the attention output are still held (f = 256: 8192 B):
-    # at the activation op residual 2048 + attn_out 2048 + up 8192 + act 8192 = 20480 B
-    # (the shared norm output was last read by the up projection: 3 x 2048 + 8192 = 14336 B there).
-    assert names == {"residual": 2048, "attn_out": 2048, "up": 8192, "act": 8192}
-    assert est.activation_bytes == 20480
+    # The MLP runs while the residual, both normed inputs (Falcon norms for the MLP before the
+    # attention), the eager probabilities and the attention output are held (f = 256: 8192 B):
+    # at the activation held 4160 + 2 x 2048 + probs 1024 + attn_out 2048 + up 8192 + act 8192 = 27712 B.
+    assert dict(est.parts) == {
+        "residual": 2048, "inputs_embeds": 2048, "position_ids": 64, "attn_norm": 2048, "mlp_norm": 2048,
+        "probs": 1024, "attn_out": 2048, "up": 8192, "act": 8192,
+    }  # fmt: skip
+    assert est.activation_bytes == 27712
 
 
 def test_embedding_unit() -> None:
-    # Token table only: the output N x h = 2048 B. With a learned position table, the two lookups and
-    # their sum are live at once: 3 x 2048 B.
-    assert estimate_activations(llama("embedding", vocab_size=100), wl()).activation_bytes == 2048
+    # Token table only: the output N x h = 2048 B and the int64 position ids (arange, then + offset:
+    # 2 x 64 B while they are made).
+    assert estimate_activations(llama("embedding", vocab_size=100), wl()).activation_bytes == 2048 + 2 * 64
+    # A second table, summed out of place: both lookups and their sum live at once (3 x 2048 B), the
+    # position ids (64 B) beside them.
     two = estimate_activations(llama("embedding", vocab_size=100, embedding_tables=2), wl())
-    assert two.activation_bytes == 3 * 2048
+    assert two.activation_bytes == 3 * 2048 + 64
     assert two.buffer_bytes == 0
+    # GPT-2's learned positions are one 1 x S x h lookup broadcast over the batch: 1024 B, not 2048 B.
+    gpt2 = ForwardSpec(position_lookup="broadcast")
+    broadcast = estimate_activations(llama("embedding", embedding_tables=2, forward=gpt2), wl())
+    assert dict(broadcast.parts)["position_embeds"] == 1024
+    assert broadcast.activation_bytes == 2 * 2048 + 1024 + 64
+    # BERT's embedding ends in a LayerNorm (its output beside the sum: one more 2048 B and the fp32
+    # mean and rstd per row, 8 x 16 = 128 B); Gemma scales the lookup out of place (2 x 2048 B, before
+    # the position ids exist).
+    bert = ForwardSpec(norm="layer", position_lookup="broadcast", embedding_norm=True)
+    normed = estimate_activations(llama("embedding", embedding_tables=3, forward=bert), wl())
+    assert normed.activation_bytes == 2048 + 1024 + 2048 + 2048 + 2048 + 128 + 64
+    scaled = estimate_activations(llama("embedding", forward=ForwardSpec(embedding_scale=True)), wl())
+    assert scaled.activation_bytes == 2 * 2048
     # Train: backward keeps only the int64 indices, one tensor per table: 2 x 16 x 8 B.
     assert estimate_activations(llama("embedding", embedding_tables=2), wl("train")).persistent_bytes == 256
     assert estimate_flops_per_token(llama("embedding", vocab_size=100), wl()) == 0
 
 
 def test_head_unit_prefill_decode_train() -> None:
-    head = llama("head", vocab_size=100)
-    # Prefill: final norm (2048) + logits N x V = 1600 el = 3200 B at the LM head: 5248 B.
-    assert estimate_activations(head, wl()).activation_bytes == 5248
-    # Decode, N = 2: norm step 256 + 256 = 512 < LM head step 256 + 400 = 656 B.
-    assert estimate_activations(head, wl("decode")).activation_bytes == 656
-    # Train: saved norm input 2048 + norm output 2048 + fp32 log-probs N x V x 4 = 6400 -> 10496 B;
-    # transient: the fp32 upcast and log-softmax live together, 6400 + 6400 = 12800 B.
-    est = estimate_activations(head, wl("train"))
+    head = llama("head", vocab_size=1000)
+    # Prefill: the LM head op, final norm 2048 + logits N x V = 16000 el = 32000 B = 34048 B (the
+    # norm op before it: held 4160 + norm output 2048 + its fp32 workspace 6272 = 12480 B).
+    assert estimate_activations(head, wl()).activation_bytes == 2048 + 32000
+    # Decode, N = 2: norm output 256 + logits 2 x 1000 x 2 B = 4256 B.
+    assert estimate_activations(head, wl("decode")).activation_bytes == 256 + 4000
+    # Gemma 2 soft-caps the logits out of place: two logits-sized tensors at once.
+    capped = estimate_activations(llama("head", vocab_size=1000, forward=ForwardSpec(logit_softcap=True)), wl())
+    assert capped.activation_bytes == 2048 + 2 * 32000
+    # Train (V = 100): saved norm input 2048 + norm output 2048 + fp32 log-probs N x V x 4 = 6400
+    # -> 10496 B; transient: the fp32 upcast and log-softmax live together, 6400 + 6400 = 12800 B.
+    est = estimate_activations(llama("head", vocab_size=100), wl("train"))
     assert est.persistent_bytes == 10496
     assert est.activation_bytes == 10496 + 12800
-    assert estimate_flops_per_token(head, wl()) == 2 * H * 100
+    assert estimate_flops_per_token(head, wl()) == 2 * H * 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,12 +476,16 @@ workloads = st.builds(
 
 @settings(max_examples=150, deadline=None)
 @given(shapes, workloads)
-def test_bytes_scale_linearly_with_batch(shape: LayerShape, workload: Workload) -> None:
+def test_bytes_grow_with_batch_at_most_linearly(shape: LayerShape, workload: Workload) -> None:
+    # Per-sequence tensors double with the batch; tables broadcast over it (rotary cos/sin, position
+    # ids, GPT-2's position lookup) do not. (From one sequence to two, a matmul over one KV head
+    # starts copying its expanded operand: compare from two on.)
+    workload = dataclasses.replace(workload, batch=max(2, workload.batch))
     one = estimate_activations(shape, workload)
     double = estimate_activations(shape, dataclasses.replace(workload, batch=2 * workload.batch))
-    assert double.activation_bytes == 2 * one.activation_bytes
+    assert one.activation_bytes <= double.activation_bytes <= 2 * one.activation_bytes
     assert double.persistent_bytes == 2 * one.persistent_bytes
-    assert double.buffer_bytes == 2 * one.buffer_bytes
+    assert one.buffer_bytes <= double.buffer_bytes <= 2 * one.buffer_bytes
     assert 0 <= one.persistent_bytes <= one.activation_bytes
 
 
@@ -587,12 +666,11 @@ def _measure_forward_peak(forward, existing) -> int:  # type: ignore[no-untyped-
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("impl", "kv"), [("eager", 8), ("eager", 2), ("sdpa", 8), ("sdpa", 2)])
-def test_walk_matches_a_transformers_llama_layer(impl: str, kv: int) -> None:
-    """Prefill of a real LlamaDecoderLayer (fp32), measured op by op. The walk is the idealized
-    lower bound; transformers keeps a little more alive through Python references: the layer input
-    (held by the caller), the MLP's normed input (the MLP's argument), and, in eager mode, the
-    attention probabilities, which the attention returns and the decoder layer keeps in ``_`` until
-    it returns (its out-of-place score scaling stays within that allowance here)."""
+def test_walk_bounds_a_transformers_llama_layer(impl: str, kv: int) -> None:
+    """Prefill of one real LlamaDecoderLayer (fp32), measured op by op, against the walk of the
+    reference forward for a first layer (tests/profile/test_activation_peaks.py runs whole models):
+    never below, at most 1.35x. The walk's only term the lone layer lacks is the model's position
+    ids (8 B a token)."""
     torch = pytest.importorskip("torch")
     llama_mod = pytest.importorskip("transformers.models.llama.modeling_llama")
     from transformers import LlamaConfig
@@ -616,10 +694,9 @@ def test_walk_matches_a_transformers_llama_layer(impl: str, kv: int) -> None:
     measured = _measure_forward_peak(forward, existing) + x.numel() * 4  # the input is live throughout
     shape = LayerShape(
         part="layer", hidden_size=h, num_heads=a, num_kv_heads=kv, head_dim=h // a,
-        intermediate_size=f, gated_mlp=True, rotary_dim=h // a,
+        intermediate_size=f, gated_mlp=True, rotary_dim=h // a, first_layer=True,
     )  # fmt: skip
     attention = "eager" if impl == "eager" else "flash"
     workload = Workload(batch=b, seq_len=s, mode="prefill", act_dtype="fp32", attention=attention)
     model = estimate_activations(shape, workload).activation_bytes
-    extras = 2 * b * s * h * 4 + (b * a * s * s * 4 if impl == "eager" else 0)
-    assert model <= measured <= model + extras
+    assert measured <= model <= 1.35 * measured

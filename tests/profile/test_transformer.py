@@ -202,9 +202,11 @@ def test_paper_16l_weight_roles_per_layer() -> None:
     layer = prof.unit("layers.7")
     assert layer.params == 4 * 4096 * 4096 + 2 * 4096 * 16384 + 2 * 4096
     assert layer.layer == 7
-    # Prefill, eager, batch 1, 128 tokens: the MLP intermediate makes the peak:
-    # residual 128 x 4096 x 2 + (up + act) 2 x 128 x 16384 x 2 = 1 MiB + 8 MiB.
-    assert layer.footprint.activation_bytes == 128 * 4096 * 2 + 2 * 128 * 16384 * 2 == 9_437_184
+    # Prefill, eager, batch 1, 128 tokens: the MLP's activation makes the peak. Six tensors of
+    # 128 x 4096 x 2 B = 1 MiB (the layer input, inputs_embeds, the eager probabilities 32 x 128 x 128
+    # x 2 B, the attention output, its residual sum, the MLP's normed input), the int64 position ids
+    # 128 x 8 B, and up + act 2 x 128 x 16384 x 2 B = 8 MiB.
+    assert layer.footprint.activation_bytes == 6 * 2**20 + 128 * 8 + 2 * 128 * 16384 * 2 == 14_681_088
     # 2 FLOPs per MAC: 2 x (4 h^2 + 2 h f) + attention 4 x a x d x 128.
     assert layer.flops_per_token == 2 * (4 * 4096**2 + 2 * 4096 * 16384) + 4 * 4096 * 128
 
@@ -235,17 +237,19 @@ def test_layer_units_carry_tensors_shapes_and_split_dims() -> None:
     assert {(s.name, s.size) for s in layer.split_dims} == {("heads", 4), ("kv_heads", 2), ("mlp_columns", 128)}
     assert layer.shape == LayerShape(
         part="layer", hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
-        gated_mlp=True, rotary_dim=16,
+        gated_mlp=True, rotary_dim=16, first_layer=True,
     )  # fmt: skip
     # Weights, fp16: q 64x64 + k, v 32x64 each + o 64x64 = 12288 el; MLP 3 x 128 x 64 = 24576 el;
     # norms 2 x 64 = 128 el: 36992 el = 73984 B.
     assert layer.params == 36992
     assert layer.footprint.weight_bytes == 73984
     assert dict(layer.footprint.weight_roles) == {"qkv": 16384, "attn_out": 8192, "mlp": 49152, "norm": 256}
-    # Activations and buffers come straight from the activation model.
+    # Activations and buffers come straight from the activation model (tests/profile/test_activations.py
+    # derives 23616 B for a later layer; the first one's input is inputs_embeds itself, 2048 B less).
     est = estimate_activations(layer.shape, PREFILL)
-    assert layer.footprint.activation_bytes == est.activation_bytes == 14336
-    assert layer.footprint.buffer_bytes == est.buffer_bytes == 1280
+    assert layer.footprint.activation_bytes == est.activation_bytes == 23616 - 2048
+    assert units[2].footprint.activation_bytes == 23616
+    assert layer.footprint.buffer_bytes == est.buffer_bytes == 768
     assert layer.footprint.activation_parts == est.parts
     assert units[0].split_dims[0].name == "vocab" and units[-1].split_dims[0].size == 100
 
@@ -271,8 +275,8 @@ def test_block_granularity_splits_layers_and_keeps_the_weights() -> None:
     assert block_prof.params == layer_prof.params
     assert {s.name for s in attn.split_dims} == {"heads", "kv_heads"}
     assert {s.name for s in mlp.split_dims} == {"mlp_columns"}
-    # Only attention blocks hold the mask and rotary tables.
-    assert attn.footprint.buffer_bytes == 1280 and mlp.footprint.buffer_bytes == 0
+    # Only attention blocks hold the mask and rotary tables (B x 1 x 8 x 8 x 2 B + 2 x 1 x 8 x 16 x 2 B).
+    assert attn.footprint.buffer_bytes == 768 and mlp.footprint.buffer_bytes == 0
     # The layer's peak (with buffer reuse) is the larger of its blocks' peaks.
     assert layer_prof.unit("layers.0").footprint.activation_bytes == max(
         attn.footprint.activation_bytes, mlp.footprint.activation_bytes
@@ -293,8 +297,10 @@ def test_gpt2_like_embedding_has_two_tables_and_tied_head() -> None:
     prof = profile_transformer(gpt2_spec(), PREFILL)
     embed = prof.unit("embed")
     assert embed.shape is not None and embed.shape.embedding_tables == 2
-    # token + position lookups and their sum live together: 3 x (16 tokens x 64 x 2 B).
-    assert embed.footprint.activation_bytes == 3 * 2048
+    # token + position lookups and their sum live together: 3 x (16 tokens x 64 x 2 B), beside the
+    # int64 position ids (8 x 8 B). (This hand-built spec keeps the default forward facts, so its
+    # position lookup counts per sequence; the GPT-2 adapter says it broadcasts.)
+    assert embed.footprint.activation_bytes == 3 * 2048 + 64
     assert embed.params == 100 * 64 + 32 * 64
     # GPT-2 small formula per layer: 12 h^2 + 13 h (with biases and two LayerNorms).
     assert prof.unit("layers.0").params == 12 * 64**2 + 13 * 64
@@ -332,7 +338,11 @@ def test_decode_profile_puts_the_kv_cache_on_attention_units() -> None:
     # K, V cache: 2 x B 2 x 8 x kv 2 x d 16 x 2 B = 2048 B per layer.
     assert [u.footprint.persistent_activation_bytes for u in prof.units] == [0, 2048, 0, 2048, 0, 0]
     head = prof.unit("head")
-    assert head.footprint.activation_bytes == 2 * 64 * 2 + 2 * 100 * 2  # norm out + logits for 2 tokens
+    # The final norm makes the head's peak (2 tokens, a 100-word vocabulary): its input 256 B, beside
+    # inputs_embeds 256 B, the position ids 8 B, the mask 32 B and rotary tables 64 B the model's
+    # forward still holds, its output 256 B and fp32 workspace 8 x 128 - 256 + 8 x 2 = 784 B: 1656 B
+    # (> the LM head: norm output 256 + logits 2 x 100 x 2 = 656 B).
+    assert head.footprint.activation_bytes == 256 + 256 + 8 + 32 + 64 + 256 + 784 == 1656
 
 
 def test_weights_follow_the_weight_dtype() -> None:

@@ -91,6 +91,11 @@ class AttentionOpt(str, Enum):
     flash = "flash"
 
 
+class KVCacheOpt(str, Enum):
+    static = "static"
+    dynamic = "dynamic"
+
+
 class GranularityOpt(str, Enum):
     layer = "layer"
     block = "block"
@@ -107,6 +112,7 @@ ModeOption = Annotated[ModeOpt, typer.Option("--mode", help="prefill, decode (wi
 DtypeOption = Annotated[DtypeOpt, typer.Option("--dtype", help="Weight dtype before compression.")]
 ActDtypeOption = Annotated[Optional[DtypeOpt], typer.Option("--act-dtype", help="Activation dtype (default: --dtype).")]
 AttnOption = Annotated[AttentionOpt, typer.Option("--attention", help="eager materializes attention scores; flash does not.")]
+KVCacheOption = Annotated[KVCacheOpt, typer.Option("--kv-cache", help="decode: static, a cache pre-allocated for the whole context; dynamic, one grown by torch.cat each step (old and new cache alive together).")]
 GranOption = Annotated[GranularityOpt, typer.Option("--granularity", "-g", help="layer: whole layers; block: attention and MLP blocks as units.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print stable JSON instead of a table.")]
 MicroBatchesOption = Annotated[int, typer.Option("--micro-batches", help="Micro-batches per step in the pipeline.", min=1)]
@@ -137,12 +143,14 @@ def compression_config(compress_roles: str):  # noqa: ANN201 - a cachefit.compre
 
 
 def build_workload(batch: int, seq: int, mode: ModeOpt, dtype: DtypeOpt, act_dtype: DtypeOpt | None,
-                   attention: AttentionOpt, micro_batches: int = 1):  # noqa: ANN201 - a cachefit.units.Workload
+                   attention: AttentionOpt, micro_batches: int = 1,
+                   kv_cache: KVCacheOpt = KVCacheOpt.static):  # noqa: ANN201 - a cachefit.units.Workload
     """The :class:`~cachefit.units.Workload` of the workload options."""
     from cachefit.units import Workload
 
     return Workload(batch=batch, seq_len=seq, mode=mode.value, weight_dtype=dtype.value,
-                    act_dtype=(act_dtype or dtype).value, attention=attention.value, micro_batches=micro_batches)
+                    act_dtype=(act_dtype or dtype).value, attention=attention.value, micro_batches=micro_batches,
+                    kv_cache=kv_cache.value)
 
 
 def build_cluster(devices: list[str] | None, capacity: str | None, level: str | None, headroom: float,
@@ -191,6 +199,8 @@ class SharedArgs:
     dtype: DtypeOpt
     act_dtype: DtypeOpt | None
     attention: AttentionOpt
+    kv_cache: KVCacheOpt
+    """``--kv-cache``: how a decode KV cache is held (static or dynamic)."""
     micro_batches: int
     """``--micro-batches`` (1 where the command has no such option)."""
     granularity: GranularityOpt
@@ -201,7 +211,7 @@ class SharedArgs:
     def workload(self):  # noqa: ANN201 - a cachefit.units.Workload
         """The workload these options describe."""
         return build_workload(self.batch, self.seq, self.mode, self.dtype, self.act_dtype, self.attention,
-                              self.micro_batches)
+                              self.micro_batches, self.kv_cache)
 
     def cluster(self):  # noqa: ANN201 - a cachefit.hardware.devices.Cluster
         """The cards these options describe."""
@@ -238,7 +248,8 @@ def shared_options(*, micro_batches: bool = True, measure: bool = False, device_
     workload = [_option("stacking", stacking, StackingOpt.reuse), _option("batch", BatchOpt, 1),
                 _option("seq", SeqOpt, 1024), _option("mode", ModeOption, ModeOpt.decode),
                 _option("dtype", DtypeOption, DtypeOpt.fp16), _option("act_dtype", ActDtypeOption, None),
-                _option("attention", AttnOption, AttentionOpt.eager)]
+                _option("attention", AttnOption, AttentionOpt.eager),
+                _option("kv_cache", KVCacheOption, KVCacheOpt.static)]
     if micro_batches:
         workload.append(_option("micro_batches", MicroBatchesOption, 1))
     workload.append(_option("granularity", GranOption, GranularityOpt.layer))
@@ -282,6 +293,7 @@ def shared_options(*, micro_batches: bool = True, measure: bool = False, device_
 __all__ = [
     "STATE", "ActDtypeOption", "AllowOption", "CompressRolesOption", "AttentionOpt", "AttnOption", "BatchOpt", "CapacityOption",
     "DeviceOption", "DtypeOpt", "DtypeOption", "GranOption", "GranularityOpt", "HeadroomOption", "JsonOption",
+    "KVCacheOpt", "KVCacheOption",
     "LevelOption", "MeasureOption", "MicroBatchesOption", "ModeOpt", "ModeOption", "ReserveOption", "SeqOpt", "SharedArgs",
     "StackingOpt", "StackingOption", "build_cluster", "build_workload", "console", "err_console", "handles_errors",
     "compression_config", "print_error", "print_json", "shared_options",

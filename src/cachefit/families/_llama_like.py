@@ -8,14 +8,18 @@ transformers: models/<family>/modeling_<family>.py; ``<Family>DecoderLayer`` hol
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from cachefit.families._blocks import linear, lm_head, norm, tensor
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
-from cachefit.units import TensorSpec
+from cachefit.units import ForwardSpec, TensorSpec
 
 Mlp = Literal["gated", "fused_gated", "plain", "moe"]
+
+_LLAMA_FORWARD = ForwardSpec()
+"""Llama's forward: the defaults of ForwardSpec."""
 
 
 def llama_like(
@@ -42,6 +46,7 @@ def llama_like(
     sliding_window: int | None = None,
     num_experts: int = 0,
     experts_per_token: int = 0,
+    forward: ForwardSpec = _LLAMA_FORWARD,
 ) -> TransformerSpec:
     """The spec of a Llama-style pre-norm decoder.
 
@@ -53,6 +58,8 @@ def llama_like(
     ``k_norm``). ``sandwich_norms``: Gemma 2's four norms per layer, the attention's output normed
     by ``post_attention_layernorm`` before its residual add, the MLP's input by
     ``pre_feedforward_layernorm`` and its output by ``post_feedforward_layernorm``.
+    ``forward``: how the family's forward differs from Llama's beyond these (its fused
+    projections and q/k norms are set here from the arguments above).
     """
     embed = "model.embed_tokens.weight"
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
@@ -127,4 +134,7 @@ def llama_like(
             lm_head("lm_head.weight", vocab, hidden, tie_to=embed if tie else None),
         ),
         notes=tuple(cfg.notes),
+        forward=dataclasses.replace(
+            forward, fused_qkv=fused_qkv, qk_norm=qk_norm, fused_gate_up=mlp == "fused_gated"
+        ),
     )

@@ -14,6 +14,7 @@ from cachefit.families._blocks import common_dims, derived_head_dim, linear, nor
 from cachefit.families.family_spec import FamilySpec, MlpPattern, RoleNames
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
+from cachefit.units import ForwardSpec
 
 _PROFILED = ("BertModel", "BertForMaskedLM")  # the classes whose every tensor the spec lists
 
@@ -97,6 +98,11 @@ def read_bert(cfg: ConfigReader) -> TransformerSpec:
         layer_tensors=tuple(all_layers),
         head_tensors=head,
         notes=tuple(cfg.notes),
+        # Post-LN nn.LayerNorm; eager softmax in the activation dtype; BertEmbeddings sums the word,
+        # token-type and (1 x T x h, broadcast) position lookups and norms them.
+        forward=ForwardSpec(
+            norm="layer", softmax_fp32=False, position_lookup="broadcast", embedding_norm=True, post_norm=True
+        ),
     )
 
 

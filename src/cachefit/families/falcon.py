@@ -8,6 +8,7 @@ from cachefit.families.family_spec import FamilySpec
 from cachefit.families.gpt_neox import DENSE_4H_MLP, FUSED_QKV_ROLES
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
+from cachefit.units import ForwardSpec
 
 
 def read_falcon(cfg: ConfigReader) -> TransformerSpec:
@@ -87,6 +88,10 @@ def read_falcon(cfg: ConfigReader) -> TransformerSpec:
             lm_head("lm_head.weight", vocab, hidden, tie_to=embed if tie else None),
         ),
         notes=tuple(cfg.notes),
+        # nn.LayerNorm; q, k, v views of query_key_value's output; FalconModel keeps each block's
+        # (output, attn_weights) until the next block returns, and materializes the SDPA mask
+        # (create_causal_mask(..., allow_is_causal_skip=False)).
+        forward=ForwardSpec(norm="layer", fused_qkv=True, caller_holds_probs=True, sdpa_mask=True),
     )
 
 

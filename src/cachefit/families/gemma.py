@@ -9,6 +9,7 @@ from cachefit.families.family_spec import FamilySpec
 from cachefit.families.llama import GATED_MLP, LLAMA_ROLES
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
+from cachefit.units import ForwardSpec
 
 
 def read_gemma(cfg: ConfigReader) -> TransformerSpec:
@@ -34,6 +35,9 @@ def read_gemma(cfg: ConfigReader) -> TransformerSpec:
         mlp="gated",
         qkv_bias=attn_bias,
         o_bias=attn_bias,
+        # GemmaRMSNorm in fp32 to the end; GemmaTextScaledWordEmbedding: embedding(ids) * sqrt(hidden),
+        # out of place.
+        forward=ForwardSpec(norm="rms_fp32", embedding_scale=True),
     )
 
 

@@ -13,6 +13,7 @@ from cachefit.families.family_spec import FamilySpec
 from cachefit.families.llama import GATED_MLP, LLAMA_ROLES
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
+from cachefit.units import ForwardSpec
 
 
 def read_gemma2(cfg: ConfigReader) -> TransformerSpec:
@@ -47,6 +48,15 @@ def read_gemma2(cfg: ConfigReader) -> TransformerSpec:
             layers,
             cfg.integer("sliding_window", absent=4096, null=None),
             default_types=lambda: [i % 2 == 0 for i in range(layers)],
+        ),
+        # Gemma2RMSNorm in fp32 to the end; Gemma2Model builds a full and a sliding-window mask;
+        # Gemma2ForCausalLM soft-caps the logits out of place unless final_logit_softcapping is null
+        # (default 30.0).
+        forward=ForwardSpec(
+            norm="rms_fp32",
+            embedding_scale=True,
+            attention_masks=2,
+            logit_softcap=cfg.raw("final_logit_softcapping", 30.0) is not None,
         ),
     )
 

@@ -8,6 +8,11 @@ from cachefit.families._blocks import conv1d, derived_head_dim, lm_head, norm, t
 from cachefit.families.family_spec import FamilySpec, MlpPattern, RoleNames
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
+from cachefit.units import ForwardSpec
+
+# Activations that transformers writes in Python (transformers/activations.py), by the MLP-width
+# temporaries they hold besides their input and output (counted op by op); the others are one kernel.
+_ACTIVATION_TEMPORARIES = {"gelu_new": 2, "gelu_fast": 3, "quick_gelu": 1}
 
 
 def read_gpt2(cfg: ConfigReader) -> TransformerSpec:
@@ -67,6 +72,15 @@ def read_gpt2(cfg: ConfigReader) -> TransformerSpec:
             lm_head("lm_head.weight", vocab, hidden, tie_to=embed if tie else None),
         ),
         notes=tuple(cfg.notes),
+        # nn.LayerNorm; eager softmax in the activation dtype; q, k, v views of c_attn's output; the
+        # position lookup of 1 x T x h broadcast over the batch and kept by GPT2Model.forward.
+        forward=ForwardSpec(
+            norm="layer",
+            softmax_fp32=False,
+            fused_qkv=True,
+            activation_temporaries=_ACTIVATION_TEMPORARIES.get(str(cfg.raw("activation_function", "gelu_new")), 0),
+            position_lookup="broadcast",
+        ),
     )
 
 

@@ -7,6 +7,7 @@ from cachefit.families._blocks import common_dims, derived_head_dim, linear, lm_
 from cachefit.families.family_spec import FamilySpec, MlpPattern, RoleNames
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
+from cachefit.units import ForwardSpec
 
 DENSE_4H_MLP = MlpPattern(up="dense_h_to_4h", down="dense_4h_to_h")
 """The MLP of GPT-NeoX, Falcon and BLOOM."""
@@ -65,6 +66,8 @@ def read_gpt_neox(cfg: ConfigReader) -> TransformerSpec:
             lm_head("lm_head.weight", vocab, hidden, tie_to=embed if tie else None),
         ),
         notes=tuple(cfg.notes),
+        # nn.LayerNorm; q, k, v are views of query_key_value's output.
+        forward=ForwardSpec(norm="layer", fused_qkv=True),
     )
 
 

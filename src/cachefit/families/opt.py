@@ -7,7 +7,7 @@ from cachefit.families._blocks import derived_head_dim, linear, lm_head, norm, t
 from cachefit.families.family_spec import FamilySpec, MlpPattern, RoleNames
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
-from cachefit.units import TensorSpec
+from cachefit.units import ForwardSpec, TensorSpec
 
 
 def read_opt(cfg: ConfigReader) -> TransformerSpec:
@@ -75,6 +75,9 @@ def read_opt(cfg: ConfigReader) -> TransformerSpec:
         layer_tensors=tuple(all_layers),
         head_tensors=tuple(head),
         notes=tuple(cfg.notes),
+        # nn.LayerNorm; OPTDecoder derives positions from a cumsum over a B x S mask and looks them
+        # up per sequence (B x T x h).
+        forward=ForwardSpec(norm="layer", position_lookup="batched"),
     )
 
 

@@ -4,14 +4,23 @@
 and a :class:`~cachefit.units.Workload`, so compression can ask again with another workload (flash
 attention, a fused MLP, checkpointing, a smaller batch) or another shape (fewer MLP columns).
 
-Inference (prefill, decode): a liveness walk through the ops of a standard eager PyTorch
-implementation. Every op writes one new tensor (out of place); a tensor is live from the op that
-writes it to the last op that reads it, and the unit's activation peak is the largest sum of live
-tensors over its ops. ``parts`` names the tensors live at that op. Decode adds the KV cache, which
-stays resident. Train: the tensors autograd saves for backward (Korthikanti et al. 2022,
-"Reducing Activation Recomputation in Large Transformer Models", arXiv:2205.05198, sec. 4.1,
-generalized term by term) stay resident, and on top of them the gradients of the backward pass,
-whose liveness mirrors the forward walk. docs/activations.md derives every formula.
+Both are liveness walks over op graphs: every op writes new tensors; a tensor is live from the op
+that writes it to the last op that reads it, and the unit's activation peak is the largest sum of
+live tensors over its ops. ``parts`` names the tensors live at that op.
+
+Inference (prefill, decode): the ops of the forward that really runs, the family's ``transformers``
+modules, with the Python references that keep tensors alive written as reads (a layer's input held by
+its caller, ``inputs_embeds`` held through every layer, eager attention's probabilities held through
+the MLP, fp32 softmax and norm temporaries, a ``DynamicCache``'s concatenation); the per-family facts
+come from ``shape.forward`` (:class:`~cachefit.units.ForwardSpec`). It is never below the peak that
+forward holds and at most 1.35x it (tests/profile/test_activation_peaks.py measures every family).
+Decode adds the KV cache, which stays resident.
+
+Train: the tensors autograd saves for backward (Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models", arXiv:2205.05198, sec. 4.1, generalized term by term)
+stay resident, and on top of them the gradients of the backward pass, whose liveness mirrors an
+idealized forward walk (every tensor freed after its last reader). docs/activations.md derives every
+formula and gives the source line of every inference term.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import functools
 from dataclasses import dataclass, field
 
 from cachefit.errors import ConfigError
-from cachefit.units import Attention, LayerShape, Mode, Workload, dtype_bytes
+from cachefit.units import Attention, KVCache, LayerShape, Mode, Workload, dtype_bytes
 
 PARTS: tuple[str, ...] = ("embedding", "layer", "attention", "mlp", "head")
 
@@ -205,7 +214,8 @@ def _check_shape(shape: LayerShape) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Forward op graphs (the walk). Tensor names are the ``parts`` names.
+# Train: the idealized forward op graphs (the walk the gradients mirror). Tensor names are the
+# ``parts`` names.
 
 
 def _add_mlp_ops(g: _Graph, shape: LayerShape, workload: Workload, rows: int, x_in: str, prefix: str) -> str:
@@ -371,6 +381,366 @@ def _head_graph(shape: LayerShape, workload: Workload) -> _Graph:
 
 
 # --------------------------------------------------------------------------------------------------
+# Inference (prefill, decode): the reference forward, transformers' modules as they run
+#
+# The train walk above frees every tensor after its last reader. The modules that really run hold more,
+# through Python references: the caller holds a layer's input until the layer returns, the model's
+# forward holds the token embeddings (and learned position lookups) through every layer, a module's
+# argument lives until the module returns, eager attention's probabilities are returned and kept by
+# the layer through its MLP, and a few ops work in fp32 beside their 16-bit tensors. The graphs below
+# model those references as reads (a tensor lives until its last reader) and graph outputs (live to
+# the end of the unit). docs/activations.md lists each term with the source line it follows.
+
+
+def _norm_op(
+    g: _Graph, name: str, block: str, x: str, numel: int, rows: int, workload: Workload, shape: LayerShape,
+    keep: tuple[str, ...] = (),
+) -> str:
+    """A norm of ``numel`` elements in ``rows`` rows: its output and the workspace live inside it."""
+    out = dtype_bytes(workload.act_dtype, numel)
+    if shape.forward.norm in ("rms", "rms_fp32"):
+        # LlamaRMSNorm: x.to(fp32), x.pow(2), x * rsqrt(var + eps), weight * x.to(dtype); GemmaRMSNorm
+        # likewise in fp32 to the end. Beside the input, two input-sized fp32 tensors are alive at
+        # every step (8 bytes per element, the output included) and, at x * rsqrt(...), the fp32
+        # variance and its rsqrt per row.
+        workspace = max(8 * numel - out, 0) + 8 * rows
+        if shape.forward.norm == "rms_fp32":
+            # GemmaRMSNorm's output * (1.0 + weight.float()): the fp32 (1 + weight) row beside the
+            # normalized tensor and the product, when the per-row statistics are gone.
+            workspace = max(8 * numel - out, 0) + max(8 * rows, 4 * (numel // rows))
+    else:
+        # nn.LayerNorm (aten.native_layer_norm): the output plus an fp32 mean and rstd per row.
+        workspace = 8 * rows
+    g.add_op(name, block, {name: out, **({f"{name}.workspace": workspace} if workspace else {})}, (x, *keep))
+    return name
+
+
+def _position_ids(shape: LayerShape, workload: Workload) -> tuple[dict[str, int], dict[str, int]]:
+    """(held, transient) bytes of the position indices the model's forward computes before the layers."""
+    # torch.arange(T) + past_seen_tokens, unsqueezed to 1 x T (int64): the arange is freed after the add.
+    t = workload.query_len
+    held, transient = {"position_ids": _INDEX_BYTES * t}, {"position_ids.arange": _INDEX_BYTES * t}
+    if shape.forward.position_lookup == "batched":
+        # OPT: positions from a cumsum over a B x S fp32 mask of ones (torch.ones, cumsum,
+        # (cumsum * mask - 1).long()): the mask and the int64 positions stay alive through every
+        # layer; two more fp32 B x S tensors live while they are made.
+        bs = workload.batch * workload.kv_len
+        held |= {"position_mask": 4 * bs, "positions": _INDEX_BYTES * bs}
+        transient = {"positions.workspace": 8 * bs}
+    return held, transient
+
+
+def _position_lookup_bytes(shape: LayerShape, workload: Workload) -> int:
+    """Bytes of the learned position lookup (0 without one): 1 x T x h broadcast, or B x T x h."""
+    lookup = shape.forward.position_lookup
+    if lookup == "none":
+        return 0
+    rows = workload.query_len if lookup == "broadcast" else workload.tokens
+    return dtype_bytes(workload.act_dtype, rows * shape.hidden_size)
+
+
+def _caller_held(shape: LayerShape, workload: Workload) -> dict[str, int]:
+    """What the model's forward holds through every layer (and its final norm), beside the input.
+
+    The token embeddings (``inputs_embeds``; BERT's embedding output) are held to the end; in the
+    first layer they are the layer's input itself unless a position lookup was added to them.
+    """
+    fw = shape.forward
+    # GPT-2's and OPT's forward add the position lookup themselves and keep it; an embedding closed by
+    # a norm (BERT) is one module whose lookups are freed when it returns its output.
+    positions = _position_lookup_bytes(shape, workload) if not fw.embedding_norm else 0
+    held: dict[str, int] = {}
+    if not (shape.first_layer and not positions):
+        held["inputs_embeds"] = dtype_bytes(workload.act_dtype, workload.tokens * shape.hidden_size)
+    if positions:
+        held["position_embeds"] = positions
+    held.update(_position_ids(shape, workload)[0])
+    if fw.caller_holds_probs and workload.attention is Attention.EAGER and not shape.first_layer:
+        # Falcon's forward holds the previous layer's (output, probabilities) until the next returns.
+        dims = _dims(shape, workload)
+        held["previous_probs"] = dtype_bytes(workload.act_dtype, dims.batch * dims.heads * dims.query_len * dims.kv_len)
+    return held
+
+
+def _add_reference_mlp_ops(
+    g: _Graph, shape: LayerShape, workload: Workload, rows: int, x_in: str, prefix: str
+) -> str:
+    """The MLP of the reference forward over ``rows`` tokens; returns the name of its output.
+
+    Its input is the MLP module's argument, alive until the module returns (the down projection).
+    """
+    act, fw = workload.act_dtype, shape.forward
+    inter = dtype_bytes(act, rows * shape.intermediate_size)
+    hidden_out = dtype_bytes(act, rows * shape.hidden_size)
+    p = prefix
+    if workload.fused_mlp:
+        # One kernel computes the activated intermediate (cachefit's fused MLP, not transformers').
+        down_in = f"{p}hidden" if shape.gated_mlp else f"{p}act"
+        g.add_op(f"{p}fused_up_act", "mlp", {down_in: inter}, (x_in,))
+        keep: tuple[str, ...] = ()
+    elif shape.gated_mlp and fw.fused_gate_up:
+        # Phi-3: gate_up = gate_up_proj(x); gate, up = gate_up.chunk(2); up * act(gate). The chunks are
+        # views, so the 2f-wide output lives until the MLP returns.
+        g.add_op(f"{p}gate_up_proj", "mlp", {f"{p}gate_up": 2 * inter}, (x_in,))
+        g.add_op(f"{p}act_fn", "mlp", {f"{p}act": inter}, (f"{p}gate_up",))
+        g.add_op(f"{p}mul", "mlp", {f"{p}hidden": inter}, (f"{p}act", f"{p}gate_up"))
+        down_in, keep = f"{p}hidden", (f"{p}gate_up",)
+    elif shape.gated_mlp:
+        # Llama: down(act(gate(x)) * up(x)) evaluates gate, act, up, then the product.
+        g.add_op(f"{p}gate_proj", "mlp", {f"{p}gate": inter}, (x_in,))
+        g.add_op(f"{p}act_fn", "mlp", {f"{p}act": inter}, (f"{p}gate",))
+        g.add_op(f"{p}up_proj", "mlp", {f"{p}up": inter}, (x_in,))
+        g.add_op(f"{p}mul", "mlp", {f"{p}hidden": inter}, (f"{p}act", f"{p}up"))
+        down_in, keep = f"{p}hidden", ()
+    else:
+        g.add_op(f"{p}up_proj", "mlp", {f"{p}up": inter}, (x_in,))
+        # A Python activation (GPT-2's gelu_new: 0.5 * x * (1 + tanh(c * (x + 0.044715 * x^3))))
+        # keeps more MLP-width temporaries alive than its input and output.
+        temporaries = {f"{p}act_fn.workspace": fw.activation_temporaries * inter} if fw.activation_temporaries else {}
+        g.add_op(f"{p}act_fn", "mlp", {f"{p}act": inter, **temporaries}, (f"{p}up",))
+        down_in, keep = f"{p}act", ()
+    out = f"{p}down_out"
+    g.add_op(f"{p}down_proj", "mlp", {out: hidden_out}, (down_in, x_in, *keep))
+    return out
+
+
+def _reference_layer_graph(shape: LayerShape, workload: Workload) -> _Graph:
+    """One layer (or its attention / MLP block) of the reference forward, in prefill or decode."""
+    dims = _dims(shape, workload)
+    act, fw = workload.act_dtype, shape.forward
+    n, h, a, kv, d = dims.tokens, dims.hidden, dims.heads, dims.kv_heads, dims.head_dim
+    eager = workload.attention is Attention.EAGER
+
+    def b(numel: int) -> int:
+        return dtype_bytes(act, numel)
+
+    g = _Graph()
+    # Live from before the first op to after the last: the layer's input (its caller holds it until
+    # the layer returns) and what the model's forward holds through every layer.
+    g.add_input("residual", b(n * h))
+    for name, nbytes in _caller_held(shape, workload).items():
+        g.add_input(name, nbytes)
+    held = list(g.inputs)
+    if fw.post_norm:
+        # BERT: the attention reads the layer's input; the norms follow the residual adds.
+        x_attn = "residual"
+    else:
+        x_attn = _norm_op(g, "attn_norm", "attn", "residual", n * h, n, workload, shape)
+    if shape.parallel_attn_mlp:
+        # Falcon (new decoder architecture) normalizes for the MLP before the attention and holds both
+        # normed inputs until the layer returns; GPT-NeoX normalizes for the MLP after the attention
+        # (an upper bound by N x h there).
+        _norm_op(g, "mlp_norm", "attn", "residual", n * h, n, workload, shape)
+        held += ["attn_norm", "mlp_norm"]
+    if fw.fused_qkv:
+        # One projection; q, k and v are views of its output, alive while any of them is.
+        g.add_op("qkv_proj", "attn", {"qkv": b(n * (a + 2 * kv) * d)}, (x_attn,))
+        q = k = v = "qkv"
+    else:
+        g.add_op("q_proj", "attn", {"q": b(n * a * d)}, (x_attn,))
+        g.add_op("k_proj", "attn", {"k": b(n * kv * d)}, (x_attn,))
+        g.add_op("v_proj", "attn", {"v": b(n * kv * d)}, (x_attn,))
+        q, k, v = "q", "k", "v"
+    if fw.qk_norm:
+        # Qwen3: q_norm(q_proj(x).view(..., d)) over every head, then k the same way.
+        q = _norm_op(g, "q_norm", "attn", q, n * a * d, n * a, workload, shape)
+        k = _norm_op(g, "k_norm", "attn", k, n * kv * d, n * kv, workload, shape, keep=(q,))
+    if shape.rotary_dim:
+        # apply_rotary_pos_emb: (x * cos) + (rotate_half(x) * sin); beside x and its output, two
+        # rotated-width temporaries are alive at once. Both inputs live until both outputs exist.
+        rd = shape.rotary_dim
+        g.add_op("rotary_q", "attn", {"q_rot": b(n * a * d), "rotary_q.workspace": 2 * b(n * a * rd)}, (q,))
+        g.add_op("rotary_k", "attn", {"k_rot": b(n * kv * d), "rotary_k.workspace": 2 * b(n * kv * rd)}, (k, q))
+        q, k = "q_rot", "k_rot"
+    # q, k, v are the attention module's locals until it returns (after the output projection).
+    module_locals = tuple(dict.fromkeys((q, k, v)))
+    kv_numel = dims.batch * dims.kv_len * kv * d
+    if workload.mode is Mode.DECODE:
+        # The step's key/value go into the cache; attention then reads the whole cache (persistent,
+        # counted outside the walk). A static cache is written in place (index_copy_). A DynamicCache
+        # grows by torch.cat(old, new): while the values are concatenated, the new keys, the old
+        # values and the new values are alive, one S-token half more than the cache itself.
+        update: dict[str, int] = {}
+        if workload.kv_cache is KVCache.DYNAMIC:
+            # A sliding-window layer (DynamicSlidingWindowLayer) concatenates keys and values before
+            # trimming either: the whole cache twice.
+            halves = 2 if shape.sliding_window is not None or fw.attention_masks > 1 else 1
+            update["kv_cache.grown"] = halves * dtype_bytes(workload.kv_cache_dtype, kv_numel)
+        g.add_op("kv_cache_update", "attn", update, (k, v))
+        k, v = "kv_cache.k", "kv_cache.v"
+        if workload.kv_cache_dtype != act:
+            # A cache in another dtype is read through dequantized copies of keys and values.
+            g.add_op("kv_dequant", "attn", {"k_dequant": b(kv_numel), "v_dequant": b(kv_numel)}, ())
+            k, v = "k_dequant", "v_dequant"
+    scores = dims.batch * a * dims.query_len * dims.kv_len
+    if eager:
+        rep = b(dims.batch * a * dims.kv_len * d)
+        # With one KV head, repeat_kv's reshape is a view of the expanded keys and values; a matmul
+        # over more than one sequence copies its expanded operand (its batch x head dims do not fold
+        # into one stride), but only while it runs.
+        one_kv = kv == 1 < a and dims.batch > 1
+        k_copy, v_copy = ({"qk.k_copy": rep}, {"pv.v_copy": rep}) if one_kv else ({}, {})
+        if 1 < kv < a:
+            # repeat_kv: expand + reshape copies keys and values to every query head. Both copies
+            # live until eager_attention_forward returns.
+            g.add_op("repeat_k", "attn", {"k_rep": rep}, (k,))
+            g.add_op("repeat_v", "attn", {"v_rep": rep}, (v, "k_rep"))
+            k, v = "k_rep", "v_rep"
+        # matmul(q, k^T) * scaling + mask: each out of place, the previous one freed after the next.
+        g.add_op("qk", "attn", {"scores": b(scores), **k_copy}, (q, k))
+        g.add_op("scale", "attn", {"scores_scaled": b(scores)}, ("scores",))
+        g.add_op("mask_add", "attn", {"scores_masked": b(scores)}, ("scores_scaled",))
+        if fw.softmax_fp32 and dtype_bytes(act, 1) < _LSE_BYTES:
+            # softmax(x, dtype=torch.float32).to(dtype): an fp32 copy of the scores and the fp32
+            # probabilities beside the 16-bit masked scores, then the 16-bit probabilities beside the fp32 ones.
+            fp32 = {"probs_fp32": 4 * scores, "softmax.fp32_input": 4 * scores}
+            g.add_op("softmax", "attn", fp32, ("scores_masked",))
+            g.add_op("probs_cast", "attn", {"probs": b(scores)}, ("probs_fp32", "scores_masked"))
+        else:
+            g.add_op("softmax", "attn", {"probs": b(scores)}, ("scores_masked",))
+        g.add_op("pv", "attn", {"context": b(n * a * d), **v_copy}, ("probs", v, k))
+        # attn_output.transpose(1, 2).contiguous(): a copy, while the function's locals still live.
+        g.add_op("context_copy", "attn", {"context_t": b(n * a * d)}, ("context", k, v))
+        # The attention returns its probabilities; the layer keeps them (``hidden_states, _ = ...``)
+        # until it returns.
+        held.append("probs")
+    else:
+        # torch's fused SDPA (the CPU flash kernel; CUDA's flash / memory-efficient kernels alike):
+        # the context and an fp32 log-sum-exp of B x a x T; GQA runs without repeated copies
+        # (enable_gqa without a mask, or the decode step packed per KV head). With a mask in prefill
+        # transformers' sdpa_attention_forward repeats keys and values first (repeat_kv).
+        # transformers then transposes the context contiguous (a copy).
+        if fw.sdpa_mask and 1 < kv < a and dims.query_len > 1:
+            rep = b(dims.batch * a * dims.kv_len * d)
+            g.add_op("repeat_k", "attn", {"k_rep": rep}, (k,))
+            g.add_op("repeat_v", "attn", {"v_rep": rep}, (v, "k_rep"))
+            k, v = "k_rep", "v_rep"
+        lse = dims.batch * a * dims.query_len * _LSE_BYTES
+        sdpa_out = {"context": b(n * a * d), "lse": lse}
+        if _sdpa_gets_mask(shape, workload):
+            # torch turns a boolean mask into an additive one in the query's dtype while SDPA runs.
+            sdpa_out["sdpa.float_mask"] = b(dims.batch * dims.query_len * dims.kv_len)
+        g.add_op("sdpa", "attn", sdpa_out, (q, k, v))
+        g.add_op("context_copy", "attn", {"context_t": b(n * a * d)}, ("context", k, v))
+    # The normed input is the attention module's argument (and the layer's local) until it returns.
+    g.add_op("o_proj", "attn", {"attn_out": b(n * h)}, ("context_t", x_attn, *module_locals))
+    if shape.parallel_attn_mlp:
+        mlp_in = "mlp_norm"
+    elif fw.post_norm:
+        # BertSelfOutput: LayerNorm(dense(context) + input); the dense output lives until it returns.
+        g.add_op("attn_residual", "attn", {"attn_sum": b(n * h)}, ("residual", "attn_out"))
+        mlp_in = _norm_op(g, "attn_residual_out", "attn", "attn_sum", n * h, n, workload, shape, keep=("attn_out",))
+    else:
+        g.add_op("attn_residual", "attn", {"attn_residual_out": b(n * h)}, ("residual", "attn_out"))
+        # GPT-2 keeps the attention output in a local (``attn_output``) through the MLP; Llama-style
+        # layers rebind it (an upper bound by N x h there).
+        held.append("attn_out")
+        mlp_in = _norm_op(g, "mlp_norm", "mlp", "attn_residual_out", n * h, n, workload, shape)
+    if dims.experts:
+        pairs = n * dims.top_k  # token-expert pairs: only routed tokens flow through an expert
+        g.add_op("router", "mlp", {"router_logits": b(n * dims.experts)}, (mlp_in,))
+        g.add_op("router_softmax", "mlp", {"router_probs": b(n * dims.experts)}, ("router_logits",))
+        topk = {"routing_weights": b(pairs), "expert_index": pairs * _INDEX_BYTES}
+        g.add_op("router_topk", "mlp", topk, ("router_probs",))
+        g.add_op("expert_gather", "mlp", {"expert_in": b(pairs * h)}, (mlp_in, "expert_index"))
+        expert_out = _add_reference_mlp_ops(g, shape, workload, pairs, "expert_in", "expert_")
+        combine = (expert_out, "routing_weights", "expert_index", mlp_in)
+        g.add_op("expert_combine", "mlp", {"moe_out": b(n * h)}, combine)
+        mlp_out = "moe_out"
+    else:
+        mlp_out = _add_reference_mlp_ops(g, shape, workload, n, mlp_in, "")
+    if shape.parallel_attn_mlp:
+        # mlp_out + attn_out + hidden_states (GPT-NeoX; Falcon adds the attention output in place).
+        g.add_op("attn_mlp_sum", "mlp", {"attn_mlp_out": b(n * h)}, (mlp_out, "attn_out"))
+        g.add_op("residual_sum", "mlp", {"layer_out": b(n * h)}, ("attn_mlp_out", "residual"))
+    elif fw.post_norm:
+        # BertOutput: LayerNorm(dense(intermediate) + attention_output).
+        g.add_op("mlp_residual", "mlp", {"mlp_sum": b(n * h)}, ("attn_residual_out", mlp_out))
+        _norm_op(g, "layer_out", "mlp", "mlp_sum", n * h, n, workload, shape, keep=(mlp_out, "attn_residual_out"))
+    else:
+        g.add_op("mlp_residual", "mlp", {"layer_out": b(n * h)}, ("attn_residual_out", mlp_out))
+    g.outputs.extend(["layer_out", *held])
+    return g
+
+
+def _reference_embedding_graph(shape: LayerShape, workload: Workload) -> _Graph:
+    """The embedding of the reference forward: lookups, their sums, a norm or a scale, positions."""
+    act, fw = workload.act_dtype, shape.forward
+    n, h = workload.tokens, shape.hidden_size
+    out = dtype_bytes(act, n * h)
+    g = _Graph()
+    if fw.embedding_scale:
+        # Gemma: embedding(ids) * sqrt(h), out of place.
+        g.add_op("token_lookup", "embed", {"token_lookup": out}, ())
+        g.add_op("embed_scale", "embed", {"inputs_embeds": out}, ("token_lookup",))
+    else:
+        g.add_op("token_lookup", "embed", {"inputs_embeds": out}, ())
+    held, transient = _position_ids(shape, workload)
+    g.add_op("position_ids", "embed", {**held, **transient}, ())
+    kept = ["inputs_embeds", *held]
+    running = "inputs_embeds"
+    position = _position_lookup_bytes(shape, workload)
+    for i in range(1, shape.embedding_tables):
+        # Each lookup is summed out of place; the lookups are locals alive until the embedding
+        # returns (GPT-2's and OPT's forward keep them through every layer), each running sum until
+        # the next one exists. A learned position lookup is the first extra table here.
+        if i == 1 and position:
+            name, nbytes = "position_embeds", position
+        else:
+            name, nbytes = f"table_{i}_embeds", out
+        g.add_op(f"lookup_{i}", "embed", {name: nbytes}, ())
+        g.add_op(f"embed_sum_{i}", "embed", {f"embed_sum_{i}": out}, (running, name))
+        kept.append(name)
+        running = f"embed_sum_{i}"
+    if fw.embedding_norm:
+        running = _norm_op(g, "embedding_norm", "embed", running, n * h, n, workload, shape)
+    g.outputs.extend(dict.fromkeys([running, *kept]))
+    return g
+
+
+def _reference_head_graph(shape: LayerShape, workload: Workload) -> _Graph:
+    """Final norm and LM head (or pooler) of the reference forward.
+
+    The final norm runs inside the model's forward, which still holds the token embeddings (and
+    position lookups), the masks and the rotary tables; the LM head runs after it returned, on the
+    normed states.
+    """
+    act = workload.act_dtype
+    n, h = workload.tokens, shape.hidden_size
+    g = _Graph()
+    g.add_input("residual", dtype_bytes(act, n * h))
+    caller = _caller_held(shape, workload)
+    if shape.causal:
+        # (An encoder given no padding mask builds none: its attention units count one as an upper
+        # bound, its small pooler head does not.)
+        caller |= dict(_attention_tables(shape, workload))
+    for name, nbytes in caller.items():
+        g.add_input(name, nbytes)
+    if not shape.forward.post_norm:
+        keep: tuple[str, ...] = (_norm_op(g, "final_norm", "head", "residual", n * h, n, workload, shape, keep=tuple(caller)),)
+    else:
+        # A post-norm encoder (BERT): the last layer's output norm closes the stack; the head reads
+        # the sequence output while the model's forward still holds the embedding output.
+        keep = ("residual", *caller)
+    if shape.vocab_size:
+        logits = dtype_bytes(act, n * shape.vocab_size)
+        g.add_op("lm_head", "head", {"logits": logits}, keep)
+        out = "logits"
+        if shape.forward.logit_softcap:
+            # Gemma 2: logits / cap, tanh, * cap, each out of place: two logits-sized tensors at once.
+            g.add_op("logit_softcap", "head", {"logits_capped": logits}, ("logits", *keep))
+            out = "logits_capped"
+    else:
+        # No LM head: a pooler (BERT) on the first token of each sequence, dense + tanh.
+        pooled = dtype_bytes(act, workload.batch * h)
+        g.add_op("pooler_dense", "head", {"pooled": pooled}, keep)
+        g.add_op("pooler_act", "head", {"pooler_out": pooled}, ("pooled", *keep))
+        out = "pooler_out"
+    g.outputs.append(out)
+    return g
+
+
+# --------------------------------------------------------------------------------------------------
 # Train: tensors saved for backward (Korthikanti et al. 2022, sec. 4.1, term by term)
 
 
@@ -475,22 +845,47 @@ def _saved_head(shape: LayerShape, workload: Workload) -> list[tuple[str, int, s
 # Buffers
 
 
+def _sdpa_gets_mask(shape: LayerShape, workload: Workload) -> bool:
+    """Whether a causal model's SDPA call gets a materialized boolean mask instead of ``is_causal``.
+
+    A decode step over a static cache does (masking_utils cannot tell filled slots from empty ones);
+    over a dynamic cache every key is valid and the mask is skipped, as in prefill.
+    """
+    static_decode = workload.mode is Mode.DECODE and workload.kv_cache is KVCache.STATIC
+    return shape.causal and (static_decode or shape.forward.sdpa_mask)
+
+
 def _buffers(shape: LayerShape, workload: Workload) -> tuple[tuple[str, int], ...]:
+    """The workspace an attention unit needs: its masks and rotary tables (none elsewhere)."""
     if shape.part not in ("layer", "attention"):
         return ()
+    return _attention_tables(shape, workload)
+
+
+def _attention_tables(shape: LayerShape, workload: Workload) -> tuple[tuple[str, int], ...]:
+    """The masks and rotary tables the model's forward makes once and holds through every layer."""
     dims = _dims(shape, workload)
     act = workload.act_dtype
     out: list[tuple[str, int]] = []
     if workload.attention is Attention.EAGER:
-        # Additive float mask B x 1 x T x S_kv in the model dtype (transformers masking_utils.eager_mask).
-        out.append(("attention_mask", dtype_bytes(act, dims.batch * dims.query_len * dims.kv_len)))
+        # Additive float mask B x 1 x T x S_kv in the model dtype (transformers masking_utils.eager_mask);
+        # one per attention kind the model mixes (Gemma 2: full and sliding-window layers).
+        mask = dtype_bytes(act, dims.batch * dims.query_len * dims.kv_len)
+        out.append(("attention_mask", shape.forward.attention_masks * mask))
     elif not shape.causal:
         # Flash kernels take causality as a flag; an encoder batch with padding passes a 2-D
         # B x S_kv boolean key-padding mask (transformers masking_utils.flash_attention_mask).
         out.append(("padding_mask", dims.batch * dims.kv_len))
+    elif _sdpa_gets_mask(shape, workload):
+        # SDPA takes is_causal where every key before a query is valid; a decode step over a static
+        # cache gets a boolean mask of B x 1 x T x S_kv (transformers masking_utils.sdpa_mask), and
+        # so does every step of a family that always materializes it.
+        out.append(("attention_mask", dims.batch * dims.query_len * dims.kv_len))
     if shape.rotary_dim:
-        # cos and sin, each B x T x rotary_dim in the activation dtype (LlamaRotaryEmbedding.forward).
-        out.append(("rotary_cos_sin", 2 * dtype_bytes(act, dims.tokens * shape.rotary_dim)))
+        # cos and sin, each 1 x T x rotary_dim in the activation dtype: LlamaRotaryEmbedding.forward
+        # computes them from position_ids of 1 x T (broadcast over the batch) and returns
+        # emb.cos().to(x.dtype) with emb = cat(freqs, freqs).
+        out.append(("rotary_cos_sin", 2 * dtype_bytes(act, dims.query_len * shape.rotary_dim)))
     return tuple(out)
 
 
@@ -514,6 +909,17 @@ def _walk_peak(g: _Graph, part: str, workload: Workload) -> tuple[int, tuple[tup
     groups = _blocks_of(part)
     if len(groups) == 1 or workload.buffer_reuse:
         return g.peak(tuple(blk for grp in groups for blk in grp))
+    if workload.mode is not Mode.TRAIN:
+        # No reuse: the attention's and the MLP's scratch are separate regions. What the layer holds
+        # from its start (its input, the caller's tensors) is counted once, then each block's live
+        # tensors at its own peak that are not counted yet.
+        parts = [(t, g.sizes[t]) for t in g.inputs]
+        counted = set(g.inputs)
+        for grp in groups:
+            _, live = g.peak(grp)
+            parts.extend((f"{grp[0]}.{t}", nb) for t, nb in live if t not in counted)
+            counted.update(t for t, _ in live)
+        return sum(nb for _, nb in parts), tuple(parts)
     # No reuse: the attention's and the MLP's scratch are separate regions; only the residual
     # stream entering each block is shared. peak = residual + attn scratch + MLP scratch.
     residual = g.sizes["residual"]
@@ -540,12 +946,12 @@ def estimate_activations(shape: LayerShape, workload: Workload) -> ActivationEst
     """
     _check_shape(shape)
     part = shape.part
-    if part == "embedding":
-        graph = _embedding_graph(shape, workload)
-    elif part == "head":
-        graph = _head_graph(shape, workload)
+    if workload.mode is Mode.TRAIN:
+        builders = {"embedding": _embedding_graph, "head": _head_graph}
+        graph = builders.get(part, _layer_graph)(shape, workload)
     else:
-        graph = _layer_graph(shape, workload)
+        builders = {"embedding": _reference_embedding_graph, "head": _reference_head_graph}
+        graph = builders.get(part, _reference_layer_graph)(shape, workload)
     buffer_parts = _buffers(shape, workload)
     walk_bytes, walk_parts = _walk_peak(graph, part, workload)
 

@@ -8,10 +8,10 @@ find the modules a unit owns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cachefit.errors import ConfigError
-from cachefit.units import TensorSpec
+from cachefit.units import ForwardSpec, TensorSpec
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +54,9 @@ class TransformerSpec:
     """Where the description came from (URL of the config, or a file path)."""
     notes: tuple[str, ...] = ()
     """Assumptions made (e.g. a vocabulary the paper does not give)."""
+    forward: ForwardSpec = field(default_factory=ForwardSpec)
+    """How the family's ``transformers`` forward holds tensors beyond the shapes (fp32 softmax, a Python
+    activation, learned position lookups, ...): what the activation bytes are computed for."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):

@@ -36,7 +36,9 @@ def _weight_roles(tensors: Iterable[TensorSpec], weight_dtype: str) -> tuple[tup
     return tuple((role, by_role[role]) for role in WEIGHT_ROLES if role in by_role)
 
 
-def _shape(spec: TransformerSpec, part: str, *, vocab_size: int = 0, embedding_tables: int = 1) -> LayerShape:
+def _shape(
+    spec: TransformerSpec, part: str, *, vocab_size: int = 0, embedding_tables: int = 1, first_layer: bool = False
+) -> LayerShape:
     return LayerShape(
         part=part,
         hidden_size=spec.hidden_size,
@@ -53,6 +55,8 @@ def _shape(spec: TransformerSpec, part: str, *, vocab_size: int = 0, embedding_t
         sliding_window=spec.sliding_window,
         vocab_size=vocab_size,
         embedding_tables=embedding_tables,
+        forward=spec.forward,
+        first_layer=first_layer,
     )
 
 
@@ -81,7 +85,7 @@ def _unit(
     vocab_size: int = 0,
     embedding_tables: int = 1,
 ) -> Unit:
-    shape = _shape(spec, part, vocab_size=vocab_size, embedding_tables=embedding_tables)
+    shape = _shape(spec, part, vocab_size=vocab_size, embedding_tables=embedding_tables, first_layer=layer == 0)
     estimate = estimate_activations(shape, workload)
     roles = _weight_roles(tensors, workload.weight_dtype)
     footprint = Footprint(
