@@ -167,8 +167,8 @@ class DeployLayout:
 
 
 def _plan_workload(plan: Plan) -> Workload:
-    fields = ("batch", "seq_len", "mode", "weight_dtype", "act_dtype", "kv_dtype", "micro_batches", "attention",
-              "fused_mlp", "checkpointing", "buffer_reuse", "dropout")
+    fields = ("batch", "seq_len", "mode", "weight_dtype", "act_dtype", "kv_dtype", "kv_cache", "micro_batches",
+              "attention", "fused_mlp", "checkpointing", "buffer_reuse", "dropout")
     try:
         return Workload(**{k: plan.workload[k] for k in fields if k in plan.workload})
     except TypeError as exc:
