@@ -23,11 +23,13 @@ from cachefit.units import Workload
 WTE, WPE, BLOCK, LN = 77_194_752, 1_572_864, 14_175_744, 3_072
 # Decode, batch 1, a 1,024-token context (cachefit's default workload):
 #   KV cache of a layer: 2 (K, V) x 1,024 tokens x 768 x 2 B = 3,145,728 B (persistent)
-#   a layer's transient peak (eager attention): the input 768 x 2 B + scores and probabilities
-#   12 heads x 1,024 x 2 B each = 1,536 + 2 x 24,576 = 50,688 B; its buffer, the mask row 1,024 x 2 B = 2,048 B
-#   embed's peak: the summed embeddings and a lookup, 3 x 1,536 = 4,608 B; the head's: the input 1,536 B and the
-#   logits 50,257 x 2 B = 100,514 B, 102,050 B
-KV, LAYER_PEAK, MASK, EMBED_PEAK, HEAD_PEAK = 3_145_728, 50_688, 2_048, 4_608, 102_050
+#   a layer's transient peak (eager attention), what transformers' GPT2Model holds while it runs: the
+#   layer input (residual), inputs_embeds and the position lookup kept by the model's forward, the
+#   position id (8 B), ln_1's output, c_attn's q, k, v (3 x 1,536), scores and scaled scores 12 heads x
+#   1,024 x 2 B each: 4 x 1,536 + 8 + 4,608 + 2 x 24,576 = 59,912 B; its buffer, the mask row 1,024 x 2 B = 2,048 B
+#   embed's peak: the token lookup, the position id, the position lookup and their sum, 3 x 1,536 + 8 = 4,616 B;
+#   the head's: the final norm 1,536 B and the logits 50,257 x 2 B = 100,514 B, 102,050 B
+KV, LAYER_PEAK, MASK, EMBED_PEAK, HEAD_PEAK = 3_145_728, 59_912, 2_048, 4_616, 102_050
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +77,14 @@ def test_accelerate_map_with_whole_blocks(gpt2_small):
     assert card0.total_bytes == WTE + WPE + max(EMBED_PEAK, HEAD_PEAK) == 78_869_666
     assert card0.fits and card0.spill_bytes == 0 and card0.offchip_bytes_per_token == 0
     # card 1: 12 blocks + ln_f = 170,108,928 + 3,072 = 170,112,000 B of weights, 12 KV caches 37,748,736 B,
-    # one layer's transient peak and mask 50,688 + 2,048 B: 207,913,472 B, 107,913,472 B beyond 100 MB
+    # one layer's transient peak and mask 59,912 + 2,048 B: 207,922,696 B, 107,922,696 B beyond 100 MB
     assert card1.weight_bytes == 12 * BLOCK + LN == 170_112_000
     assert card1.footprint.persistent_activation_bytes == 12 * KV == 37_748_736
-    assert card1.total_bytes == 170_112_000 + 37_748_736 + LAYER_PEAK + MASK == 207_913_472
-    assert card1.spill_bytes == 107_913_472 and card1.onchip_bytes == 100_000_000
+    assert card1.total_bytes == 170_112_000 + 37_748_736 + LAYER_PEAK + MASK == 207_922_696
+    assert card1.spill_bytes == 107_922_696 and card1.onchip_bytes == 100_000_000
     # the spill comes out of the weights (170 MB of them), read from DRAM once per decode step of 1 token
-    assert card1.streamed_weight_bytes == 107_913_472 and card1.spilled_activation_bytes == 0
-    assert audit.offchip_bytes_per_token == 107_913_472
+    assert card1.streamed_weight_bytes == 107_922_696 and card1.spilled_activation_bytes == 0
+    assert audit.offchip_bytes_per_token == 107_922_696
     assert not audit.fits
     assert audit.split_units == ("head",) and audit.unmatched_keys == ("transformer.drop",)
     # 286.7 MB in all cannot fit two 100 MB cards: the fix is the fewest cards that fit
@@ -103,9 +105,9 @@ def test_accelerate_map_that_cuts_blocks(gpt2_small):
     # a cut layer runs where most of its weights are: layers.1 on card 1, layers.8 on card 2
     assert audit.cards[1].units[0] == "layers.1" and audit.cards[2].units[0] == "layers.8"
     assert set(audit.split_units) == {"layers.1", "layers.8", "head"}
-    # card 1: 99,230,208 + 7 KV caches (layers.1..7) 22,020,096 + 52,736 = 121,303,040 B: spills 21,303,040 B
-    assert audit.cards[1].total_bytes == 99_230_208 + 7 * KV + LAYER_PEAK + MASK == 121_303_040
-    assert audit.cards[1].streamed_weight_bytes == 21_303_040
+    # card 1: 99,230,208 + 7 KV caches (layers.1..7) 22,020,096 + 61,960 = 121,312,264 B: spills 21,312,264 B
+    assert audit.cards[1].total_bytes == 99_230_208 + 7 * KV + LAYER_PEAK + MASK == 121_312_264
+    assert audit.cards[1].streamed_weight_bytes == 21_312_264
 
 
 def test_offloaded_weights_stream_every_step(gpt2_small):
@@ -192,8 +194,8 @@ def test_check_cli_json_and_table(tmp_path):
     doc = json.loads(result.stdout)
     assert doc["schema"] == "cachefit.check/1"
     # the gpt2 preset is GPT-2 small: the same numbers as above
-    assert [c["total_bytes"] for c in doc["cards"]] == [78_869_666, 207_913_472]
-    assert doc["spill_bytes"] == 107_913_472 and doc["offchip_bytes_per_token"] == 107_913_472
+    assert [c["total_bytes"] for c in doc["cards"]] == [78_869_666, 207_922_696]
+    assert doc["spill_bytes"] == 107_922_696 and doc["offchip_bytes_per_token"] == 107_922_696
     assert doc["fix"]["feasible"] and doc["fix"]["plan"]["schema"] == "cachefit.plan/1"
     result = runner.invoke(app, ["check", "gpt2", "--device-map", str(path), "--capacity", "100MB"])
     assert result.exit_code == 0 and "does not fit" in result.stdout and "fix:" in result.stdout
