@@ -9,9 +9,10 @@ transformers: models/<family>/modeling_<family>.py; ``<Family>DecoderLayer`` hol
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Literal
 
-from cachefit.families._blocks import linear, lm_head, norm, tensor
+from cachefit.families._blocks import common_dims, head_dim, kv_heads, linear, lm_head, norm, tensor
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
 from cachefit.units import ForwardSpec, TensorSpec
@@ -22,17 +23,36 @@ _LLAMA_FORWARD = ForwardSpec()
 """Llama's forward: the defaults of ForwardSpec."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecoderDims:
+    """The dimensions every Llama-like config gives (the keys that size its weights)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+
+def read_decoder_dims(cfg: ConfigReader, *, kv_absent: int | None, head_dim_absent: int | None = None
+                      ) -> DecoderDims:
+    """Width, depth, heads, KV heads, head dim, MLP width and vocabulary, read as every Llama-like
+    family reads them; ``kv_absent`` / ``head_dim_absent``: the config class's defaults (None: = heads,
+    = hidden / heads)."""
+    hidden, layers, heads, inter, vocab = common_dims(cfg)
+    kv = kv_heads(cfg, heads, absent=kv_absent)
+    dim = head_dim(cfg, hidden, heads, absent=head_dim_absent)
+    return DecoderDims(hidden=hidden, layers=layers, heads=heads, kv_heads=kv, head_dim=dim, intermediate=inter,
+                       vocab=vocab)
+
+
 def llama_like(
     cfg: ConfigReader,
     *,
     family: str,
-    hidden: int,
-    layers: int,
-    heads: int,
-    kv_heads: int,
-    head_dim: int,
-    intermediate: int,
-    vocab: int,
+    dims: DecoderDims,
     tie: bool,
     max_positions: int,
     rotary_dim: int,
@@ -61,6 +81,9 @@ def llama_like(
     ``forward``: how the family's forward differs from Llama's beyond these (its fused
     projections and q/k norms are set here from the arguments above).
     """
+    hidden, layers, heads, head_dim, intermediate, vocab = (dims.hidden, dims.layers, dims.heads, dims.head_dim,
+                                                            dims.intermediate, dims.vocab)
+    kv_heads = dims.kv_heads
     embed = "model.embed_tokens.weight"
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
     all_layers = []

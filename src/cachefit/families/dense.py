@@ -4,8 +4,8 @@ Llama's module names. No ``transformers`` class exists for it: the spec is Llama
 
 from __future__ import annotations
 
-from cachefit.families._blocks import common_dims, head_dim, kv_heads, sliding_window
-from cachefit.families._llama_like import llama_like
+from cachefit.families._blocks import sliding_window
+from cachefit.families._llama_like import llama_like, read_decoder_dims
 from cachefit.families.family_spec import FamilySpec, MlpPattern
 from cachefit.families.llama import LLAMA_ROLES
 from cachefit.families.reader import ConfigReader
@@ -16,21 +16,13 @@ def read_dense(cfg: ConfigReader) -> TransformerSpec:
     # cachefit's own family: Llama module names, two-matrix MLP, no biases. Defaults: KV heads =
     # heads, head_dim = hidden/heads, untied head, no rotary (partial_rotary_factor 0: the seed
     # paper names no position scheme), max_position_embeddings 0 (unknown), no sliding window.
-    hidden, layers, heads, inter, vocab = common_dims(cfg)
-    kv = kv_heads(cfg, heads, absent=None)
-    dim = head_dim(cfg, hidden, heads)
+    dims = read_decoder_dims(cfg, kv_absent=None)
     factor = cfg.raw("partial_rotary_factor")
-    rotary = 0 if factor in (None, 0) else int(dim * cfg.fraction("partial_rotary_factor", factor))
+    rotary = 0 if factor in (None, 0) else int(dims.head_dim * cfg.fraction("partial_rotary_factor", factor))
     return llama_like(
         cfg,
         family="dense",
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv,
-        head_dim=dim,
-        intermediate=inter,
-        vocab=vocab,
+        dims=dims,
         tie=cfg.flag("tie_word_embeddings", absent=False),
         max_positions=cfg.integer("max_position_embeddings", absent=0, minimum=0),
         rotary_dim=rotary,

@@ -3,8 +3,8 @@ a Llama-like decoder with a head_dim of 256 by default and a tied head."""
 
 from __future__ import annotations
 
-from cachefit.families._blocks import common_dims, full_rotary, head_dim, kv_heads
-from cachefit.families._llama_like import llama_like
+from cachefit.families._blocks import full_rotary
+from cachefit.families._llama_like import llama_like, read_decoder_dims
 from cachefit.families.family_spec import FamilySpec
 from cachefit.families.llama import GATED_MLP, LLAMA_ROLES
 from cachefit.families.reader import ConfigReader
@@ -15,23 +15,15 @@ from cachefit.units import ForwardSpec
 def read_gemma(cfg: ConfigReader) -> TransformerSpec:
     # GemmaConfig: num_key_value_heads 16, head_dim 256 (not hidden/heads), attention_bias False,
     # tie_word_embeddings True, max_position_embeddings 8192. GemmaRMSNorm has a weight only.
-    hidden, layers, heads, inter, vocab = common_dims(cfg)
-    kv = kv_heads(cfg, heads, absent=16)
-    dim = head_dim(cfg, hidden, heads, absent=256)
+    dims = read_decoder_dims(cfg, kv_absent=16, head_dim_absent=256)
     attn_bias = cfg.flag("attention_bias", absent=False)
     return llama_like(
         cfg,
         family="gemma",
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv,
-        head_dim=dim,
-        intermediate=inter,
-        vocab=vocab,
+        dims=dims,
         tie=cfg.flag("tie_word_embeddings", absent=True),
         max_positions=cfg.integer("max_position_embeddings", absent=8192),
-        rotary_dim=full_rotary(cfg, dim, "GemmaRotaryEmbedding"),
+        rotary_dim=full_rotary(cfg, dims.head_dim, "GemmaRotaryEmbedding"),
         mlp="gated",
         qkv_bias=attn_bias,
         o_bias=attn_bias,

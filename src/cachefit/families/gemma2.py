@@ -7,8 +7,8 @@ Its attention and final logit soft-capping (``attn_logit_softcapping``,
 
 from __future__ import annotations
 
-from cachefit.families._blocks import common_dims, full_rotary, head_dim, kv_heads, layered_window
-from cachefit.families._llama_like import llama_like
+from cachefit.families._blocks import full_rotary, layered_window
+from cachefit.families._llama_like import llama_like, read_decoder_dims
 from cachefit.families.family_spec import FamilySpec
 from cachefit.families.llama import GATED_MLP, LLAMA_ROLES
 from cachefit.families.reader import ConfigReader
@@ -22,32 +22,24 @@ def read_gemma2(cfg: ConfigReader) -> TransformerSpec:
     # layer_types None -> sliding on even layers, full on odd ones (`(i + 1) % 2`).
     # Gemma2DecoderLayer: input_layernorm, post_attention_layernorm, pre_feedforward_layernorm,
     # post_feedforward_layernorm, all Gemma2RMSNorm(hidden) with a weight only.
-    hidden, layers, heads, inter, vocab = common_dims(cfg)
-    kv = kv_heads(cfg, heads, absent=4)
-    dim = head_dim(cfg, hidden, heads, absent=256)
+    dims = read_decoder_dims(cfg, kv_absent=4, head_dim_absent=256)
     attn_bias = cfg.flag("attention_bias", absent=False)
     return llama_like(
         cfg,
         family="gemma2",
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv,
-        head_dim=dim,
-        intermediate=inter,
-        vocab=vocab,
+        dims=dims,
         tie=cfg.flag("tie_word_embeddings", absent=True),
         max_positions=cfg.integer("max_position_embeddings", absent=8192),
-        rotary_dim=full_rotary(cfg, dim, "Gemma2RotaryEmbedding"),
+        rotary_dim=full_rotary(cfg, dims.head_dim, "Gemma2RotaryEmbedding"),
         mlp="gated",
         qkv_bias=attn_bias,
         o_bias=attn_bias,
         sandwich_norms=True,
         sliding_window=layered_window(
             cfg,
-            layers,
+            dims.layers,
             cfg.integer("sliding_window", absent=4096, null=None),
-            default_types=lambda: [i % 2 == 0 for i in range(layers)],
+            default_types=lambda: [i % 2 == 0 for i in range(dims.layers)],
         ),
         # Gemma2RMSNorm in fp32 to the end; Gemma2Model builds a full and a sliding-window mask;
         # Gemma2ForCausalLM soft-caps the logits out of place unless final_logit_softcapping is null

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cachefit.families._blocks import common_dims, full_rotary, head_dim, kv_heads
-from cachefit.families._llama_like import llama_like
+from cachefit.families._blocks import full_rotary
+from cachefit.families._llama_like import llama_like, read_decoder_dims
 from cachefit.families.family_spec import FamilySpec, MlpPattern, RoleNames
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
@@ -18,23 +18,15 @@ def read_llama(cfg: ConfigReader) -> TransformerSpec:
     # LlamaConfig: num_key_value_heads None (-> heads), head_dim None (-> hidden/heads),
     # attention_bias False (q, k, v and o), mlp_bias False, tie_word_embeddings False,
     # max_position_embeddings 2048.
-    hidden, layers, heads, inter, vocab = common_dims(cfg)
-    kv = kv_heads(cfg, heads, absent=None)
-    dim = head_dim(cfg, hidden, heads)
+    dims = read_decoder_dims(cfg, kv_absent=None)
     attn_bias = cfg.flag("attention_bias", absent=False)
     return llama_like(
         cfg,
         family="llama",
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv,
-        head_dim=dim,
-        intermediate=inter,
-        vocab=vocab,
+        dims=dims,
         tie=cfg.flag("tie_word_embeddings", absent=False),
         max_positions=cfg.integer("max_position_embeddings", absent=2048),
-        rotary_dim=full_rotary(cfg, dim, "LlamaRotaryEmbedding"),
+        rotary_dim=full_rotary(cfg, dims.head_dim, "LlamaRotaryEmbedding"),
         mlp="gated",
         qkv_bias=attn_bias,
         o_bias=attn_bias,

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from cachefit.families._blocks import common_dims, full_rotary, head_dim, kv_heads, sliding_window
-from cachefit.families._llama_like import llama_like
+from cachefit.families._blocks import full_rotary, sliding_window
+from cachefit.families._llama_like import llama_like, read_decoder_dims
 from cachefit.families.family_spec import FamilySpec
 from cachefit.families.llama import GATED_MLP, LLAMA_ROLES
 from cachefit.families.reader import ConfigReader
@@ -14,22 +14,14 @@ from cachefit.profile.spec import TransformerSpec
 def read_mistral(cfg: ConfigReader) -> TransformerSpec:
     # MistralConfig: num_key_value_heads 8, head_dim None (-> hidden/heads), no biases,
     # tie_word_embeddings False, max_position_embeddings 4096 * 32, sliding_window 4096 (every layer).
-    hidden, layers, heads, inter, vocab = common_dims(cfg)
-    kv = kv_heads(cfg, heads, absent=8)
-    dim = head_dim(cfg, hidden, heads)
+    dims = read_decoder_dims(cfg, kv_absent=8)
     return llama_like(
         cfg,
         family="mistral",
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv,
-        head_dim=dim,
-        intermediate=inter,
-        vocab=vocab,
+        dims=dims,
         tie=cfg.flag("tie_word_embeddings", absent=False),
         max_positions=cfg.integer("max_position_embeddings", absent=4096 * 32),
-        rotary_dim=full_rotary(cfg, dim, "MistralRotaryEmbedding"),
+        rotary_dim=full_rotary(cfg, dims.head_dim, "MistralRotaryEmbedding"),
         mlp="gated",
         sliding_window=sliding_window(cfg, absent=4096),
     )

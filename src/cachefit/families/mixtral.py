@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from cachefit.errors import ConfigError
-from cachefit.families._blocks import common_dims, full_rotary, head_dim, kv_heads, sliding_window
-from cachefit.families._llama_like import llama_like
+from cachefit.families._blocks import full_rotary, sliding_window
+from cachefit.families._llama_like import llama_like, read_decoder_dims
 from cachefit.families.family_spec import FamilySpec, MlpPattern
 from cachefit.families.llama import LLAMA_ROLES
 from cachefit.families.reader import ConfigReader
@@ -16,9 +16,7 @@ def read_mixtral(cfg: ConfigReader) -> TransformerSpec:
     # MixtralConfig: num_key_value_heads 8, head_dim None (-> hidden/heads), num_local_experts 8
     # (alias num_experts; required here, it sizes most weights), num_experts_per_tok 2,
     # tie_word_embeddings False, max_position_embeddings 4096 * 32, sliding_window None.
-    hidden, layers, heads, inter, vocab = common_dims(cfg)
-    kv = kv_heads(cfg, heads, absent=8)
-    dim = head_dim(cfg, hidden, heads)
+    dims = read_decoder_dims(cfg, kv_absent=8)
     experts = cfg.integer("num_local_experts", aliases=("num_experts",))
     top_k = cfg.integer("num_experts_per_tok", absent=2, note=True)
     if top_k > experts:
@@ -29,16 +27,10 @@ def read_mixtral(cfg: ConfigReader) -> TransformerSpec:
     return llama_like(
         cfg,
         family="mixtral",
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv,
-        head_dim=dim,
-        intermediate=inter,
-        vocab=vocab,
+        dims=dims,
         tie=cfg.flag("tie_word_embeddings", absent=False),
         max_positions=cfg.integer("max_position_embeddings", absent=4096 * 32),
-        rotary_dim=full_rotary(cfg, dim, "MixtralRotaryEmbedding"),
+        rotary_dim=full_rotary(cfg, dims.head_dim, "MixtralRotaryEmbedding"),
         mlp="moe",
         sliding_window=sliding_window(cfg, absent=None),
         num_experts=experts,

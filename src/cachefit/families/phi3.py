@@ -3,8 +3,8 @@ a Llama-like decoder with fused qkv_proj and gate_up_proj and partial rotary emb
 
 from __future__ import annotations
 
-from cachefit.families._blocks import common_dims, head_dim, kv_heads, partial_rotary, sliding_window
-from cachefit.families._llama_like import llama_like
+from cachefit.families._blocks import partial_rotary, sliding_window
+from cachefit.families._llama_like import llama_like, read_decoder_dims
 from cachefit.families.family_spec import FamilySpec, MlpPattern, RoleNames
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
@@ -15,22 +15,14 @@ def read_phi3(cfg: ConfigReader) -> TransformerSpec:
     # no biases, fused qkv_proj and gate_up_proj, tie_word_embeddings False,
     # max_position_embeddings 4096, sliding_window None; Phi3RotaryEmbedding rotates
     # int(head_dim * partial_rotary_factor) dimensions (default 1.0).
-    hidden, layers, heads, inter, vocab = common_dims(cfg)
-    kv = kv_heads(cfg, heads, absent=None)
-    dim = head_dim(cfg, hidden, heads)
+    dims = read_decoder_dims(cfg, kv_absent=None)
     return llama_like(
         cfg,
         family="phi3",
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv,
-        head_dim=dim,
-        intermediate=inter,
-        vocab=vocab,
+        dims=dims,
         tie=cfg.flag("tie_word_embeddings", absent=False),
         max_positions=cfg.integer("max_position_embeddings", absent=4096),
-        rotary_dim=partial_rotary(cfg, dim, default=1.0),
+        rotary_dim=partial_rotary(cfg, dims.head_dim, default=1.0),
         mlp="fused_gated",
         fused_qkv=True,
         sliding_window=sliding_window(cfg, absent=None),

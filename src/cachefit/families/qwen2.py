@@ -3,8 +3,8 @@ a Llama-like decoder with q/k/v biases and a sliding window on some layers."""
 
 from __future__ import annotations
 
-from cachefit.families._blocks import common_dims, full_rotary, head_dim, kv_heads, layered_window, sliding_window
-from cachefit.families._llama_like import llama_like
+from cachefit.families._blocks import full_rotary, layered_window, sliding_window
+from cachefit.families._llama_like import llama_like, read_decoder_dims
 from cachefit.families.family_spec import FamilySpec
 from cachefit.families.llama import GATED_MLP, LLAMA_ROLES
 from cachefit.families.reader import ConfigReader
@@ -28,25 +28,17 @@ def read_qwen2(cfg: ConfigReader) -> TransformerSpec:
     # Qwen2Config: num_key_value_heads 32, no head_dim field (Qwen2Attention reads
     # getattr(config, "head_dim", hidden/heads)), q/k/v biases True and o_proj bias False
     # (hard-coded in Qwen2Attention), tie_word_embeddings False, max_position_embeddings 32768.
-    hidden, layers, heads, inter, vocab = common_dims(cfg)
-    kv = kv_heads(cfg, heads, absent=32)
-    dim = head_dim(cfg, hidden, heads)
+    dims = read_decoder_dims(cfg, kv_absent=32)
     return llama_like(
         cfg,
         family="qwen2",
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv,
-        head_dim=dim,
-        intermediate=inter,
-        vocab=vocab,
+        dims=dims,
         tie=cfg.flag("tie_word_embeddings", absent=False),
         max_positions=cfg.integer("max_position_embeddings", absent=32768),
-        rotary_dim=full_rotary(cfg, dim, "Qwen2RotaryEmbedding"),
+        rotary_dim=full_rotary(cfg, dims.head_dim, "Qwen2RotaryEmbedding"),
         mlp="gated",
         qkv_bias=True,
-        sliding_window=qwen_window(cfg, layers),
+        sliding_window=qwen_window(cfg, dims.layers),
     )
 
 

@@ -4,8 +4,8 @@ a Llama-like decoder with an RMSNorm of head_dim on every query and key head (``
 
 from __future__ import annotations
 
-from cachefit.families._blocks import common_dims, full_rotary, head_dim, kv_heads
-from cachefit.families._llama_like import llama_like
+from cachefit.families._blocks import full_rotary
+from cachefit.families._llama_like import llama_like, read_decoder_dims
 from cachefit.families.family_spec import FamilySpec
 from cachefit.families.llama import GATED_MLP, LLAMA_ROLES
 from cachefit.families.qwen2 import qwen_window
@@ -18,28 +18,20 @@ def read_qwen3(cfg: ConfigReader) -> TransformerSpec:
     # hidden/heads), attention_bias False (q, k, v and o), tie_word_embeddings False,
     # max_position_embeddings 32768, use_sliding_window False, sliding_window 4096,
     # max_window_layers 28. Qwen3Attention adds q_norm and k_norm: Qwen3RMSNorm(head_dim).
-    hidden, layers, heads, inter, vocab = common_dims(cfg)
-    kv = kv_heads(cfg, heads, absent=32)
-    dim = head_dim(cfg, hidden, heads, absent=128)
+    dims = read_decoder_dims(cfg, kv_absent=32, head_dim_absent=128)
     attn_bias = cfg.flag("attention_bias", absent=False)
     return llama_like(
         cfg,
         family="qwen3",
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv,
-        head_dim=dim,
-        intermediate=inter,
-        vocab=vocab,
+        dims=dims,
         tie=cfg.flag("tie_word_embeddings", absent=False),
         max_positions=cfg.integer("max_position_embeddings", absent=32768),
-        rotary_dim=full_rotary(cfg, dim, "Qwen3RotaryEmbedding"),
+        rotary_dim=full_rotary(cfg, dims.head_dim, "Qwen3RotaryEmbedding"),
         mlp="gated",
         qkv_bias=attn_bias,
         o_bias=attn_bias,
         qk_norm=True,
-        sliding_window=qwen_window(cfg, layers),
+        sliding_window=qwen_window(cfg, dims.layers),
     )
 
 
