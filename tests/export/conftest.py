@@ -1,5 +1,7 @@
 """Tiny transformers configs, their meta-device models, and plans of them on a few cards."""
 
+from dataclasses import replace
+
 import pytest
 
 from cachefit.hardware.devices import device_from_capacity, make_cluster
@@ -45,6 +47,16 @@ def profile_of(name: str, granularity: str = "layer"):
 def plan_of(profile, num_cards: int, cluster=BIG):
     plan, _ = plan_partition(profile, cluster, num_cards=num_cards)
     return plan
+
+
+def split_over(plan, degrees):
+    """The plan with its stage i split tensor-parallel over degrees[i] cards (cards renumbered in order)."""
+    stages, card = [], 0
+    for stage, degree in zip(plan.stages, degrees):
+        for r in range(degree):
+            stages.append(replace(stage, card=card, shard=(r, degree) if degree > 1 else None))
+            card += 1
+    return replace(plan, stages=tuple(stages), devices=(plan.devices[0],) * card)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 
 import pytest
-from conftest import plan_of, profile_of
+from conftest import plan_of, profile_of, split_over
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -146,16 +146,6 @@ def test_uniform_tensor_parallel_is_one_size():
     doc = to_megatron(plan, profile).document
     assert doc["tensor_model_parallel_size"] == 2 and doc["pipeline_model_parallel_size"] == 1
     assert doc["cards_per_stage"] == [[0, 1]] and doc["pipeline_model_parallel_layout"] == "Et*4L"
-
-
-def split_over(plan, degrees):
-    """The plan with its stage i split tensor-parallel over degrees[i] cards (cards renumbered in order)."""
-    stages, card = [], 0
-    for stage, degree in zip(plan.stages, degrees):
-        for r in range(degree):
-            stages.append(replace(stage, card=card, shard=(r, degree) if degree > 1 else None))
-            card += 1
-    return replace(plan, stages=tuple(stages), devices=(plan.devices[0],) * card)
 
 
 def _one_line_refusal(plan, profile):

@@ -7,7 +7,7 @@ import shlex
 from dataclasses import replace
 
 import pytest
-from conftest import plan_of, profile_of
+from conftest import plan_of, profile_of, split_over
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -88,16 +88,6 @@ def test_text_is_the_launch_then_comments():
     assert all(line.startswith("# ") for line in rest)
     assert rest[1:] == ["# rank 0 (card 0): embed, layer 0", "# rank 1 (card 1): layers 1-2",
                         "# rank 2 (card 2): layer 3, head"]
-
-
-def split_over(plan, degrees):
-    """The plan with its stage i split tensor-parallel over degrees[i] cards (cards renumbered in order)."""
-    stages, card = [], 0
-    for stage, degree in zip(plan.stages, degrees):
-        for r in range(degree):
-            stages.append(replace(stage, card=card, shard=(r, degree) if degree > 1 else None))
-            card += 1
-    return replace(plan, stages=tuple(stages), devices=(plan.devices[0],) * card)
 
 
 def _one_line_refusal(plan, profile):
