@@ -6,14 +6,12 @@ with ``--debug``. torch is imported only inside commands that need it, so ``--he
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import sys
 import traceback
 import warnings
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -40,9 +38,6 @@ from cachefit.commands.options import (
     ModeOption,
     SeqOpt,
     SharedArgs,
-    StackingOpt,
-    StackingOption,
-    build_cluster,
     build_workload,
     compression_config,
     console,
