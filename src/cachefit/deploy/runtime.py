@@ -344,7 +344,7 @@ class _ModuleJob:
 def _module_worker(job: _ModuleJob) -> torch.Tensor | None:
     from cachefit.deploy.stages import build_sequential_stage
 
-    _forked_threads()
+    _prepare_forked_worker()
 
     def build(placement: Any, mesh: Any) -> nn.Module:
         return build_sequential_stage(job.module, placement)
@@ -928,10 +928,20 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _forked_threads() -> None:
-    """A forked worker shares the cores with its siblings (torchrun sets OMP_NUM_THREADS=1 likewise)."""
+def _prepare_forked_worker() -> None:
+    """Set up a worker forked from the launching process (one node, CPU).
+
+    It shares the cores with its siblings (torchrun sets OMP_NUM_THREADS=1 likewise). And it must not
+    resolve a host name: the launcher's own threads may be inside glibc's ``getaddrinfo`` at the
+    moment of the fork, and the child then inherits the resolver's lock held, so its first lookup
+    waits forever (seen here: a rank stuck in ``__resolv_context_get`` under ``TCPStore``'s connect
+    while its peers waited for it). The store is reached at the numeric loopback address and gloo
+    binds to the loopback interface, neither of which takes that lock.
+    """
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
 def run_worker(argv: Sequence[str]) -> None:
@@ -944,7 +954,7 @@ def run_worker(argv: Sequence[str]) -> None:
     rank = int(os.environ.get("RANK", "0"))
     run_dir = Path(args.run_dir)
     if args.forked:
-        _forked_threads()
+        _prepare_forked_worker()
     try:
         from safetensors.torch import load_file
 
