@@ -26,7 +26,6 @@ from cachefit.commands.options import (
     CompressRolesOption,
     AttnOption,
     BatchOpt,
-    DtypeOpt,
     DtypeOption,
     GranOption,
     GranularityOpt,
@@ -39,12 +38,14 @@ from cachefit.commands.options import (
     SeqOpt,
     SharedArgs,
     build_workload,
+    choose_dtype,
     compression_config,
     console,
     err_console,
     handles_errors,
     print_error,
     print_json,
+    print_note,
     shared_options,
 )
 from cachefit.errors import CachefitError, ConfigError
@@ -186,7 +187,7 @@ def profile(
     batch: BatchOpt = 1,
     seq: SeqOpt = 1024,
     mode: ModeOption = ModeOpt.decode,
-    dtype: DtypeOption = DtypeOpt.fp16,
+    dtype: DtypeOption = None,
     act_dtype: ActDtypeOption = None,
     attention: AttnOption = AttentionOpt.eager,
     kv_cache: KVCacheOption = KVCacheOpt.static,
@@ -219,11 +220,14 @@ def profile(
     from cachefit.report.serialize import profile_to_dict
     from cachefit.report.tables import profile_table
 
-    prof = profile_model(model, build_workload(batch, seq, mode, dtype, act_dtype, attention, kv_cache=kv_cache),
+    chosen = choose_dtype(model, dtype)
+    prof = profile_model(model, build_workload(batch, seq, mode, chosen.dtype, act_dtype, attention, kv_cache=kv_cache),
                          granularity=granularity.value, measure=measure)
+    print_note(chosen.note)
     measured = prof if isinstance(prof, MeasuredProfile) else None
     if as_json:
         doc = profile_to_dict(prof)
+        doc["dtype_source"] = chosen.to_dict()
         doc.update(measured.measurement_dict() if measured is not None else {"memory_source": "analytic"})
         print_json(doc)
         return
@@ -430,6 +434,7 @@ def plan(
         index = write_report(result, prof, cluster, report, comparison, what="--report")
     if as_json:
         doc = result.to_dict()
+        doc["dtype_source"] = shared.dtype_choice(model).to_dict()
         if allowed:
             doc["pareto_front"] = [c.to_dict() for c in front]
         if candidates:

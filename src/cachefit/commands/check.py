@@ -37,12 +37,11 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from cachefit.audit import audit_device_map, load_device_map
-        from cachefit.profile import profile_model
         from cachefit.report.tables import plan_table
 
         mapping = load_device_map(device_map)
         cluster = shared.cluster()
-        prof = profile_model(model, shared.workload(), granularity=shared.granularity.value)
+        prof = shared.profile(model)
         allowed = [a.strip() for a in allow.split(",") if a.strip()]
         audit = audit_device_map(prof, mapping, cluster, stacking=shared.stacking.value, allow=allowed)
         if as_json:

@@ -109,7 +109,7 @@ class StackingOpt(str, Enum):
 BatchOpt = Annotated[int, typer.Option("--batch", "-b", help="Sequences per step.", min=1)]
 SeqOpt = Annotated[int, typer.Option("--seq", "-s", help="Tokens per sequence (prefill/train) or KV-cache length (decode).", min=1)]
 ModeOption = Annotated[ModeOpt, typer.Option("--mode", help="prefill, decode (with KV cache) or train.")]
-DtypeOption = Annotated[DtypeOpt, typer.Option("--dtype", help="Weight dtype before compression.")]
+DtypeOption = Annotated[Optional[DtypeOpt], typer.Option("--dtype", help="Weight dtype before compression (default: the checkpoint's torch_dtype / dtype for a config.json or model directory, else fp16).")]
 ActDtypeOption = Annotated[Optional[DtypeOpt], typer.Option("--act-dtype", help="Activation dtype (default: --dtype).")]
 AttnOption = Annotated[AttentionOpt, typer.Option("--attention", help="eager materializes attention scores; flash does not.")]
 KVCacheOption = Annotated[KVCacheOpt, typer.Option("--kv-cache", help="decode: static, a cache pre-allocated for the whole context; dynamic, one grown by torch.cat each step (old and new cache alive together).")]
@@ -140,6 +140,56 @@ def compression_config(compress_roles: str):  # noqa: ANN201 - a cachefit.compre
         raise ConfigError(f"--compress-roles: unknown role(s) {', '.join(bad)}; give some of head, embed, router")
     roles = tuple(dict.fromkeys((*DEFAULT_MATRIX_ROLES, *extra)))
     return CompressionConfig(quantize_roles=roles, sparse24_roles=roles)
+
+
+DEFAULT_DTYPE = DtypeOpt.fp16
+"""The weight dtype of a preset, and of a config that names none, when ``--dtype`` is not given."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DtypeChoice:
+    """The weight dtype a command plans in, and where it came from."""
+
+    dtype: DtypeOpt
+    source: str
+    """``--dtype`` (given), ``checkpoint`` (the config's ``torch_dtype`` / ``dtype``) or ``default``."""
+    note: str | None = None
+    """One line for stderr saying so (None where there is nothing to say: ``--dtype``, a preset)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype.value, "source": self.source, "note": self.note}
+
+
+def choose_dtype(model: str | None, dtype: DtypeOpt | None) -> DtypeChoice:
+    """``--dtype`` if given; else, for a config.json or a model directory holding one, the dtype its
+    ``torch_dtype`` / ``dtype`` names; else (a preset name, a config naming none) :data:`DEFAULT_DTYPE`.
+
+    Raises:
+        ConfigError: the config file cannot be read.
+    """
+    if dtype is not None:
+        return DtypeChoice(dtype=dtype, source="--dtype")
+    if model is None:
+        return DtypeChoice(dtype=DEFAULT_DTYPE, source="default")
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    if not (path.is_file() or (path.is_dir() and (path / "config.json").is_file())):
+        return DtypeChoice(dtype=DEFAULT_DTYPE, source="default")  # a preset keeps the default, silently
+    from cachefit.profile.hf_config import read_config_dtype
+
+    found = read_config_dtype(path)
+    if found.dtype is not None:
+        return DtypeChoice(dtype=DtypeOpt(found.dtype), source="checkpoint",
+                           note=f"dtype {found.dtype} from {found.describe()}; --dtype overrides")
+    return DtypeChoice(dtype=DEFAULT_DTYPE, source="default",
+                       note=f"dtype {DEFAULT_DTYPE.value}: {found.describe()}, so cachefit's default; --dtype overrides")
+
+
+def print_note(note: str | None) -> None:
+    """A one-line note on stderr (nothing for None)."""
+    if note:
+        err_console.print(f"[dim]note:[/] {escape(note)}", highlight=False, soft_wrap=True, emoji=False)
 
 
 def build_workload(batch: int, seq: int, mode: ModeOpt, dtype: DtypeOpt, act_dtype: DtypeOpt | None,
@@ -196,7 +246,8 @@ class SharedArgs:
     batch: int
     seq: int
     mode: ModeOpt
-    dtype: DtypeOpt
+    dtype: DtypeOpt | None
+    """``--dtype``; None when not given (the model's own, see :func:`choose_dtype`)."""
     act_dtype: DtypeOpt | None
     attention: AttentionOpt
     kv_cache: KVCacheOpt
@@ -208,20 +259,30 @@ class SharedArgs:
     """``--measure``: profile by running the real module on fake tensors (False where the command has
     no such option)."""
 
-    def workload(self):  # noqa: ANN201 - a cachefit.units.Workload
-        """The workload these options describe."""
-        return build_workload(self.batch, self.seq, self.mode, self.dtype, self.act_dtype, self.attention,
-                              self.micro_batches, self.kv_cache)
+    def dtype_choice(self, model: str | None = None) -> DtypeChoice:
+        """The weight dtype for ``model``: ``--dtype``, else the checkpoint's, else the default."""
+        return choose_dtype(model, self.dtype)
+
+    def workload(self, model: str | None = None):  # noqa: ANN201 - a cachefit.units.Workload
+        """The workload these options describe (its dtype, without ``--dtype``, ``model``'s own)."""
+        return build_workload(self.batch, self.seq, self.mode, self.dtype_choice(model).dtype, self.act_dtype,
+                              self.attention, self.micro_batches, self.kv_cache)
 
     def cluster(self):  # noqa: ANN201 - a cachefit.hardware.devices.Cluster
         """The cards these options describe."""
         return build_cluster(self.device, self.capacity, self.level, self.headroom, self.reserve)
 
     def profile(self, model: str):  # noqa: ANN201 - a cachefit.units.ModelProfile
-        """The profile of ``model`` for these options: measured with ``--measure``, else analytic."""
+        """The profile of ``model`` for these options: measured with ``--measure``, else analytic.
+
+        Without ``--dtype``, a note on stderr says which dtype the checkpoint's config gave.
+        """
         from cachefit.profile import profile_model
 
-        return profile_model(model, self.workload(), granularity=self.granularity.value, measure=self.measure)
+        choice = self.dtype_choice(model)
+        prof = profile_model(model, self.workload(model), granularity=self.granularity.value, measure=self.measure)
+        print_note(choice.note)  # after the profile: a model that cannot be read fails with its own error alone
+        return prof
 
 
 def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
@@ -247,7 +308,7 @@ def shared_options(*, micro_batches: bool = True, measure: bool = False, device_
              _option("reserve", ReserveOption, None)]
     workload = [_option("stacking", stacking, StackingOpt.reuse), _option("batch", BatchOpt, 1),
                 _option("seq", SeqOpt, 1024), _option("mode", ModeOption, ModeOpt.decode),
-                _option("dtype", DtypeOption, DtypeOpt.fp16), _option("act_dtype", ActDtypeOption, None),
+                _option("dtype", DtypeOption, None), _option("act_dtype", ActDtypeOption, None),
                 _option("attention", AttnOption, AttentionOpt.eager),
                 _option("kv_cache", KVCacheOption, KVCacheOpt.static)]
     if micro_batches:
@@ -292,9 +353,9 @@ def shared_options(*, micro_batches: bool = True, measure: bool = False, device_
 
 __all__ = [
     "STATE", "ActDtypeOption", "AllowOption", "CompressRolesOption", "AttentionOpt", "AttnOption", "BatchOpt", "CapacityOption",
-    "DeviceOption", "DtypeOpt", "DtypeOption", "GranOption", "GranularityOpt", "HeadroomOption", "JsonOption",
+    "DEFAULT_DTYPE", "DeviceOption", "DtypeChoice", "DtypeOpt", "DtypeOption", "GranOption", "GranularityOpt", "HeadroomOption", "JsonOption",
     "KVCacheOpt", "KVCacheOption",
     "LevelOption", "MeasureOption", "MicroBatchesOption", "ModeOpt", "ModeOption", "ReserveOption", "SeqOpt", "SharedArgs",
     "StackingOpt", "StackingOption", "build_cluster", "build_workload", "console", "err_console", "handles_errors",
-    "compression_config", "print_error", "print_json", "shared_options",
+    "choose_dtype", "compression_config", "print_error", "print_json", "print_note", "shared_options",
 ]

@@ -35,6 +35,27 @@ def _parse_ids(text: str) -> Any:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+def dtype_mismatch(plan_dtype: str, model_dir: str | Path) -> str | None:
+    """A warning when a plan's weight dtype is not the one the checkpoint's config names, else None.
+
+    A plan made without ``--dtype`` from the checkpoint's directory takes the checkpoint's dtype; one
+    made with another ``--dtype``, or from a config that names none, runs (by default) and counts its
+    bytes in the plan's dtype, so its outputs differ from the checkpoint's model by that rounding.
+    """
+    from cachefit.errors import ConfigError
+    from cachefit.profile.hf_config import read_config_dtype
+
+    try:
+        found = read_config_dtype(model_dir)
+    except ConfigError:
+        return None  # no readable config: the launch's checks of the checkpoint say what is wrong
+    if found.dtype is None or found.dtype == plan_dtype:
+        return None
+    return (f"the plan is in {plan_dtype} but the checkpoint's config says {found.dtype} ({found.key}): the run "
+            f"counts its bytes in {plan_dtype} and, without --dtype, computes in it; plan again without --dtype "
+            f"(or with --dtype {found.dtype}) to plan the checkpoint as stored")
+
+
 def register(app: typer.Typer) -> None:
     # no `from __future__ import annotations` here: typer evaluates these annotations in this scope
     from cachefit.commands.options import (
@@ -86,6 +107,7 @@ def register(app: typer.Typer) -> None:
         import sys
 
         import torch
+        from rich.markup import escape
 
         from cachefit.commands.options import STATE, err_console
         from cachefit.deploy.preflight import load_checked_plan
@@ -144,6 +166,9 @@ def register(app: typer.Typer) -> None:
             ids = torch.randint(0, vocab, (batch or int(wl.get("batch", 1)) * m, seq or int(wl.get("seq_len", 16))),
                                 generator=gen)
         plan_dtype = str(wl.get("weight_dtype", "fp32"))
+        warning = dtype_mismatch(plan_dtype, resolve_model_dir(model_dir))
+        if warning is not None:
+            err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True, emoji=False)
         run_dtype = dtype.value if dtype is not None else (plan_dtype if plan_dtype in RUN_DTYPES else "fp32")
         if nproc is None:
             if plan_obj.cards % nnodes:
@@ -164,6 +189,8 @@ def register(app: typer.Typer) -> None:
             result = launch(resolve_model_dir(model_dir), plan_obj, nodes=nodes, config=config, input_ids=ids,
                             attention_mask=mask, run_dir=run_dir, stream=sys.stderr if verbose else None)
         report: dict[str, Any] = dict(result.report)
+        if warning is not None:
+            report["notes"] = [*report.get("notes", ()), warning]
         if save_outputs is not None:
             if result.outputs is None:
                 report["outputs_file"] = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,4 +108,62 @@ def load_transformer_spec(
     return spec
 
 
-__all__ = ["SUPPORTED_FAMILIES", "load_transformer_spec"]
+# The keys a checkpoint's config names its dtype under: transformers 5 writes ``dtype``, earlier versions
+# ``torch_dtype`` (5.x still reads it); where both are present ``dtype`` is the one transformers 5 uses.
+_DTYPE_KEYS = ("dtype", "torch_dtype")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigDtype:
+    """The dtype a checkpoint's ``config.json`` says its weights are stored in."""
+
+    dtype: str | None
+    """cachefit's name for it (``fp32``, ``bf16``, ``fp16``, ``fp8``); None when the config names none
+    cachefit plans in."""
+    key: str | None
+    """The key it was read from (``torch_dtype`` or ``dtype``); None when the config has neither."""
+    value: Any = None
+    """The value as written (``"bfloat16"``), or None."""
+    where: str = ""
+    """The file it came from ("" for a dict)."""
+
+    def describe(self) -> str:
+        """Where the dtype came from, for a note: ``the checkpoint's config (torch_dtype)``."""
+        if self.dtype is not None:
+            return f"the checkpoint's config ({self.key})"
+        if self.key is None:
+            return "no torch_dtype / dtype in the checkpoint's config"
+        return f"the checkpoint's config names {self.key} {self.value!r}, which cachefit does not plan in"
+
+
+def read_config_dtype(source: str | os.PathLike[str] | Mapping[str, Any]) -> ConfigDtype:
+    """The weight dtype a Hugging Face config names (``dtype``, else ``torch_dtype``).
+
+    A value cachefit has no dtype for (``"auto"``, ``"float64"``, a number) gives ``dtype=None`` with
+    the key and value kept, so the caller can say what it fell back to.
+
+    Raises:
+        ConfigError: the file cannot be read (as :func:`load_transformer_spec`).
+    """
+    from cachefit.units import normalize_dtype
+
+    data, path = _read_config(source)
+    for key in _DTYPE_KEYS:
+        if data.get(key) is None:
+            continue
+        value = data[key]
+        try:
+            dtype = normalize_dtype(value) if isinstance(value, str) else None
+        except ConfigError:
+            dtype = None
+        if dtype is not None and dtype not in _PLANNED_DTYPES:
+            dtype = None
+        return ConfigDtype(dtype=dtype, key=key, value=value, where=path or "")
+    return ConfigDtype(dtype=None, key=None, where=path or "")
+
+
+# the weight dtypes a plan is made in (`--dtype`): int8 / int4 are compression, not a checkpoint's dtype
+_PLANNED_DTYPES = ("fp32", "bf16", "fp16", "fp8")
+
+
+__all__ = ["SUPPORTED_FAMILIES", "ConfigDtype", "load_transformer_spec", "read_config_dtype"]
