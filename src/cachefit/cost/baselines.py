@@ -207,10 +207,12 @@ def cachefit_plan(
     stacking: str = "reuse",
     config: CompressionConfig | None = None,
     pricing: LayoutPricing | None = None,
+    objective: str = "cards",
 ) -> Plan:
     """cachefit's plan on exactly ``num_cards`` cards: the fitting plan, or else the best partial fit
     (``plan.feasible`` False), chosen with ``pricing`` (default: :func:`layout_pricing`, the baselines of
-    the same cards beside it).
+    the same cards beside it). ``objective``: ``cards`` (the smallest largest stage in bytes) or
+    ``time`` (the smallest predicted bottleneck stage time), see :func:`cachefit.plan.plan_partition`.
 
     Only where a partial fit cannot run (cards without off-chip memory) is the layout the balanced
     contiguous partition with capacity ignored, with the lightest allowed compression, marked so.
@@ -223,7 +225,7 @@ def cachefit_plan(
         pricing = layout_pricing(profile, cluster, num_cards, stacking=stacking, config=config)
     try:
         plan, _ = plan_partition(profile, cluster, num_cards=num_cards, allow=allow, stacking=stacking, config=config,
-                                 pricing=pricing)
+                                 pricing=pricing, objective=objective)
         return plan
     except InfeasiblePlanError:
         pass
@@ -294,6 +296,9 @@ class LayoutCost:
             "offchip_bytes_per_token": cost.offchip_bytes_per_token if cost else None,
             "throughput_tokens_per_s": cost.throughput_tokens_per_s if cost else None,
             "latency_s": cost.latency_s if cost else None,
+            "bottleneck_s": cost.bottleneck_s if cost else None,
+            "stage_times_s": list(cost.stage_times_s) if cost else None,
+            "card_times_s": [c.time_s for c in cost.stages] if cost else None,
             "mean_utilization": round(self.plan.mean_utilization, 6) if self.plan else None,
             "compute_utilization": cost.compute_utilization if cost else None,
             "bubble_fraction": cost.bubble_fraction if cost else None,
@@ -361,6 +366,7 @@ def compare_layouts(
     stacking: str = "reuse",
     config: CompressionConfig | None = None,
     link_latency_s: float | None = LINK_LATENCY_S,
+    objective: str = "cards",
 ) -> Comparison:
     """cachefit's plan and the cache-oblivious baselines on ``num_cards`` cards, all priced by
     :func:`cachefit.cost.estimate_cost`.
@@ -371,6 +377,8 @@ def compare_layouts(
         num_cards: K, the cards every layout may use.
         allow: compression cachefit may apply (the baselines never compress, as their tools do not).
         micro_batches, schedule, steps_per_load, link_latency_s: see :func:`cachefit.cost.estimate_cost`.
+        objective: what cachefit's plan minimizes among fitting layouts: ``cards`` (bytes of the
+            largest stage) or ``time`` (the predicted bottleneck stage time).
     """
     _check_cards(cluster, num_cards)
     config = config or CompressionConfig()
@@ -379,7 +387,7 @@ def compare_layouts(
                              link_latency_s=link_latency_s)
     plans = dict(pricing.alternatives)
     plans["cachefit"] = cachefit_plan(profile, cluster, num_cards, allow=allow, stacking=stacking, config=config,
-                                      pricing=pricing)
+                                      pricing=pricing, objective=objective)
     layouts: list[LayoutCost] = []
     for name in LAYOUTS:
         plan = plans.get(name)

@@ -70,11 +70,16 @@ class LayoutPricing:
             self._steps[key] = collective_latency_steps(names, degree)
         return self._steps[key]
 
-    def stage_time_s(self, start: int, units: Sequence[Unit], footprint: Footprint, shards: int,
-                     collective_bytes_per_token: int, card: Card) -> float | None:
-        """One micro-batch through the stage (:func:`cachefit.cost.estimate_stage`), plus sending its
-        output on to the next stage; None where a figure is unknown."""
+    def card_time_s(self, start: int, units: Sequence[Unit], footprint: Footprint, shards: int,
+                    collective_bytes_per_token: int, card: Card) -> float | None:
+        """One micro-batch through one card's stage (:func:`cachefit.cost.estimate_stage`: compute,
+        on-chip and off-chip traffic, kernels, collectives), with the arguments
+        :func:`cachefit.cost.estimate_cost` gives it, so that a stage placed in a plan is priced the same
+        (``stage_times_s``); None where a figure is unknown."""
         wl = self.profile.workload
+        tokens = wl.tokens
+        if any("batch" in u.compression for u in units):  # as estimate_cost: a reduced batch per micro-batch
+            tokens = min(wl.batch, self.config.target_batch) * wl.query_len
         steps = sum(self._latency_steps(i, shards) for i in range(start, start + len(units)))
         cost = estimate_stage(
             card=0, pipeline_stage=0, device=card.device, level=card.level_name,
@@ -82,18 +87,32 @@ class LayoutPricing:
             weight_bytes=footprint.weight_bytes, activation_bytes=footprint.activation_bytes,
             persistent_activation_bytes=footprint.persistent_activation_bytes, buffer_bytes=footprint.buffer_bytes,
             capacity_bytes=card.capacity_bytes, stage_units=tuple(units), workload=wl,
-            tokens_per_micro_batch=wl.tokens, collective_bytes_per_token=collective_bytes_per_token,
+            tokens_per_micro_batch=tokens, collective_bytes_per_token=collective_bytes_per_token,
             collective_latency_steps=steps, steps_per_load=self.steps_per_load,
             micro_batches=self.micro_batches, link_latency_s=self.link_latency_s,
         )
-        if cost.time_s is None:
+        return cost.time_s
+
+    def stage_time_s(self, start: int, units: Sequence[Unit], footprint: Footprint, shards: int,
+                     collective_bytes_per_token: int, card: Card) -> float | None:
+        """One micro-batch through the stage (:meth:`card_time_s`), plus sending its output on to the
+        next stage; None where a figure is unknown."""
+        took = self.card_time_s(start, units, footprint, shards, collective_bytes_per_token, card)
+        if took is None:
             return None
+        wl = self.profile.workload
         link = one_way_link_bytes_per_s(card.device)
         hop = hop_latency_for(card.device, self.link_latency_s)
         last = units[-1].shape
         if link is None or hop is None or last is None:
-            return cost.time_s
-        return cost.time_s + wl.tokens * last.hidden_size * dtype_bytes(wl.act_dtype, 1) / link + hop
+            return took
+        return took + wl.tokens * last.hidden_size * dtype_bytes(wl.act_dtype, 1) / link + hop
+
+    def stage_times_s(self, plan: Plan) -> tuple[float | None, ...]:
+        """Each card's predicted time per micro-batch in ``plan`` (its :class:`~cachefit.cost.StageCost`
+        ``time_s`` from :func:`cachefit.cost.estimate_cost`, as ``cachefit compare`` reports it), in
+        plan order; None where a figure is unknown or the card cannot run its stage."""
+        return tuple(c.time_s for c in self.price(plan).stages)
 
     def choose(self, plans: Sequence[Plan]) -> Plan:
         """The best of ``plans`` and the alternatives that use as many cards (see the module docstring);

@@ -58,4 +58,15 @@ def plan_from_stages(profile: ModelProfile, stages: Sequence[Stage], *, objectiv
     )
 
 
-__all__ = ["plan_from_stages", "stage_for"]
+def with_stage_times(plan: Plan, times_s: Sequence[float | None]) -> Plan:
+    """``plan`` with each stage's ``predicted_time_s`` (one time per card, in plan order, as the cost
+    model gives them: :meth:`cachefit.cost.LayoutPricing.stage_times_s`)."""
+    from dataclasses import replace
+
+    if len(times_s) != len(plan.stages):
+        raise ValueError(f"with_stage_times: {len(times_s)} times for {len(plan.stages)} stages")
+    stages = tuple(replace(s, predicted_time_s=t) for s, t in zip(plan.stages, times_s))
+    return replace(plan, stages=stages)
+
+
+__all__ = ["plan_from_stages", "stage_for", "with_stage_times"]

@@ -2,29 +2,31 @@
 
 A layout is a sequence of pipeline stages, each a contiguous range of units on ``s`` cards (``s = 1``:
 no split; ``s > 1``: every unit of the stage split over the ``s`` cards, Megatron-style, each card
-holding the largest shard). Three questions, each answered exactly over that space of layouts for the
+holding the largest shard). Four questions, each answered exactly over that space of layouts for the
 split degrees given:
 
 * :func:`fewest_cards_layout`: the fewest cards on which every stage fits;
 * :func:`exact_cards_layout`: exactly K cards, every stage fitting, the smallest largest stage;
+* :func:`fastest_layout`: exactly K cards, every stage fitting, the smallest predicted bottleneck
+  stage time (the cost model's, handed in), then the smallest largest stage;
 * :func:`partial_layouts`: exactly K cards when no layout fits them: the fewest bytes moved off-chip
   per micro-batch (:mod:`cachefit.plan.offchip`, the rule the cost model prices), then the shortest
   pipeline; and variants trading a few more off-chip bytes for time, for the cost model to price.
 
-All three rely on the stage cost being monotone in the stage (a stage's stacked bytes never shrink as
+All four rely on the stage cost being monotone in the stage (a stage's stacked bytes never shrink as
 it grows, see :func:`cachefit.units.stack_footprints`), so a stage is extended until it no longer fits.
 """
 
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from cachefit.compress.techniques import CompressionConfig, compress_unit
+from cachefit.errors import ConfigError
 from cachefit.hardware.devices import Card
 from cachefit.partition.split import Shard, max_shards, shard_unit
 from cachefit.plan.offchip import (
@@ -460,7 +462,155 @@ def _partial_dp(n: int, k: int, degrees: Sequence[int], stages: Mapping[tuple[in
     return Layout(tuple(reversed(groups)), stacking, offchip_bytes=int(round(total[n, k])))
 
 
+def fastest_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degrees: Sequence[int], num_cards: int,
+                   stage_time: StageTime, *, max_stage_units: int | None = None) -> Layout | None:
+    """Exactly ``num_cards`` cards, every stage fitting its card, the smallest predicted bottleneck
+    stage time, then the smallest largest stage in bytes; None if no such layout exists.
+
+    ``cards[c]`` is card c (one card: every card alike); a stage split over ``s`` cards is timed and
+    sized on its first card, so split only over equal cards. ``stage_time`` is the cost model's time
+    of one stage (:class:`cachefit.cost.LayoutPricing`); it is asked once per stage and kind of card,
+    and the stage's bytes stop it from growing once they exceed every card (bytes never shrink as a
+    stage grows). Two min-max dynamic programs over (units placed, cards used), vectorized over the
+    cards used: the first finds the least bottleneck time ``T``; the second, allowing only stages of
+    at most ``T``, the least largest stage in bytes, and gives the layout. A min-max objective splits
+    into its stages exactly (the max over a prefix and one more stage), so both are exact; the
+    lexicographic pair does not (a prefix with a larger time may allow fewer bytes), hence two passes.
+
+    Raises:
+        ConfigError: ``stage_time`` cannot time a stage that fits (a figure the cost model needs is
+            missing from the device description).
+    """
+    n = len(table.profile.units)
+    k = num_cards
+    kinds: list[Card] = []
+    for c in range(k):
+        card = cards[c] if len(cards) > 1 else cards[0]
+        if card not in kinds:
+            kinds.append(card)
+    kind_of = np.asarray([kinds.index(cards[c] if len(cards) > 1 else cards[0]) for c in range(k)], dtype=np.int64)
+    largest = max(c.capacity_bytes for c in kinds)
+    reuse = stacking == "reuse"
+    inf = float("inf")
+    # (start, degree) -> per end: (stacked bytes, time on each kind of card; inf where it does not fit)
+    stages: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    for i in range(n):
+        for s in degrees:
+            if s > k:
+                break
+            rows: list[tuple[int, np.ndarray]] = []
+            wb = p = 0
+            peak: tuple[int, int] = (0, 0)  # (transient, buffers) of the unit with the largest sum: stack_footprints
+            summed = [0, 0]
+            members: list[Unit] = []
+            traffic = 0
+            for j in range(i, n):
+                if max_stage_units is not None and j - i >= max_stage_units:
+                    break
+                got = table.get(j, s)
+                if got is None:
+                    break
+                unit = got[0]
+                traffic += got[1]
+                members.append(unit)
+                fp = unit.footprint
+                wb += fp.weight_bytes
+                p += fp.persistent_activation_bytes
+                t, b = fp.transient_activation_bytes, fp.buffer_bytes
+                if t + b > sum(peak):
+                    peak = (t, b)
+                summed[0] += t
+                summed[1] += b
+                scratch = peak if reuse else (summed[0], summed[1])
+                total = wb + p + scratch[0] + scratch[1]
+                if total > largest:
+                    break
+                footprint = Footprint(weight_bytes=wb, activation_bytes=p + scratch[0], buffer_bytes=scratch[1],
+                                      persistent_activation_bytes=p)
+                times = np.full(len(kinds), inf)
+                for kind, card in enumerate(kinds):
+                    if total > card.capacity_bytes:
+                        continue
+                    took = stage_time(i, tuple(members), footprint, s, traffic, card)
+                    if took is None:
+                        raise ConfigError(
+                            f"the time objective: the cost model cannot time units {i}..{j} on {card.device.name} (a "
+                            "figure it needs, such as peak FLOP/s or a bandwidth, is missing from the device "
+                            "description); add it with a device file, or plan with the cards objective"
+                        )
+                    times[kind] = took
+                rows.append((total, times))
+            if rows:
+                stages[(i, s)] = rows
+
+    def sweep(bound_s: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        # value[j, c]: the least (max time | max bytes) placing units [0, j) on exactly c cards
+        value = np.full((n + 1, k + 1), inf)
+        back_i = np.full((n + 1, k + 1), -1, dtype=np.int64)
+        back_s = np.zeros((n + 1, k + 1), dtype=np.int64)
+        value[0, 0] = 0.0
+        for i in range(n):
+            if not np.isfinite(value[i]).any():
+                continue
+            for s in degrees:
+                if s > k:
+                    break
+                rows = stages.get((i, s))
+                if not rows:
+                    continue
+                width = k + 1 - s
+                here = value[i, :width]
+                live = np.isfinite(here)
+                if not live.any():
+                    continue
+                kinds_here = kind_of[:width]
+                for offset, (total, times) in enumerate(rows):
+                    j = i + offset + 1
+                    took = times[kinds_here]
+                    ok = live & np.isfinite(took)
+                    if bound_s is None:
+                        cand = np.maximum(here, took)
+                    else:
+                        ok &= took <= bound_s
+                        cand = np.maximum(here, float(total))
+                    target = value[j, s:]
+                    better = ok & (cand < target)
+                    if better.any():
+                        target[better] = cand[better]
+                        back_i[j, s:][better] = i
+                        back_s[j, s:][better] = s
+        if not np.isfinite(value[n, k]):
+            return None
+        return value, back_i, back_s
+
+    first = sweep(None)
+    if first is None:
+        return None
+    bottleneck_s = float(first[0][n, k])
+    second = sweep(bottleneck_s)
+    assert second is not None, "the time-optimal layout itself passes its own bound"
+    _, back_i, back_s = second
+    groups: list[Group] = []
+    j, left = n, k
+    while j > 0:
+        i, s = int(back_i[j, left]), int(back_s[j, left])
+        groups.append(table.group(i, j, s))
+        j, left = i, left - s
+    return Layout(tuple(reversed(groups)), stacking)
+
+
 __all__ = [
-    "DEGREES", "Group", "Layout", "ShardTable", "degrees_for", "divides_evenly", "exact_cards_layout",
-    "fewest_cards_layout", "narrow_partial_search", "partial_layouts", "PARTIAL_SEARCH_BUDGET", "StageTime",
+    "DEGREES",
+    "PARTIAL_SEARCH_BUDGET",
+    "Group",
+    "Layout",
+    "ShardTable",
+    "StageTime",
+    "degrees_for",
+    "divides_evenly",
+    "exact_cards_layout",
+    "fastest_layout",
+    "fewest_cards_layout",
+    "narrow_partial_search",
+    "partial_layouts",
 ]

@@ -47,6 +47,10 @@ class Stage:
     """Techniques applied to each unit of the stage (aligned with ``unit_names``; empty: none)."""
     collective_bytes_per_token: int = 0
     """Bytes this card sends per token in the collectives of a split stage (0 when not split)."""
+    predicted_time_s: float | None = None
+    """The cost model's time of one micro-batch through this card's stage (forward, and backward in
+    train; :func:`cachefit.cost.estimate_cost`, the figure ``cachefit compare`` reports for the card);
+    None where the plan was made without the cost model or a figure it needs is unknown."""
 
     def __post_init__(self) -> None:
         start, end = self.units
@@ -58,6 +62,10 @@ class Stage:
             raise ConfigError(f"stage on card {self.card}: unit_compression does not match units {self.units}")
         if self.capacity_bytes <= 0:
             raise ConfigError(f"stage on card {self.card}: capacity must be positive")
+        if self.predicted_time_s is not None and not (math.isfinite(self.predicted_time_s)
+                                                      and self.predicted_time_s >= 0):
+            raise ConfigError(f"stage on card {self.card}: predicted_time_s must be a finite number of seconds >= 0, "
+                              f"got {self.predicted_time_s!r}")
 
     @property
     def total_bytes(self) -> int:
@@ -100,6 +108,7 @@ class Stage:
             "onchip_bytes": self.onchip_bytes,
             "overflow_bytes": self.overflow_bytes,
             "collective_bytes_per_token": self.collective_bytes_per_token,
+            "predicted_time_s": self.predicted_time_s,
         }
 
 
@@ -112,7 +121,8 @@ class Plan:
     devices: tuple[str, ...]
     """Device name of each card, in order."""
     objective: str
-    """``fewest_cards`` or ``balanced``."""
+    """``fewest_cards``, ``balanced``, ``min_time`` (the smallest predicted bottleneck stage time),
+    ``fewest_offchip_bytes`` (a partial fit) or ``least_loss``."""
     stages: tuple[Stage, ...]
     num_units: int
     stacking: str = "reuse"
@@ -230,6 +240,7 @@ class Plan:
                     shard=(int(st["shard"][0]), int(st["shard"][1])) if st.get("shard") else None,
                     compression=tuple(st.get("compression", ())),
                     collective_bytes_per_token=int(st.get("collective_bytes_per_token", 0)),
+                    predicted_time_s=None if st.get("predicted_time_s") is None else float(st["predicted_time_s"]),
                 )
                 for st in data["stages"]
             )

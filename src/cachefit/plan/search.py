@@ -12,7 +12,6 @@ only when nothing without it fits, and the plan says so.
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 import logging
 import numbers
@@ -42,16 +41,17 @@ from cachefit.partition.overrides import (
     resolve_overrides,
 )
 from cachefit.partition.split import Shard, max_shards
-from cachefit.plan.build import plan_from_stages, stage_for
+from cachefit.plan.build import plan_from_stages, stage_for, with_stage_times
 from cachefit.plan.layout import (
     DEGREES,
+    PARTIAL_SEARCH_BUDGET,
     Group,
     Layout,
     ShardTable,
     degrees_for,
     exact_cards_layout,
+    fastest_layout,
     fewest_cards_layout,
-    PARTIAL_SEARCH_BUDGET,
     narrow_partial_search,
     partial_layouts,
 )
@@ -63,6 +63,10 @@ from cachefit.units import Footprint, ModelProfile, Unit
 _log = logging.getLogger(__name__)
 
 STACKING = ("reuse", "sum")
+OBJECTIVES = ("cards", "time")
+"""What :func:`plan_partition` minimizes among fitting plans: ``cards`` (the fewest cards, or on K
+cards the smallest largest stage in bytes) or ``time`` (on the same cards, the smallest predicted
+bottleneck stage time, then the smallest largest stage)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -203,6 +207,7 @@ def plan_partition(
     reorder_cards: bool = False,
     even_splits: bool = False,
     pricing: Pricing | None = None,
+    objective: str = "cards",
 ) -> tuple[Plan, tuple[Candidate, ...]]:
     """Plan ``profile`` on the cards of ``cluster``.
 
@@ -225,22 +230,31 @@ def plan_partition(
             distinct order for small clusters, else a heuristic) instead of keeping the given one.
         even_splits: split a unit only over a number of cards that divides its heads (KV heads:
             divides or is a multiple), MLP columns and vocabulary, as ``cachefit run`` deploys them.
-        pricing: how the cost model prices a partial fit (``num_cards`` too few for a fit): with it the
-            planner weighs predicted time too and lets it choose (:class:`cachefit.cost.LayoutPricing`);
-            without it the partial plan is the one with the fewest off-chip bytes.
+        pricing: the cost model's stage times (:class:`cachefit.cost.LayoutPricing`): every stage of
+            the plan carries its ``predicted_time_s`` from it; a partial fit (``num_cards`` too few
+            for a fit) weighs predicted time too and lets it choose (without it: the fewest off-chip
+            bytes); ``objective="time"`` minimizes it. Without it ``predicted_time_s`` is None.
+        objective: ``cards`` (default): the fewest cards that fit, or with ``num_cards`` the smallest
+            largest stage in bytes. ``time``: on the same cards (``num_cards``, or the fewest that
+            fit) and with the same compression per unit, the layout with the smallest predicted
+            bottleneck stage time (``pricing``'s, which the cost model's ``estimate_cost`` and
+            ``cachefit compare`` report per card), ties broken by the smallest largest stage; it
+            needs ``pricing``, and it applies to plans that fit (a partial fit is chosen as before).
 
     Returns:
         The plan and every candidate technique set tried, with the cards it needs.
 
     Raises:
-        ConfigError: an argument of the wrong type or out of range (checked before any work), or
-            ``num_cards`` more than the units can be split over.
+        ConfigError: an argument of the wrong type or out of range (checked before any work),
+            ``num_cards`` more than the units can be split over, or ``objective="time"`` without
+            ``pricing``, with pins or cuts, or on devices missing a figure the stage time needs.
         InfeasiblePlanError: without ``num_cards``, nothing allowed fits any number of cards (the
             message names the unit or constraint and the minimal change that would make it fit); with
             it, pins or cuts that no plan honours, or a partial fit on cards with no off-chip memory.
     """
     allow = _check_arguments(profile, cluster, num_cards=num_cards, allow=allow, stacking=stacking, config=config,
                              max_risk=max_risk, overrides=overrides)
+    _check_objective(objective, pricing, overrides)
     if num_cards is not None and num_cards > len(profile.units) and not cluster.is_homogeneous:
         raise ConfigError(
             f"--cards {num_cards}: the model has {len(profile.units)} units at this granularity and the cards "
@@ -290,6 +304,10 @@ def plan_partition(
         if num_cards is None or cards.overrides.shapes_partition:
             raise _infeasible(profile, cards, variants, stacking)
         plan = _partial_plan(profile, cards, sets, variants, config, stacking, shard_cache, pricing)
+    elif objective == "time":
+        assert pricing is not None  # _check_objective
+        plan = _fastest_plan(profile, cards, best[0], best[1], variants[best[0]], config, stacking, shard_cache,
+                             pricing)
     else:
         plan = best[1]
     if order_note:
@@ -307,7 +325,61 @@ def plan_partition(
     from dataclasses import replace as _with
 
     plan = _with(plan, memory_source=memory_source(profile))
+    if pricing is not None:
+        plan = with_stage_times(plan, pricing.stage_times_s(plan))
     return plan, tuple(candidates)
+
+
+def _check_objective(objective: object, pricing: object, overrides: Overrides | None) -> None:
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
+        raise ConfigError(f"plan_partition: objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective != "time":
+        return
+    if pricing is None:
+        raise ConfigError(
+            "plan_partition: objective='time' minimizes the cost model's stage time; pass "
+            "pricing=cachefit.cost.LayoutPricing(profile, cluster) (the cost model's options as keywords)"
+        )
+    if overrides is not None and (overrides.pins or overrides.cut_after):
+        raise ConfigError(
+            "--objective time does not take pins or forced cuts (--pin, --cut-after); drop them, or plan with "
+            "--objective cards"
+        )
+
+
+def _fastest_plan(profile: ModelProfile, cards: _Cards, combo: tuple[str, ...], chosen: Plan, units: Sequence[Unit],
+                  config: CompressionConfig, stacking: str, shard_cache: dict[tuple[int, int], Shard],
+                  pricing: Pricing) -> Plan:
+    """The time objective: on the cards of ``chosen`` (the cards objective's plan) and with its
+    compression per unit, the fitting layout with the smallest predicted bottleneck stage time (then
+    the smallest largest stage), over the same space of layouts: contiguous stages, split only where
+    ``chosen`` splits (then over the degrees an exact card count tries)."""
+    k = chosen.cards
+    table = _table(cards, profile, combo, config, units, shard_cache)
+    for st in chosen.stages:  # units the revert pass left uncompressed stay so
+        if st.shard is None or st.shard[0] == 0:
+            techs = st.unit_compression or ((),) * (st.units[1] - st.units[0])
+            table.raw.update(st.units[0] + k_ for k_, t in enumerate(techs) if not t)
+    split = any(st.shard is not None for st in chosen.stages)
+    degrees: tuple[int, ...] = (1,)
+    longest = None
+    if split:
+        degrees, longest = narrow_partial_search(len(profile.units), k, degrees_for(profile.units, k))
+    card_list = [cards.card(c) for c in range(k)]
+    layout = fastest_layout(table, card_list, stacking, degrees, k, pricing.card_time_s, max_stage_units=longest)
+    before = list(pricing.stage_times_s(chosen))
+    if layout is None:  # only where a narrowed search lost the chosen layout itself
+        why = "the time objective found no layout in its narrowed search; this is the cards objective's plan"
+        return replace(chosen, notes=(*chosen.notes, why))
+    plan = _build_plan(profile, cards, layout, combo, config)
+    after = pricing.stage_times_s(plan)
+    note = f"the time objective: on the same {k} card(s) and compression, the smallest predicted bottleneck stage time"
+    if all(t is not None for t in (*before, *after)):
+        note += (f", {max(after) * 1e3:.4g} ms per micro-batch against {max(before) * 1e3:.4g} ms for the layout "  # type: ignore[type-var]
+                 "that balances bytes")
+    if longest is not None:
+        note += f" (searched over stages of at most {longest} units split over {', '.join(map(str, degrees))} cards)"
+    return replace(plan, objective="min_time", notes=(*plan.notes, note))
 
 
 def _candidate(combo: tuple[str, ...], plan: Plan | None) -> Candidate:
@@ -496,6 +568,14 @@ class Pricing(Protocol):
 
     def choose(self, plans: Sequence[Plan]) -> Plan:
         """The best of the planner's partial plans on the same cards (it may add layouts of its own)."""
+
+    def card_time_s(self, start: int, units: Sequence[Unit], footprint: Footprint, shards: int,
+                    collective_bytes_per_token: int, card: Card) -> float | None:
+        """Predicted time of one micro-batch through one card's stage alone (no transfer to the next
+        stage): the time ``stage_times_s`` gives that card once the stage is in a plan."""
+
+    def stage_times_s(self, plan: Plan) -> Sequence[float | None]:
+        """Each card's predicted time per micro-batch, in plan order (:func:`cachefit.cost.estimate_cost`)."""
 
 
 # Weights of time against off-chip bytes in the partial-fit variants priced by a Pricing (0: fewest
