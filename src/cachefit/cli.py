@@ -48,6 +48,7 @@ from cachefit.commands.options import (
     print_note,
     shared_options,
 )
+from cachefit.commands.compare import ObjectiveOpt, ObjectiveOption
 from cachefit.errors import CachefitError, ConfigError
 from cachefit.limits import check_limit
 
@@ -381,6 +382,7 @@ def plan(
     max_risk: Annotated[float, typer.Option("--max-risk", help="Skip technique sets whose combined quality risk exceeds this (0..1).", min=0.0, max=1.0)] = 1.0,
     quality: Annotated[Optional[Path], typer.Option("--quality", help="Quality file from `cachefit quality`: on the plan's cards, choose compression per unit for the least summed measured loss; the plan notes its predicted loss.")] = None,
     candidates: Annotated[bool, typer.Option("--candidates", help="Also show every technique set tried (cards, risk).")] = False,
+    objective: ObjectiveOption = ObjectiveOpt.cards,
     as_json: JsonOption = False,
 ) -> None:
     """Plan a model over cards so every card's partition fits its on-chip memory."""
@@ -407,18 +409,27 @@ def plan(
     )
     allowed = [a.strip() for a in allow.split(",") if a.strip()]
     config = compression_config(compress_roles)
-    pricing = None
-    if cards is not None:  # a partial fit is chosen as `cachefit compare` chooses it: priced beside the baselines
-        from cachefit.cost import layout_pricing
+    if quality is not None and objective is ObjectiveOpt.time:
+        raise ConfigError("--quality minimizes the measured loss and --objective time the predicted time; give one")
+    # the cost model times every stage (predicted_time_s) as `cachefit compare` does; with --cards a
+    # partial fit is chosen as compare chooses it: priced beside the baselines of the same cards
+    from cachefit.cost import LayoutPricing, layout_pricing
 
+    if cards is not None:
         pricing = layout_pricing(prof, cluster, cards, stacking=shared.stacking.value, config=config,
                                  micro_batches=shared.micro_batches)
+    else:
+        pricing = LayoutPricing(prof, cluster, config=config, micro_batches=shared.micro_batches)
     result, tried = plan_partition(prof, cluster, num_cards=cards, allow=allowed, stacking=shared.stacking.value,
                                    max_risk=max_risk, overrides=overrides, reorder_cards=any_order,
-                                   even_splits=even_splits, config=config, pricing=pricing)
+                                   even_splits=even_splits, config=config, pricing=pricing,
+                                   objective=objective.value)
     if quality is not None:
+        from cachefit.plan import with_stage_times
+
         result = _least_loss(prof, cluster, result, allowed, quality, config, shared.stacking.value,
                              not overrides.empty or any_order)
+        result = with_stage_times(result, pricing.stage_times_s(result))
     front = pareto_front(tried)
     if plot is not None:
         from cachefit.report.plots import plot_plan
@@ -430,7 +441,7 @@ def plan(
         from cachefit.report.html import write_report
 
         comparison = compare_layouts(prof, cluster, result.cards, allowed, stacking=shared.stacking.value,
-                                     config=config)
+                                     config=config, objective=objective.value)
         index = write_report(result, prof, cluster, report, comparison, what="--report")
     if as_json:
         doc = result.to_dict()

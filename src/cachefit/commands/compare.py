@@ -11,6 +11,20 @@ class ScheduleOpt(str, Enum):
     gpipe = "gpipe"
 
 
+class ObjectiveOpt(str, Enum):
+    """What cachefit's plan minimizes among the layouts that fit (``cachefit.plan.OBJECTIVES``)."""
+
+    cards = "cards"
+    time = "time"
+
+
+ObjectiveOption = Annotated[ObjectiveOpt, typer.Option(
+    "--objective",
+    help="cards: the fewest cards that fit (with --cards K: the smallest largest stage in bytes); time: on the "
+         "same cards, the smallest predicted bottleneck stage time (the cost model's, per card as compare "
+         "reports it).")]
+
+
 def _fmt_s(value: Optional[float]) -> str:
     from cachefit.sizes import format_seconds
 
@@ -87,6 +101,7 @@ def register(app: typer.Typer) -> None:
         schedule: Annotated[ScheduleOpt, typer.Option("--schedule", help="Pipeline schedule (the same in inference).")] = ScheduleOpt.one_f_one_b,
         steps_per_load: Annotated[Optional[int], typer.Option("--steps-per-load", help="Charge the load of on-chip weights once every N steps (1: every step); default: loaded once, resident.", min=1)] = None,
         link_latency_us: Annotated[Optional[float], typer.Option("--link-latency-us", help="Latency of one chip-to-chip message for every device, in microseconds (an assumption); default: each device's catalog hop_latency.", min=0.0)] = None,
+        objective: ObjectiveOption = ObjectiveOpt.cards,
         as_json: JsonOption = False,
     ) -> None:
         """Compare cachefit's plan with cache-oblivious layouts (uniform layers, greedy DRAM, tensor parallel)."""
@@ -110,7 +125,7 @@ def register(app: typer.Typer) -> None:
                 )
         comparison = compare_layouts(prof, cluster, cards, techniques, micro_batches=micro_batches,
                                      schedule=schedule.value, steps_per_load=steps_per_load,
-                                     stacking=stacking.value,
+                                     stacking=stacking.value, objective=objective.value,
                                      link_latency_s=None if link_latency_us is None else link_latency_us * 1e-6)
         if as_json:
             from cachefit.profile import memory_source

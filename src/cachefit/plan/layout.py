@@ -533,10 +533,12 @@ def fastest_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degr
                         continue
                     took = stage_time(i, tuple(members), footprint, s, traffic, card)
                     if took is None:
+                        names = table.profile.units
+                        what = names[i].name if i == j else f"{names[i].name}..{names[j].name}"
                         raise ConfigError(
-                            f"the time objective: the cost model cannot time units {i}..{j} on {card.device.name} (a "
-                            "figure it needs, such as peak FLOP/s or a bandwidth, is missing from the device "
-                            "description); add it with a device file, or plan with the cards objective"
+                            f"--objective time: the cost model cannot time {what} on device {card.device.name}: a "
+                            "figure it needs (peak FLOP/s, a bandwidth) is missing from the device description; add "
+                            "it with a device file (cachefit probe --out, or --device FILE), or use --objective cards"
                         )
                     times[kind] = took
                 rows.append((total, times))

@@ -319,6 +319,9 @@ def plan_partition(
                                                         even_splits, plan))
     if not plan.feasible:
         plan = _partial_notes(plan, cards)
+        if objective == "time":
+            plan = replace(plan, notes=(*plan.notes, "--objective time chooses among plans that fit; none fits these "
+                                        "cards, so this partial fit is chosen as with --objective cards"))
     if resolved is not None:
         plan = _with_override_cost(plan, profile, cluster, num_cards, allow, stacking, config, max_risk, overrides)
     # the plan says where its bytes came from: a measured profile (--measure) or the analytic model

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 from rich.text import Text
 
-from cachefit.sizes import format_bytes
+from cachefit.sizes import format_bytes, format_seconds
 from cachefit.units import ModelProfile
 
 if TYPE_CHECKING:
@@ -81,7 +81,8 @@ def stage_groups(plan: Plan) -> list[tuple[Stage, int]]:
 
 def plan_table(plan: Plan) -> Table:
     """One row per card (one per tensor-parallel group: its card range and ``×`` the split), with the
-    units it holds, bytes by weights / activations / buffers, and utilization."""
+    units it holds, bytes by weights / activations / buffers, utilization, and the cost model's time
+    per micro-batch (``predicted_time_s``, the group's slowest card; the bottleneck marked ``*``)."""
     verdict = "[green]every card fits[/]" if plan.feasible else "[bold red]DOES NOT FIT[/]"
     kinds = {(s.device, s.level, s.capacity_bytes) for s in plan.stages}
     where = ""
@@ -106,7 +107,18 @@ def plan_table(plan: Plan) -> Table:
     partial = not plan.feasible
     if partial:  # what each card streams from off-chip memory: the bytes beyond its capacity
         table.add_column("over", justify="right", no_wrap=True)
-    for stage, count in groups:
+    timed = any(s.predicted_time_s is not None for s in plan.stages)
+    group_times: list[float | None] = []
+    if timed:
+        table.add_column("time/µb", justify="right", no_wrap=True)
+        first = 0
+        for _, count in groups:  # a split stage takes as long as its slowest shard
+            times = [m.predicted_time_s for m in plan.stages[first:first + count]]
+            first += count
+            known = [t for t in times if t is not None]
+            group_times.append(max(known) if len(known) == len(times) else None)
+    slowest = max((t for t in group_times if t is not None), default=None)
+    for g, (stage, count) in enumerate(groups):
         fp = stage.footprint
         cards = str(stage.card) if count == 1 else f"{stage.card}-{stage.card + count - 1} ×{count}"
         row = [cards]
@@ -126,6 +138,9 @@ def plan_table(plan: Plan) -> Table:
         ]
         if partial:
             row.append(format_bytes(stage.overflow_bytes) if stage.overflow_bytes else "-")
+        if timed:
+            took = group_times[g]
+            row.append(format_seconds(took) + (" *" if took is not None and took == slowest and len(groups) > 1 else ""))
         table.add_row(*row)
     return table
 
