@@ -126,7 +126,9 @@ def test_family_spec_checks_itself():
     with pytest.raises(ConfigError, match="stage_adapter must be one of rotary_decoder, gpt2_decoder, bert_encoder"):
         FamilySpec(**(base | {"stage_adapter": "llama"}))
     with pytest.raises(ConfigError, match="decode needs a stage_adapter"):
-        FamilySpec(**(base | {"stage_adapter": None, "tensor_parallel": False}))
+        FamilySpec(**(base | {"stage_adapter": None, "tensor_parallel": None}))
+    with pytest.raises(ConfigError, match="tensor_parallel must be a TensorParallelSpec or None, got True"):
+        FamilySpec(**(base | {"tensor_parallel": True}))
     with pytest.raises(ConfigError, match="fused"):
         MlpPattern(up="gate_up_proj", down="down_proj", gate="gate_proj", fused_gate_up=True)
 
@@ -137,7 +139,8 @@ def test_deploy_facts():
         assert family.loss == ("causal_lm" if family.causal else "encoder_mean")
         assert family.base_model_prefix
     # What deploy runs today (deploy/models.py, stages.py, runtime.py and preflight.py read these), recorded here.
-    assert {n for n, f in FAMILIES.items() if f.tensor_parallel} == {"llama", "mistral", "qwen2"}
+    # every deployed family runs split units (its TensorParallelSpec names the modules)
+    assert {n for n, f in FAMILIES.items() if f.tensor_parallel} == {n for n, f in FAMILIES.items() if f.stage_adapter}
     assert {n for n, f in FAMILIES.items() if f.decode} == {"llama", "mistral", "qwen2", "qwen3"}
     assert {n for n, f in FAMILIES.items() if f.stage_adapter} == {"llama", "mistral", "qwen2", "qwen3", "gpt2", "bert"}
     assert FAMILIES["gpt2"].stage_adapter == "gpt2_decoder" and FAMILIES["gpt2"].base_model_prefix == "transformer"

@@ -16,10 +16,10 @@ block of a layer when the plan cuts inside one, with the side inputs (padding ma
 rotary tables) rebuilt on every stage from the 2-D attention mask that travels with the hidden states.
 
 A unit split over several cards (``Stage.shard``) is run tensor-parallel (Megatron-LM's scheme,
-Shoeybi et al. 2019, sec. 3) with ``torch.distributed.tensor.parallel.parallelize_module``:
-q/k/v and MLP gate/up ``ColwiseParallel``, attention output and MLP down ``RowwiseParallel``, the
-embedding vocabulary-parallel (``RowwiseParallel`` on ``nn.Embedding``) and the LM head
-``ColwiseParallel`` with its logits gathered, as torchtitan's ``models/llama3/parallelize.py`` does.
+Shoeybi et al. 2019, sec. 3; :mod:`cachefit.deploy.tensor_parallel`): q/k/v and MLP in column-parallel,
+attention output and MLP out row-parallel, the embedding and the LM head split along the vocabulary,
+with the modules each family names in its :class:`~cachefit.families.TensorParallelSpec`. Any card
+count runs, even where it does not divide the heads: the splits follow the planner's balanced sizes.
 """
 
 from __future__ import annotations
@@ -224,6 +224,16 @@ def _stage_units(profile: ModelProfile, start: int, end: int, shards: int,
 
 def _check_tensor_parallel(plan: Plan, family: FamilySpec, profile: ModelProfile, start: int, end: int,
                            shards: int, where: str) -> None:
+    """Refuse, before launch, a split deploy cannot run with the bytes the plan counts for it.
+
+    Any card count runs (:mod:`cachefit.deploy.tensor_parallel` splits heads, KV groups, MLP columns
+    and the vocabulary as the planner counts them), provided each card's query heads can read key /
+    value heads it holds within the plan's count: with more cards than KV heads a card keeps one KV
+    head, so each group's query heads are dealt to that group's cards.
+    """
+    from cachefit.deploy.tensor_parallel import split_heads
+    from cachefit.partition.split import shard_unit
+
     if not family.tensor_parallel:
         split = ", ".join(name for name, f in FAMILIES.items() if f.tensor_parallel)
         raise ConfigError(
@@ -232,22 +242,22 @@ def _check_tensor_parallel(plan: Plan, family: FamilySpec, profile: ModelProfile
         )
     for unit in profile.units[start:end]:
         shape = unit.shape
-        if shape is None:
+        if shape is None or shape.part not in ("layer", "attention") or not shape.num_heads:
             continue
-        if shape.part in ("layer", "attention"):
-            heads, kv = shape.num_heads, shape.num_kv_heads
-            # KV heads: split evenly, or (fewer KV heads than shards) each shard keeps the one KV head
-            # its query heads read, as the planner counts it (split.py, _qkv_fraction)
-            if heads % shards or (kv % shards and shards % kv):
-                raise ConfigError(
-                    f"{where}: unit {unit.name} has {heads} attention heads and {kv} key/value heads, which "
-                    f"{shards} cards cannot share evenly; cachefit deploys splits whose shard count divides the "
-                    f"attention heads and divides or is a multiple of the KV heads: re-plan with `cachefit plan ... --even-splits`"
-                )
-        if shape.part in ("layer", "mlp") and shape.intermediate_size % shards:
+        heads, kv = shape.num_heads, shape.num_kv_heads
+        try:
+            split = split_heads(heads, kv, shards)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: unit {unit.name}: {exc}") from None
+        planned = shard_unit(unit, shards, profile.workload).unit.shape
+        assert planned is not None  # a transformer unit's shard keeps its shape
+        if (split.query_slots, split.kv_slots) != (planned.num_heads, planned.num_kv_heads):
             raise ConfigError(
-                f"{where}: unit {unit.name} has an MLP of {shape.intermediate_size} columns, not divisible by "
-                f"{shards} cards; re-plan with `cachefit plan ... --even-splits`"
+                f"{where}: unit {unit.name} has {heads} attention heads reading {kv} key/value heads; the plan counts "
+                f"{planned.num_heads} query and {planned.num_kv_heads} key/value head(s) on each of {shards} cards, "
+                f"but with each card's query heads reading key/value heads it holds the fullest card needs "
+                f"{split.query_slots} and {split.kv_slots}; re-plan with `cachefit plan ... --even-splits`, or on "
+                f"a card count that is at most {kv} or a multiple of it"
             )
 
 
@@ -922,70 +932,48 @@ def _is_compressed_tensor(stage: TransformerStage, key: str) -> bool:
     return any(key == c.fqn for r in getattr(stage, "compression_reports", ()) for c in r.tensors)
 
 
-def tensor_parallel_plan(placement: StagePlacement, *, num_kv_heads: int | None = None) -> dict[str, Any]:
-    """``parallelize_module`` plan for the rotary-decoder units of a split stage (module FQN -> style).
+def tensor_parallel_plan(placement: StagePlacement, family: FamilySpec) -> dict[str, str]:
+    """How each module of a split stage is sharded (module FQN -> style), from the family's spec.
 
-    With fewer KV heads than shards (``num_kv_heads < shards``) k/v projections are left out: each
-    shard keeps a copy of the one KV head its query heads read (:func:`apply_tensor_parallel_`).
+    Styles: ``column`` (output features by heads / MLP columns), ``row`` (input features, outputs
+    summed over the cards), ``vocab_embedding`` and ``vocab_head`` (a range of the vocabulary, the
+    logits gathered); modules not listed run whole on every card.
     """
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    split_kv = num_kv_heads is None or num_kv_heads % placement.shards == 0
-    plan: dict[str, Any] = {}
+    spec = family.tensor_parallel
+    if spec is None:
+        return {}
+    plan: dict[str, str] = {}
     for kind, i in (_parse_unit(n) for n in placement.unit_names):
-        if kind == "embed":
-            plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        if kind == "embed" and spec.embedding is not None:
+            plan[spec.embedding] = "vocab_embedding"
+        if kind == "head" and spec.head is not None:
+            plan[spec.head] = "vocab_head"
+        layer = spec.layer.format(i=i)
         if kind in ("layer", "attn"):
-            prefix = f"model.layers.{i}.self_attn"
-            for proj in ("q_proj", "k_proj", "v_proj") if split_kv else ("q_proj",):
-                plan[f"{prefix}.{proj}"] = ColwiseParallel()
-            plan[f"{prefix}.o_proj"] = RowwiseParallel()
+            for name in (spec.query, *spec.key_value, spec.fused_qkv):
+                if name is not None:
+                    plan[f"{layer}.{name}"] = "column"
+            plan[f"{layer}.{spec.attention_out}"] = "row"
         if kind in ("layer", "mlp"):
-            prefix = f"model.layers.{i}.mlp"
-            plan[f"{prefix}.gate_proj"] = ColwiseParallel()
-            plan[f"{prefix}.up_proj"] = ColwiseParallel()
-            plan[f"{prefix}.down_proj"] = RowwiseParallel()
-        if kind == "head":
-            plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+            for name in spec.mlp_in:
+                plan[f"{layer}.{name}"] = "column"
+            plan[f"{layer}.{spec.mlp_out}"] = "row"
     return plan
 
 
 def apply_tensor_parallel_(root: nn.Module, placement: StagePlacement, mesh: Any) -> None:
-    """Shard the stage's matrices over ``mesh`` (Megatron column/row pairs; torchtitan's llama plan).
+    """Cut the stage's split units down to this card's shard, in place (Megatron's column / row pairs).
 
-    The attention reshapes its projections with ``view(..., -1, head_dim)``, so each shard runs its
-    ``heads / shards`` local heads; where a module keeps head counts as attributes they are divided
-    too (torchtitan adjusts ``n_heads`` / ``n_kv_heads`` the same way). With fewer KV heads than
-    shards, shard ``r`` keeps KV head ``r * kv // shards`` (the one its query heads
-    ``[r h / s, (r + 1) h / s)`` read under grouped-query attention) as plain local k/v projections,
-    and its attention repeats it for its ``h / s`` query heads.
+    ``mesh``: the 1-D ``DeviceMesh`` of the stage's ranks; the card's shard is its index in the mesh.
+    Heads, KV groups, MLP columns and vocabulary rows are split as the planner counts them
+    (:mod:`cachefit.deploy.tensor_parallel`), for any card count the plan gives; the modules to cut are
+    the family's :class:`~cachefit.families.TensorParallelSpec`.
     """
-    from torch.distributed.tensor.parallel import parallelize_module
+    from cachefit.deploy.tensor_parallel import shard_stage_
 
-    config = root.config
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    shards = placement.shards
-    parallelize_module(root, mesh, tensor_parallel_plan(placement, num_kv_heads=kv))
-    rank = mesh.get_local_rank()
-    for kind, i in (_parse_unit(n) for n in placement.unit_names):
-        if kind not in ("layer", "attn"):
-            continue
-        attn = root.model.layers[i].self_attn
-        for attr in ("num_heads", "num_key_value_heads"):
-            if isinstance(getattr(attn, attr, None), int):
-                setattr(attn, attr, max(1, getattr(attn, attr) // shards))
-        if kv % shards:
-            head_dim = attn.head_dim
-            keep = rank * kv // shards
-            rows = slice(keep * head_dim, (keep + 1) * head_dim)
-            for proj in (attn.k_proj, attn.v_proj):
-                proj.weight = nn.Parameter(proj.weight.detach()[rows].clone(), requires_grad=proj.weight.requires_grad)
-                if proj.bias is not None:
-                    proj.bias = nn.Parameter(proj.bias.detach()[rows].clone(), requires_grad=proj.bias.requires_grad)
-                proj.out_features = head_dim
-            attn.num_key_value_groups = heads // shards  # local query heads per (one) local KV head
+    shard_stage_(root, [_parse_unit(n) for n in placement.unit_names], get_family(root.config.model_type),
+                 rank=mesh.get_local_rank(), shards=placement.shards, group=mesh.get_group(),
+                 where=placement.describe())
 
 
 def stage_weight_bytes(stage: TransformerStage, dtype_name: str) -> dict[str, int]:
@@ -994,25 +982,21 @@ def stage_weight_bytes(stage: TransformerStage, dtype_name: str) -> dict[str, in
     ``planned_dtype``: per unit, the elements of every tensor it owns (the local shard of a split
     tensor; a tied tensor in each unit reading it) times the bytes of ``dtype_name`` (the plan's
     weight dtype): comparable to the plan's ``weight_bytes``. ``allocated``: the bytes of the distinct
-    storages in the run dtype.
+    storages in the run dtype. A card of a split stage holds the largest shard's shapes (smaller shards
+    padded with zeros, :mod:`cachefit.deploy.tensor_parallel`), so both are the plan's on every card.
     """
-    from torch.distributed.tensor import DTensor
-
     params = dict(stage.model.named_parameters(remove_duplicate=False))
     planned = 0
     for fqn in stage.placement.fqns:
-        p = params[fqn]
-        local = p.to_local() if isinstance(p, DTensor) else p
-        planned += dtype_bytes(dtype_name, local.numel())
+        planned += dtype_bytes(dtype_name, params[fqn].numel())
     allocated = 0
     seen: set[int] = set()
     for p in params.values():
-        local = p.to_local() if isinstance(p, DTensor) else p
-        key = local.untyped_storage().data_ptr()
+        key = p.untyped_storage().data_ptr()
         if key in seen:
             continue
         seen.add(key)
-        allocated += local.numel() * local.element_size()
+        allocated += p.numel() * p.element_size()
     return {"planned_dtype": planned, "allocated": allocated}
 
 

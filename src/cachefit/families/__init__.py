@@ -30,7 +30,13 @@ from cachefit.families import (
     qwen2,
     qwen3,
 )
-from cachefit.families.family_spec import FamilySpec, Loss, MlpPattern, RoleNames
+from cachefit.families.family_spec import (
+    FamilySpec,
+    Loss,
+    MlpPattern,
+    RoleNames,
+    TensorParallelSpec,
+)
 from cachefit.families.reader import ConfigReader
 
 FAMILIES: Mapping[str, FamilySpec] = MappingProxyType(
@@ -133,6 +139,7 @@ __all__ = [
     "Loss",
     "MlpPattern",
     "RoleNames",
+    "TensorParallelSpec",
     "family_names",
     "get_family",
     "mlp_down_names",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from cachefit.errors import ProfileError
 from cachefit.families._blocks import common_dims, derived_head_dim, linear, norm, tensor
-from cachefit.families.family_spec import FamilySpec, MlpPattern, RoleNames
+from cachefit.families.family_spec import FamilySpec, MlpPattern, RoleNames, TensorParallelSpec
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
 from cachefit.units import ForwardSpec
@@ -118,5 +118,19 @@ FAMILY = FamilySpec(
     default_architecture="BertModel",
     base_model_prefix="bert",
     stage_adapter="bert_encoder",
+    # BertSelfAttention views heads of attention_head_size; the pooler (the head unit) and the
+    # position / token-type embeddings stay whole on every card
+    tensor_parallel=TensorParallelSpec(
+        layer="encoder.layer.{i}",
+        attention="attention.self",
+        query="attention.self.query",
+        key_value=("attention.self.key", "attention.self.value"),
+        attention_out="attention.output.dense",
+        mlp_in=("intermediate.dense",),
+        mlp_out="output.dense",
+        embedding="embeddings.word_embeddings",
+        head_count_attrs=("num_attention_heads",),
+        head_width_attrs=("all_head_size",),
+    ),
     loss="encoder_mean",
 )

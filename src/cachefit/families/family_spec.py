@@ -80,6 +80,65 @@ class RoleNames:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TensorParallelSpec:
+    """Which modules deploy splits over the cards of a split unit, and how (Megatron-LM's scheme).
+
+    Column-parallel projections (query / key / value, MLP in) keep whole heads, KV groups or MLP
+    columns per card; row-parallel ones (attention out, MLP out) keep the matching input columns and
+    their partial outputs are summed across the cards (the output bias added once); the embedding and
+    the LM head keep a range of the vocabulary. Names are module FQNs in the ``transformers`` class:
+    ``layer`` with ``{i}`` for the layer index, the others relative to the layer. Whether a weight is
+    stored (in, out) comes from :attr:`FamilySpec.transposed_weights`.
+    """
+
+    layer: str
+    """FQN of layer ``i`` (``model.layers.{i}``, ``transformer.h.{i}``, ``encoder.layer.{i}``)."""
+    attention: str
+    """The module running the attention (relative to the layer), whose head counts each card lowers to
+    its own (``self_attn``, ``attn``, ``attention.self``)."""
+    attention_out: str
+    """The attention's output projection, row-parallel by query heads (``self_attn.o_proj``)."""
+    mlp_in: tuple[str, ...]
+    """Projections into the MLP's intermediate, column-parallel by MLP columns (gate and up)."""
+    mlp_out: str
+    """The projection out of the intermediate, row-parallel by MLP columns (``mlp.down_proj``)."""
+    query: str | None = None
+    """The query projection, column-parallel by query heads (None with ``fused_qkv``)."""
+    key_value: tuple[str, ...] = ()
+    """The key and value projections, column-parallel by KV heads (empty with ``fused_qkv``)."""
+    fused_qkv: str | None = None
+    """One projection whose output holds the query, key and value blocks in that order (GPT-2's
+    ``attn.c_attn``), each cut by heads."""
+    embedding: str | None = None
+    """The token embedding (FQN from the model root), split along the vocabulary (None: replicated)."""
+    head: str | None = None
+    """The LM head (FQN from the model root), split along the vocabulary, logits gathered (None: the
+    head unit's modules run replicated, as BERT's pooler)."""
+    head_count_attrs: tuple[str, ...] = ()
+    """Attributes of ``attention`` holding its query-head count (BERT ``num_attention_heads``)."""
+    head_width_attrs: tuple[str, ...] = ()
+    """Attributes of ``attention`` holding query heads x head dim (GPT-2 ``split_size``)."""
+    group_attr: str | None = None
+    """Attribute of ``attention`` holding query heads per KV head (``num_key_value_groups``)."""
+
+    def __post_init__(self) -> None:
+        if "{i}" not in self.layer:
+            raise ConfigError(f"tensor-parallel spec: layer must hold {{i}} for the layer index, got {self.layer!r}")
+        if (self.fused_qkv is None) == (self.query is None):
+            raise ConfigError(f"tensor-parallel spec of {self.layer}: name either query (with key_value) or fused_qkv")
+        if self.query is not None and len(self.key_value) != 2:
+            raise ConfigError(f"tensor-parallel spec of {self.layer}: key_value must name the key and the value "
+                              f"projection, got {self.key_value!r}")
+        if self.fused_qkv is not None and self.key_value:
+            raise ConfigError(f"tensor-parallel spec of {self.layer}: a fused_qkv has no separate key_value")
+        for name in ("key_value", "mlp_in", "head_count_attrs", "head_width_attrs"):
+            if not isinstance(getattr(self, name), tuple):
+                raise ConfigError(f"tensor-parallel spec of {self.layer}: {name} must be a tuple")
+        if not self.mlp_in:
+            raise ConfigError(f"tensor-parallel spec of {self.layer}: mlp_in must name the MLP's input projections")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FamilySpec:
     """One model family: its config adapter, its module names and its deploy facts."""
 
@@ -113,8 +172,9 @@ class FamilySpec:
     stage_adapter: StageAdapter | None = None
     """Which deploy-side stage implementation runs the family (``rotary_decoder``, ``gpt2_decoder``,
     ``bert_encoder``), or None where cachefit plans the family but does not deploy it."""
-    tensor_parallel: bool = False
-    """Whether deploy runs a unit of this family split over cards (tensor-parallel shards)."""
+    tensor_parallel: TensorParallelSpec | None = None
+    """How deploy runs a unit of this family split over cards (tensor-parallel shards), or None where
+    it does not."""
     decode: bool = False
     """Whether deploy runs pipelined greedy decoding (``cachefit run --mode decode``: a KV cache per
     stage) for this family; the stage adapter must implement a cached step."""
@@ -141,6 +201,9 @@ class FamilySpec:
                 f"family {self.name}: stage_adapter must be one of {', '.join(_STAGE_ADAPTERS)} or None, "
                 f"got {self.stage_adapter!r}"
             )
+        if self.tensor_parallel is not None and not isinstance(self.tensor_parallel, TensorParallelSpec):
+            raise ConfigError(f"family {self.name}: tensor_parallel must be a TensorParallelSpec or None, "
+                              f"got {self.tensor_parallel!r}")
         if self.tensor_parallel and self.stage_adapter is None:
             raise ConfigError(f"family {self.name}: tensor_parallel needs a stage_adapter (deploy runs the shards)")
         if self.decode and self.stage_adapter is None:
@@ -149,4 +212,4 @@ class FamilySpec:
             raise ConfigError(f"family {self.name}: loss must be one of {', '.join(_LOSSES)}, got {self.loss!r}")
 
 
-__all__ = ["FamilySpec", "Loss", "MlpPattern", "RoleNames", "StageAdapter"]
+__all__ = ["FamilySpec", "Loss", "MlpPattern", "RoleNames", "StageAdapter", "TensorParallelSpec"]

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from cachefit.errors import ProfileError
 from cachefit.families._blocks import conv1d, derived_head_dim, lm_head, norm, tensor
-from cachefit.families.family_spec import FamilySpec, MlpPattern, RoleNames
+from cachefit.families.family_spec import (
+    FamilySpec,
+    MlpPattern,
+    RoleNames,
+    TensorParallelSpec,
+)
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
 from cachefit.units import ForwardSpec
@@ -97,5 +102,19 @@ FAMILY = FamilySpec(
     default_architecture="GPT2LMHeadModel",
     base_model_prefix="transformer",
     stage_adapter="gpt2_decoder",
+    # GPT2Attention splits c_attn's output into q, k, v by split_size and views heads of head_dim;
+    # Conv1D weights are (in, out), so column-parallel cuts columns and row-parallel rows
+    tensor_parallel=TensorParallelSpec(
+        layer="transformer.h.{i}",
+        attention="attn",
+        fused_qkv="attn.c_attn",
+        attention_out="attn.c_proj",
+        mlp_in=("mlp.c_fc",),
+        mlp_out="mlp.c_proj",
+        embedding="transformer.wte",  # wpe (positions) stays whole on every card
+        head="lm_head",
+        head_count_attrs=("num_heads",),
+        head_width_attrs=("split_size",),
+    ),
     loss="causal_lm",
 )

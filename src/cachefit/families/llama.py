@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from cachefit.families._blocks import full_rotary
 from cachefit.families._llama_like import llama_like, read_decoder_dims
-from cachefit.families.family_spec import FamilySpec, MlpPattern, RoleNames
+from cachefit.families.family_spec import (
+    FamilySpec,
+    MlpPattern,
+    RoleNames,
+    TensorParallelSpec,
+)
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
 
@@ -12,6 +17,19 @@ GATED_MLP = MlpPattern(up="up_proj", gate="gate_proj", down="down_proj")
 """The gated MLP of the Llama-like families (``LlamaMLP``: gate_proj, up_proj, down_proj)."""
 LLAMA_ROLES = RoleNames(qkv=("q_proj", "k_proj", "v_proj"), attn_out=("o_proj",), head=("lm_head",))
 """Module names of the Llama-like families' attention and head."""
+LLAMA_TENSOR_PARALLEL = TensorParallelSpec(
+    layer="model.layers.{i}",
+    attention="self_attn",  # LlamaAttention: view(..., -1, head_dim), GQA by num_key_value_groups
+    query="self_attn.q_proj",
+    key_value=("self_attn.k_proj", "self_attn.v_proj"),
+    attention_out="self_attn.o_proj",
+    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_out="mlp.down_proj",
+    embedding="model.embed_tokens",
+    head="lm_head",
+    group_attr="num_key_value_groups",
+)
+"""How a split unit of a Llama-like decoder is sharded (torchtitan's llama plan, Megatron's pairs)."""
 
 
 def read_llama(cfg: ConfigReader) -> TransformerSpec:
@@ -45,7 +63,7 @@ FAMILY = FamilySpec(
     default_architecture="LlamaForCausalLM",
     base_model_prefix="model",
     stage_adapter="rotary_decoder",
-    tensor_parallel=True,
+    tensor_parallel=LLAMA_TENSOR_PARALLEL,
     decode=True,
     loss="causal_lm",
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from cachefit.families._blocks import full_rotary, sliding_window
 from cachefit.families._llama_like import llama_like, read_decoder_dims
 from cachefit.families.family_spec import FamilySpec
-from cachefit.families.llama import GATED_MLP, LLAMA_ROLES
+from cachefit.families.llama import GATED_MLP, LLAMA_ROLES, LLAMA_TENSOR_PARALLEL
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
 
@@ -38,7 +38,7 @@ FAMILY = FamilySpec(
     default_architecture="MistralForCausalLM",
     base_model_prefix="model",
     stage_adapter="rotary_decoder",
-    tensor_parallel=True,
+    tensor_parallel=LLAMA_TENSOR_PARALLEL,
     decode=True,
     loss="causal_lm",
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 from cachefit.families._blocks import full_rotary
 from cachefit.families._llama_like import llama_like, read_decoder_dims
 from cachefit.families.family_spec import FamilySpec
-from cachefit.families.llama import GATED_MLP, LLAMA_ROLES
+from cachefit.families.llama import GATED_MLP, LLAMA_ROLES, LLAMA_TENSOR_PARALLEL
 from cachefit.families.qwen2 import qwen_window
 from cachefit.families.reader import ConfigReader
 from cachefit.profile.spec import TransformerSpec
@@ -46,10 +46,10 @@ FAMILY = FamilySpec(
     default_architecture="Qwen3ForCausalLM",
     base_model_prefix="model",
     # Qwen3DecoderLayer has Llama's layout (the q/k norms live inside self_attn), so the rotary decoder
-    # stage runs it unchanged, cached decoding included (tests/deploy: test_runtime.py, test_decode.py);
-    # tensor-parallel shards are not checked with q_norm / k_norm yet.
+    # stage runs it unchanged, cached decoding included (tests/deploy: test_runtime.py, test_decode.py),
+    # and its shards as Llama's (q_norm / k_norm act on each head's head_dim, whole on every card).
     stage_adapter="rotary_decoder",
-    tensor_parallel=False,
+    tensor_parallel=LLAMA_TENSOR_PARALLEL,
     decode=True,
     loss="causal_lm",
 )

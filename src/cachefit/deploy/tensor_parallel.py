@@ -1,0 +1,508 @@
+"""Tensor-parallel shards: each card of a split unit keeps whole heads, KV groups, MLP columns and
+vocabulary rows, split the way the planner counts them.
+
+Megatron-LM's scheme (Shoeybi et al. 2019, sec. 3), written out rather than built from DTensor's
+``ColwiseParallel`` / ``RowwiseParallel``, which cut a dimension in ``torch.chunk`` sizes: those do not
+follow head boundaries when the card count does not divide the heads. Here every split follows
+:mod:`cachefit.partition.split`: sizes are balanced (they differ by at most one head, KV group, MLP
+column or vocabulary row; the first cards take the larger ones) and the largest is the ceiling.
+
+* Column-parallel projections (query, key, value, MLP in) keep the output features of their card's
+  heads / columns; their input is the replicated hidden state.
+* Row-parallel projections (attention out, MLP out) keep the matching input features; their partial
+  outputs are summed over the cards (an all-reduce), then the output bias is added once.
+* The embedding keeps a range of the vocabulary: ids outside it give zeros, and the sum over the cards
+  gives each id's row (an all-reduce). The LM head keeps the same range; the logits are gathered
+  (an all-gather) and the padding dropped.
+
+Every card holds the **largest** shard's shapes: a smaller shard is padded with zeros (at most one
+head, KV group, column or vocabulary row per tensor), as Megatron-LM pads its vocabulary. So each card
+holds exactly the weight bytes the plan gives it (every card of a split unit gets the largest shard's
+figure), the collectives move equal sizes (gloo's ``all_gather`` needs them), and the zeros change
+nothing: a zero value head's output is zero and so is the input column of the row-parallel projection
+that reads it; a zero MLP column meets a zero column of the down projection; a padded vocabulary row
+is never looked up and its logit is dropped.
+
+Grouped-query attention: with no more cards than KV heads a card keeps whole KV groups (each with all
+of its query heads); with more, each card keeps one KV head (a copy where several cards share it) and
+part of that group's query heads, the groups' cards balanced as above.
+
+The collectives are autograd functions with Megatron's backward (``f``: identity forward, all-reduce
+backward, before a column-parallel projection; ``g``: all-reduce forward, identity backward, after a
+row-parallel one; the gather's backward keeps the card's own slice), so a backward through the shards
+gives each card the gradients of the unsplit model's tensors it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from cachefit.errors import ConfigError, DeployError
+from cachefit.families import FamilySpec, TensorParallelSpec
+
+# --------------------------------------------------------------------------------------------
+# How a dimension splits (no torch)
+# --------------------------------------------------------------------------------------------
+
+
+def balanced_ranges(total: int, shards: int) -> tuple[range, ...]:
+    """``total`` items over ``shards`` cards in order: sizes differ by at most one, the first larger.
+
+    ``balanced_ranges(7, 3)`` is ``(range(0, 3), range(3, 5), range(5, 7))``.
+    """
+    if shards < 1 or total < 0:
+        raise ConfigError(f"cannot split {total} items over {shards} cards")
+    base, extra = divmod(total, shards)
+    out, start = [], 0
+    for r in range(shards):
+        size = base + (1 if r < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeadSplit:
+    """Which attention heads each card of a split runs, and the slots each card holds (the largest)."""
+
+    num_heads: int
+    num_kv_heads: int
+    query: tuple[tuple[int, ...], ...]
+    """Per card, the global indices of its query heads (in order)."""
+    kv: tuple[tuple[int, ...], ...]
+    """Per card, the global indices of its key / value heads."""
+
+    @property
+    def query_slots(self) -> int:
+        """Query heads every card holds (the largest card's; smaller ones pad with zero heads)."""
+        return max(len(q) for q in self.query)
+
+    @property
+    def kv_slots(self) -> int:
+        """Key / value heads every card holds."""
+        return max(len(k) for k in self.kv)
+
+
+def split_heads(num_heads: int, num_kv_heads: int, shards: int) -> HeadSplit:
+    """The heads of each of ``shards`` cards, query heads kept with the KV head they read.
+
+    ``shards <= num_kv_heads``: whole KV groups, balanced. More cards than KV heads: the cards are dealt
+    to the groups (balanced), and each group's query heads to its cards (balanced); a card keeps its
+    group's KV head.
+
+    Raises:
+        ConfigError: the head counts are not positive, or the KV heads do not divide the query heads.
+    """
+    a, g, s = num_heads, num_kv_heads, shards
+    if a < 1 or g < 1 or s < 1 or a % g:
+        raise ConfigError(f"cannot split {a} attention heads with {g} key/value heads over {s} cards: the key/value "
+                          "heads must divide the attention heads")
+    per_group = a // g
+    if s <= g:
+        groups = balanced_ranges(g, s)
+        query = tuple(tuple(h for k in grp for h in range(k * per_group, (k + 1) * per_group)) for grp in groups)
+        return HeadSplit(num_heads=a, num_kv_heads=g, query=query, kv=tuple(tuple(grp) for grp in groups))
+    query_heads: list[tuple[int, ...]] = []
+    kv_heads: list[tuple[int, ...]] = []
+    for group, cards in enumerate(balanced_ranges(s, g)):
+        for part in balanced_ranges(per_group, len(cards)):
+            query_heads.append(tuple(group * per_group + h for h in part))
+            kv_heads.append((group,))
+    return HeadSplit(num_heads=a, num_kv_heads=g, query=tuple(query_heads), kv=tuple(kv_heads))
+
+
+def _padded(index: Sequence[int], slots: int) -> list[int | None]:
+    return [*index, *([None] * (slots - len(index)))]
+
+
+def _head_features(heads: Sequence[int], slots: int, head_dim: int, offset: int = 0) -> list[int | None]:
+    """Feature indices of ``heads`` (``head_dim`` each, from ``offset``), padded to ``slots`` heads."""
+    feats = [offset + h * head_dim + c for h in heads for c in range(head_dim)]
+    return _padded(feats, slots * head_dim)
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives (Megatron's f, g and gather), autograd-aware
+# --------------------------------------------------------------------------------------------
+
+
+class _CopyToShards(torch.autograd.Function):
+    """Identity forward; backward sums the input's gradient over the cards (each holds a part)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumOverShards(torch.autograd.Function):
+    """All-reduce forward (the partial outputs summed); the gradient passes through unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _GatherOverShards(torch.autograd.Function):
+    """All-gather along the last dimension (equal widths); backward keeps the card's own slice."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, rank: int, shards: int) -> torch.Tensor:
+        ctx.rank, ctx.width = rank, x.shape[-1]
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(shards)]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return grad[..., ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width].contiguous(), None, None, None
+
+
+def _tracked(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def copy_to_shards(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """The replicated input of a column-parallel layer (Megatron's ``f``)."""
+    return _CopyToShards.apply(x, group) if _tracked(x) else x
+
+
+def sum_over_shards(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """The sum of the cards' partial outputs (Megatron's ``g``); in place without autograd."""
+    if _tracked(x):
+        return _SumOverShards.apply(x, group)
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded modules: they keep the replaced module's parameter names (``weight``, ``bias``), so the
+# stage's tensors keep their FQNs (the byte check and the gradients read them by name)
+# --------------------------------------------------------------------------------------------
+
+
+def _parameter(t: torch.Tensor | None, like: torch.Tensor | None, dim: int = 0,
+               index: Sequence[int | None] = ()) -> nn.Parameter | None:
+    """``t`` as a parameter; where ``index`` pads it along ``dim``, its gradient is kept zero there.
+
+    A padded slot can see a non-zero gradient (the zero input column of a row-parallel projection
+    reading a padded query head that attends to a real KV head); masking it keeps the padding zero
+    through any optimizer step, so the shard stays equal to the unsplit model's part.
+    """
+    if t is None:
+        return None
+    param = nn.Parameter(t, requires_grad=like.requires_grad if like is not None else True)
+    pads = [k for k, i in enumerate(index) if i is None]
+    if pads and param.requires_grad:
+        shape = [1] * param.dim()
+        shape[dim] = len(index)
+        keep = torch.ones(len(index), dtype=param.dtype, device=param.device)
+        keep[pads] = 0
+        keep = keep.view(shape)
+        param.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
+    return param
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    if not transposed:
+        return F.linear(x, weight, bias)
+    # transformers' Conv1D (pytorch_utils.py): weight (in, out), addmm on the flattened input
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
+    return out.view(*x.shape[:-1], weight.shape[1])
+
+
+class ColumnParallelLinear(nn.Module):
+    """The card's output features of a linear layer (``transposed``: stored (in, out) as Conv1D)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, *, transposed: bool, group: Any) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.transposed = transposed
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _project(copy_to_shards(x, self.group), self.weight, self.bias, self.transposed)
+
+    def extra_repr(self) -> str:
+        return f"local_weight={tuple(self.weight.shape)}, transposed={self.transposed}"
+
+
+class RowParallelLinear(nn.Module):
+    """The card's input features of a linear layer; outputs summed over the cards, the bias added once."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, *, transposed: bool, group: Any) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.transposed = transposed
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = sum_over_shards(_project(x, self.weight, None, self.transposed), self.group)
+        return out + self.bias if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return f"local_weight={tuple(self.weight.shape)}, transposed={self.transposed}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows ``start .. stop - 1`` of an embedding (padded); ids elsewhere give zeros, summed over cards."""
+
+    def __init__(self, weight: nn.Parameter, *, start: int, stop: int, padding_idx: int | None, group: Any) -> None:
+        super().__init__()
+        self.weight = weight
+        self.start, self.stop = start, stop
+        # nn.Embedding's padding_idx only keeps that row's gradient at zero: the card holding it does so
+        self.padding_idx = padding_idx - start if padding_idx is not None and start <= padding_idx < stop else None
+        self.group = group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.start) | (ids >= self.stop)
+        local = (ids - self.start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight, self.padding_idx).masked_fill(outside.unsqueeze(-1), 0.0)
+        return sum_over_shards(out, self.group)
+
+    def extra_repr(self) -> str:
+        return f"rows={self.start}..{self.stop - 1}, local_weight={tuple(self.weight.shape)}"
+
+
+class VocabParallelHead(nn.Module):
+    """An LM head over the card's vocabulary range; the logits gathered from every card, padding dropped."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, *, sizes: Sequence[int], rank: int,
+                 group: Any) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.sizes = tuple(sizes)
+        """Real vocabulary rows per card (each holds ``max(sizes)``)."""
+        self.rank = rank
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = F.linear(copy_to_shards(x, self.group), self.weight, self.bias)
+        logits = _GatherOverShards.apply(local, self.group, self.rank, len(self.sizes))
+        slots = self.weight.shape[0]
+        if all(n == slots for n in self.sizes):
+            return logits
+        return torch.cat([logits[..., r * slots:r * slots + n] for r, n in enumerate(self.sizes)], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"rows_per_card={self.sizes}, local_weight={tuple(self.weight.shape)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding a stage in place
+# --------------------------------------------------------------------------------------------
+
+
+def _take(t: torch.Tensor, dim: int, index: Sequence[int | None]) -> torch.Tensor:
+    """``t`` indexed along ``dim`` by ``index``, zeros where it is None (padding)."""
+    t = t.detach()
+    shape = list(t.shape)
+    shape[dim] = len(index)
+    out = t.new_zeros(shape)
+    real = [k for k, i in enumerate(index) if i is not None]
+    if real:
+        src = torch.tensor([index[k] for k in real], dtype=torch.long, device=t.device)
+        dst = torch.tensor(real, dtype=torch.long, device=t.device)
+        out.index_copy_(dim, dst, t.index_select(dim, src))
+    return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Shard:
+    """One card's view of a split: its index, the group, and the family's names."""
+
+    rank: int
+    shards: int
+    group: Any
+    spec: TensorParallelSpec
+    transposed: tuple[str, ...]
+
+    def is_transposed(self, weight_fqn: str) -> bool:
+        return any(fnmatchcase(weight_fqn, pat) for pat in self.transposed)
+
+
+def _module(root: nn.Module, fqn: str, where: str) -> nn.Module:
+    try:
+        module = root.get_submodule(fqn)
+    except AttributeError:
+        module = None
+    if module is None:
+        raise DeployError(f"{where}: the model has no module {fqn!r}; the family's TensorParallelSpec names "
+                          "modules this model does not have")
+    return module
+
+
+def _replace(root: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent, _, attr = fqn.rpartition(".")
+    (root.get_submodule(parent) if parent else root)._modules[attr] = new
+
+
+def _out_features(module: nn.Module, transposed: bool) -> int:
+    return int(module.weight.shape[1 if transposed else 0])
+
+
+def _column(root: nn.Module, fqn: str, index: Sequence[int | None], shard: _Shard, where: str) -> None:
+    old = _module(root, fqn, where)
+    transposed = shard.is_transposed(f"{fqn}.weight")
+    dim = 1 if transposed else 0
+    weight = _take(old.weight, dim, index)
+    bias = _take(old.bias, 0, index) if getattr(old, "bias", None) is not None else None
+    _replace(root, fqn, ColumnParallelLinear(_parameter(weight, old.weight, dim, index),
+                                             _parameter(bias, old.bias, 0, index),
+                                             transposed=transposed, group=shard.group))
+
+
+def _row(root: nn.Module, fqn: str, index: Sequence[int | None], shard: _Shard, where: str) -> None:
+    old = _module(root, fqn, where)
+    transposed = shard.is_transposed(f"{fqn}.weight")
+    dim = 0 if transposed else 1
+    weight = _take(old.weight, dim, index)
+    bias = old.bias.detach() if getattr(old, "bias", None) is not None else None  # whole: added once
+    _replace(root, fqn, RowParallelLinear(_parameter(weight, old.weight, dim, index), _parameter(bias, old.bias),
+                                          transposed=transposed, group=shard.group))
+
+
+def _shard_attention(root: nn.Module, layer: str, heads: HeadSplit, shard: _Shard, where: str) -> None:
+    spec, r = shard.spec, shard.rank
+    attention = _module(root, f"{layer}.{spec.attention}", where)
+    qs, ks = heads.query_slots, heads.kv_slots
+    if spec.fused_qkv is not None:
+        fused = f"{layer}.{spec.fused_qkv}"
+        module = _module(root, fused, where)
+        a, g = heads.num_heads, heads.num_kv_heads
+        head_dim, rest = divmod(_out_features(module, shard.is_transposed(f"{fused}.weight")), a + 2 * g)
+        if rest:
+            raise DeployError(f"{where}: {fused} has {_out_features(module, shard.is_transposed(f'{fused}.weight'))} "
+                              f"outputs, not (heads {a} + 2 x KV heads {g}) x head dim")
+        if qs != ks:
+            raise DeployError(f"{where}: {fused} splits into equal q, k, v widths, but a card holds {qs} query and "
+                              f"{ks} key/value heads")
+        index = (_head_features(heads.query[r], qs, head_dim)
+                 + _head_features(heads.kv[r], ks, head_dim, offset=a * head_dim)
+                 + _head_features(heads.kv[r], ks, head_dim, offset=(a + g) * head_dim))
+        _column(root, fused, index, shard, where)
+    else:
+        query = f"{layer}.{spec.query}"
+        head_dim = _out_features(_module(root, query, where), shard.is_transposed(f"{query}.weight")) // heads.num_heads
+        _column(root, query, _head_features(heads.query[r], qs, head_dim), shard, where)
+        for name in spec.key_value:
+            _column(root, f"{layer}.{name}", _head_features(heads.kv[r], ks, head_dim), shard, where)
+    _row(root, f"{layer}.{spec.attention_out}", _head_features(heads.query[r], qs, head_dim), shard, where)
+    for attr in spec.head_count_attrs:
+        setattr(attention, attr, qs)
+    for attr in spec.head_width_attrs:
+        setattr(attention, attr, qs * head_dim)
+    if spec.group_attr is not None:
+        setattr(attention, spec.group_attr, qs // ks)
+
+
+def _shard_mlp(root: nn.Module, layer: str, shard: _Shard, where: str) -> None:
+    spec = shard.spec
+    first = f"{layer}.{spec.mlp_in[0]}"
+    columns = _out_features(_module(root, first, where), shard.is_transposed(f"{first}.weight"))
+    ranges = balanced_ranges(columns, shard.shards)
+    index = _padded(ranges[shard.rank], len(ranges[0]))
+    for name in spec.mlp_in:
+        _column(root, f"{layer}.{name}", index, shard, where)
+    _row(root, f"{layer}.{spec.mlp_out}", index, shard, where)
+
+
+def _shard_embedding(root: nn.Module, fqn: str, shard: _Shard, where: str) -> None:
+    old = _module(root, fqn, where)
+    ranges = balanced_ranges(old.weight.shape[0], shard.shards)
+    mine = ranges[shard.rank]
+    index = _padded(mine, len(ranges[0]))
+    weight = _take(old.weight, 0, index)
+    _replace(root, fqn, VocabParallelEmbedding(_parameter(weight, old.weight, 0, index), start=mine.start,
+                                               stop=mine.stop, padding_idx=getattr(old, "padding_idx", None),
+                                               group=shard.group))
+
+
+def _shard_head(root: nn.Module, fqn: str, shard: _Shard, where: str) -> None:
+    old = _module(root, fqn, where)
+    if shard.is_transposed(f"{fqn}.weight"):
+        raise DeployError(f"{where}: {fqn} stores its weight (in, out); cachefit splits LM heads of nn.Linear only")
+    ranges = balanced_ranges(old.weight.shape[0], shard.shards)
+    index = _padded(ranges[shard.rank], len(ranges[0]))
+    weight = _take(old.weight, 0, index)
+    bias = _take(old.bias, 0, index) if getattr(old, "bias", None) is not None else None
+    _replace(root, fqn, VocabParallelHead(_parameter(weight, old.weight, 0, index),
+                                          _parameter(bias, old.bias, 0, index), sizes=[len(rg) for rg in ranges],
+                                          rank=shard.rank, group=shard.group))
+
+
+def model_head_counts(config: Any) -> tuple[int, int]:
+    """(attention heads, key/value heads) from a ``transformers`` config (KV heads default to heads)."""
+    heads = int(config.num_attention_heads)
+    return heads, int(getattr(config, "num_key_value_heads", None) or heads)
+
+
+def shard_stage_(root: nn.Module, steps: Sequence[tuple[str, int | None]], family: FamilySpec, *, rank: int,
+                 shards: int, group: Any, where: str) -> None:
+    """Replace the split units' modules of ``root`` by this card's shards, in place.
+
+    ``steps``: the stage's units as ``(kind, layer index)`` (``embed``, ``layer``, ``attn``, ``mlp``,
+    ``head``). The weights are cut from the materialized unsplit tensors, so ``root`` holds each
+    card's part only afterwards.
+
+    Raises:
+        DeployError: the family runs no split units, or its spec names modules the model lacks.
+    """
+    spec = family.tensor_parallel
+    if spec is None:
+        raise DeployError(f"{where}: family {family.name} has no TensorParallelSpec; its units run whole")
+    if not 0 <= rank < shards:
+        raise DeployError(f"{where}: card index {rank} is outside a split over {shards} cards")
+    shard = _Shard(rank=rank, shards=shards, group=group, spec=spec, transposed=family.transposed_weights)
+    heads = split_heads(*model_head_counts(root.config), shards)
+    for kind, i in steps:
+        if kind == "embed" and spec.embedding is not None:
+            _shard_embedding(root, spec.embedding, shard, where)
+        elif kind == "head" and spec.head is not None:
+            _shard_head(root, spec.head, shard, where)
+        if kind in ("layer", "attn"):
+            _shard_attention(root, spec.layer.format(i=i), heads, shard, where)
+        if kind in ("layer", "mlp"):
+            _shard_mlp(root, spec.layer.format(i=i), shard, where)
+
+
+__all__ = [
+    "ColumnParallelLinear",
+    "HeadSplit",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "VocabParallelHead",
+    "balanced_ranges",
+    "copy_to_shards",
+    "model_head_counts",
+    "shard_stage_",
+    "split_heads",
+    "sum_over_shards",
+]
