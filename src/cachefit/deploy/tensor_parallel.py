@@ -29,8 +29,9 @@ part of that group's query heads, the groups' cards balanced as above.
 
 The collectives are autograd functions with Megatron's backward (``f``: identity forward, all-reduce
 backward, before a column-parallel projection; ``g``: all-reduce forward, identity backward, after a
-row-parallel one; the gather's backward keeps the card's own slice), so a backward through the shards
-gives each card the gradients of the unsplit model's tensors it holds.
+row-parallel one; the gather's backward keeps the card's own slice), and the copies of a KV head shared
+by several cards sum their gradients, so a backward through the shards gives each card the gradients
+of the unsplit model's tensors it holds (zeros where it pads).
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ class HeadSplit:
     def kv_slots(self) -> int:
         """Key / value heads every card holds."""
         return max(len(k) for k in self.kv)
+
+    @property
+    def shared_kv(self) -> bool:
+        """More cards than KV heads: a KV head is copied on each card reading it."""
+        return len(self.kv) > self.num_kv_heads
 
 
 def split_heads(num_heads: int, num_kv_heads: int, shards: int) -> HeadSplit:
@@ -408,12 +414,18 @@ def _shard_attention(root: nn.Module, layer: str, heads: HeadSplit, shard: _Shar
                  + _head_features(heads.kv[r], ks, head_dim, offset=a * head_dim)
                  + _head_features(heads.kv[r], ks, head_dim, offset=(a + g) * head_dim))
         _column(root, fused, index, shard, where)
+        if heads.shared_kv:  # the k and v blocks follow the query block in the card's columns
+            _sum_shared_kv_grads_(_module(root, fused, where), heads, shard, start=qs * head_dim,
+                                  width=2 * ks * head_dim, transposed=shard.is_transposed(f"{fused}.weight"))
     else:
         query = f"{layer}.{spec.query}"
         head_dim = _out_features(_module(root, query, where), shard.is_transposed(f"{query}.weight")) // heads.num_heads
         _column(root, query, _head_features(heads.query[r], qs, head_dim), shard, where)
         for name in spec.key_value:
             _column(root, f"{layer}.{name}", _head_features(heads.kv[r], ks, head_dim), shard, where)
+            if heads.shared_kv:
+                _sum_shared_kv_grads_(_module(root, f"{layer}.{name}", where), heads, shard, start=0,
+                                      width=ks * head_dim, transposed=shard.is_transposed(f"{layer}.{name}.weight"))
     _row(root, f"{layer}.{spec.attention_out}", _head_features(heads.query[r], qs, head_dim), shard, where)
     for attr in spec.head_count_attrs:
         setattr(attention, attr, qs)
@@ -421,6 +433,32 @@ def _shard_attention(root: nn.Module, layer: str, heads: HeadSplit, shard: _Shar
         setattr(attention, attr, qs * head_dim)
     if spec.group_attr is not None:
         setattr(attention, spec.group_attr, qs // ks)
+
+
+def _sum_shared_kv_grads_(module: nn.Module, heads: HeadSplit, shard: _Shard, *, start: int, width: int,
+                          transposed: bool) -> None:
+    """Sum the gradients of a KV head's copies over the cards holding one (more cards than KV heads).
+
+    Each copy sees the gradient of its own card's query heads only; the unsplit KV head's is their
+    sum. The features ``start .. start + width`` of ``module`` are the card's KV head; every card
+    adds its part at its KV head's slot of a ``(kv heads, ...)`` buffer, summed over the group (one
+    all-reduce, the same on every card, so the cards' backward passes stay in step).
+    """
+    (kv,) = heads.kv[shard.rank]
+    for param, dim in ((module.weight, 1 if transposed else 0), (getattr(module, "bias", None), 0)):
+        if param is None or not param.requires_grad:
+            continue
+
+        def hook(grad: torch.Tensor, dim: int = dim) -> torch.Tensor:
+            part = grad.narrow(dim, start, width)
+            buffer = grad.new_zeros((heads.num_kv_heads, *part.shape))
+            buffer[kv] = part
+            dist.all_reduce(buffer, group=shard.group)
+            out = grad.clone()
+            out.narrow(dim, start, width).copy_(buffer[kv])
+            return out
+
+        param.register_hook(hook)
 
 
 def _shard_mlp(root: nn.Module, layer: str, shard: _Shard, where: str) -> None:
