@@ -5,7 +5,10 @@ Not a test. What it does:
 1. Builds a Llama-like ``LlamaForCausalLM`` with random fp32 weights (default: hidden 1,024, 6
    layers, MLP 2,816, vocabulary 8,192: about 380 MB) and saves it with safetensors.
 2. Plans it twice with cachefit for a prefill workload (``--batch`` sequences per micro-batch of
-   ``--seq`` tokens, ``--micro-batches`` M, fp32): on 1 card, and balanced on 2 cards.
+   ``--seq`` tokens, ``--micro-batches`` M, fp32): on 1 card, and on 2 cards, balanced by bytes
+   (``--objective cards``, the default) or by the cost model's stage time (``--objective time``, on
+   the probed device); ``--granularity block`` lets a stage boundary fall between a layer's
+   attention and MLP blocks.
 3. Runs each plan with ``cachefit.deploy.launch`` under torchrun (gloo, CPU), ``--steps`` timed steps
    after one warm-up step, and reads the measured step time and each stage's forward time per
    micro-batch.
@@ -21,6 +24,7 @@ micro-batch per stage on CPU gloo, FINDINGS) and any imbalance.
     python bench/pipeline_bench.py                          # about 2-4 minutes on 2 cores
     python bench/pipeline_bench.py --quick                  # a smaller model, fewer micro-batches
     python bench/pipeline_bench.py --markdown docs/benchmarks.md   # rewrite the pipeline section
+    python bench/pipeline_bench.py --objective time --granularity block   # stages balanced by time
 """
 
 from __future__ import annotations
@@ -55,18 +59,23 @@ def build_model(path: Path, *, hidden: int, layers: int, intermediate: int, voca
     model.save_pretrained(path, safe_serialization=True)
 
 
-def plan_for(model_dir: Path, cards: int, workload: Any, device: Any = None) -> tuple[Any, Any]:
+def plan_for(model_dir: Path, cards: int, workload: Any, device: Any = None, *, objective: str = "cards",
+             granularity: str = "layer") -> tuple[Any, Any]:
+    from cachefit.cost.pricing import LayoutPricing
     from cachefit.hardware.devices import device_from_capacity, make_cluster
     from cachefit.plan.search import plan_partition
     from cachefit.profile import profile_model
 
-    profile = profile_model(model_dir, workload)
+    profile = profile_model(model_dir, workload, granularity=granularity)
     # a card as large as the whole model, so the plan is the balanced split over `cards` cards; on the
     # probed CPU that is its DRAM (the model is far larger than its caches)
     capacity = sum(u.total_bytes for u in profile.units) + 1
     card = device_from_capacity(capacity, level="dram", base=device) if device is not None \
         else device_from_capacity(capacity)
-    plan, _ = plan_partition(profile, make_cluster(card), num_cards=cards)
+    cluster = make_cluster(card)
+    # stage times as predict() prices them: GPipe, the workload's micro-batches, free messages
+    pricing = LayoutPricing(profile, cluster, schedule="gpipe", link_latency_s=0.0) if device is not None else None
+    plan, _ = plan_partition(profile, cluster, num_cards=cards, objective=objective, pricing=pricing)
     return plan, profile
 
 
@@ -105,10 +114,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs of each configuration, alternating 1 and 2 processes; the fastest step counts")
     parser.add_argument("--device", help="device file from `cachefit probe --out` (default: probe now)")
     parser.add_argument("--no-predict", action="store_true", help="skip the probe and the cost model")
+    parser.add_argument("--objective", choices=("cards", "time", "both"), default="cards",
+                        help="what the 2-card plan minimizes: the largest stage in bytes, or the predicted "
+                             "bottleneck stage time on the probed device; both: run the two 2-card plans, "
+                             "alternating with the 1-card one under the same load")
+    parser.add_argument("--granularity", choices=("layer", "block"), default="layer",
+                        help="units: whole layers, or attention and MLP blocks")
     parser.add_argument("--work-dir", help="where the model is saved (default: a temp dir)")
     parser.add_argument("--markdown", help="rewrite the pipeline section of this markdown file")
     parser.add_argument("--json", help="write the raw results here")
     args = parser.parse_args(argv)
+    if args.objective != "cards" and args.no_predict:
+        parser.error("--objective time needs the cost model's stage times on the probed device; drop --no-predict")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from cachefit.units import Workload
@@ -127,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"shape": shape, "checkpoint_bytes": weight_bytes, "micro_batches": m,
                                "repeats": args.repeats,
                                "batch_per_micro_batch": args.batch, "seq": args.seq, "steps": args.steps,
-                               "threads_per_process": args.threads}
+                               "threads_per_process": args.threads, "objective": args.objective,
+                               "granularity": args.granularity}
     device = None
     if not args.no_predict:
         from cachefit.hardware.devices import load_device_file, parse_device
@@ -145,30 +163,43 @@ def main(argv: list[str] | None = None) -> int:
             probed_file.write_text(json.dumps(probed.to_device_dict(), indent=2) + "\n")
             device = parse_device(probed.to_device_dict(), where="probe")
         results["device"] = {"name": device.name, "levels": [(lv.name, lv.capacity_bytes) for lv in device.levels]}
-    plans = {cards: plan_for(model_dir, cards, workload, device) for cards in (1, 2)}
-    for cards, (plan, profile) in plans.items():
-        results[f"{cards}"] = {"runs": [], "stages": [list(s.unit_names) for s in plan.stages]}
+    # label -> (processes, objective); "2" is the 2-card plan of --objective ("cards" with both)
+    configs = {"1": (1, "cards"), "2": (2, "cards" if args.objective == "both" else args.objective)}
+    if args.objective == "both":
+        configs["2 (time)"] = (2, "time")
+    plans = {label: plan_for(model_dir, cards, workload, device, objective=objective, granularity=args.granularity)
+             for label, (cards, objective) in configs.items()}
+    results["configs"] = list(configs)
+    for label, (plan, profile) in plans.items():
+        results[label] = {"runs": [], "stages": [list(s.unit_names) for s in plan.stages],
+                          "processes": configs[label][0], "objective": plan.objective}
         if device is not None:
             cost = predict(plan, profile, device, m)
-            results[f"{cards}"]["predicted"] = {
+            results[label]["predicted"] = {
                 "stage_s": list(cost.stage_times_s), "step_s": cost.step_s,
                 "throughput_tokens_per_s": None if cost.step_s is None else m * workload.tokens / cost.step_s,
                 "notes": list(cost.notes)}
     # alternate the configurations so that a slow spell of a shared machine hits both alike
     for rep in range(args.repeats):
-        for cards, (plan, _profile) in plans.items():
-            log.info("run %d/%d, %d process(es): %s", rep + 1, args.repeats, cards, [s.unit_names for s in plan.stages])
-            results[f"{cards}"]["runs"].append(
+        for label, (plan, _profile) in plans.items():
+            cards = configs[label][0]
+            log.info("run %d/%d, %s: %s", rep + 1, args.repeats, label, [s.unit_names for s in plan.stages])
+            results[label]["runs"].append(
                 run(model_dir, plan, nproc=cards, micro_batches=m, steps=args.steps, threads=args.threads))
-    for cards in plans:
-        entry = results[f"{cards}"]
+    for label in plans:
+        entry = results[label]
         # the report of the run with the fastest step; its stages' times are that run's
         best = min(entry["runs"], key=lambda rep: min(rep["timings"]["step_s"]))
         entry["report"] = best
         entry["step_samples_s"] = [t for rep in entry["runs"] for t in rep["timings"]["step_s"]]
         entry["best_step_s"] = min(entry["step_samples_s"])
-    results["throughput_ratio"] = results["1"]["best_step_s"] / results["2"]["best_step_s"]
-    results["median_ratio"] = _median(results["1"]["step_samples_s"]) / _median(results["2"]["step_samples_s"])
+    for label in plans:
+        if label != "1":
+            results[label]["throughput_ratio"] = results["1"]["best_step_s"] / results[label]["best_step_s"]
+            results[label]["median_ratio"] = (_median(results["1"]["step_samples_s"])
+                                              / _median(results[label]["step_samples_s"]))
+    results["throughput_ratio"] = results["2"]["throughput_ratio"]
+    results["median_ratio"] = results["2"]["median_ratio"]
     results["ideal_ratio"] = 2 * m / (m + 1)
     results["date"] = datetime.date.today().isoformat()
     results["machine"] = f"{_cpu_name()}, {os.cpu_count()} cores ({platform.machine()}, {platform.system()})"
@@ -224,25 +255,31 @@ def render(r: dict[str, Any]) -> str:
         f"{s['layers']} layers, MLP {s['intermediate']}, vocabulary {s['vocab']}, random fp32 weights "
         f"({r['checkpoint_bytes'] / 1e6:,.0f} MB of safetensors). Prefill, {m} micro-batches of "
         f"{r['batch_per_micro_batch']} x {r['seq']} = {tokens:,} tokens, GPipe, {r['steps']} timed step(s) after "
-        "one warm-up in each run.",
+        f"one warm-up in each run. Plans: objective {r.get('objective', 'cards')}, "
+        f"{r.get('granularity', 'layer')} units.",
         "",
-        "| processes | stages | fastest step (ms) | median step (ms) | tokens/s (fastest) | forward per micro-batch, per stage (ms) | predicted stage (ms) | predicted step (ms) |",
+        "| plan | stages | fastest step (ms) | median step (ms) | tokens/s (fastest) | forward per micro-batch, per stage (ms) | predicted stage (ms) | predicted step (ms) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     step_tokens = m * tokens
-    for cards in ("1", "2"):
-        e = r[cards]
+    labels = r.get("configs", ["1", "2"])
+    for label in labels:
+        e = r[label]
         rep = e["report"]
         fwd = ", ".join(_ms(st.get("forward_s_mean")) for st in rep["stages"])
         pred = e.get("predicted") or {}
         pstage = ", ".join(_ms(t) for t in pred.get("stage_s", [])) or "-"
         names = " / ".join(f"{u[0]}..{u[-1]}" for u in e["stages"])
-        lines.append(f"| {cards} | {names} | {_ms(e['best_step_s'])} | {_ms(_median(e['step_samples_s']))} | "
+        what = f"{label} process(es)" if "objective" not in e else f"{e['processes']} process(es), {e['objective']}"
+        lines.append(f"| {what} | {names} | {_ms(e['best_step_s'])} | {_ms(_median(e['step_samples_s']))} | "
                      f"{step_tokens / e['best_step_s']:,.0f} | {fwd} | {pstage} | {_ms(pred.get('step_s'))} |")
+    ratios = "; ".join(
+        f"{r[label].get('objective', 'cards')} plan **{r[label].get('throughput_ratio', r['throughput_ratio']):.2f}x** "
+        f"on the fastest steps, {r[label].get('median_ratio', r['median_ratio']):.2f}x on the medians"
+        for label in labels if label != "1")
     lines += [
         "",
-        f"Throughput ratio, 2 processes over 1: **{r['throughput_ratio']:.2f}x** on the fastest steps, "
-        f"{r['median_ratio']:.2f}x on the medians ({len(r['1']['step_samples_s'])} steps of each, "
+        f"Throughput ratio, 2 processes over 1: {ratios} ({len(r['1']['step_samples_s'])} steps of each, "
         f"{r['repeats']} alternating runs). Ideal for equal stages and free communication: "
         f"2M / (M + 1) = {r['ideal_ratio']:.2f}x. Forward times are those of the run with the fastest step.",
     ]
