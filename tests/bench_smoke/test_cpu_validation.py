@@ -1,0 +1,72 @@
+"""bench/cpu_validation.py end to end on a tiny model and a given device file: the output's shape only
+(no timing is checked: the rates depend on the host and its load)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "cpu_validation.py"
+
+# a made-up CPU: one cache level and DRAM, with every figure the decode estimate needs (link included,
+# so the script measures nothing but the runs)
+DEVICE = {
+    "device": "tiny-cpu", "full_name": "test CPU", "default_level": "l3",
+    "levels": [{"name": "l3", "capacity_bytes": 1 << 20, "bandwidth_bytes_per_s": 5e10},
+               {"name": "dram", "capacity_bytes": 1 << 32, "bandwidth_bytes_per_s": 1e10}],
+    "offchip_bandwidth_bytes_per_s": 1e10, "offchip_capacity_bytes": 1 << 32,
+    "peak_flops": {"fp32": 1e11}, "kernel_overhead": {"value": 3e-6, "source": "test", "as_of": "2026-01-01"},
+    "link_bandwidth": {"value": 2e9, "source": "test", "as_of": "2026-01-01"},
+    "hop_latency": {"value": 5e-5, "source": "test", "as_of": "2026-01-01"},
+    "source": "test", "as_of": "2026-01-01",
+}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("cpu_validation_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_the_script_writes_a_row_per_process_count(bench, tmp_path):
+    device = tmp_path / "tiny-cpu.json"
+    device.write_text(json.dumps(DEVICE))
+    docs = tmp_path / "validation.md"
+    docs.write_text("# Validation\n\nabove\n")
+    argv = ["--out-dir", str(tmp_path / "out"), "--device-file", str(device), "--docs", str(docs),
+            "--hidden", "64", "--layers", "2", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
+            "--vocab", "128", "--new-tokens", "2", "--warmup", "0", "--steps", "1"]
+    assert bench.main(argv) == 0
+    doc = json.loads((tmp_path / "out" / "cpu_validation.json").read_text())
+    assert [r["cards"] for r in doc["rows"]] == [1, 2]
+    for row in doc["rows"]:
+        assert row["predicted_tokens_per_s"] > 0 and row["measured_tokens_per_s"] > 0 and row["ratio"] > 0
+        assert len(row["stages"]) == row["cards"] and row["weight_dtype"] == "fp32"
+    assert doc["link"]["measured"] is False  # the device file's own figures
+    assert str(tmp_path) not in doc["command"]  # the docs show roles, not this host's paths
+    text = docs.read_text()
+    assert "above" in text and text.count(bench.SECTION_START) == 1 and bench.SECTION_END in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 2  # header and one row per process count
+    # a rerun replaces the section instead of adding another
+    assert bench.main(argv) == 0 and docs.read_text().count(bench.SECTION_START) == 1
+
+
+def test_bad_options_are_one_line_errors(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--cards", "one"])
+    assert exc.value.code == 2
+    capsys.readouterr()
+    assert bench.main(["--out-dir", str(tmp_path), "--model-dir", str(tmp_path / "missing"), "--cards", "1"]) == 1
+    assert capsys.readouterr().err.strip().startswith("error: --model-dir")
