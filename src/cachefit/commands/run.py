@@ -205,7 +205,7 @@ def register(app: typer.Typer) -> None:
             source = inspect_model_dir(resolve_model_dir(model_dir))
             layout = layout_from_plan(plan_obj, source)
             verdict = check_run(result, source.path, layout=layout, mode=run_mode, micro_batches=m,
-                                tolerance=tolerance, dtype=run_dtype)
+                                tolerance=tolerance, dtype=run_dtype, plan=plan_obj)
             report["check"] = verdict.to_dict()
         if as_json:
             from cachefit.commands.options import print_json

@@ -51,12 +51,14 @@ _log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_CALIBRATION_SAMPLES",
+    "METRICS",
     "MAX_TOKENS_PER_SAMPLE",
     "QualityModel",
     "calibration_texts",
     "evaluation_texts",
     "load_quality_model",
     "measure_quality",
+    "output_loss",
     "read_calibration_file",
     "sample_batches",
     "similarity_pairs",
@@ -250,6 +252,20 @@ def _device(module: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+METRICS: Mapping[str, str] = {"decoder": "kl", "encoder": "1-cos"}
+"""The end-to-end metric of each model kind (the quality file's ``metric``)."""
+
+
+def _summary(kind: str, output: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """What the metric compares: log-probabilities (B, T, V) of a decoder's logits, or an encoder's last
+    hidden state (B, T, H) mean-pooled over its real tokens (B, H)."""
+    if kind == "decoder":
+        return F.log_softmax(output.float(), dim=-1).cpu()
+    mask = attention_mask if attention_mask is not None else torch.ones(output.shape[:2], dtype=torch.long)
+    m = mask.to(output.device).unsqueeze(-1).to(output.dtype)
+    return ((output * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).float().cpu()
+
+
 def _outputs(model: nn.Module, kind: str, batches: Sequence[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
     """Per batch: log-probabilities (B, T, V) for decoders, pooled embeddings (B, H) for encoders."""
     out = []
@@ -258,14 +274,32 @@ def _outputs(model: nn.Module, kind: str, batches: Sequence[Mapping[str, torch.T
         for batch in batches:
             result = model(**{k: v.to(dev) for k, v in batch.items()})
             if kind == "decoder":
-                logits = result.logits if hasattr(result, "logits") else result[0]
-                out.append(F.log_softmax(logits.float(), dim=-1).cpu())
+                raw = result.logits if hasattr(result, "logits") else result[0]
             else:
-                hidden = result.last_hidden_state if hasattr(result, "last_hidden_state") else result[0]
-                mask = batch.get("attention_mask", torch.ones(hidden.shape[:2], dtype=torch.long))
-                m = mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)
-                out.append(((hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).float().cpu())
+                raw = result.last_hidden_state if hasattr(result, "last_hidden_state") else result[0]
+            out.append(_summary(kind, raw, batch.get("attention_mask")))
     return out
+
+
+def output_loss(kind: str, reference: torch.Tensor, outputs: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> float:
+    """The metric of ``cachefit quality`` between two models' final outputs on the same inputs.
+
+    Args:
+        kind: ``decoder`` (``reference`` and ``outputs`` are logits, B x T x V: the mean KL divergence
+            of the next-token distributions, in nats, per real token) or ``encoder`` (last hidden
+            states, B x T x H: the mean ``1 - cosine`` of the mean-pooled embeddings, per input).
+        reference: the uncompressed model's outputs.
+        outputs: the outputs to judge (a compressed model's, a deployed pipeline's).
+        attention_mask: 1 for real tokens, 0 for padding (B x T); None: every token is real.
+    """
+    if kind not in METRICS:
+        raise ConfigError(f"quality metric: kind must be one of {', '.join(METRICS)}, got {kind!r}")
+    if tuple(reference.shape) != tuple(outputs.shape):
+        raise ConfigError(f"quality metric: outputs of shape {tuple(outputs.shape)} against a reference of shape "
+                          f"{tuple(reference.shape)}; compare the outputs of the same inputs")
+    batch = {} if attention_mask is None else {"attention_mask": attention_mask.cpu()}
+    return _loss(kind, [_summary(kind, reference, attention_mask)], [_summary(kind, outputs, attention_mask)], [batch])
 
 
 def _loss(kind: str, reference: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
@@ -542,7 +576,7 @@ def measure_quality(
     return QualityProfile(
         model=model.name,
         kind=model.kind,
-        metric="kl" if model.kind == "decoder" else "1-cos",
+        metric=METRICS[model.kind],
         techniques=tuple(results),
         config=(
             ("sparsity_method", config.sparsity_method),

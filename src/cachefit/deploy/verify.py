@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,55 @@ def save_outputs(path: str | os.PathLike[str], outputs: torch.Tensor, **extra: t
     return Path(path)
 
 
+# how cachefit.plan.quality writes a plan's predicted loss into its notes: "predicted quality loss 0.01 (kl, ..."
+# or "...; predicted loss 0.01 (kl) against ..."
+_PREDICTED = re.compile(r"predicted (?:quality )?loss ([-+0-9.eE]+|inf|nan) \(([^,)]+)")
+NO_PREDICTION = "no prediction: plan made without --quality"
+
+
+def predicted_quality_loss(plan: Any) -> tuple[float, str] | None:
+    """The quality loss a plan made with ``--quality`` predicts (summed measured per-unit losses) and its
+    metric, read from the plan's notes; None for a plan made without a quality file."""
+    for note in getattr(plan, "notes", ()) or ():
+        found = _PREDICTED.search(str(note))
+        if found:
+            try:
+                return float(found.group(1)), found.group(2).strip()
+            except ValueError:
+                continue
+    return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QualityLoss:
+    """A compressed deployment's end-to-end quality: the metric of ``cachefit quality`` measured between
+    the deployed outputs and the uncompressed model's, beside the plan's prediction."""
+
+    metric: str
+    """``kl`` (decoders: mean next-token KL divergence, nats per token) or ``1-cos`` (encoders)."""
+    measured: float
+    """On the run's inputs: deployed (compressed) outputs against the uncompressed model's."""
+    predicted: float | None = None
+    """The plan's predicted loss (``plan --quality``: the sum of each compressed unit's measured loss
+    alone, on the quality file's inputs); None for a plan made without a quality file."""
+    predicted_metric: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "measured": self.measured, "predicted": self.predicted,
+                "prediction": (f"plan --quality ({self.predicted_metric})" if self.predicted is not None
+                               else NO_PREDICTION),
+                "measured_on": "the run's inputs, deployed outputs against the uncompressed model"}
+
+    def describe(self) -> str:
+        if self.predicted is None:
+            tail = NO_PREDICTION
+        elif self.predicted_metric != self.metric:
+            tail = f"the plan predicts {self.predicted:.4g} in another metric ({self.predicted_metric})"
+        else:
+            tail = f"the plan predicts {self.predicted:.4g}"
+        return f"quality loss ({self.metric}) measured {self.measured:.4g} against the uncompressed model; {tail}"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckReport:
     """Outcome of ``--check``: every comparison and whether all are within tolerance."""
@@ -209,6 +259,9 @@ class CheckReport:
     tolerance: float
     quality: Comparison | None = None
     """Compressed plans: the outputs against the *uncompressed* model (compression's own error)."""
+    loss: QualityLoss | None = None
+    """Compressed plans of a checkpoint: the end-to-end quality metric against the uncompressed model,
+    beside the plan's predicted loss (reported, not checked)."""
 
     @property
     def passed(self) -> bool:
@@ -220,6 +273,8 @@ class CheckReport:
                "comparisons": [c.to_dict() for c in self.comparisons]}
         if self.quality is not None:
             doc["compression_error"] = self.quality.to_dict()
+        if self.loss is not None:
+            doc["quality_loss"] = self.loss.to_dict()
         return doc
 
     def describe(self) -> str:
@@ -229,6 +284,8 @@ class CheckReport:
         if self.quality is not None:
             text += (f"; compression itself moves the outputs by {self.quality.max_rel_error:.3g} relative to the "
                      "uncompressed model")
+        if self.loss is not None:
+            text += f"; {self.loss.describe()}"
         return text
 
 
@@ -236,14 +293,17 @@ def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout:
               mode: RunMode = "prefill", micro_batches: int = 1, tolerance: float | None = None,
               dtype: RunDtype = "fp32",
               inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-              loss_fn: Any = None, target: torch.Tensor | None = None) -> CheckReport:
+              loss_fn: Any = None, target: torch.Tensor | None = None, plan: Any = None) -> CheckReport:
     """Compare a :class:`~cachefit.deploy.runtime.RunResult` with the unsplit model.
 
     For a checkpoint run the inputs are read back from the run directory; for a module give them.
     ``layout`` (the run's :class:`~cachefit.deploy.stages.DeployLayout`, by default the result's) gives
     the family (its ``loss``, unless ``loss_fn`` and ``target`` are given), tied tensors (their gradients add up) and the compression of each unit: a compressed plan is
     compared with the unsplit model compressed the same way (the pipeline must not add error), and
-    the error compression itself adds, against the uncompressed model, is reported beside it.
+    the error compression itself adds, against the uncompressed model, is reported beside it, both
+    as the largest difference and (checkpoints of a known family) as the end-to-end metric of
+    ``cachefit quality`` (:func:`cachefit.compress.quality.output_loss`), beside the loss ``plan``
+    predicts (:func:`predicted_quality_loss`) where it was made with ``--quality``.
     """
     from cachefit.deploy.runtime import labels_for, loss_for
 
@@ -262,8 +322,11 @@ def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout:
     comparisons = []
     if result.outputs is None:
         raise ConfigError("the run returned no outputs here (the last stage ran on another node); check there")
+    kind = None if family is None else ("decoder" if family.causal else "encoder")
     if mode == "decode":
-        return _check_decode(result, reference, inputs, attention_mask, compressed, tol)
+        report = _check_decode(result, reference, inputs, attention_mask, compressed, tol, kind=kind)
+        return _with_prediction(report, plan)
+    loss = None
     if compressed:
         from cachefit.deploy.stages import compress_units_
 
@@ -272,6 +335,8 @@ def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout:
             compress_units_(reference, placement)
         comparisons.append(compare("outputs", result.outputs, reference_outputs(reference, inputs, attention_mask)))
         quality = compare("compression error (not checked)", result.outputs, uncompressed)
+        if kind is not None:
+            loss = _measured_loss(kind, uncompressed, result.outputs, attention_mask)
     else:
         comparisons.append(compare("outputs", result.outputs, reference_outputs(reference, inputs, attention_mask)))
         quality = None
@@ -287,25 +352,59 @@ def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout:
         if len(got) == len(losses):
             comparisons.append(compare("losses", torch.tensor(got), torch.tensor(losses)))
         comparisons.append(compare_gradients(read_gradients(result.run_dir, tied), grads))
-    return CheckReport(comparisons=tuple(comparisons), tolerance=tol, quality=quality)
+    return _with_prediction(CheckReport(comparisons=tuple(comparisons), tolerance=tol, quality=quality, loss=loss),
+                            plan)
+
+
+def _measured_loss(kind: str, reference: torch.Tensor, outputs: torch.Tensor,
+                   attention_mask: torch.Tensor | None) -> QualityLoss:
+    """The metric of ``cachefit quality`` (one function for both) of the deployed outputs."""
+    from cachefit.compress.quality import METRICS, output_loss
+
+    return QualityLoss(metric=METRICS[kind], measured=output_loss(kind, reference, outputs, attention_mask))
+
+
+def _with_prediction(report: CheckReport, plan: Any) -> CheckReport:
+    """The report with the plan's predicted loss beside the measured one."""
+    if report.loss is None or plan is None:
+        return report
+    from dataclasses import replace
+
+    found = predicted_quality_loss(plan)
+    if found is None:
+        return report
+    return replace(report, loss=replace(report.loss, predicted=found[0], predicted_metric=found[1]))
+
+
+def _teacher_forced_logits(model: nn.Module, inputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The logits ``model`` gives each generated token's position when fed the prompt and the tokens
+    generated before it (B x N x V): the next-token distributions of the same prefixes as the run's."""
+    with torch.no_grad():
+        full = torch.cat([inputs, tokens[:, :-1]], dim=1)
+        logits = _final_output(model, model(input_ids=full, attention_mask=torch.ones_like(full)))
+    return logits[:, inputs.shape[1] - 1:, :]
 
 
 def _check_decode(result: Any, reference: nn.Module, inputs: torch.Tensor, attention_mask: torch.Tensor | None,
-                  compressed: list[Any], tol: float) -> CheckReport:
+                  compressed: list[Any], tol: float, *, kind: str | None = None) -> CheckReport:
     """Generated ids must equal greedy ``generate`` of the unsplit model; each step's logits within ``tol``.
 
     The ids are reported as a comparison whose error is the count of differing ids (reference 1), so
-    a single different token fails any tolerance below 1.
+    a single different token fails any tolerance below 1. A compressed plan's quality loss compares
+    each step's logits with the uncompressed model's on the same prefix (the run's own tokens), as
+    ``cachefit quality`` compares next-token distributions of the same inputs.
     """
     generated = (result.report or {}).get("generated_ids")
     if generated is None:
         raise ConfigError("the decode run reported no generated ids (the last stage ran on another node); check there")
     tokens = torch.tensor(generated, dtype=torch.int64)
-    quality = None
+    quality = loss = None
     if compressed:
         from cachefit.deploy.stages import compress_units_
 
         _, plain_logits = reference_generation(reference, inputs, tokens.shape[1], attention_mask)
+        if kind == "decoder":
+            loss = _measured_loss(kind, _teacher_forced_logits(reference, inputs, tokens), result.outputs, None)
         for placement in compressed:
             compress_units_(reference, placement)
     ref_tokens, ref_logits = reference_generation(reference, inputs, tokens.shape[1], attention_mask)
@@ -317,18 +416,21 @@ def _check_decode(result: Any, reference: nn.Module, inputs: torch.Tensor, atten
     ids = Comparison(what="generated ids (count differing)", max_abs_error=float(mismatched), reference_max_abs=1.0,
                      tensors=int(tokens.numel()))
     return CheckReport(comparisons=(ids, compare("logits per step", result.outputs, ref_logits)), tolerance=tol,
-                       quality=quality)
+                       quality=quality, loss=loss)
 
 
 __all__ = [
     "DEFAULT_TOLERANCE",
+    "NO_PREDICTION",
     "CheckReport",
     "Comparison",
+    "QualityLoss",
     "check_run",
     "check_tolerance",
     "compare",
     "compare_gradients",
     "load_reference",
+    "predicted_quality_loss",
     "read_gradients",
     "reference_outputs",
     "reference_generation",
