@@ -140,12 +140,16 @@ def _configs():
         "qwen2": transformers.Qwen2Config(
             vocab_size=100, hidden_size=64, intermediate_size=100, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64),
+        # per-head q/k norms inside self_attn, whole on every card
+        "qwen3": transformers.Qwen3Config(
+            vocab_size=100, hidden_size=56, intermediate_size=100, num_hidden_layers=1, num_attention_heads=7,
+            num_key_value_heads=7, head_dim=8, max_position_embeddings=64),
     }
 
 
 _CLASSES = {"llama": "LlamaForCausalLM", "llama_mqa": "LlamaForCausalLM", "llama_gqa": "LlamaForCausalLM",
             "gpt2": "GPT2LMHeadModel", "bert": "BertModel", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM"}
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +172,7 @@ _CASES = [
     ("bert", "72KB", "layer", (3, 2, 2)),
     ("mistral", "84KB", "block", (3, 2, 2)),  # embed, attention block, MLP block and head on one split stage
     ("qwen2", "96KB", "layer", (1, 1, 2)),
+    ("qwen3", "84KB", "layer", (3, 2, 2)),
 ]
 
 
