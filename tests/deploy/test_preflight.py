@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from tiny_models import WORKLOAD, make_plan, model_dirs  # noqa: E402,F401
 
-from cachefit.deploy import runtime  # noqa: E402
+from cachefit.deploy import launcher  # noqa: E402
 from cachefit.deploy.preflight import check_workload, load_checked_plan  # noqa: E402
 from cachefit.deploy.runtime import NodeConfig, RunConfig, launch  # noqa: E402
 from cachefit.deploy.verify import check_tolerance  # noqa: E402
@@ -32,7 +32,7 @@ def no_launch(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("torchrun was started: the run should have been refused before")
 
-    monkeypatch.setattr(runtime, "run_supervised", boom)
+    monkeypatch.setattr(launcher, "run_supervised", boom)
 
 
 def _edited(plan, tmp_path, edit, name="edited.json"):
@@ -77,7 +77,7 @@ def test_a_plan_that_does_not_fit_is_refused_saying_how_to_get_one(plan, tmp_pat
     # a Plan object (the Python API) as well, before any process starts
     stage = dataclasses.replace(plan.stages[0], capacity_bytes=1000)
     with pytest.raises(ConfigError, match="does not fit its cards"):
-        runtime.check_run_inputs(".", dataclasses.replace(plan, stages=(stage, *plan.stages[1:])),
+        launcher.check_run_inputs(".", dataclasses.replace(plan, stages=(stage, *plan.stages[1:])),
                                  nodes=NodeConfig(nproc_per_node=2), config=RunConfig())
 
 

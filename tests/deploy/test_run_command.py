@@ -136,14 +136,17 @@ def test_run_decode_generates_as_generate_does(model_dirs, llama_plan):
                 "--input-ids", "1,2,3,4;5,6,7,8", "--new-tokens", "3", "--check", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
-    assert doc["run"]["mode"] == "decode" and doc["run"]["micro_batches"] == 1 and doc["run"]["new_tokens"] == 3
+    # the plan's 2 micro-batches: the 2 sequences decode as 2 groups in flight, in a static KV cache (the plan's)
+    assert doc["run"]["mode"] == "decode" and doc["run"]["micro_batches"] == 2 and doc["run"]["new_tokens"] == 3
+    assert doc["run"]["kv_cache"] == "static"
     ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
     with torch.no_grad():
         expected = load_model(model_dirs["llama"]).generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                                             max_new_tokens=3, pad_token_id=0)
     assert doc["generated_ids"] == expected[:, 4:].tolist()
     assert doc["check"]["passed"] and doc["check"]["comparisons"][1]["max_rel_error"] <= 1e-5
-    assert doc["timings"]["ms_per_token"] > 0 and len(doc["timings"]["token_s"]) == 2
+    assert doc["timings"]["ms_per_token"] > 0 and len(doc["timings"]["token_s"]) == 2 * 2
+    assert "unavailable" in doc["predicted"]  # the plan's custom cards are in no catalog
 
 
 def test_decode_flags_are_checked(model_dirs, llama_plan):
@@ -198,7 +201,7 @@ def _boom(*args, **kwargs):
 
 
 def test_run_refuses_before_any_process_starts(model_dirs, llama_plan, tmp_path, monkeypatch):
-    monkeypatch.setattr("cachefit.deploy.runtime.run_supervised", _boom)
+    monkeypatch.setattr("cachefit.deploy.launcher.run_supervised", _boom)
     runner = CliRunner()
     doc = json.loads(llama_plan.read_text())
 

@@ -219,16 +219,16 @@ def test_a_rank_that_starts_late_is_waited_for_beyond_the_run_timeout(model_dirs
     # joining and building stages are bounded by startup_timeout_s, not timeout_s: a rank that joins
     # 4 s late (8 ranks importing torch on 2 cores cold can take a minute) does not fail a run whose
     # waits are bounded by 2 s once every rank has built its stage
-    from cachefit.deploy import runtime
+    from cachefit.deploy import worker
 
-    joined = runtime.write_pid
+    joined = worker.write_pid
 
     def late(run_dir, rank):
         if rank == 1:
             time.sleep(4)
         joined(run_dir, rank)
 
-    monkeypatch.setattr(runtime, "write_pid", late)  # the forked workers inherit it
+    monkeypatch.setattr(worker, "write_pid", late)  # the forked workers inherit it
     plan = make_plan(model_dirs["llama"], "400KB")
     _, result = _run(model_dirs["llama"], plan, RunConfig(micro_batches=2, timeout_s=2, startup_timeout_s=60))
     assert result.outputs.shape == (4, 8, 128)

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cachefit.deploy.config import RUN_DTYPES, RUN_MODES, SCHEDULES  # plain data, no torch
+from cachefit.deploy.config import KV_CACHES, RUN_DTYPES, RUN_MODES, SCHEDULES  # plain data, no torch
 
 _INFER = "infer"
 """``--mode infer``: cachefit run's name for ``prefill`` before the run modes became the planner's;
@@ -17,6 +17,7 @@ still accepted, as an alias."""
 ScheduleOpt = Enum("ScheduleOpt", {v: v for v in SCHEDULES}, type=str)
 RunModeOpt = Enum("RunModeOpt", {v: v for v in (*RUN_MODES, _INFER)}, type=str)
 RunDtypeOpt = Enum("RunDtypeOpt", {v: v for v in RUN_DTYPES}, type=str)
+KvCacheRunOpt = Enum("KvCacheRunOpt", {v: v for v in KV_CACHES}, type=str)
 
 
 def _parse_ids(text: str) -> Any:
@@ -81,9 +82,10 @@ def register(app: typer.Typer) -> None:
         seq: Annotated[Optional[int], typer.Option("--seq", "-s", help="Random inputs: tokens per sequence (default: the plan's).", min=1)] = None,
         save_outputs: Annotated[Optional[Path], typer.Option("--save-outputs", help="Write the final outputs (key `outputs`) to this safetensors file.")] = None,
         schedule: Annotated[ScheduleOpt, typer.Option("--schedule", help="Pipeline schedule.")] = ScheduleOpt["gpipe"],
-        micro_batches: Annotated[Optional[int], typer.Option("--micro-batches", "-m", help="Micro-batches per step (default: the plan's).", min=1)] = None,
+        micro_batches: Annotated[Optional[int], typer.Option("--micro-batches", "-m", help="Micro-batches per step; in decode, groups of sequences in flight through the stages at once (default: the plan's).", min=1)] = None,
         mode: Annotated[Optional[RunModeOpt], typer.Option("--mode", help="prefill (one forward over the inputs; infer is an alias of it), train (one training step, loss on the last stage) or decode (greedy generation with a KV cache per stage), as in the plan's workload; default: decode with --new-tokens, else train for a training plan, else prefill.")] = None,
-        new_tokens: Annotated[Optional[int], typer.Option("--new-tokens", help="Decode: tokens to generate after the prompt (one pipelined forward per token; the whole batch is one micro-batch).", min=1)] = None,
+        new_tokens: Annotated[Optional[int], typer.Option("--new-tokens", help="Decode: tokens to generate after the prompt (one pipelined forward per token; the batch cut into --micro-batches groups in flight at once).", min=1)] = None,
+        kv_cache: Annotated[Optional[KvCacheRunOpt], typer.Option("--kv-cache", help="Decode: each stage's KV cache, static (pre-allocated to prompt + new tokens, as deployments do) or dynamic (grown each step); default: the plan's.")] = None,
         steps: Annotated[int, typer.Option("--steps", help="Timed steps.", min=1)] = 1,
         warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps before them.", min=0)] = 0,
         dtype: Annotated[Optional[RunDtypeOpt], typer.Option("--dtype", help="Run dtype (default: the plan's weight dtype, fp32 if it has none of these).")] = None,
@@ -133,13 +135,14 @@ def register(app: typer.Typer) -> None:
                               "give one of those too")
         if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"--run-dir {str(run_dir)!r} is a file; give a folder (it is made if missing)")
-        cards_digest = None
+        cards_digest = cards = None
         if device or capacity:
             # the cards the plan is meant for (the run itself uses the local processes)
             from cachefit.hardware.devices import cluster_to_dict
             from cachefit.plan import cluster_digest
 
-            cards_digest = cluster_digest(cluster_to_dict(build_cluster(device, capacity, level, headroom, reserve)))
+            cards = build_cluster(device, capacity, level, headroom, reserve)
+            cards_digest = cluster_digest(cluster_to_dict(cards))
         plan_obj = load_checked_plan(plan, cluster_digest_=cards_digest)
         ids = mask = None
         if input_ids is not None:
@@ -156,8 +159,10 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("--mode decode needs --new-tokens N, the tokens to generate after the prompt")
         if run_mode != "decode" and new_tokens is not None:
             raise ConfigError(f"--new-tokens is for --mode decode, not --mode {run_mode}")
-        # decode runs the batch as one micro-batch per token step
-        m = micro_batches or (1 if run_mode == "decode" else int(wl.get("micro_batches", 1)))
+        m = micro_batches or int(wl.get("micro_batches", 1))
+        if kv_cache is not None and run_mode != "decode":
+            raise ConfigError(f"--kv-cache is for --mode decode, not --mode {run_mode}")
+        kv = kv_cache.value if kv_cache is not None else str(wl.get("kv_cache", "static"))
         if ids is None and (batch is not None or seq is not None):
             from cachefit.deploy.models import inspect_model_dir
 
@@ -176,7 +181,8 @@ def register(app: typer.Typer) -> None:
             nproc = plan_obj.cards // nnodes
         config = RunConfig(schedule=schedule.value, micro_batches=m, mode=run_mode, steps=steps, warmup=warmup,
                            dtype=run_dtype, timeout_s=timeout, startup_timeout_s=startup_timeout,
-                           save_grads=check and run_mode == "train", new_tokens=new_tokens or 0)
+                           save_grads=check and run_mode == "train", new_tokens=new_tokens or 0,
+                           kv_cache=kv if kv in ("static", "dynamic") else "static")
         if check:
             check_tolerance(tolerance, run_dtype)
         nodes = NodeConfig(nproc_per_node=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
@@ -187,7 +193,8 @@ def register(app: typer.Typer) -> None:
                               "in the run directory)") if err_console.is_terminal and not verbose else contextlib.nullcontext())
         with status:
             result = launch(resolve_model_dir(model_dir), plan_obj, nodes=nodes, config=config, input_ids=ids,
-                            attention_mask=mask, run_dir=run_dir, stream=sys.stderr if verbose else None)
+                            attention_mask=mask, run_dir=run_dir, stream=sys.stderr if verbose else None,
+                            devices=cards)
         report: dict[str, Any] = dict(result.report)
         if warning is not None:
             report["notes"] = [*report.get("notes", ()), warning]
@@ -248,8 +255,19 @@ def _render(report: dict[str, Any], verdict: Any) -> None:
         console.print(f"step: {t['mean_step_s'] * 1e3:.2f} ms mean over {len(t['step_s'])} step(s), "
                        f"{t['tokens_per_s']:.1f} tokens/s end to end")
     if t.get("ms_per_token") is not None:
-        console.print(f"decode: {t['ms_per_token']:.2f} ms/token (mean of {len(t['token_s'])} one-token step(s)), "
+        console.print(f"decode: {t['ms_per_token']:.2f} ms between a sequence's tokens (mean of {len(t['token_s'])}), "
+                       f"{t['micro_batches']} group(s) in flight, {t['kv_cache']} KV cache, "
                        f"prefill {t['prefill_s'][-1] * 1e3:.2f} ms")
+    predicted = report.get("predicted") or {}
+    if "prediction" in predicted:
+        p = predicted["prediction"]
+        busy = ", ".join(f"{b:.0%}" for b in p["busy_fractions"])
+        measured = ", ".join(f"{st['busy_fraction']:.0%}" if st.get("busy_fraction") is not None else "-"
+                             for st in report["stages"])
+        console.print(f"predicted: {p['tokens_per_s']:.1f} tokens/s, {p['ms_per_token']:.2f} ms/token, stages busy "
+                      f"{busy} (measured: {t.get('tokens_per_s') or 0:.1f} tokens/s, stages busy {measured})")
+    elif "unavailable" in predicted:
+        console.print(f"[dim]no prediction:[/] {predicted['unavailable']}")
     if report.get("generated_ids") is not None:
         console.print(f"generated ids: {report['generated_ids']}")
     if report.get("losses"):

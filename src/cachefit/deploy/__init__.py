@@ -18,11 +18,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "deploy_plan": "cachefit.deploy.runtime",
-    "launch": "cachefit.deploy.runtime",
+    "deploy_plan": "cachefit.deploy.launcher",
+    "launch": "cachefit.deploy.launcher",
     "NodeConfig": "cachefit.deploy.config",
     "RunConfig": "cachefit.deploy.config",
-    "RunResult": "cachefit.deploy.runtime",
+    "RunResult": "cachefit.deploy.launcher",
     "layout_from_plan": "cachefit.deploy.stages",
     "layout_from_module": "cachefit.deploy.stages",
     "build_stage": "cachefit.deploy.stages",

@@ -33,6 +33,10 @@ RUN_MODES: tuple[str, ...] = get_args(RunMode)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 RUN_DTYPES: tuple[str, ...] = get_args(RunDtype)
 LAUNCHERS: tuple[str, ...] = get_args(Launcher)
+KvCache = Literal["dynamic", "static"]
+"""Decode: ``dynamic`` (transformers' ``DynamicCache``, grown by concatenation each step) or
+``static`` (``StaticCache``, pre-allocated to the prompt plus the new tokens, written in place)."""
+KV_CACHES: tuple[str, ...] = get_args(KvCache)
 
 _MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: larger values overflow the process group's timedelta in C++
 
@@ -75,6 +79,8 @@ class RunConfig:
     """Train: each rank writes its gradients (for the check against the unsplit model)."""
     new_tokens: int = 0
     """Decode: tokens generated after the prompt (each step one pipelined forward of one token)."""
+    kv_cache: KvCache = "dynamic"
+    """Decode: each stage's KV cache, ``dynamic`` or ``static`` (pre-allocated to prompt + new tokens)."""
 
     def __post_init__(self) -> None:
         check_choice(self.schedule, SCHEDULES, what="--schedule")
@@ -82,6 +88,7 @@ class RunConfig:
         check_choice(self.mode, RUN_MODES, what="--mode",
                      hint=" (infer is now called prefill)" if self.mode == "infer" else "")
         check_choice(self.dtype, RUN_DTYPES, what="--dtype", hint=" (a pipeline runs in one of these)")
+        check_choice(self.kv_cache, KV_CACHES, what="--kv-cache")
         if self.mode == "decode" and self.new_tokens < 1:
             raise ConfigError(f"--mode decode generates --new-tokens N tokens: give N >= 1, got {self.new_tokens}")
         if self.mode != "decode" and self.new_tokens:
@@ -104,6 +111,7 @@ class RunConfig:
                "startup_timeout_s": self.startup_timeout_s}
         if self.mode == "decode":
             out["new_tokens"] = self.new_tokens
+            out["kv_cache"] = self.kv_cache
         return out
 
 
@@ -137,10 +145,12 @@ class NodeConfig:
 
 
 __all__ = [
+    "KV_CACHES",
     "LAUNCHERS",
     "RUN_DTYPES",
     "RUN_MODES",
     "SCHEDULES",
+    "KvCache",
     "Launcher",
     "NodeConfig",
     "RunConfig",

@@ -270,6 +270,9 @@ def check_workload(plan: Plan, input_shape: tuple[int, int], config: RunConfig) 
     if decode and p_mode == "decode" and positions > p_seq and seq <= p_seq:
         over.append(f"a KV cache of {positions} positions ({seq} prompt tokens + {config.new_tokens - 1} generated "
                     f"before the last) where the plan's holds {p_seq}")
+    if decode and p_mode == "decode" and batch > p_batch * p_micro and per_micro <= p_batch:
+        over.append(f"KV caches for {batch} sequences ({micro} group(s) in flight) where the plan's hold "
+                    f"{p_batch * p_micro} ({p_micro} micro-batch(es) of {p_batch})")
     if over:
         fit_seq = max(1, p_seq - config.new_tokens + 1) if decode and p_mode == "decode" else p_seq
         raise ConfigError(
@@ -284,8 +287,8 @@ def check_workload(plan: Plan, input_shape: tuple[int, int], config: RunConfig) 
     if per_micro < p_batch or tokens < p_seq:
         notes.append(f"inputs of {per_micro} x {tokens} per micro-batch, smaller than the plan's {p_batch} x {p_seq}: "
                      "the stages hold fewer activation bytes than planned")
-    if micro != p_micro and not decode:
-        notes.append(f"{micro} micro-batch(es) per step where the plan counts {p_micro}")
+    if micro != p_micro:
+        notes.append(f"{micro} micro-batch(es) {'in flight' if decode else 'per step'} where the plan counts {p_micro}")
     if config.mode == "train" and p_mode != "train":
         notes.append(f"a training step on a {p_mode} plan: the activations kept for backward and the gradients "
                      "are not in the plan's bytes")
@@ -341,7 +344,8 @@ def check_world(layout: Any, nodes: NodeConfig, config: RunConfig) -> None:
 
 
 def _check_decode(layout: Any, config: RunConfig) -> None:
-    """What pipelined decoding runs: checkpoints of families that decode, one stage per card, one micro-batch."""
+    """What pipelined decoding runs: checkpoints of families that decode, one stage per card (the batch's
+    groups in flight: :mod:`cachefit.deploy.decode`)."""
     family = layout.family
     if family is None or not family.decode:
         decoding = ", ".join(name for name, f in FAMILIES.items() if f.decode)
@@ -353,11 +357,6 @@ def _check_decode(layout: Any, config: RunConfig) -> None:
         raise ConfigError("--mode decode runs plans without split stages; re-plan with larger cards or use --mode prefill")
     if config.schedule == "interleaved":
         raise ConfigError("--mode decode runs one stage per process; use --schedule gpipe")
-    if config.micro_batches != 1:
-        raise ConfigError(
-            f"--mode decode runs the whole batch as one micro-batch per token step; give --micro-batches 1, "
-            f"not {config.micro_batches}"
-        )
 
 
 def _check_decode_inputs(ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, config_json: Mapping[str, Any]) -> None:

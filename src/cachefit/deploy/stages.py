@@ -166,7 +166,7 @@ class DeployLayout:
 # --------------------------------------------------------------------------------------------
 
 
-def _plan_workload(plan: Plan) -> Workload:
+def plan_workload(plan: Plan) -> Workload:
     fields = ("batch", "seq_len", "mode", "weight_dtype", "act_dtype", "kv_dtype", "kv_cache", "micro_batches",
               "attention", "fused_mlp", "checkpointing", "buffer_reuse", "dropout")
     try:
@@ -272,7 +272,7 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
     from cachefit.deploy.models import FLOAT_DTYPES
     from cachefit.profile import profile_model
 
-    workload = _plan_workload(plan)
+    workload = plan_workload(plan)
     granularity = plan_granularity(plan)
     profile = profile_model(source.path, workload, granularity=granularity)
     names = tuple(u.name for u in profile.units)
@@ -480,6 +480,18 @@ def _mask_kwargs(fn: Callable[..., Any], seq_len: int, device: torch.device) -> 
     return kwargs
 
 
+def _cache_mask_kwargs(fn: Callable[..., Any], cache: Any, layer_idx: int, position: int, q: int,
+                       device: torch.device) -> dict[str, Any]:
+    """Keyword arguments that hand transformers' mask builders a cache, across versions."""
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {"cache" if "cache" in params else "past_key_values": cache}
+    if "layer_idx" in params:
+        kwargs["layer_idx"] = layer_idx
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(position, position + q, device=device)
+    return kwargs
+
+
 def _first(out: Any) -> Any:
     return out[0] if isinstance(out, tuple) else out
 
@@ -516,25 +528,39 @@ class _RotaryDecoder:
         }
 
     @staticmethod
-    def decode_context(root: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, cache: Any,
-                       position: int) -> dict[str, Any]:
+    def decode_context(root: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, cache: Any,
+                       position: int, layer_idx: int = 0) -> dict[str, Any]:
         """Side inputs of one step of cached decoding: ``hidden`` holds the tokens at positions
-        ``position ..``; ``cache`` (a ``DynamicCache``) holds the keys / values of the earlier ones.
+        ``position ..``; ``cache`` (a ``DynamicCache`` or ``StaticCache``) holds the keys / values of
+        the earlier ones for the stage's layers, the first of which is ``layer_idx``.
 
-        The prompt (``position == 0``) gets the causal mask of a full forward; a single new token
-        attends to every cached one (no padding: the runtime refuses padded prompts in decode), so
-        it needs no mask, as in ``LlamaModel.forward`` with a cache (sdpa's ``is_causal`` is off for
-        one query). Position ids continue from the cache's length (``LlamaModel.forward``: ``arange(q)
-        + past_seen_tokens``).
+        The masks are transformers' own (``create_causal_mask`` and, with sliding layers,
+        ``create_sliding_window_causal_mask``) built from the cache, as ``LlamaModel.forward`` builds
+        them: the cache gives the key length (the tokens so far for a dynamic cache, every slot of a
+        static one, whose unwritten slots lie after the query and so are masked) and the query's
+        offset, read at the stage's first layer (a later stage's cache holds no earlier layers).
+        Prompts are unpadded (the runtime refuses padding in decode), so no 2-D mask is needed.
+        Position ids continue from the tokens done (``arange(q) + past_seen_tokens``).
         """
-        if position == 0:
-            ctx = _RotaryDecoder.context(root, hidden, mask)
-        else:
-            position_ids = torch.arange(position, position + hidden.shape[1], device=hidden.device).unsqueeze(0)
-            ctx = {"position_ids": position_ids, "position_embeddings": root.model.rotary_emb(hidden, position_ids),
-                   "masks": {"full_attention": None}, "layer_types": None}
-        ctx["cache"] = cache
-        return ctx
+        from transformers import masking_utils
+
+        q = hidden.shape[1]
+        position_ids = torch.arange(position, position + q, device=hidden.device).unsqueeze(0)
+        config = root.config
+        layer_types = getattr(config, "layer_types", None)
+        sliding = getattr(config, "sliding_window", None)
+        builders = {"full_attention": masking_utils.create_causal_mask}
+        if (layer_types and "sliding_attention" in layer_types) or (sliding and not layer_types):
+            builders["sliding_attention"] = masking_utils.create_sliding_window_causal_mask
+        masks = {}
+        for kind, fn in builders.items():
+            first = layer_idx
+            if layer_types:  # the stage's first layer of this kind (its cache layer gives the sizes)
+                first = next((i for i in range(layer_idx, len(layer_types)) if layer_types[i] == kind), layer_idx)
+            masks[kind] = fn(config=config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids,
+                             **_cache_mask_kwargs(fn, cache, first, position, q, hidden.device))
+        return {"position_ids": position_ids, "position_embeddings": root.model.rotary_emb(hidden, position_ids),
+                "masks": masks, "layer_types": layer_types, "cache": cache}
 
     @staticmethod
     def _mask(ctx: Mapping[str, Any], i: int) -> Any:
@@ -755,12 +781,12 @@ class TransformerStage(nn.Module):
         return hidden if self.is_last else (hidden, attention_mask)
 
 
-    def decode(self, x: torch.Tensor, attention_mask: torch.Tensor, cache: Any, position: int) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any, position: int) -> torch.Tensor:
         """One step of cached decoding through the stage's units (adapters with a cached step).
 
         ``x``: token ids ``(batch, q)`` on the first stage, hidden states ``(batch, q, hidden)``
         elsewhere, for the positions ``position .. position + q - 1``; ``cache``: this stage's
-        ``DynamicCache``, which holds the keys / values of its own layers only (the attention of
+        ``DynamicCache`` or ``StaticCache`` (of one group of sequences), which holds the keys / values of its own layers only (the attention of
         layer ``i`` writes slot ``i``). Returns the hidden states, or on the last stage the logits of
         the last position ``(batch, 1, vocab)`` (the only ones greedy decoding reads).
         """
@@ -778,7 +804,8 @@ class TransformerStage(nn.Module):
                 hidden = fam.head(self.model, hidden[:, -1:])
             else:
                 if ctx is None:
-                    ctx = fam.decode_context(self.model, hidden, attention_mask, cache, position)
+                    first_layer = next(j for _, j in self.steps if j is not None)
+                    ctx = fam.decode_context(self.model, hidden, attention_mask, cache, position, first_layer)
                 hidden = getattr(fam, kind)(self.model, i, hidden, ctx)
         self.forward_times_s.append(time.perf_counter() - start)
         return hidden

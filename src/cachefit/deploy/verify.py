@@ -294,7 +294,7 @@ def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout:
               dtype: RunDtype = "fp32",
               inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
               loss_fn: Any = None, target: torch.Tensor | None = None, plan: Any = None) -> CheckReport:
-    """Compare a :class:`~cachefit.deploy.runtime.RunResult` with the unsplit model.
+    """Compare a :class:`~cachefit.deploy.launcher.RunResult` with the unsplit model.
 
     For a checkpoint run the inputs are read back from the run directory; for a module give them.
     ``layout`` (the run's :class:`~cachefit.deploy.stages.DeployLayout`, by default the result's) gives
@@ -305,7 +305,7 @@ def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout:
     ``cachefit quality`` (:func:`cachefit.compress.quality.output_loss`), beside the loss ``plan``
     predicts (:func:`predicted_quality_loss`) where it was made with ``--quality``.
     """
-    from cachefit.deploy.runtime import labels_for, loss_for
+    from cachefit.deploy.losses import labels_for, loss_for
 
     check_choice(mode, RUN_MODES, what="mode")
     layout = layout if layout is not None else getattr(result, "layout", None)

@@ -1,0 +1,54 @@
+"""What one rank of a run holds: its place in the world and the stage(s) it built."""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cachefit.deploy.config import RunConfig
+from cachefit.deploy.stages import DeployLayout, StagePlacement
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankContext:
+    """One process of a run: the layout it is part of, how the run goes, and where it is."""
+    layout: DeployLayout
+    config: RunConfig
+    run_dir: Path
+    device: torch.device
+    rank: int
+    world: int
+
+    @property
+    def shows_progress(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(slots=True)
+class BuiltStage:
+    """A stage this rank runs: where it sits in the plan, which shard it is, and the module."""
+    placement: StagePlacement
+    shard: int
+    """Index among the stage's ranks (0: the leader, which takes part in the pipeline's traffic)."""
+    module: nn.Module
+    report: dict[str, Any]
+    """What the run report says of it (bytes held, forward times), filled as the run goes."""
+
+    @property
+    def is_follower(self) -> bool:
+        return self.placement.shards > 1 and self.shard > 0
+
+    def record_times(self) -> None:
+        """Put the stage's forward times and the process's peak resident memory in its report."""
+        times = list(getattr(self.module, "forward_times_s", ()))
+        self.report.update({
+            "forward_s_per_microbatch": times,
+            "forward_s_mean": sum(times) / len(times) if times else None,
+            "busy_s": sum(times),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        })
