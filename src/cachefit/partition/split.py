@@ -7,8 +7,11 @@ that cannot be split replicated on every shard (norms, output biases, the residu
 when there are fewer than shards). Because a shard is a unit, compression applies to it unchanged and
 its bytes are counted from its tensors like any other unit's.
 
-Splits may be uneven: with 32 heads over 3 cards the largest shard has 11 heads; every figure here
-is the **largest** shard's, the one that must fit.
+Splits may be uneven: with 32 heads over 3 cards the largest shard has 11 heads; every figure of
+:func:`shard_unit` is the **largest** shard's, the one that must fit. Over cards of different sizes a
+split is proportional instead (:mod:`cachefit.partition.apportion`): :func:`shard_unit_parts` gives
+the shard holding exactly the slices a :class:`ShardParts` names (a range of query heads with the KV
+heads they read, of MLP columns, of vocabulary rows), each card its own.
 
 Collectives per token (forward): a row-parallel layer ends in an all-reduce of the hidden state
 (``hidden x act bytes``): one after attention, one after the MLP; a vocabulary-parallel embedding ends
@@ -46,6 +49,47 @@ class Shard:
     """Bytes each card sends per token in the shard's collectives (forward)."""
     collectives: tuple[str, ...]
     """What they are, e.g. ``all-reduce hidden after attention``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardParts:
+    """The slices of one unit a card holds in a proportional split: half-open ``(start, end)`` ranges,
+    None where the unit has no such dimension."""
+
+    heads: tuple[int, int] | None = None
+    """Query heads (attention and whole layers)."""
+    kv_heads: tuple[int, int] | None = None
+    """KV heads those query heads read (grouped-query attention: every group they touch, a copy of a
+    KV head shared with the neighbouring card)."""
+    mlp_columns: tuple[int, int] | None = None
+    """MLP intermediate columns (up / gate rows, down columns; per expert for MoE)."""
+    vocab: tuple[int, int] | None = None
+    """Vocabulary rows (embedding and LM head)."""
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "kv_heads", "mlp_columns", "vocab"):
+            got = getattr(self, name)
+            if got is not None and not (len(got) == 2 and 0 <= got[0] < got[1]):
+                raise ConfigError(f"shard parts: {name} must be a non-empty range [start, end), got {got!r}")
+
+    def count(self, name: str) -> int:
+        """How many slices of dimension ``name`` the shard holds (0: none)."""
+        got = getattr(self, name)
+        return 0 if got is None else got[1] - got[0]
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {name: [got[0], got[1]] for name in ("heads", "kv_heads", "mlp_columns", "vocab")
+                if (got := getattr(self, name)) is not None}
+
+    @classmethod
+    def from_dict(cls, data: object, *, where: str = "shard parts") -> ShardParts:
+        known = ("heads", "kv_heads", "mlp_columns", "vocab")
+        if not isinstance(data, dict) or any(k not in known for k in data):
+            raise ConfigError(f"{where}: expected an object with ranges among {', '.join(known)}, got {data!r}")
+        try:
+            return cls(**{k: (int(v[0]), int(v[1])) for k, v in data.items()})
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise ConfigError(f"{where}: every range must be [start, end) of integers, got {data!r}") from None
 
 
 def _ceil_frac(size: int, shards: int) -> tuple[int, int]:
@@ -156,6 +200,115 @@ def _collectives(unit: Unit, shape: LayerShape, shards: int, workload: Workload)
     return int(math.ceil(sum(v for _, v in items))), tuple(name for name, _ in items)
 
 
+def split_dimensions(unit: Unit) -> dict[str, int]:
+    """The dimensions a proportional split of ``unit`` cuts, with their sizes (empty: not splittable):
+    ``heads`` (query heads) for attention, ``mlp_columns`` for the MLP, ``vocab`` for the embedding
+    and the head."""
+    shape = unit.shape
+    if shape is None:
+        return {}
+    dims: dict[str, int] = {}
+    if shape.part in ("layer", "attention") and shape.num_heads:
+        dims["heads"] = shape.num_heads
+    if shape.part in ("layer", "mlp") and shape.intermediate_size:
+        dims["mlp_columns"] = shape.intermediate_size
+    if shape.part in ("embedding", "head") and shape.vocab_size:
+        dims["vocab"] = shape.vocab_size
+    return dims
+
+
+def kv_heads_read(shape: LayerShape, heads: tuple[int, int]) -> tuple[int, int]:
+    """The KV heads query heads ``[start, end)`` read (grouped-query attention: head h reads KV head
+    ``h // (heads / kv_heads)``)."""
+    per = max(1, shape.num_heads // max(1, shape.num_kv_heads))
+    return heads[0] // per, (heads[1] - 1) // per + 1
+
+
+def shard_unit_parts(unit: Unit, parts: ShardParts, shards: int, workload: Workload) -> Shard:
+    """The shard of ``unit`` (uncompressed) that holds exactly ``parts``, one of ``shards``.
+
+    Tensors are cut as :func:`shard_unit` cuts them, by the shard's own counts instead of the
+    largest shard's; replicated tensors stay whole; activations and FLOPs are those of the shard's
+    shape. Collectives are those of a ``shards``-way split.
+
+    Raises:
+        ConfigError: the unit cannot be split (no transformer shape, compressed), or ``parts`` misses
+            a dimension the unit is split along or goes beyond its size.
+    """
+    if unit.shape is None:
+        raise ConfigError(f"unit {unit.name}: has no transformer shape, so cachefit cannot split it across cards")
+    if unit.compression:
+        raise ConfigError(f"unit {unit.name}: is compressed; split the profiled unit first, then compress each shard")
+    dims = split_dimensions(unit)
+    for name, size in dims.items():
+        got = getattr(parts, name)
+        if got is None or got[1] > size:
+            raise ConfigError(f"unit {unit.name}: shard parts need {name} within [0, {size}), got {got!r}")
+    shape = unit.shape
+    heads = parts.count("heads") if "heads" in dims else shape.num_heads
+    if "heads" in dims:
+        kv = kv_heads_read(shape, parts.heads)  # type: ignore[arg-type]
+        kv_count = kv[1] - kv[0]
+    else:
+        kv_count = shape.num_kv_heads
+    cols = parts.count("mlp_columns") if "mlp_columns" in dims else shape.intermediate_size
+    rows = parts.count("vocab") if "vocab" in dims else shape.vocab_size
+    tensors = []
+    for t in unit.tensors:
+        axis = _split_axis(t, shape)
+        if axis is None:
+            tensors.append(t)
+            continue
+        if t.role == "qkv" and shape.num_heads:
+            if any(k in t.name for k in _KV_NAMES):
+                part, whole = kv_count, shape.num_kv_heads
+            elif any(k in t.name for k in _Q_NAMES):
+                part, whole = heads, shape.num_heads
+            else:
+                part, whole = heads + 2 * kv_count, shape.num_heads + 2 * shape.num_kv_heads
+        elif t.role == "attn_out" and shape.num_heads:
+            part, whole = heads, shape.num_heads
+        elif t.role in ("embed", "head"):
+            part, whole = rows, shape.vocab_size
+        else:
+            part, whole = cols, shape.intermediate_size
+        if not whole:
+            tensors.append(t)
+            continue
+        dims_t = list(t.shape)
+        dims_t[axis] = -(-dims_t[axis] * part // whole)
+        tensors.append(replace(t, shape=tuple(dims_t)))
+    new_shape = replace(shape, num_heads=heads if shape.num_heads else 0,
+                        num_kv_heads=kv_count if shape.num_heads else shape.num_kv_heads,
+                        intermediate_size=cols, vocab_size=rows)
+    return _as_shard(unit, new_shape, tuple(tensors), shards, workload)
+
+
+def _as_shard(unit: Unit, shape: LayerShape, tensors: tuple[TensorSpec, ...], shards: int,
+              workload: Workload) -> Shard:
+    """A unit's shard from its cut shape and tensors: bytes, activations and FLOPs recomputed."""
+    wdt = workload.weight_dtype
+    roles: dict[str, int] = {}
+    for t in tensors:
+        roles[t.role] = roles.get(t.role, 0) + dtype_bytes(wdt, t.numel)
+    act = estimate_activations(shape, workload)
+    footprint = Footprint(
+        weight_bytes=sum(roles.values()),
+        activation_bytes=act.activation_bytes,
+        buffer_bytes=act.buffer_bytes,
+        persistent_activation_bytes=act.persistent_bytes,
+        weight_roles=tuple(sorted(roles.items())),
+        activation_parts=act.parts,
+        buffer_parts=act.buffer_parts,
+    )
+    params = sum(t.numel for t in tensors if t.tied_to is None)
+    flops = estimate_flops_per_token(shape, workload)
+    shard = replace(unit, footprint=footprint, params=params, flops_per_token=flops, tensors=tensors, shape=shape)
+    assert unit.shape is not None
+    traffic, names = _collectives(unit, unit.shape, shards, workload)
+    return Shard(unit=shard, count=shards, collective_bytes_per_token=traffic, collectives=names)
+
+
 def shard_unit(unit: Unit, shards: int, workload: Workload) -> Shard:
     """The largest of ``shards`` tensor-parallel shards of ``unit`` (uncompressed).
 
@@ -181,22 +334,4 @@ def shard_unit(unit: Unit, shards: int, workload: Workload) -> Shard:
         )
     shape = _shard_shape(unit.shape, shards)
     tensors = tuple(_shard_tensor(t, unit.shape, shards) for t in unit.tensors)
-    wdt = workload.weight_dtype
-    roles: dict[str, int] = {}
-    for t in tensors:
-        roles[t.role] = roles.get(t.role, 0) + dtype_bytes(wdt, t.numel)
-    act = estimate_activations(shape, workload)
-    footprint = Footprint(
-        weight_bytes=sum(roles.values()),
-        activation_bytes=act.activation_bytes,
-        buffer_bytes=act.buffer_bytes,
-        persistent_activation_bytes=act.persistent_bytes,
-        weight_roles=tuple(sorted(roles.items())),
-        activation_parts=act.parts,
-        buffer_parts=act.buffer_parts,
-    )
-    params = sum(t.numel for t in tensors if t.tied_to is None)
-    flops = estimate_flops_per_token(shape, workload)
-    shard = replace(unit, footprint=footprint, params=params, flops_per_token=flops, tensors=tensors, shape=shape)
-    traffic, names = _collectives(unit, unit.shape, shards, workload)
-    return Shard(unit=shard, count=shards, collective_bytes_per_token=traffic, collectives=names)
+    return _as_shard(unit, shape, tensors, shards, workload)

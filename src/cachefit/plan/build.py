@@ -7,14 +7,17 @@ from collections.abc import Sequence
 
 from cachefit.compress.techniques import CANONICAL_ORDER
 from cachefit.hardware.devices import Card, Cluster, cluster_to_dict
+from cachefit.partition.split import ShardParts
 from cachefit.plan.model import Plan, Stage, cluster_digest
 from cachefit.units import ModelProfile, Unit, stack_footprints
 
 
 def stage_for(card_index: int, card: Card, start: int, units: Sequence[Unit], *, stacking: str,
-              shard: tuple[int, int] | None = None, collective_bytes_per_token: int = 0) -> Stage:
+              shard: tuple[int, int] | None = None, collective_bytes_per_token: int = 0,
+              shard_parts: Sequence[ShardParts] = ()) -> Stage:
     """The stage of ``units`` (the profile's units ``start .. start + len(units)``, compressed as they
-    say) on card ``card_index``; ``shard`` = (index, count) for one shard of a split stage.
+    say) on card ``card_index``; ``shard`` = (index, count) for one shard of a split stage, and
+    ``shard_parts`` each unit's slices where the split is proportional (cards of different sizes).
 
     Its bytes stack the units' footprints (``stacking``: ``reuse`` shares scratch, ``sum`` adds all).
     """
@@ -32,6 +35,7 @@ def stage_for(card_index: int, card: Card, start: int, units: Sequence[Unit], *,
         compression=applied,
         shard=shard,
         collective_bytes_per_token=collective_bytes_per_token,
+        shard_parts=tuple(shard_parts),
     )
 
 

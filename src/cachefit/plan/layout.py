@@ -28,7 +28,8 @@ import numpy as np
 from cachefit.compress.techniques import CompressionConfig, compress_unit
 from cachefit.errors import ConfigError
 from cachefit.hardware.devices import Card
-from cachefit.partition.split import Shard, max_shards, shard_unit
+from cachefit.partition.apportion import Apportioner
+from cachefit.partition.split import Shard, ShardParts, max_shards, shard_unit, shard_unit_parts
 from cachefit.plan.offchip import (
     StageBytes,
     embedding_read_bytes,
@@ -51,6 +52,11 @@ class Group:
     units: tuple[Unit, ...]
     """The stage's units as one card holds them (the largest shard when split)."""
     collective_bytes_per_token: int = 0
+    per_card: tuple[tuple[Unit, ...], ...] | None = None
+    """A proportional split over cards of different sizes (:func:`mixed_layout`): what each card
+    holds, in card order (``units`` is then the largest of them); None: every card holds ``units``."""
+    parts: tuple[tuple[ShardParts, ...], ...] | None = None
+    """With ``per_card``: each card's slices of each unit (heads, KV heads, MLP columns, vocabulary)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +110,7 @@ class ShardTable:
         self.even_splits = False
         self.forbid: Mapping[int, frozenset[str]] = {}
         self.raw: set[int] = set()
+        self.apportioners: dict[object, Apportioner] = {}
         self.cache: dict[tuple[int, int, bool], tuple[Unit, int]] = {
             (i, 1, False): (u, 0) for i, u in enumerate(compressed)
         }
@@ -130,6 +137,35 @@ class ShardTable:
                                                                     self.config)
             self.cache[key] = (got, shard.collective_bytes_per_token)
         return self.cache[key]
+
+    def apportioner(self, i: int) -> Apportioner:
+        """Proportional splits of unit ``i`` as this table compresses it (identical units share one)."""
+        raw = i in self.raw or not self.combo
+        unit = self.profile.units[i]
+        forbidden = self.forbid.get(i, frozenset())
+        combo = () if raw else tuple(t for t in self.combo if t not in forbidden)
+        key = (unit.shape, unit.footprint, tuple((t.role, t.shape, t.tied_to is None) for t in unit.tensors), combo)
+        got = self.apportioners.get(key)
+        if got is None:
+            got = self.apportioners[key] = Apportioner(unit, lambda parts: self._shard(unit, parts, 2, combo).total_bytes)
+        return got
+
+    def _shard(self, unit: Unit, parts: ShardParts, shards: int, combo: tuple[str, ...]) -> Unit:
+        got = shard_unit_parts(unit, parts, shards, self.profile.workload).unit
+        return compress_unit(got, combo, self.profile.workload, self.config) if combo else got
+
+    def mixed_group(self, i: int, parts: Sequence[ShardParts]) -> Group:
+        """Unit ``i`` split over ``len(parts)`` cards of different sizes, card r holding ``parts[r]``."""
+        raw = i in self.raw or not self.combo
+        forbidden = self.forbid.get(i, frozenset())
+        combo = () if raw else tuple(t for t in self.combo if t not in forbidden)
+        unit = self.profile.units[i]
+        s = len(parts)
+        held = tuple(self._shard(unit, p, s, combo) for p in parts)
+        traffic = shard_unit_parts(unit, parts[0], s, self.profile.workload).collective_bytes_per_token
+        largest = max(held, key=lambda u: u.total_bytes)
+        return Group(i, i + 1, s, (largest,), traffic, per_card=tuple((u,) for u in held),
+                     parts=tuple((p,) for p in parts))
 
     def group(self, start: int, end: int, shards: int) -> Group:
         members = tuple(self.get(k, shards)[0] for k in range(start, end))  # type: ignore[index]
@@ -289,6 +325,143 @@ def exact_cards_layout(table: ShardTable, capacity: int, stacking: str, degrees:
         groups.append(table.group(i, j, s))
         j, left = i, left - s
     return Layout(tuple(reversed(groups)), stacking)
+
+
+MIXED_MAX_SHARDS = 8
+"""Most consecutive cards of different sizes one unit is split over proportionally (bounds the
+search: a unit that needs more is split evenly over identical cards, or compressed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MixedSearch:
+    """What :func:`mixed_layout` found: the layout (None: none fits) and, for the error message, the
+    most leading units any layout of the cards' prefixes holds."""
+
+    layout: Layout | None
+    units_placed: int
+
+
+def mixed_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degrees: Sequence[int],
+                 num_cards: int | None, *, max_mixed: int = MIXED_MAX_SHARDS,
+                 proportional: bool = True, unit_range: tuple[int, int] | None = None) -> MixedSearch:
+    """Units over the cards of a mixed cluster in the given order: the fewest cards (a prefix of
+    ``cards``), or with ``num_cards`` exactly that many, every stage fitting its card(s).
+
+    A stage is (a) a contiguous range of whole units on one card, (b) a range of units split evenly
+    over a run of identical cards (``degrees``, the even path's largest shards), or (c) one unit split
+    proportionally over a run of 2 .. ``max_mixed`` consecutive cards not all alike
+    (:class:`cachefit.partition.apportion.Apportioner`: each card takes heads / columns / rows in
+    proportion to what it holds). Exact over that space: ``reach[j]`` is a bit set of the card counts
+    c such that units [0, j) fill cards [0, c) exactly; each kind of stage shifts the bits of the
+    cards it may start on (a mask per kind of card, run or window of capacities) by its card count.
+    ``proportional=False`` leaves (c) out (even splits only, as ``cachefit run`` deploys);
+    ``unit_range`` places only units [a, b) (the layout's groups then cover just those).
+    """
+    a, n = unit_range if unit_range is not None else (0, len(table.profile.units))
+    k_all = len(cards)
+    limit = k_all if num_cards is None else min(num_cards, k_all)
+    cards = list(cards[:limit])
+    reuse = stacking == "reuse"
+    kinds: list[Card] = []
+    kind_of: list[int] = []
+    for card in cards:
+        if card not in kinds:
+            kinds.append(card)
+        kind_of.append(kinds.index(card))
+
+    def farthest(i: int, shards: int, capacity: int) -> int:
+        """End of the longest stage from unit i split ``shards`` ways (1: whole) within capacity."""
+        resident = peak = 0
+        end = i
+        for j in range(i, n):  # n: the end of the units placed
+            got = table.get(j, shards)
+            if got is None:
+                break
+            fp = got[0].footprint
+            if reuse:
+                resident += fp.weight_bytes + fp.persistent_activation_bytes
+                peak = max(peak, fp.transient_activation_bytes + fp.buffer_bytes)
+            else:
+                resident += fp.total_bytes
+            if resident + peak > capacity:
+                break
+            end = j + 1
+        return end
+
+    # masks of the cards a stage may start on: (shards, kind) for whole units and even splits over a
+    # run of identical cards; (window of capacities) for proportional splits over mixed runs
+    runs: dict[tuple[int, int], int] = {}
+    for s in sorted({1, *(d for d in degrees if 1 < d <= limit)}):
+        for c in range(limit - s + 1):
+            if all(kind_of[c + t] == kind_of[c] for t in range(1, s)):
+                runs[(s, kind_of[c])] = runs.get((s, kind_of[c]), 0) | (1 << c)
+    windows: dict[tuple[int, ...], int] = {}
+    if proportional:
+        for s in range(2, min(max_mixed, limit) + 1):
+            for c in range(limit - s + 1):
+                if any(kind_of[c + t] != kind_of[c] for t in range(1, s)):
+                    caps = tuple(card.capacity_bytes for card in cards[c:c + s])
+                    windows[caps] = windows.get(caps, 0) | (1 << c)
+    ends: dict[tuple[int, int, int], int] = {}
+    for i in range(a, n):
+        for (s, kind) in runs:
+            ends[(i, s, kind)] = farthest(i, s, kinds[kind].capacity_bytes)
+    splittable = [i >= a and bool(table.apportioner(i).dims) and (i not in table.keep_whole)
+                  for i in range(n)] if windows else [False] * n
+    mask_all = (1 << (limit + 1)) - 1
+    reach = [0] * (n + 1)
+    reach[a] = 1
+    for i in range(a, n):
+        here = reach[i]
+        if not here:
+            continue
+        for (s, kind), starts in runs.items():
+            shifted = ((here & starts) << s) & mask_all
+            if not shifted:
+                continue
+            for j in range(i + 1, ends[(i, s, kind)] + 1):
+                reach[j] |= shifted
+        if splittable[i]:
+            apportioner = table.apportioner(i)
+            for caps, starts in windows.items():
+                shifted = ((here & starts) << len(caps)) & mask_all
+                if shifted & ~reach[i + 1] and apportioner.apportion(caps) is not None:
+                    reach[i + 1] |= shifted
+    placed = max(j for j in range(a, n + 1) if reach[j])
+    if num_cards is None:
+        if not reach[n]:
+            return MixedSearch(None, placed)
+        used = (reach[n] & -reach[n]).bit_length() - 1  # the fewest cards
+    else:
+        if num_cards > k_all or not reach[n] >> num_cards & 1:
+            return MixedSearch(None, placed)
+        used = num_cards
+    groups: list[Group] = []
+    j, c = n, used
+    while j > a:  # walk back: a stage ending at (j, c) whose start is reachable
+        chosen: Group | None = None
+        for (s, kind), starts in sorted(runs.items()):
+            first = c - s
+            if first < 0 or not starts >> first & 1:
+                continue
+            for i in range(a, j):
+                if reach[i] >> first & 1 and ends[(i, s, kind)] >= j:
+                    chosen = table.group(i, j, s)
+                    break
+            if chosen is not None:
+                break
+        if chosen is None and splittable[j - 1]:
+            for caps, starts in windows.items():
+                first = c - len(caps)
+                if first >= 0 and starts >> first & 1 and reach[j - 1] >> first & 1:
+                    parts = table.apportioner(j - 1).apportion(caps)
+                    if parts is not None:
+                        chosen = table.mixed_group(j - 1, parts)
+                        break
+        assert chosen is not None, "a reachable layout has a last stage"
+        groups.append(chosen)
+        j, c = chosen.start, c - chosen.shards
+    return MixedSearch(Layout(tuple(reversed(groups)), stacking), placed)
 
 
 StageTime = Callable[[int, Sequence[Unit], Footprint, int, int, Card], "float | None"]
@@ -606,6 +779,8 @@ __all__ = [
     "PARTIAL_SEARCH_BUDGET",
     "Group",
     "Layout",
+    "MIXED_MAX_SHARDS",
+    "MixedSearch",
     "ShardTable",
     "StageTime",
     "degrees_for",
@@ -613,6 +788,7 @@ __all__ = [
     "exact_cards_layout",
     "fastest_layout",
     "fewest_cards_layout",
+    "mixed_layout",
     "narrow_partial_search",
     "partial_layouts",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 
 from cachefit.errors import ConfigError
 from cachefit.limits import check_limit
+from cachefit.partition.split import ShardParts
 from cachefit.profile.measure import MEMORY_SOURCES
 from cachefit.units import Footprint
 
@@ -47,6 +48,11 @@ class Stage:
     """Techniques applied to each unit of the stage (aligned with ``unit_names``; empty: none)."""
     collective_bytes_per_token: int = 0
     """Bytes this card sends per token in the collectives of a split stage (0 when not split)."""
+    shard_parts: tuple[ShardParts, ...] = ()
+    """Where the split is proportional (cards of different sizes): the slices of each unit of the
+    stage this card holds (heads, KV heads, MLP columns, vocabulary rows), aligned with
+    ``unit_names``; its bytes are this shard's own. Empty: not split, or split evenly (every card the
+    balanced sizes of :func:`cachefit.partition.split.shard_unit`, bytes the largest shard's)."""
     predicted_time_s: float | None = None
     """The cost model's time of one micro-batch through this card's stage (forward, and backward in
     train; :func:`cachefit.cost.estimate_cost`, the figure ``cachefit compare`` reports for the card);
@@ -60,6 +66,8 @@ class Stage:
             raise ConfigError(f"stage on card {self.card}: {len(self.unit_names)} names for units {self.units}")
         if self.unit_compression and len(self.unit_compression) != end - start:
             raise ConfigError(f"stage on card {self.card}: unit_compression does not match units {self.units}")
+        if self.shard_parts and (self.shard is None or len(self.shard_parts) != end - start):
+            raise ConfigError(f"stage on card {self.card}: shard_parts need a shard and one entry per unit {self.units}")
         if self.capacity_bytes <= 0:
             raise ConfigError(f"stage on card {self.card}: capacity must be positive")
         if self.predicted_time_s is not None and not (math.isfinite(self.predicted_time_s)
@@ -108,6 +116,7 @@ class Stage:
             "onchip_bytes": self.onchip_bytes,
             "overflow_bytes": self.overflow_bytes,
             "collective_bytes_per_token": self.collective_bytes_per_token,
+            **({"shard_parts": [p.to_dict() for p in self.shard_parts]} if self.shard_parts else {}),
             "predicted_time_s": self.predicted_time_s,
         }
 
@@ -240,6 +249,8 @@ class Plan:
                     shard=(int(st["shard"][0]), int(st["shard"][1])) if st.get("shard") else None,
                     compression=tuple(st.get("compression", ())),
                     collective_bytes_per_token=int(st.get("collective_bytes_per_token", 0)),
+                    shard_parts=tuple(ShardParts.from_dict(p, where=f"{where}: stage on card {st['card']}")
+                                      for p in (st.get("shard_parts") or ())),
                     predicted_time_s=None if st.get("predicted_time_s") is None else float(st["predicted_time_s"]),
                 )
                 for st in data["stages"]

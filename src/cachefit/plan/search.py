@@ -51,7 +51,10 @@ from cachefit.plan.layout import (
     degrees_for,
     exact_cards_layout,
     fastest_layout,
+    MIXED_MAX_SHARDS,
+    MixedSearch,
     fewest_cards_layout,
+    mixed_layout,
     narrow_partial_search,
     partial_layouts,
 )
@@ -142,6 +145,8 @@ class _Cards:
         self.overrides = overrides or ResolvedOverrides()
         self.last_error: InfeasiblePlanError | None = None
         self.even_splits = False
+        self.mixed: MixedSearch | None = None
+        """The furthest-reaching search over the mixed cluster's cards with splits (for messages)."""
         self.unlimited = len(cluster) == 1 and num_cards is None
         if num_cards is not None and len(cluster) > 1 and num_cards > len(cluster):
             raise ConfigError(
@@ -255,15 +260,15 @@ def plan_partition(
     allow = _check_arguments(profile, cluster, num_cards=num_cards, allow=allow, stacking=stacking, config=config,
                              max_risk=max_risk, overrides=overrides)
     _check_objective(objective, pricing, overrides)
-    if num_cards is not None and num_cards > len(profile.units) and not cluster.is_homogeneous:
+    if (num_cards is not None and num_cards > len(profile.units) and not cluster.is_homogeneous
+            and not any(max_shards(u) > 1 for u in profile.units)):
         raise ConfigError(
-            f"--cards {num_cards}: the model has {len(profile.units)} units at this granularity and the cards "
-            "differ, and units are split tensor-parallel only over identical cards; use at most "
-            f"{len(profile.units)} cards of this cluster, --granularity block, or identical cards"
+            f"--cards {num_cards}: the model has {len(profile.units)} units at this granularity and none can be "
+            f"split over cards; use at most {len(profile.units)} cards of this cluster"
         )
     order_note = None
     if reorder_cards and not cluster.is_homogeneous:
-        cluster, order_note = _reorder(profile, cluster, num_cards, stacking)
+        cluster, order_note = _reorder(profile, cluster, num_cards, stacking, even_splits)
     resolved = resolve_overrides(profile, overrides, num_cards=num_cards) if overrides and not overrides.empty else None
     cards = _Cards(cluster, num_cards, resolved)
     cards.even_splits = even_splits
@@ -358,6 +363,10 @@ def _fastest_plan(profile: ModelProfile, cards: _Cards, combo: tuple[str, ...], 
     the smallest largest stage), over the same space of layouts: contiguous stages, split only where
     ``chosen`` splits (then over the degrees an exact card count tries)."""
     k = chosen.cards
+    if not cards.cluster.is_homogeneous and any(st.shard is not None for st in chosen.stages):
+        why = ("the time objective re-cuts stages without splits over cards of different sizes; this plan splits "
+               "units over them, so it is the cards objective's plan")
+        return replace(chosen, notes=(*chosen.notes, why))
     table = _table(cards, profile, combo, config, units, shard_cache)
     for st in chosen.stages:  # units the revert pass left uncompressed stay so
         if st.shard is None or st.shard[0] == 0:
@@ -442,7 +451,8 @@ def _check_arguments(profile: object, cluster: object, *, num_cards: object, all
     return allow
 
 
-def _reorder(profile: ModelProfile, cluster: Cluster, num_cards: int | None, stacking: str) -> tuple[Cluster, str]:
+def _reorder(profile: ModelProfile, cluster: Cluster, num_cards: int | None, stacking: str,
+             even_splits: bool = False) -> tuple[Cluster, str]:
     """The order of the mixed cluster's cards that suits the (uncompressed) units best."""
     from dataclasses import replace as _replace
 
@@ -453,10 +463,130 @@ def _reorder(profile: ModelProfile, cluster: Cluster, num_cards: int | None, sta
         got = choose_card_order(resident, cluster.capacities(), transient=transient, num_cards=num_cards,
                                 exact=num_cards is not None)
     except InfeasiblePlanError:
-        return cluster, "card order kept as given: no order fits the uncompressed units"
+        return _split_aware_order(profile, cluster, num_cards, stacking, even_splits)
     cards = tuple(cluster.cards[i] for i in got.order)
     how = "every distinct order tried" if got.exhaustive else f"heuristic over {got.orders_tried} orders"
     return _replace(cluster, cards=cards), f"card order chosen ({how}): {', '.join(str(i) for i in got.order)}"
+
+
+# Card multisets one oversized unit's best-fit run is chosen from (bounds the enumeration)
+_RUN_CANDIDATES = 4096
+
+
+def _split_aware_order(profile: ModelProfile, cluster: Cluster, num_cards: int | None, stacking: str,
+                       even_splits: bool) -> tuple[Cluster, str]:
+    """No order of the mixed cluster's cards fits the uncompressed units whole: the order that fits
+    them with splits on the fewest cards (exactly ``num_cards`` where given) among a few candidates,
+    each checked exactly by :func:`cachefit.plan.layout.mixed_layout`: the given order, a best-fit
+    order, largest first and smallest first (ties: the earlier). Best fit: every unit that fits no
+    card whole gets the run of cards with the least capacity that holds it (split proportionally, or
+    evenly over identical cards), and the units between those runs the fewest of the remaining cards,
+    largest first; unused cards go last."""
+    from dataclasses import replace as _replace
+
+    table = ShardTable(profile, (), CompressionConfig(), profile.units)
+    table.even_splits = even_splits
+    degrees = degrees_for(profile.units, num_cards)
+
+    def search(cards: Sequence[Card], unit_range: tuple[int, int] | None = None,
+               k: int | None = num_cards) -> MixedSearch:
+        return mixed_layout(table, cards, stacking, degrees, k, proportional=not even_splits,
+                            unit_range=unit_range)
+
+    given = list(cluster.cards)
+    candidates: list[tuple[str, list[Card]]] = [("the given order", given)]
+    fitted = _best_fit_order(profile, table, given, search, even_splits)
+    if fitted is not None:
+        candidates.append(("best fit for the units that fit no card whole", fitted))
+    candidates.append(("largest first", sorted(given, key=lambda c: -c.capacity_bytes)))
+    candidates.append(("smallest first", sorted(given, key=lambda c: c.capacity_bytes)))
+    best: tuple[int, str, list[Card]] | None = None
+    for name, order in candidates:
+        got = search(order).layout
+        if got is not None and (best is None or got.cards < best[0]):
+            best = (got.cards, name, order)
+    tried = ", ".join(name for name, _ in candidates)
+    if best is None:
+        return cluster, (f"card order kept as given: no order fits the uncompressed units whole, and with splits none "
+                         f"of the orders tried ({tried}) fits them")
+    _, name, order = best
+    positions: list[int] = []
+    used: set[int] = set()
+    for card in order:  # report the chosen order as indices into the given cluster
+        i = next(i for i, c in enumerate(given) if c == card and i not in used)
+        used.add(i)
+        positions.append(i)
+    shown = ", ".join(str(i) for i in positions[:32]) + (", ..." if len(positions) > 32 else "")
+    return _replace(cluster, cards=tuple(order)), (
+        f"card order chosen with splits ({name}; no order fits the units whole; tried {tried}): {shown}")
+
+
+def _best_fit_order(profile: ModelProfile, table: ShardTable, cards: Sequence[Card], search, even_splits: bool
+                    ) -> list[Card] | None:
+    units = profile.units
+    largest = max(c.capacity_bytes for c in cards)
+    kinds: list[Card] = []
+    for card in cards:
+        if card not in kinds:
+            kinds.append(card)
+    pool = {i: sum(1 for c in cards if c == kind) for i, kind in enumerate(kinds)}
+
+    def best_run(i: int) -> list[Card] | None:
+        apportioner = table.apportioner(i)
+        options: list[tuple[int, int, tuple[int, ...]]] = []
+        counts = [0] * len(kinds)
+
+        def walk(k: int, left: int) -> None:
+            if len(options) >= _RUN_CANDIDATES:
+                return
+            if k == len(kinds):
+                size = sum(counts)
+                if size >= 2:
+                    options.append((sum(n * kinds[t].capacity_bytes for t, n in enumerate(counts)), size,
+                                    tuple(counts)))
+                return
+            for n in range(min(pool[k], left) + 1):
+                counts[k] = n
+                walk(k + 1, left - n)
+            counts[k] = 0
+
+        walk(0, MIXED_MAX_SHARDS)
+        for _, size, vector in sorted(options):
+            run = [kinds[t] for t, n in sorted(enumerate(vector), key=lambda p: -kinds[p[0]].capacity_bytes)
+                   for _ in range(n)]
+            if all(c == run[0] for c in run):
+                got = table.get(i, size)
+                if got is not None and got[0].total_bytes <= run[0].capacity_bytes:
+                    return run
+            elif not even_splits and apportioner.apportion(tuple(c.capacity_bytes for c in run)) is not None:
+                return run
+        return None
+
+    runs: dict[int, list[Card]] = {}
+    for i, unit in enumerate(units):
+        if unit.total_bytes > largest:
+            run = best_run(i)
+            if run is None:
+                return None
+            runs[i] = run
+            for card in run:
+                pool[kinds.index(card)] -= 1
+    order: list[Card] = []
+    start = 0
+    for stop in [*sorted(runs), len(units)]:
+        if stop > start:  # units [start, stop) fit cards whole: the fewest of the rest, largest first
+            rest = sorted((kinds[k] for k, n in pool.items() for _ in range(n)), key=lambda c: -c.capacity_bytes)
+            got = search(rest, (start, stop), None)
+            if got.layout is None:
+                return None
+            for card in rest[: got.layout.cards]:
+                order.append(card)
+                pool[kinds.index(card)] -= 1
+        if stop < len(units):
+            order.extend(runs[stop])
+        start = stop + 1
+    order.extend(sorted((kinds[k] for k, n in pool.items() for _ in range(n)), key=lambda c: -c.capacity_bytes))
+    return order
 
 
 def _allowed(combo: tuple[str, ...], forbidden: frozenset[str]) -> tuple[str, ...]:
@@ -499,7 +629,9 @@ def _layout(cards: _Cards, profile: ModelProfile, combo: tuple[str, ...], config
             return _layout_from_partition(part, units, stacking)
     caps = cards.cluster.capacities()
     if not cards.cluster.is_homogeneous:
-        return None  # the cards differ: units are split only over identical cards
+        if cards.overrides.shapes_partition:
+            return None  # pins and cuts apply to plans without splits
+        return _split_layouts(cards, _table(cards, profile, combo, config, units, shard_cache), stacking)
     if k is None and all(u.total_bytes <= max(caps) for u in units):
         return None  # not a unit too large for a card: splitting would not save a card
     if cards.overrides.shapes_partition:
@@ -516,6 +648,15 @@ def _layout(cards: _Cards, profile: ModelProfile, combo: tuple[str, ...], config
 
 
 def _split_layouts(cards: _Cards, table: ShardTable, stacking: str) -> Layout | None:
+    if not cards.cluster.is_homogeneous:
+        # cards of different sizes, in the given order: whole units, even splits over runs of
+        # identical cards, and one unit split proportionally over consecutive cards of any kinds
+        degrees = degrees_for(table.profile.units, cards.num_cards)
+        got = mixed_layout(table, cards.cluster.cards, stacking, degrees, cards.num_cards,
+                           proportional=not cards.even_splits)
+        if cards.mixed is None or got.units_placed >= cards.mixed.units_placed:
+            cards.mixed = got
+        return got.layout
     capacity = min(cards.cluster.capacities())
     if cards.num_cards is None:
         limit = max(max_shards(u) for u in table.profile.units)
@@ -607,6 +748,13 @@ def _partial_plan(profile: ModelProfile, cards: _Cards, sets: Sequence[tuple[str
         got = partial_layouts(table, card_list, stacking, degrees, k, wl, max_stage_units=longest)
         if got and (best is None or got[0].offchip_bytes < best[2].offchip_bytes):
             best = (combo, table, got[0])
+    if best is None and not cards.cluster.is_homogeneous:
+        raise ConfigError(
+            f"--cards {k}: the {len(profile.units)} units of {profile.model} cannot be laid out on exactly {k} of "
+            "these cards of different sizes (tried whole units per card, even splits over runs of identical cards "
+            f"and proportional splits of one unit over up to {MIXED_MAX_SHARDS} consecutive cards, none fitting); "
+            f"use fewer cards, or --any-order"
+        )
     if best is None:
         spread = sum(max_shards(u) for u in profile.units)
         raise ConfigError(
@@ -680,9 +828,11 @@ def _build_plan(profile: ModelProfile, cards: _Cards, layout: Layout, combo: tup
     stages = []
     for g in layout.groups:
         for r in range(g.shards):
-            stages.append(stage_for(len(stages), cards.card(len(stages)), g.start, g.units, stacking=layout.stacking,
+            held = g.units if g.per_card is None else g.per_card[r]
+            stages.append(stage_for(len(stages), cards.card(len(stages)), g.start, held, stacking=layout.stacking,
                                     shard=(r, g.shards) if g.shards > 1 else None,
-                                    collective_bytes_per_token=g.collective_bytes_per_token))
+                                    collective_bytes_per_token=g.collective_bytes_per_token,
+                                    shard_parts=() if g.parts is None else g.parts[r]))
     notes = []
     if "batch" in combo:
         notes.append(
@@ -694,11 +844,19 @@ def _build_plan(profile: ModelProfile, cards: _Cards, layout: Layout, combo: tup
         notes.append(
             f"{compressed} of {len(profile.units)} units compressed ({', '.join(combo)}); the rest need none"
         )
-    split = [g for g in layout.groups if g.shards > 1]
+    split = [g for g in layout.groups if g.shards > 1 and g.per_card is None]
     if split:
         notes.append(
             f"{len(split)} stage(s) split tensor-parallel (Megatron-style) over "
             f"{', '.join(str(d) for d in sorted({g.shards for g in split}))} cards; bytes shown are the largest shard's"
+        )
+    mixed = [g for g in layout.groups if g.per_card is not None]
+    if mixed:
+        names = ", ".join(g.units[0].name for g in mixed[:4]) + (", ..." if len(mixed) > 4 else "")
+        notes.append(
+            f"{len(mixed)} unit(s) ({names}) split proportionally over consecutive cards of different sizes: each "
+            "card holds the heads / KV heads / MLP columns / vocabulary rows its stage's shard_parts name, and its "
+            "own shard's bytes"
         )
     roles = tuple(r for r in config.quantize_roles if r not in DEFAULT_MATRIX_ROLES)
     if partial:
@@ -708,6 +866,25 @@ def _build_plan(profile: ModelProfile, cards: _Cards, layout: Layout, combo: tup
     plan = plan_from_stages(profile, stages, objective=objective, stacking=layout.stacking, notes=notes,
                             cluster=cards.cluster)
     return replace(plan, compress_roles=roles) if roles else plan
+
+
+def _mixed_infeasible(profile: ModelProfile, cards: _Cards, found: MixedSearch,
+                      combo: tuple[str, ...]) -> InfeasiblePlanError:
+    """No layout of a mixed cluster fits, splits included: what was tried and how far it got."""
+    n, placed = len(profile.units), found.units_placed
+    tried = "whole units per card, units split evenly over runs of identical cards" + (
+        " (--even-splits: no proportional splits)" if cards.even_splits else
+        f" and one unit split proportionally over 2 to {MIXED_MAX_SHARDS} consecutive cards of any sizes")
+    unit = profile.units[min(placed, n - 1)]
+    given = cards.num_cards if cards.num_cards is not None else len(cards.cluster)
+    kinds = ", ".join(dict.fromkeys(f"{c.device.name} {format_bytes(c.capacity_bytes)}" for c in cards.cluster.cards))
+    message = (
+        f"{profile.model} on {given} cards ({kinds}) in this order"
+        f"{' with ' + ','.join(combo) if combo else ''}: no layout fits; tried {tried}: they hold units "
+        f'[0, {placed}) of {n} at most, unit {placed} "{unit.name}" ({format_bytes(unit.total_bytes)}) fits no run '
+        "of the cards left; reorder the cards (--any-order), add or enlarge cards, or allow compression"
+    )
+    return InfeasiblePlanError(message, report={"units_placed": placed, "num_units": n, "tried": tried})
 
 
 def _infeasible(
@@ -720,6 +897,8 @@ def _infeasible(
     capacity = max(cards.cluster.capacities())
     lightest = min(variants, key=lambda c: sum(u.total_bytes for u in variants[c]))
     units = variants[lightest]
+    if not cards.cluster.is_homogeneous and cards.mixed is not None and not cards.overrides.shapes_partition:
+        return _mixed_infeasible(profile, cards, cards.mixed, lightest)
     too_big = [(i, u) for i, u in enumerate(units) if u.total_bytes > capacity]
     if too_big:
         i, unit = max(too_big, key=lambda t: t[1].total_bytes)
