@@ -145,6 +145,8 @@ class _Cards:
         self.overrides = overrides or ResolvedOverrides()
         self.last_error: InfeasiblePlanError | None = None
         self.even_splits = False
+        self.order_note: str | None = None
+        """What --any-order chose or kept (for messages)."""
         self.mixed: MixedSearch | None = None
         """The furthest-reaching search over the mixed cluster's cards with splits (for messages)."""
         self.unlimited = len(cluster) == 1 and num_cards is None
@@ -272,6 +274,7 @@ def plan_partition(
     resolved = resolve_overrides(profile, overrides, num_cards=num_cards) if overrides and not overrides.empty else None
     cards = _Cards(cluster, num_cards, resolved)
     cards.even_splits = even_splits
+    cards.order_note = order_note
     forbid = cards.overrides.forbid
     config = config or CompressionConfig()
     wl = profile.workload
@@ -882,7 +885,9 @@ def _mixed_infeasible(profile: ModelProfile, cards: _Cards, found: MixedSearch,
         f"{profile.model} on {given} cards ({kinds}) in this order"
         f"{' with ' + ','.join(combo) if combo else ''}: no layout fits; tried {tried}: they hold units "
         f'[0, {placed}) of {n} at most, unit {placed} "{unit.name}" ({format_bytes(unit.total_bytes)}) fits no run '
-        "of the cards left; reorder the cards (--any-order), add or enlarge cards, or allow compression"
+        "of the cards left; "
+        + (f"{cards.order_note}; add or enlarge cards, or allow compression" if cards.order_note else
+           "reorder the cards (--any-order), add or enlarge cards, or allow compression")
     )
     return InfeasiblePlanError(message, report={"units_placed": placed, "num_units": n, "tried": tried})
 
