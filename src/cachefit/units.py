@@ -575,7 +575,13 @@ class ModelProfile:
         raise ConfigError(f"profile of {self.model}: no unit named {name!r}")
 
 
+COLLECTIVE_BUFFER_PARTS: frozenset[str] = frozenset({"gathered_logits", "all_reduce_copy"})
+"""Buffer parts a tensor-parallel shard holds for its collectives (:mod:`cachefit.partition.split`),
+not derived from its shape: a re-estimate of a shard's activations (compression) carries them over."""
+
+
 __all__ = [
+    "COLLECTIVE_BUFFER_PARTS",
     "DTYPE_BITS",
     "WEIGHT_ROLES",
     "Attention",

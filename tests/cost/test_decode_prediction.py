@@ -47,7 +47,7 @@ def test_groups_in_flight_fill_the_pipeline_as_the_cycle_says(cards):
 
 
 def test_prediction_needs_a_decode_cost_and_known_times():
-    wl = Workload(batch=2, seq_len=256, mode="prefill", weight_dtype="fp16", act_dtype="fp16")
+    wl = Workload(batch=1, seq_len=16, mode="prefill", weight_dtype="fp16", act_dtype="fp16")
     profile = profile_model("llama-3.1-8b", wl)
     plan, _ = plan_partition(profile, make_cluster(get_device("h100")))
     with pytest.raises(ValueError, match="decode"):

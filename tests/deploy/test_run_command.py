@@ -131,9 +131,10 @@ def test_run_refuses_a_plan_made_for_other_cards_or_another_model(model_dirs, ll
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_run_decode_generates_as_generate_does(model_dirs, llama_plan):
+def test_run_decode_generates_as_generate_does(model_dirs, llama_plan, tmp_path):
     proc = _cli("run", str(model_dirs["llama"]), "--plan", str(llama_plan), "--nproc", "2",
-                "--input-ids", "1,2,3,4;5,6,7,8", "--new-tokens", "3", "--check", "--json")
+                "--input-ids", "1,2,3,4;5,6,7,8", "--new-tokens", "3", "--check", "--json",
+                "--report", str(tmp_path / "page"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     # the plan's 2 micro-batches: the 2 sequences decode as 2 groups in flight, in a static KV cache (the plan's)
@@ -147,6 +148,11 @@ def test_run_decode_generates_as_generate_does(model_dirs, llama_plan):
     assert doc["check"]["passed"] and doc["check"]["comparisons"][1]["max_rel_error"] <= 1e-5
     assert doc["timings"]["ms_per_token"] > 0 and len(doc["timings"]["token_s"]) == 2 * 2
     assert "unavailable" in doc["predicted"]  # the plan's custom cards are in no catalog
+    # the HTML page: every stage's planned total beside its measured peak and its card's capacity
+    page = (tmp_path / "page" / "index.html").read_text(encoding="utf-8")
+    assert doc["report_file"].endswith("index.html") and "Planned against measured, per card" in page
+    assert all(st["description"] in page and st["measured_peak_bytes"] <= st["capacity_bytes"]
+               for st in doc["stages"])
 
 
 def test_decode_flags_are_checked(model_dirs, llama_plan):

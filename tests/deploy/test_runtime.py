@@ -129,7 +129,7 @@ def test_tensor_parallel_stages_match_unsplit(model_dirs):
 def test_tensor_parallel_with_fewer_kv_heads_than_shards(model_dirs):
     # 4 shards of 4 query heads and 2 KV heads: each shard keeps the KV head its query head reads,
     # as the planner counts it (8 processes: 2 stages x 4 shards)
-    plan = make_plan(model_dirs["llama_tp"], "80KB")
+    plan = make_plan(model_dirs["llama_tp"], "88KB")
     assert {st.shard for st in plan.stages} == {(k, 4) for k in range(4)}
     layout, result = _run(model_dirs["llama_tp"], plan, RunConfig(micro_batches=2))
     for stage in result.report["stages"]:

@@ -165,14 +165,14 @@ def uneven_dirs(tmp_path_factory):
 
 # (model, card capacity giving a 3-way split at the test workload, granularity, query heads per card)
 _CASES = [
-    ("llama", "84KB", "layer", (3, 2, 2)),
-    ("llama_mqa", "78KB", "layer", (3, 2, 2)),
-    ("llama_gqa", "92KB", "layer", (4, 2, 2)),
-    ("gpt2", "130KB", "layer", (3, 2, 2)),
-    ("bert", "72KB", "layer", (3, 2, 2)),
-    ("mistral", "84KB", "block", (3, 2, 2)),  # embed, attention block, MLP block and head on one split stage
-    ("qwen2", "96KB", "layer", (1, 1, 2)),
-    ("qwen3", "84KB", "layer", (3, 2, 2)),
+    ("llama", "92KB", "layer", (3, 2, 2)),
+    ("llama_mqa", "85KB", "layer", (3, 2, 2)),
+    ("llama_gqa", "100KB", "layer", (4, 2, 2)),
+    ("gpt2", "135KB", "layer", (3, 2, 2)),
+    ("bert", "78KB", "layer", (3, 2, 2)),
+    ("mistral", "92KB", "block", (3, 2, 2)),  # embed, attention block, MLP block and head on one split stage
+    ("qwen2", "104KB", "layer", (1, 1, 2)),
+    ("qwen3", "92KB", "layer", (3, 2, 2)),
 ]
 
 

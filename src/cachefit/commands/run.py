@@ -103,6 +103,7 @@ def register(app: typer.Typer) -> None:
         level: LevelOption = None,
         headroom: HeadroomOption = 0.0,
         reserve: ReserveOption = None,
+        report_dir: Annotated[Optional[Path], typer.Option("--report", help="Write an HTML page of the run (planned against measured bytes and time per card, the prediction) into this folder.")] = None,
         as_json: JsonOption = False,
     ) -> None:
         """Deploy a plan as a pipeline of processes (torch.distributed) and measure it."""
@@ -121,6 +122,8 @@ def register(app: typer.Typer) -> None:
 
         if save_outputs is not None:
             check_writable(save_outputs, what="--save-outputs")  # now, not after the whole run
+        if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
+            raise ConfigError(f"--report {str(report_dir)!r} is a file; give a folder (it is made if missing)")
         # everything is checked before any process starts: the options here, the plan file against
         # itself and its cards, then (launch) the checkpoint, the processes and the inputs against the plan
         if tolerance is not None and not check:
@@ -214,6 +217,10 @@ def register(app: typer.Typer) -> None:
             verdict = check_run(result, source.path, layout=layout, mode=run_mode, micro_batches=m,
                                 tolerance=tolerance, dtype=run_dtype, plan=plan_obj)
             report["check"] = verdict.to_dict()
+        if report_dir is not None:
+            from cachefit.report.html import write_run_report
+
+            report["report_file"] = str(write_run_report(report, report_dir))
         if as_json:
             from cachefit.commands.options import print_json
 
@@ -222,6 +229,12 @@ def register(app: typer.Typer) -> None:
             _render(report, verdict)
         if verdict is not None and not verdict.passed:
             raise DeployError(f"--check failed: {verdict.describe()}")
+
+
+def _bytes_or_dash(value: Any) -> str:
+    from cachefit.sizes import format_bytes
+
+    return format_bytes(value) if value else "-"
 
 
 def _render(report: dict[str, Any], verdict: Any) -> None:
@@ -237,7 +250,8 @@ def _render(report: dict[str, Any], verdict: Any) -> None:
     title = (f"{report['model']}: {report['stages_count']} stages on {report['cards']} cards, {run['schedule']}, "
              f"{run['micro_batches']} micro-batch(es), {run['mode']}, {run['dtype']}, inputs {report['input_shape']}")
     table = Table(title=title, title_justify="left")
-    for col in ("stage", "cards", "units", "weights planned", "weights held", "forward / micro-batch", "busy"):
+    for col in ("stage", "cards", "units", "weights planned", "weights held", "planned total", "measured peak",
+                "capacity", "forward / micro-batch", "busy"):
         table.add_column(col, justify="left" if col in ("units", "cards") else "right",
                          overflow="fold" if col == "units" else "ellipsis")
     for st in report["stages"]:
@@ -247,6 +261,9 @@ def _render(report: dict[str, Any], verdict: Any) -> None:
         fwd = st.get("forward_s_mean")
         table.add_row(str(st["stage"]), ",".join(str(r) for r in st["ranks"]), span,
                       format_bytes(st["planned_weight_bytes"]), format_bytes(held) if held is not None else "-",
+                      _bytes_or_dash(st.get("planned_total_bytes")),
+                      ("[red]" if st.get("over_capacity") else "") + _bytes_or_dash(st.get("measured_peak_bytes")),
+                      _bytes_or_dash(st.get("capacity_bytes")),
                       f"{fwd * 1e3:.2f} ms" if fwd is not None else "-",
                       f"{st['busy_s']:.3f} s" if st.get("busy_s") is not None else "-")
     console.print(table)
@@ -272,8 +289,14 @@ def _render(report: dict[str, Any], verdict: Any) -> None:
         console.print(f"generated ids: {report['generated_ids']}")
     if report.get("losses"):
         console.print(f"loss per micro-batch: {', '.join(f'{v:.6g}' for v in report['losses'])}")
+    if report.get("report_file"):
+        console.print(f"HTML page written to {report['report_file']}")
     if report.get("outputs_file"):
         console.print(f"outputs written to {report['outputs_file']} (key `outputs`)")
+    fit = report.get("fit") or {}
+    for name in fit.get("over_capacity", ()):
+        console.print(f"[red]over capacity:[/] {name}: its measured peak exceeds its card's capacity"
+                      + ("" if fit.get("checked", True) else f" ({fit.get('not_checked_because')})"))
     for note in report.get("notes", ()):
         console.print(f"[dim]note:[/] {note}")
     if report.get("log_file"):

@@ -42,6 +42,7 @@ from cachefit.profile.activations import estimate_activations, estimate_flops_pe
 from cachefit.errors import ConfigError, UnsupportedCompressionError
 from cachefit.families import mlp_down_names, mlp_up_names, transposed_weight_patterns
 from cachefit.units import (
+    COLLECTIVE_BUFFER_PARTS,
     DTYPE_BITS,
     WEIGHT_ROLES,
     Attention,
@@ -561,12 +562,16 @@ def _activations(unit: Unit, state: _State, original_workload: Workload) -> dict
             "buffer_parts": fp.buffer_parts,
         }
     est = estimate_activations(state.shape, state.workload)
+    # a tensor-parallel shard's collective buffers come from the split, not the shape: carried over,
+    # scaled with the batch (they hold the micro-batch's tokens)
+    extra = tuple((name, _ceil_div(v * state.workload.batch, original_workload.batch))
+                  for name, v in fp.buffer_parts if name in COLLECTIVE_BUFFER_PARTS)
     return {
         "activation_bytes": est.activation_bytes,
         "persistent_activation_bytes": est.persistent_bytes,
         "activation_parts": tuple(est.parts),
-        "buffer_bytes": est.buffer_bytes,
-        "buffer_parts": tuple(est.buffer_parts),
+        "buffer_bytes": est.buffer_bytes + sum(v for _, v in extra),
+        "buffer_parts": (*est.buffer_parts, *extra),
     }
 
 
@@ -809,7 +814,8 @@ def _check_profiled_activations(unit: Unit, workload: Workload) -> None:
         return
     est = estimate_activations(unit.shape, workload)
     fp = unit.footprint
-    profiled = (fp.activation_bytes, fp.persistent_activation_bytes, fp.buffer_bytes)
+    collective = sum(v for name, v in fp.buffer_parts if name in COLLECTIVE_BUFFER_PARTS)
+    profiled = (fp.activation_bytes, fp.persistent_activation_bytes, fp.buffer_bytes - collective)
     if (est.activation_bytes, est.persistent_bytes, est.buffer_bytes) != profiled:
         raise ConfigError(
             f"unit {unit.name}: its footprint has {fp.activation_bytes} B of activations "

@@ -123,6 +123,9 @@ def decode_rank(ctx: RankContext, stage: BuiltStage, inputs: tuple[torch.Tensor,
                 logits = torch.cat([torch.stack(lg, dim=1) for lg in got_logits], dim=0).cpu()
             advance()
     stage.record_times()
+    # the measured call (the first group's prompt) saw its own group's cache; the other groups' stay resident too
+    kv_all = _cache_bytes(caches) if total else 0
+    stage.record_memory(resident_extra_bytes=kv_all - kv_all // len(groups))
     stage.report["busy_fraction"] = stage.report["busy_s"] / sum(walls) if sum(walls) > 0 else None
     gathered: list[Any] = [None] * ctx.world if rank == 0 else None  # type: ignore[assignment]
     dist.gather_object({"stages": [stage.report], "step_s": walls, "losses": [], "holds_last": is_last,
@@ -136,6 +139,18 @@ def decode_rank(ctx: RankContext, stage: BuiltStage, inputs: tuple[torch.Tensor,
                      extra={"generated_ids": next((item["tokens"] for item in gathered if item.get("holds_last")),
                                                   None)})
     return logits if is_last else None
+
+
+def _cache_bytes(caches: list[Any]) -> int:
+    """Bytes of the keys and values the caches hold (allocated: a static cache's whole length)."""
+    seen: dict[int, int] = {}
+    for cache in caches:
+        for layer in getattr(cache, "layers", ()):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor) and t.numel():
+                    storage = t.untyped_storage()
+                    seen[storage._cdata] = int(storage.nbytes())
+    return sum(seen.values())
 
 
 def _run_timings(produced: list[list[float]], wall: float) -> dict[str, Any]:

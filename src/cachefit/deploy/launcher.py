@@ -135,6 +135,8 @@ def launch(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str
         report["notes"] = [*report.get("notes", []), *checked.notes]
     if log_file is not None:
         report["log_file"] = str(log_file)
+    if isinstance(report.get("fit"), dict):
+        report["fit"].update(_fit_applies(plan_obj, config))
     if config.mode == "decode" and "timings" in report:
         from cachefit.deploy.predict import compare_decode, predict_run
 
@@ -144,6 +146,22 @@ def launch(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str
                                                                 report.get("stages", []))
         report["predicted"] = predicted
     return RunResult(report=report, outputs=result.outputs, run_dir=result.run_dir, layout=result.layout)
+
+
+def _fit_applies(plan: Plan, config: RunConfig) -> dict[str, Any]:
+    """Whether the plan claims the run's fit: the same mode and dtype as its workload (a training step
+    on an inference plan keeps activations for backward the plan never counted; an fp32 run of a
+    bf16 plan holds twice its weight bytes); the inputs were checked no larger before launch."""
+    wl = plan.workload
+    differs = []
+    if str(wl.get("mode", "prefill")) != config.mode:
+        differs.append(f"--mode {config.mode} on a {wl.get('mode', 'prefill')} plan")
+    if str(wl.get("weight_dtype", "fp32")) != config.dtype:
+        differs.append(f"--dtype {config.dtype} on a {wl.get('weight_dtype')} plan")
+    if not differs:
+        return {"checked": True}
+    return {"checked": False, "not_checked_because": "the run is not the plan's workload (" + "; ".join(differs)
+            + "): its bytes are reported, but the plan never claimed they fit"}
 
 
 def _torchrun_env(nodes: NodeConfig) -> dict[str, str]:
@@ -255,6 +273,8 @@ def _deploy_module(module: nn.Module, plan: Plan, *, nproc: int | None, inputs: 
     except ChildFailedError as exc:
         raise failure(run_dir, layout, SupervisedExit(returncode=1), 0.0, config.timeout_s) from exc
     report = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+    if isinstance(report.get("fit"), dict):
+        report["fit"].update(_fit_applies(plan, config))
     outputs = next((r for r in returned.values() if isinstance(r, torch.Tensor)), None)
     return RunResult(report=report, outputs=outputs, run_dir=run_dir, layout=layout)
 

@@ -38,6 +38,36 @@ class BuiltStage:
     module: nn.Module
     report: dict[str, Any]
     """What the run report says of it (bytes held, forward times), filled as the run goes."""
+    probe: Any = None
+    """The :class:`~cachefit.deploy.memory.PeakProbe` measuring its first call(s)."""
+
+    def measure_memory(self) -> None:
+        """Measure the peak of the stage's first real call (its largest, the prompt's or a micro-batch's)."""
+        from cachefit.deploy.memory import PeakProbe
+
+        self.probe = PeakProbe(self.module)
+        self.probe.install(*(("compute", "decode") if hasattr(self.module, "compute") else ("forward",)))
+
+    def record_memory(self, *, resident_extra_bytes: int = 0) -> None:
+        """Put planned against measured bytes in the report: the stage's weights as allocated plus the
+        peak of its live non-weight bytes during the measured call, plus ``resident_extra_bytes`` that
+        call could not see (other groups' KV caches in decode); over its card's capacity or not."""
+        from cachefit.deploy.memory import weight_bytes
+
+        placement = self.placement
+        self.report.update({"planned_total_bytes": placement.planned_total_bytes,
+                            "capacity_bytes": placement.capacity_bytes})
+        if self.probe is None or self.probe.peak_bytes is None:
+            return
+        weights = weight_bytes(self.module)
+        peak = weights + self.probe.peak_bytes + resident_extra_bytes
+        self.report.update({
+            "measured_peak_bytes": peak,
+            "measured_weight_bytes_allocated": weights,
+            "measured_activation_peak_bytes": self.probe.peak_bytes + resident_extra_bytes,
+            "memory_method": self.probe.method,
+            "over_capacity": placement.capacity_bytes is not None and peak > placement.capacity_bytes,
+        })
 
     @property
     def is_follower(self) -> bool:

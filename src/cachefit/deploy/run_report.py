@@ -32,7 +32,9 @@ def progress(show: bool, total: int, layout: DeployLayout) -> Iterator[Callable[
 
 
 _SHARD_FIELDS = ("rank", "shard", "measured_weight_bytes", "allocated_weight_bytes", "forward_s_mean", "busy_s",
-                 "peak_rss_bytes")
+                 "peak_rss_bytes", "measured_peak_bytes", "over_capacity")
+_MEMORY_FIELDS = ("planned_total_bytes", "capacity_bytes", "measured_peak_bytes", "measured_weight_bytes_allocated",
+                  "measured_activation_peak_bytes", "memory_method", "over_capacity")
 
 
 def _stages(gathered: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -50,6 +52,10 @@ def _stages(gathered: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     st[key] = entry.get(key)
                 if "busy_fraction" in entry:
                     st["busy_fraction"] = entry["busy_fraction"]
+                st.update({k: entry[k] for k in _MEMORY_FIELDS if k in entry})
+            elif entry.get("measured_peak_bytes", -1) > st.get("measured_peak_bytes", -1):
+                # a split stage: its largest shard, as the plan counts it
+                st.update({k: entry[k] for k in _MEMORY_FIELDS if k in entry})
     return [stages[k] for k in sorted(stages)]
 
 
@@ -86,5 +92,12 @@ def write_report(run_dir: Path, layout: DeployLayout, config: RunConfig, gathere
     if config.mode == "train":
         report["losses"] = losses
         report["mean_loss"] = sum(losses) / len(losses) if losses else None
+    over = [st["description"] for st in report["stages"] if st.get("over_capacity")]
+    report["fit"] = {
+        "over_capacity": over,
+        "note": "measured_peak_bytes: the stage's weights as allocated (in the run's dtype) plus the peak of its live "
+                "non-weight bytes during its first real call (inputs, intermediates, KV caches; in decode the other "
+                "groups' caches too), beside the plan's planned_total_bytes and the card's capacity_bytes",
+    }
     report.update(extra or {})
     write_text_atomic(run_dir / "result.json", json.dumps(report, indent=2), what="run file")

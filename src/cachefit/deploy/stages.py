@@ -77,6 +77,11 @@ class StagePlacement:
     """Weight bytes the plan gives the stage (the largest shard's when split)."""
     expected_weight_bytes: int = 0
     """The same, recomputed from the model (must equal the plan's)."""
+    planned_total_bytes: int = 0
+    """Everything the plan counts on the stage's card: weights, activations (KV caches included) and
+    buffers (the largest shard's when split)."""
+    capacity_bytes: int | None = None
+    """The card's capacity at the plan's level (None for live-module plans without cards)."""
     @property
     def shards(self) -> int:
         return len(self.ranks)
@@ -352,6 +357,8 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
                 tensor_roles=roles,
                 planned_weight_bytes=first.footprint.weight_bytes,
                 expected_weight_bytes=expected,
+                planned_total_bytes=first.footprint.total_bytes,
+                capacity_bytes=min(plan.stages[m].capacity_bytes for m in members),
             )
         )
     ranks = [r for p in placements for r in p.ranks]
@@ -444,6 +451,8 @@ def layout_from_module(plan: Plan, module: nn.Module) -> DeployLayout:
                 unit_names=tuple(first.unit_names),
                 planned_weight_bytes=first.footprint.weight_bytes,
                 expected_weight_bytes=expected,
+                planned_total_bytes=first.footprint.total_bytes,
+                capacity_bytes=min(plan.stages[m].capacity_bytes for m in members),
             )
         )
     return DeployLayout(model=plan.model, kind="sequential", model_type=None, stages=tuple(placements),

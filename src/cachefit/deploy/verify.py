@@ -262,10 +262,13 @@ class CheckReport:
     loss: QualityLoss | None = None
     """Compressed plans of a checkpoint: the end-to-end quality metric against the uncompressed model,
     beside the plan's predicted loss (reported, not checked)."""
+    over_capacity: tuple[str, ...] = ()
+    """Stages whose measured peak (weights + live activations, the run report's ``measured_peak_bytes``)
+    exceeded their card's capacity: the plan's fit did not hold, and the check fails."""
 
     @property
     def passed(self) -> bool:
-        return all(c.max_rel_error <= self.tolerance for c in self.comparisons)
+        return all(c.max_rel_error <= self.tolerance for c in self.comparisons) and not self.over_capacity
 
     def to_dict(self) -> dict[str, Any]:
         doc = {"reference": "unsplit model, fp32, one process" + (", compressed as planned" if self.quality else ""),
@@ -275,6 +278,7 @@ class CheckReport:
             doc["compression_error"] = self.quality.to_dict()
         if self.loss is not None:
             doc["quality_loss"] = self.loss.to_dict()
+        doc["over_capacity"] = list(self.over_capacity)
         return doc
 
     def describe(self) -> str:
@@ -286,14 +290,29 @@ class CheckReport:
                      "uncompressed model")
         if self.loss is not None:
             text += f"; {self.loss.describe()}"
+        if self.over_capacity:
+            text += (f"; the measured peak of {', '.join(self.over_capacity)} exceeds its card's capacity (the run "
+                     "report's stages give measured_peak_bytes beside capacity_bytes): the plan does not fit there")
         return text
 
 
-def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout: Any = None,
-              mode: RunMode = "prefill", micro_batches: int = 1, tolerance: float | None = None,
-              dtype: RunDtype = "fp32",
-              inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-              loss_fn: Any = None, target: torch.Tensor | None = None, plan: Any = None) -> CheckReport:
+def check_run(result: Any, model: str | os.PathLike[str] | nn.Module, **kwargs: Any) -> CheckReport:
+    """:func:`check_outputs`, and the fit: a stage whose measured peak exceeded its card's capacity
+    (the run report's ``fit.over_capacity``) fails the check too, where the run was the plan's
+    workload (``fit.checked``: its mode and dtype)."""
+    import dataclasses
+
+    report = check_outputs(result, model, **kwargs)
+    fit = (getattr(result, "report", None) or {}).get("fit", {})
+    over = tuple(fit.get("over_capacity", ())) if fit.get("checked", True) else ()
+    return dataclasses.replace(report, over_capacity=over)
+
+
+def check_outputs(result: Any, model: str | os.PathLike[str] | nn.Module, *, layout: Any = None,
+                  mode: RunMode = "prefill", micro_batches: int = 1, tolerance: float | None = None,
+                  dtype: RunDtype = "fp32",
+                  inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                  loss_fn: Any = None, target: torch.Tensor | None = None, plan: Any = None) -> CheckReport:
     """Compare a :class:`~cachefit.deploy.launcher.RunResult` with the unsplit model.
 
     For a checkpoint run the inputs are read back from the run directory; for a module give them.
@@ -425,6 +444,7 @@ __all__ = [
     "CheckReport",
     "Comparison",
     "QualityLoss",
+    "check_outputs",
     "check_run",
     "check_tolerance",
     "compare",

@@ -188,6 +188,7 @@ def _run_rank(ctx: RankContext, build: BuildStage, inputs: tuple[torch.Tensor, .
             "unit_names": list(placement.unit_names), "planned_weight_bytes": placement.planned_weight_bytes})
         if check_bytes:
             _check_bytes(stage, plan_dtype)
+        stage.measure_memory()
         built.append(stage)
     # every rank has joined and built its stage(s): from here on each wait for a peer is bounded by --timeout
     dist.barrier()
@@ -264,6 +265,7 @@ def _run_schedule(ctx: RankContext, built: list[BuiltStage], tp_groups: dict[int
         _save_grads(built, ctx.run_dir, rank)
     for stage in built:
         stage.record_times()
+        stage.record_memory()
     gathered: list[Any] = [None] * ctx.world if rank == 0 else None  # type: ignore[assignment]
     dist.gather_object({"stages": [b.report for b in built], "step_s": step_times, "losses": losses_all,
                         "holds_last": holds_last}, gathered, dst=0)

@@ -292,14 +292,28 @@ def _as_shard(unit: Unit, shape: LayerShape, tensors: tuple[TensorSpec, ...], sh
     for t in tensors:
         roles[t.role] = roles.get(t.role, 0) + dtype_bytes(wdt, t.numel)
     act = estimate_activations(shape, workload)
+    buffer_parts = act.buffer_parts
+    assert unit.shape is not None
+    if shards > 1 and shape.part == "head" and unit.shape.vocab_size and shape.vocab_size != unit.shape.vocab_size:
+        # a vocabulary-parallel head all-gathers its logits: every card then holds the gathered parts
+        # (shards x the largest slice) and their concatenation, beside its own slice (measured on the
+        # deployed stages: without this a split head's card held 2-3 % more than planned)
+        gathered = dtype_bytes(workload.act_dtype, workload.tokens * shards * shape.vocab_size)
+        buffer_parts = (*buffer_parts, ("gathered_logits", 2 * gathered))
+    if shards > 1 and shape.part in ("layer", "attention", "mlp", "embedding") and shape.hidden_size:
+        # a row-parallel output (or a vocabulary-parallel embedding's) is summed by an all-reduce that
+        # works on its own copy of the hidden state, held until the collective completes (measured on the
+        # deployed stages: one hidden state more than the unsplit unit's peak, at times)
+        copy = dtype_bytes(workload.act_dtype, workload.tokens * shape.hidden_size)
+        buffer_parts = (*buffer_parts, ("all_reduce_copy", copy))
     footprint = Footprint(
         weight_bytes=sum(roles.values()),
         activation_bytes=act.activation_bytes,
-        buffer_bytes=act.buffer_bytes,
+        buffer_bytes=sum(v for _, v in buffer_parts),
         persistent_activation_bytes=act.persistent_bytes,
         weight_roles=tuple(sorted(roles.items())),
         activation_parts=act.parts,
-        buffer_parts=act.buffer_parts,
+        buffer_parts=buffer_parts,
     )
     params = sum(t.numel for t in tensors if t.tied_to is None)
     flops = estimate_flops_per_token(shape, workload)

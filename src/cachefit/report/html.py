@@ -312,4 +312,87 @@ def write_report(
     return index
 
 
-__all__ = ["render_report", "write_report"]
+def _bytes(value: Any) -> str:
+    return format_bytes(value) if isinstance(value, (int, float)) and value else "-"
+
+
+def render_run_report(report: dict[str, Any]) -> str:
+    """A run's page (``cachefit run --report DIR``): per card, what the plan counted against what ran.
+
+    ``report`` is the run's JSON (``cachefit run --json``): per stage the planned weights and total bytes,
+    the card's capacity, the weights held and the measured peak, the forward time; the timings; in
+    decode the cost model's prediction beside the measurement; the check's verdict.
+    """
+    from cachefit.version import __version__
+
+    run = report.get("run", {})
+    over = (report.get("fit") or {}).get("over_capacity", [])
+    verdict = ('<span class="ok">every stage stayed within its card\'s capacity</span>' if not over else
+               f'<span class="bad">over capacity: {_e(", ".join(over))}</span>')
+    rows = []
+    for st in report.get("stages", []):
+        measured, capacity = st.get("measured_peak_bytes"), st.get("capacity_bytes")
+        util = _pct(measured / capacity) if measured and capacity else "-"
+        fwd = st.get("forward_s_mean")
+        rows.append([
+            (_e(st.get("stage")), True), (_e(",".join(str(r) for r in st.get("ranks", []))), False),
+            (_e(st.get("description", "")), False),
+            (_bytes(st.get("planned_weight_bytes")), True), (_bytes(st.get("measured_weight_bytes")), True),
+            (_bytes(st.get("planned_total_bytes")), True),
+            (('<span class="bad">' + _bytes(measured) + "</span>") if st.get("over_capacity") else _bytes(measured),
+             True),
+            (_bytes(capacity), True), (util, True),
+            (_s(fwd) if fwd is not None else "-", True),
+            (_pct(st.get("busy_fraction")) if st.get("busy_fraction") is not None else "-", True),
+        ])
+    t = report.get("timings", {})
+    summary = [("mode, schedule, dtype", f"{run.get('mode')}, {run.get('schedule')}, {run.get('dtype')}"),
+               ("micro-batches (decode: groups in flight)", str(run.get("micro_batches"))),
+               ("inputs", str(report.get("input_shape"))),
+               ("tokens/s, measured", _rate(t.get("tokens_per_s"))),
+               ("mean step", _s(t.get("mean_step_s")))]
+    if t.get("ms_per_token") is not None:
+        summary.append(("between a sequence's tokens, measured", _s(t["ms_per_token"] / 1e3)))
+    predicted = report.get("predicted") or {}
+    if "prediction" in predicted:
+        p = predicted["prediction"]
+        summary += [("tokens/s, predicted", _rate(p.get("tokens_per_s"))),
+                    ("between a sequence's tokens, predicted", _s(p["ms_per_token"] / 1e3)),
+                    ("stages busy, predicted", ", ".join(_pct(b) for b in p.get("busy_fractions", [])))]
+    elif "unavailable" in predicted:
+        summary.append(("prediction", predicted["unavailable"]))
+    check = report.get("check")
+    if check is not None:
+        summary.append(("--check", "passed" if check.get("passed") else "FAILED"))
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>cachefit run: {_e(report.get('model'))}</title>", f"<style>{_CSS}</style></head><body>",
+        f"<h1>cachefit run: {_e(report.get('model'))}</h1>",
+        f'<p class="muted">cachefit {_e(__version__)} · generated '
+        f'{_e(_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))}</p>',
+        f"<p>{_e(report.get('stages_count'))} stage(s) on {_e(report.get('cards'))} card(s): {verdict}.</p>",
+        '<h2 id="summary">Run</h2>',
+        _table(("figure", "value"), [[(_e(k), False), (_e(v), True)] for k, v in summary], table_id="run-summary"),
+        '<h2 id="cards">Planned against measured, per card</h2>',
+        _table(("stage", "cards", "units", "weights planned", "weights held", "planned total", "measured peak",
+                "capacity", "measured / capacity", "forward / micro-batch", "busy"), rows, table_id="run-cards"),
+        f'<p class="muted">{_e((report.get("fit") or {}).get("note", ""))}</p>',
+    ]
+    notes = list(report.get("notes", [])) + list(predicted.get("notes", []))
+    if notes:
+        parts += ['<h2 id="notes">Notes</h2>', '<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_run_report(report: dict[str, Any], out_dir: str | os.PathLike, *, what: str = "--report") -> Path:
+    """Write :func:`render_run_report`'s page as ``index.html`` in ``out_dir`` (whole or not at all)."""
+    from cachefit.files import atomic_directory
+
+    with atomic_directory(out_dir, what=what) as tmp:
+        (tmp / "index.html").write_text(render_run_report(report), encoding="utf-8")
+    return Path(out_dir) / "index.html"
+
+
+__all__ = ["render_report", "render_run_report", "write_report", "write_run_report"]
