@@ -571,7 +571,7 @@ def markdown_section(report: dict[str, Any], command: str) -> str:
     cached = [r for r in rows if r.batch == 1 and r.level != "dram" and r not in launch]
     if cached:
         lines.append(
-            f"- **Cache-resident stages are a little slower than bytes plus kernels.** "
+            "- **Cache-resident stages are a little slower than bytes plus kernels.** "
             + ", ".join(f"{r.stage} ({r.total_bytes / 1e6:.0f} MB in {r.level})" for r in cached)
             + f": {_span(r.error for r in cached)} (roofline alone {_span(r.error_roofline for r in cached)}). "
             "A layer's seven GEMVs over rows of 128 to 2,752 elements read slower than the probe's single GEMV "

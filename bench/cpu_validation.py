@@ -265,10 +265,9 @@ def _shown(argv: list[str]) -> list[str]:
     return shown
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole benchmark; returns the JSON document it writes."""
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def model_and_device(args: argparse.Namespace, out_dir: Path, *, positions: int) -> tuple[Path, str, Path]:
+    """The checkpoint (``--model-dir``, or a random Llama of the ``--hidden``... options built into
+    ``out_dir``), how to name it, and the device file (``--device-file``, or this CPU probed)."""
     if args.model_dir:
         model_dir = Path(args.model_dir)
         if not (model_dir / "config.json").is_file():
@@ -277,7 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         model_dir = build_model(out_dir / "model", hidden=args.hidden, layers=args.layers,
                                 intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads,
-                                vocab=args.vocab, positions=max(64, PROMPT_TOKENS + args.new_tokens))
+                                vocab=args.vocab, positions=max(64, positions))
         description = (f"random Llama, hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, "
                        f"{args.heads} heads / {args.kv_heads} KV heads, vocabulary {args.vocab}, fp32")
     if args.device_file:
@@ -286,6 +285,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise BenchError(f"--device-file {str(device_file)!r} does not exist; omit it to probe this CPU")
     else:
         device_file = probe_device(out_dir / "cpu.json")
+    return model_dir, description, device_file
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options :func:`model_and_device` reads."""
+    parser.add_argument("--out-dir", default=None, help="Where plans, the device file and results go (default: a temp dir).")
+    parser.add_argument("--model-dir", help="A Llama-like checkpoint directory to use instead of building one.")
+    parser.add_argument("--device-file", help="A device file to use instead of probing this CPU.")
+    parser.add_argument("--docs", help="A markdown file to put the table into (between this script's markers).")
+    for name, default in (("hidden", 1024), ("layers", 8), ("intermediate", 2816), ("heads", 16), ("kv-heads", 8),
+                          ("vocab", 8192)):
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"Built model: {name} (default {default}).")
+
+
+def int_list(parser: argparse.ArgumentParser, text: str, flag: str, example: str) -> list[int]:
+    """``1,2,4`` as integers >= 1, or a usage error naming ``flag``."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        parser.error(f"{flag} {text!r}: give positive integers such as {example}")
+    return values
+
+
+def bench_main(parse: Any, run_fn: Any, render: Any, argv: list[str] | None = None) -> int:
+    """Parse, run, print the table; a :class:`BenchError` is one line and exit 1."""
+    args = parse(argv)
+    try:
+        doc = run_fn(args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(render(doc))
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark; returns the JSON document it writes."""
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, description, device_file = model_and_device(args, out_dir, positions=PROMPT_TOKENS + args.new_tokens)
     if max(args.cards) > 1:
         device_file, link = with_link(device_file, out_dir / "cpu-with-link.json")
     else:
@@ -316,40 +357,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--out-dir", default=None, help="Where plans, the device file and the results go (default: a new temp dir).")
-    parser.add_argument("--model-dir", help="A Llama-like checkpoint directory to use instead of building one.")
-    parser.add_argument("--device-file", help="A device file to use instead of probing this CPU.")
-    parser.add_argument("--docs", help="A markdown file to put the table into (between this script's markers).")
+    add_model_options(parser)
     parser.add_argument("--cards", default="1,2", help="Process counts, comma-separated (default 1,2).")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
-    for name, default in (("hidden", 1024), ("layers", 8), ("intermediate", 2816), ("heads", 16), ("kv-heads", 8),
-                          ("vocab", 8192)):
-        parser.add_argument(f"--{name}", type=int, default=default, help=f"Built model: {name} (default {default}).")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    try:
-        args.cards = [int(c) for c in str(args.cards).split(",") if c.strip()]
-    except ValueError:
-        parser.error(f"--cards {args.cards!r}: give process counts such as 1,2")
-    if not args.cards or min(args.cards) < 1 or min(args.new_tokens, args.steps) < 1 or args.warmup < 0:
-        parser.error("--cards, --new-tokens and --steps must be >= 1, --warmup >= 0")
+    args.cards = int_list(parser, args.cards, "--cards", "1,2")
+    if min(args.new_tokens, args.steps) < 1 or args.warmup < 0:
+        parser.error("--new-tokens and --steps must be >= 1, --warmup >= 0")
     if args.out_dir is None:
         args.out_dir = tempfile.mkdtemp(prefix="cpu-validation-")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        doc = run(args)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    sys.stdout.write(markdown(doc))
-    return 0
+    return bench_main(parse_args, run, markdown, argv)
 
 
 if __name__ == "__main__":

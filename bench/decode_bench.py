@@ -41,9 +41,11 @@ from cpu_validation import (  # noqa: E402  (the sibling benchmark's model, prob
     BenchError,
     _cli,
     _shown,
-    build_model,
+    add_model_options,
+    bench_main,
+    int_list,
     machine,
-    probe_device,
+    model_and_device,
     with_link,
 )
 
@@ -118,23 +120,7 @@ def markdown(doc: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.model_dir:
-        model_dir = Path(args.model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise BenchError(f"--model-dir {str(model_dir)!r} has no config.json; give a Hugging Face model directory")
-        description = f"the checkpoint {model_dir.name}"
-    else:
-        model_dir = build_model(out_dir / "model", hidden=args.hidden, layers=args.layers,
-                                intermediate=args.intermediate, heads=16, kv_heads=8, vocab=args.vocab,
-                                positions=max(64, PROMPT_TOKENS + args.new_tokens))
-        description = (f"a random Llama (hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, "
-                       f"vocabulary {args.vocab}, fp32)")
-    if args.device_file:
-        device_file = Path(args.device_file)
-        if not device_file.is_file():
-            raise BenchError(f"--device-file {str(device_file)!r} does not exist; omit it to probe this CPU")
-    else:
-        device_file = probe_device(out_dir / "cpu.json")
+    model_dir, description, device_file = model_and_device(args, out_dir, positions=PROMPT_TOKENS + args.new_tokens)
     device_file, link = with_link(device_file, out_dir / "cpu-with-link.json")
     rows = []
     for groups in args.groups:
@@ -156,49 +142,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.docs:
         from cachefit.report.markdown import replace_section
 
-        replace_section(args.docs, table, start=SECTION_START, end=SECTION_END,
+        replace_section(args.docs, f"{SECTION_START}\n{table}{SECTION_END}\n", start=SECTION_START, end=SECTION_END,
                         title="## Pipelined decode: groups in flight (bench/decode_bench.py)")
     return doc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--out-dir", default=None, help="Where plans, the device file and results go (default: a temp dir).")
-    parser.add_argument("--model-dir", help="A Llama-like checkpoint directory to use instead of building one.")
-    parser.add_argument("--device-file", help="A device file to use instead of probing this CPU.")
-    parser.add_argument("--docs", help="A markdown file to put the table into (between this script's markers).")
+    add_model_options(parser)
     parser.add_argument("--groups", default="1,2,4,8", help="Group counts M, comma-separated; the first is the baseline.")
     parser.add_argument("--group-batch", type=int, default=4, help="Sequences per group (default 4).")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--kv-cache", choices=("static", "dynamic"), default="static")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
-    for name, default in (("hidden", 1024), ("layers", 8), ("intermediate", 2816), ("vocab", 8192)):
-        parser.add_argument(f"--{name}", type=int, default=default, help=f"Built model: {name} (default {default}).")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    try:
-        args.groups = [int(g) for g in str(args.groups).split(",") if g.strip()]
-    except ValueError:
-        parser.error(f"--groups {args.groups!r}: give group counts such as 1,2,4,8")
-    if not args.groups or min(args.groups) < 1 or min(args.group_batch, args.new_tokens, args.steps) < 1 \
-            or args.warmup < 0:
-        parser.error("--groups, --group-batch, --new-tokens and --steps must be >= 1, --warmup >= 0")
+    args.groups = int_list(parser, args.groups, "--groups", "1,2,4,8")
+    if min(args.group_batch, args.new_tokens, args.steps) < 1 or args.warmup < 0:
+        parser.error("--group-batch, --new-tokens and --steps must be >= 1, --warmup >= 0")
     if args.out_dir is None:
         args.out_dir = tempfile.mkdtemp(prefix="decode-bench-")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        doc = run(args)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    sys.stdout.write(markdown(doc))
-    return 0
+    return bench_main(parse_args, run, markdown, argv)
 
 
 if __name__ == "__main__":

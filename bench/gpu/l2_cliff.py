@@ -340,7 +340,8 @@ def run_stages(torch, args: argparse.Namespace, cases: list[StageCase], t_start:
             if case.weights == "int8":
                 out, ref = fn(x).float(), stage.reference(x).float()
                 case.max_rel_error = float(((out - ref).abs().max() / ref.abs().max()).item())
-            times, how = time_graph(torch, lambda: fn(x), passes=args.passes)
+            step = fn  # bound now: the name is deleted after the case
+            times, how = time_graph(torch, lambda: step(x), passes=args.passes)
         case.measured_s, case.impl = times, f"{impl}, {how}"
         log.info("%s: %.1f us (%s)", case.key, float(np.median(times)) * 1e6, case.impl)
         del stage, fn
