@@ -81,3 +81,19 @@ def test_a_run_that_is_not_the_plans_workload_reports_its_bytes_without_failing(
     fit = result.report["fit"]
     assert fit["over_capacity"] and fit["checked"] is False and "--dtype fp32 on a bf16 plan" in fit["not_checked_because"]
     assert check_run(result, model_dirs["llama"], mode="prefill", micro_batches=2).passed
+
+
+@pytest.mark.multiprocess
+def test_a_plan_from_measured_bytes_runs_and_its_fit_is_checked(model_dirs):
+    # `plan --measure`: the bytes of transformers' own forward on fake tensors; deploy re-measures to match it
+    from cachefit.hardware.devices import device_from_capacity, make_cluster
+    from cachefit.plan.search import plan_partition
+    from cachefit.profile import profile_model
+
+    profile = profile_model(model_dirs["llama"], WORKLOAD, measure=True)
+    plan, _ = plan_partition(profile, make_cluster(device_from_capacity("400KB")))
+    assert plan.memory_source == "measured" and plan.cards == 2
+    result = launch(model_dirs["llama"], plan, nodes=NodeConfig(nproc_per_node=2), launcher="fork",
+                    config=RunConfig(micro_batches=2))
+    assert result.report["fit"]["checked"] is True and result.report["fit"]["over_capacity"] == []
+    assert check_run(result, model_dirs["llama"], mode="prefill", micro_batches=2).passed

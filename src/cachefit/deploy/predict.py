@@ -22,7 +22,8 @@ def predict_run(plan: Any, model_path: Any, *, micro_batches: int, devices: Any 
     from cachefit.profile import profile_model
 
     try:
-        profile = profile_model(model_path, plan_workload(plan), granularity=plan_granularity(plan))
+        profile = profile_model(model_path, plan_workload(plan), granularity=plan_granularity(plan),
+                                measure=plan.memory_source == "measured")
         cost = estimate_cost(plan, profile, devices, micro_batches=micro_batches, schedule="gpipe")
     except CachefitError as exc:
         return {"unavailable": f"{exc} (give the plan's cards with --device FILE to price them)"}

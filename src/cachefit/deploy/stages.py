@@ -279,7 +279,9 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
 
     workload = plan_workload(plan)
     granularity = plan_granularity(plan)
-    profile = profile_model(source.path, workload, granularity=granularity)
+    # the plan's own bytes: a measured plan (profile --measure) is re-measured, so its digest can match
+    profile = profile_model(source.path, workload, granularity=granularity,
+                            measure=getattr(plan, "memory_source", "analytic") == "measured")
     names = tuple(u.name for u in profile.units)
     where_model = f"model {source.path}"
     if len(names) != plan.num_units:
