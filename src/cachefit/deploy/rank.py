@@ -51,12 +51,14 @@ class BuiltStage:
     def record_memory(self, *, resident_extra_bytes: int = 0) -> None:
         """Put planned against measured bytes in the report: the stage's weights as allocated plus the
         peak of its live non-weight bytes during the measured call, plus ``resident_extra_bytes`` that
-        call could not see (other groups' KV caches in decode); over its card's capacity or not."""
+        call could not see (other groups' KV caches in decode); over its card's capacity or not (a
+        split stage's cards each against their own: a proportional split's differ)."""
         from cachefit.deploy.memory import weight_bytes
 
         placement = self.placement
-        self.report.update({"planned_total_bytes": placement.planned_total_bytes,
-                            "capacity_bytes": placement.capacity_bytes})
+        capacity = placement.capacity_bytes_of(self.shard)
+        self.report.update({"planned_total_bytes": placement.planned_total_bytes_of(self.shard),
+                            "capacity_bytes": capacity})
         if self.probe is None or self.probe.peak_bytes is None:
             return
         weights = weight_bytes(self.module)
@@ -66,7 +68,7 @@ class BuiltStage:
             "measured_weight_bytes_allocated": weights,
             "measured_activation_peak_bytes": self.probe.peak_bytes + resident_extra_bytes,
             "memory_method": self.probe.method,
-            "over_capacity": placement.capacity_bytes is not None and peak > placement.capacity_bytes,
+            "over_capacity": capacity is not None and peak > capacity,
         })
 
     @property

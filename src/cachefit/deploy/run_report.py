@@ -31,8 +31,9 @@ def progress(show: bool, total: int, layout: DeployLayout) -> Iterator[Callable[
         yield lambda: bar.advance(task)
 
 
-_SHARD_FIELDS = ("rank", "shard", "measured_weight_bytes", "allocated_weight_bytes", "forward_s_mean", "busy_s",
-                 "peak_rss_bytes", "measured_peak_bytes", "over_capacity")
+_SHARD_FIELDS = ("rank", "shard", "planned_weight_bytes", "measured_weight_bytes", "allocated_weight_bytes",
+                 "forward_s_mean", "busy_s", "peak_rss_bytes", "planned_total_bytes", "capacity_bytes",
+                 "measured_peak_bytes", "over_capacity")
 _MEMORY_FIELDS = ("planned_total_bytes", "capacity_bytes", "measured_peak_bytes", "measured_weight_bytes_allocated",
                   "measured_activation_peak_bytes", "memory_method", "over_capacity")
 
@@ -56,6 +57,10 @@ def _stages(gathered: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             elif entry.get("measured_peak_bytes", -1) > st.get("measured_peak_bytes", -1):
                 # a split stage: its largest shard, as the plan counts it
                 st.update({k: entry[k] for k in _MEMORY_FIELDS if k in entry})
+    for st in stages.values():
+        if len(st["shards"]) > 1 and any(s.get("over_capacity") is not None for s in st["shards"]):
+            # each card against its own capacity (a proportional split's cards differ in size)
+            st["over_capacity"] = any(bool(s.get("over_capacity")) for s in st["shards"])
     return [stages[k] for k in sorted(stages)]
 
 

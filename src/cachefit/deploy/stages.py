@@ -19,7 +19,9 @@ A unit split over several cards (``Stage.shard``) is run tensor-parallel (Megatr
 Shoeybi et al. 2019, sec. 3; :mod:`cachefit.deploy.tensor_parallel`): q/k/v and MLP in column-parallel,
 attention output and MLP out row-parallel, the embedding and the LM head split along the vocabulary,
 with the modules each family names in its :class:`~cachefit.families.TensorParallelSpec`. Any card
-count runs, even where it does not divide the heads: the splits follow the planner's balanced sizes.
+count runs, even where it does not divide the heads: an even split follows the planner's balanced
+sizes, a proportional split (cards of different sizes) the ranges each plan stage records in its
+``shard_parts``, each card checked against its own planned bytes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import nn
 
 from cachefit.errors import ConfigError, DeployError
 from cachefit.families import FAMILIES, FamilySpec, get_family
+from cachefit.partition.split import ShardParts
 from cachefit.plan import Plan
 from cachefit.sizes import format_bytes
 from cachefit.units import ModelProfile, Unit, Workload, dtype_bytes, stack_footprints
@@ -74,14 +77,60 @@ class StagePlacement:
     tensor_roles: tuple[tuple[str, str], ...] = ()
     """``(fqn, role)`` of the stage's tensors (what real compression selects by)."""
     planned_weight_bytes: int = 0
-    """Weight bytes the plan gives the stage (the largest shard's when split)."""
+    """Weight bytes the plan gives the stage (when split: the first card's, which in an even split is
+    every card's, the largest shard's; :meth:`planned_weight_bytes_of` gives each card's)."""
     expected_weight_bytes: int = 0
     """The same, recomputed from the model (must equal the plan's)."""
     planned_total_bytes: int = 0
     """Everything the plan counts on the stage's card: weights, activations (KV caches included) and
-    buffers (the largest shard's when split)."""
+    buffers (when split, the first card's; :meth:`planned_total_bytes_of` gives each card's)."""
     capacity_bytes: int | None = None
-    """The card's capacity at the plan's level (None for live-module plans without cards)."""
+    """The card's capacity at the plan's level (None for live-module plans without cards); when split,
+    the smallest of its cards' (:meth:`capacity_bytes_of` gives each card's)."""
+    shard_parts: tuple[tuple[ShardParts, ...], ...] = ()
+    """A proportional split (cards of different sizes): per card in ``ranks`` order, the slices of
+    each unit it holds, the plan stages' ``shard_parts``. Empty: not split, or split evenly (balanced
+    sizes, every card padded to the largest shard)."""
+    shard_weight_bytes: tuple[int, ...] = ()
+    """Per card in ``ranks`` order, the weight bytes the plan gives it (empty: ``planned_weight_bytes``
+    on every card)."""
+    shard_total_bytes: tuple[int, ...] = ()
+    """Per card, the plan's total bytes on it (empty: ``planned_total_bytes`` on every card)."""
+    shard_capacity_bytes: tuple[int, ...] = ()
+    """Per card, its own capacity (empty: ``capacity_bytes`` for every card)."""
+
+    def __post_init__(self) -> None:
+        for name in ("shard_parts", "shard_weight_bytes", "shard_total_bytes", "shard_capacity_bytes"):
+            got = getattr(self, name)
+            if got and len(got) != len(self.ranks):
+                raise ConfigError(f"stage {self.stage_idx}: {name} has {len(got)} entries for {len(self.ranks)} cards")
+        if self.shard_parts and any(len(p) != len(self.unit_names) for p in self.shard_parts):
+            raise ConfigError(f"stage {self.stage_idx}: shard_parts need one entry per unit {list(self.unit_names)}")
+
+    def planned_weight_bytes_of(self, shard: int) -> int:
+        """Weight bytes the plan gives the stage's card ``shard`` (its index in ``ranks``)."""
+        return self.shard_weight_bytes[shard] if self.shard_weight_bytes else self.planned_weight_bytes
+
+    def planned_total_bytes_of(self, shard: int) -> int:
+        """Total bytes the plan counts on the stage's card ``shard``."""
+        return self.shard_total_bytes[shard] if self.shard_total_bytes else self.planned_total_bytes
+
+    def capacity_bytes_of(self, shard: int) -> int | None:
+        """The capacity of the stage's card ``shard``."""
+        return self.shard_capacity_bytes[shard] if self.shard_capacity_bytes else self.capacity_bytes
+
+    @property
+    def proportional(self) -> bool:
+        """Split over cards in the ranges the plan records (``shard_parts``), not in balanced sizes."""
+        return bool(self.shard_parts)
+
+    @property
+    def unit_parts(self) -> tuple[tuple[ShardParts, ...], ...] | None:
+        """Per unit, every card's slices of it (``shard_parts`` transposed); None: not proportional."""
+        if not self.shard_parts:
+            return None
+        return tuple(zip(*self.shard_parts))
+
     @property
     def shards(self) -> int:
         return len(self.ranks)
@@ -113,6 +162,8 @@ class StagePlacement:
             "shards": self.shards,
             "compression": {n: list(c) for n, c in zip(self.unit_names, self.unit_compression) if c},
             "planned_weight_bytes": self.planned_weight_bytes,
+            **({"shard_parts": [[p.to_dict() for p in card] for card in self.shard_parts],
+                "shard_weight_bytes": list(self.shard_weight_bytes)} if self.shard_parts else {}),
         }
 
 
@@ -212,13 +263,17 @@ def _group_stages(plan: Plan) -> list[tuple[int, ...]]:
 
 
 def _stage_units(profile: ModelProfile, start: int, end: int, shards: int,
-                 compression: Sequence[Sequence[str]]) -> list[Unit]:
+                 compression: Sequence[Sequence[str]], parts: Sequence[ShardParts] = ()) -> list[Unit]:
+    """The units one card of the stage holds: whole, the largest of ``shards`` balanced shards, or
+    (``parts``, a proportional split) the shard holding exactly those slices; then compressed."""
     from cachefit.compress.techniques import compress_unit
-    from cachefit.partition.split import shard_unit
+    from cachefit.partition.split import shard_unit, shard_unit_parts
 
     out = []
     for k, unit in enumerate(profile.units[start:end]):
-        if shards > 1:
+        if parts:
+            unit = shard_unit_parts(unit, parts[k], shards, profile.workload).unit
+        elif shards > 1:
             unit = shard_unit(unit, shards, profile.workload).unit
         techs = tuple(compression[k]) if compression else ()
         if techs:
@@ -228,13 +283,16 @@ def _stage_units(profile: ModelProfile, start: int, end: int, shards: int,
 
 
 def _check_tensor_parallel(plan: Plan, family: FamilySpec, profile: ModelProfile, start: int, end: int,
-                           shards: int, where: str) -> None:
+                           shards: int, where: str,
+                           parts: Sequence[Sequence[ShardParts]] = ()) -> None:
     """Refuse, before launch, a split deploy cannot run with the bytes the plan counts for it.
 
     Any card count runs (:mod:`cachefit.deploy.tensor_parallel` splits heads, KV groups, MLP columns
     and the vocabulary as the planner counts them), provided each card's query heads can read key /
     value heads it holds within the plan's count: with more cards than KV heads a card keeps one KV
-    head, so each group's query heads are dealt to that group's cards.
+    head, so each group's query heads are dealt to that group's cards. ``parts``: a proportional
+    split, per card the slices of each unit (the plan stages' ``shard_parts``), checked by
+    :func:`_check_shard_parts`.
     """
     from cachefit.deploy.tensor_parallel import split_heads
     from cachefit.partition.split import shard_unit
@@ -245,6 +303,9 @@ def _check_tensor_parallel(plan: Plan, family: FamilySpec, profile: ModelProfile
             f"{where} splits units over {shards} cards, but tensor-parallel stages are deployed only for "
             f"{split} models, not {family.name}; plan with a larger --capacity or more cards so that no unit is split"
         )
+    if parts:
+        _check_shard_parts(family, profile, start, end, parts, where)
+        return
     for unit in profile.units[start:end]:
         shape = unit.shape
         if shape is None or shape.part not in ("layer", "attention") or not shape.num_heads:
@@ -264,6 +325,42 @@ def _check_tensor_parallel(plan: Plan, family: FamilySpec, profile: ModelProfile
                 f"{split.query_slots} and {split.kv_slots}; re-plan with `cachefit plan ... --even-splits`, or on "
                 f"a card count that is at most {kv} or a multiple of it"
             )
+
+
+def _check_shard_parts(family: FamilySpec, profile: ModelProfile, start: int, end: int,
+                       parts: Sequence[Sequence[ShardParts]], where: str) -> None:
+    """Refuse a proportional split deploy cannot run as recorded: for each unit, every dimension it is
+    split along (:func:`cachefit.partition.split.split_dimensions`) covered once by the cards' ranges
+    in card order, no range of a dimension the unit does not split, and each card's query heads whole
+    KV groups or inside one group, holding the KV heads they read (a fused q/k/v projection, GPT-2's,
+    needs as many KV heads as query heads on each card)."""
+    from cachefit.deploy.tensor_parallel import part_ranges, split_heads_from_parts
+    from cachefit.partition.split import split_dimensions
+
+    spec = family.tensor_parallel
+    assert spec is not None
+    for k, unit in enumerate(profile.units[start:end]):
+        cards = [p[k] for p in parts]
+        dims = split_dimensions(unit)
+        here = f"{where}: unit {unit.name}"
+        if not dims:
+            raise ConfigError(f"{here} cannot be split, but the plan records shard_parts for it; regenerate the plan")
+        named = {name for p in cards for name in ("heads", "mlp_columns", "vocab") if getattr(p, name) is not None}
+        if extra := sorted(named - set(dims)):
+            raise ConfigError(f"{here} is split along {', '.join(sorted(dims))}, but the plan's shard_parts give "
+                              f"{', '.join(extra)} ranges too; regenerate the plan")
+        try:
+            for name, size in dims.items():
+                if name == "heads":
+                    assert unit.shape is not None  # split_dimensions gives heads only with a shape
+                    heads = split_heads_from_parts(unit.shape.num_heads, unit.shape.num_kv_heads, cards)
+                    if spec.fused_qkv is not None and any(len(q) != len(kv) for q, kv in zip(heads.query, heads.kv)):
+                        raise ConfigError(f"{spec.fused_qkv} splits into equal q, k, v widths, but the plan gives a "
+                                          "card more query than key/value heads; re-plan with --even-splits")
+                else:
+                    part_ranges(cards, name, size)
+        except ConfigError as exc:
+            raise ConfigError(f"{here}: {exc}") from None
 
 
 def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
@@ -328,22 +425,39 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
             )
         shards = len(members)
         compression = first.unit_compression
+        parts = tuple(plan.stages[m].shard_parts for m in members)
+        if any(parts) and (shards < 2 or not all(parts)):
+            raise ConfigError(
+                f"{where}: shard_parts are given for {sum(1 for p in parts if p)} of its {shards} card(s); a "
+                "proportional split records them on every card of a unit split over 2 or more; regenerate the plan"
+            )
+        if not any(parts):
+            parts = ()
         if shards > 1:
-            _check_tensor_parallel(plan, source.family, profile, start, end, shards, where)
+            _check_tensor_parallel(plan, source.family, profile, start, end, shards, where, parts)
             if any(compression):
                 raise ConfigError(
                     f"{where} is split over {shards} cards and compressed; cachefit deploys compressed stages or "
                     "split stages, not both: re-plan with more or larger cards, or without --allow"
                 )
-        units = _stage_units(profile, start, end, shards, compression)
-        expected = stack_footprints((u.footprint for u in units), reuse=plan.stacking != "sum").weight_bytes
-        if expected != first.footprint.weight_bytes:
-            raise ConfigError(
-                f"{where}: the plan gives it {first.footprint.weight_bytes:,} B of weights "
-                f"({format_bytes(first.footprint.weight_bytes)}), but {where_model} needs {expected:,} B "
-                f"({format_bytes(expected)}) for units {list(first.unit_names)} at {workload.weight_dtype}"
-                f"{' split over ' + str(shards) + ' cards' if shards > 1 else ''}; re-plan this model"
-            )
+        expected_per_card: list[int] = []
+        # an even split's cards all hold the largest shard; a proportional split's each its own slices
+        for k, m in enumerate(members):
+            card = plan.stages[m]
+            if parts or not expected_per_card:
+                units = _stage_units(profile, start, end, shards, compression, parts[k] if parts else ())
+                expected = stack_footprints((u.footprint for u in units), reuse=plan.stacking != "sum").weight_bytes
+            if expected != card.footprint.weight_bytes:
+                split = (f" (its shard_parts {[p.to_dict() for p in card.shard_parts]} of a split over {shards} cards)"
+                         if parts else f" split over {shards} cards" if shards > 1 else "")
+                raise ConfigError(
+                    f"{where}: the plan gives card {card.card} {card.footprint.weight_bytes:,} B of weights "
+                    f"({format_bytes(card.footprint.weight_bytes)}), but {where_model} needs {expected:,} B "
+                    f"({format_bytes(expected)}) for units {list(first.unit_names)} at {workload.weight_dtype}"
+                    f"{split}; re-plan this model"
+                )
+            expected_per_card.append(expected)
+        expected = expected_per_card[0]
         unit_tensors = tuple(tuple(t.name for t in u.tensors) for u in profile.units[start:end])
         tied = tuple((t.name, t.tied_to) for u in profile.units[start:end] for t in u.tensors if t.tied_to)
         roles = tuple((t.name, t.role) for u in profile.units[start:end] for t in u.tensors)
@@ -361,6 +475,10 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
                 expected_weight_bytes=expected,
                 planned_total_bytes=first.footprint.total_bytes,
                 capacity_bytes=min(plan.stages[m].capacity_bytes for m in members),
+                shard_parts=tuple(tuple(p) for p in parts),
+                shard_weight_bytes=tuple(plan.stages[m].footprint.weight_bytes for m in members) if shards > 1 else (),
+                shard_total_bytes=tuple(plan.stages[m].footprint.total_bytes for m in members) if shards > 1 else (),
+                shard_capacity_bytes=tuple(plan.stages[m].capacity_bytes for m in members) if shards > 1 else (),
             )
         )
     ranks = [r for p in placements for r in p.ranks]
@@ -1004,14 +1122,15 @@ def apply_tensor_parallel_(root: nn.Module, placement: StagePlacement, mesh: Any
 
     ``mesh``: the 1-D ``DeviceMesh`` of the stage's ranks; the card's shard is its index in the mesh.
     Heads, KV groups, MLP columns and vocabulary rows are split as the planner counts them
-    (:mod:`cachefit.deploy.tensor_parallel`), for any card count the plan gives; the modules to cut are
+    (:mod:`cachefit.deploy.tensor_parallel`), for any card count the plan gives: in balanced sizes, or
+    in the ranges a proportional split records (``placement.shard_parts``); the modules to cut are
     the family's :class:`~cachefit.families.TensorParallelSpec`.
     """
     from cachefit.deploy.tensor_parallel import shard_stage_
 
     shard_stage_(root, [_parse_unit(n) for n in placement.unit_names], get_family(root.config.model_type),
                  rank=mesh.get_local_rank(), shards=placement.shards, group=mesh.get_group(),
-                 where=placement.describe())
+                 where=placement.describe(), parts=placement.unit_parts)
 
 
 def stage_weight_bytes(stage: TransformerStage, dtype_name: str) -> dict[str, int]:
@@ -1020,8 +1139,9 @@ def stage_weight_bytes(stage: TransformerStage, dtype_name: str) -> dict[str, in
     ``planned_dtype``: per unit, the elements of every tensor it owns (the local shard of a split
     tensor; a tied tensor in each unit reading it) times the bytes of ``dtype_name`` (the plan's
     weight dtype): comparable to the plan's ``weight_bytes``. ``allocated``: the bytes of the distinct
-    storages in the run dtype. A card of a split stage holds the largest shard's shapes (smaller shards
-    padded with zeros, :mod:`cachefit.deploy.tensor_parallel`), so both are the plan's on every card.
+    storages in the run dtype. A card of an evenly split stage holds the largest shard's shapes (smaller
+    shards padded with zeros, :mod:`cachefit.deploy.tensor_parallel`), one of a proportional split its
+    own slices, so on every card both are what the plan gives that card.
     """
     params = dict(stage.model.named_parameters(remove_duplicate=False))
     planned = 0

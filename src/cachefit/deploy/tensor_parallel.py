@@ -4,8 +4,10 @@ vocabulary rows, split the way the planner counts them.
 Megatron-LM's scheme (Shoeybi et al. 2019, sec. 3), written out rather than built from DTensor's
 ``ColwiseParallel`` / ``RowwiseParallel``, which cut a dimension in ``torch.chunk`` sizes: those do not
 follow head boundaries when the card count does not divide the heads. Here every split follows
-:mod:`cachefit.partition.split`: sizes are balanced (they differ by at most one head, KV group, MLP
-column or vocabulary row; the first cards take the larger ones) and the largest is the ceiling.
+:mod:`cachefit.partition.split`. An even split (a plan stage without ``shard_parts``) is balanced:
+sizes differ by at most one head, KV group, MLP column or vocabulary row, the first cards take the
+larger ones, and the largest is the ceiling. A proportional split (cards of different sizes, the plan
+stage's ``shard_parts``) gives each card the ranges the plan records, of any sizes.
 
 * Column-parallel projections (query, key, value, MLP in) keep the output features of their card's
   heads / columns; their input is the replicated hidden state.
@@ -15,17 +17,23 @@ column or vocabulary row; the first cards take the larger ones) and the largest 
   gives each id's row (an all-reduce). The LM head keeps the same range; the logits are gathered
   (an all-gather) and the padding dropped.
 
-Every card holds the **largest** shard's shapes: a smaller shard is padded with zeros (at most one
-head, KV group, column or vocabulary row per tensor), as Megatron-LM pads its vocabulary. So each card
-holds exactly the weight bytes the plan gives it (every card of a split unit gets the largest shard's
-figure), the collectives move equal sizes (gloo's ``all_gather`` needs them), and the zeros change
-nothing: a zero value head's output is zero and so is the input column of the row-parallel projection
-that reads it; a zero MLP column meets a zero column of the down projection; a padded vocabulary row
-is never looked up and its logit is dropped.
+In an even split every card holds the **largest** shard's shapes: a smaller shard is padded with
+zeros (at most one head, KV group, column or vocabulary row per tensor), as Megatron-LM pads its
+vocabulary. So each card holds exactly the weight bytes the plan gives it (every card of an even split
+gets the largest shard's figure), and the zeros change nothing: a zero value head's output is zero and
+so is the input column of the row-parallel projection that reads it; a zero MLP column meets a zero
+column of the down projection; a padded vocabulary row is never looked up and its logit is dropped.
+In a proportional split each card holds its own ranges unpadded (the plan counts each card's own
+bytes), and the logits are gathered by one broadcast from each card into its rows (gloo's
+``all_gather`` needs equal sizes; padding every part to the largest would make a small card hold
+``cards x`` the largest card's logits). The all-reduces sum full-width hidden states, the same on
+every card either way.
 
 Grouped-query attention: with no more cards than KV heads a card keeps whole KV groups (each with all
 of its query heads); with more, each card keeps one KV head (a copy where several cards share it) and
-part of that group's query heads, the groups' cards balanced as above.
+part of that group's query heads, the groups' cards balanced as above. A proportional split's ranges
+follow the same rule: a card's query heads are whole KV groups, or lie inside one group whose KV head
+it holds a copy of.
 
 The collectives are autograd functions with Megatron's backward (``f``: identity forward, all-reduce
 backward, before a column-parallel projection; ``g``: all-reduce forward, identity backward, after a
@@ -48,6 +56,7 @@ from torch import nn
 
 from cachefit.errors import ConfigError, DeployError
 from cachefit.families import FamilySpec, TensorParallelSpec
+from cachefit.partition.split import ShardParts
 
 # --------------------------------------------------------------------------------------------
 # How a dimension splits (no torch)
@@ -80,21 +89,30 @@ class HeadSplit:
     """Per card, the global indices of its query heads (in order)."""
     kv: tuple[tuple[int, ...], ...]
     """Per card, the global indices of its key / value heads."""
+    padded: bool = True
+    """Every card holds the largest card's head counts, smaller ones padded with zero heads (an even
+    split); False: each card holds its own heads only (a proportional split)."""
 
     @property
     def query_slots(self) -> int:
-        """Query heads every card holds (the largest card's; smaller ones pad with zero heads)."""
+        """Query heads the fullest card holds (in a padded split, every card)."""
         return max(len(q) for q in self.query)
 
     @property
     def kv_slots(self) -> int:
-        """Key / value heads every card holds."""
+        """Key / value heads the fullest card holds (in a padded split, every card)."""
         return max(len(k) for k in self.kv)
+
+    def slots(self, rank: int) -> tuple[int, int]:
+        """(query heads, key / value heads) card ``rank`` holds, padding included."""
+        if self.padded:
+            return self.query_slots, self.kv_slots
+        return len(self.query[rank]), len(self.kv[rank])
 
     @property
     def shared_kv(self) -> bool:
-        """More cards than KV heads: a KV head is copied on each card reading it."""
-        return len(self.kv) > self.num_kv_heads
+        """A KV head is held by several cards (a copy on each card reading it)."""
+        return sum(len(k) for k in self.kv) > self.num_kv_heads
 
 
 def split_heads(num_heads: int, num_kv_heads: int, shards: int) -> HeadSplit:
@@ -123,6 +141,63 @@ def split_heads(num_heads: int, num_kv_heads: int, shards: int) -> HeadSplit:
             query_heads.append(tuple(group * per_group + h for h in part))
             kv_heads.append((group,))
     return HeadSplit(num_heads=a, num_kv_heads=g, query=tuple(query_heads), kv=tuple(kv_heads))
+
+
+def _check_tiling(name: str, ranges: Sequence[tuple[int, int] | None], total: int) -> tuple[range, ...]:
+    """``ranges`` (one per card, in card order) as ranges, if they cover ``[0, total)`` once, in order."""
+    out, start = [], 0
+    for r, got in enumerate(ranges):
+        if got is None or got[0] != start or not got[0] < got[1]:
+            shown = [list(g) if g is not None else None for g in ranges]
+            raise ConfigError(f"shard parts: {name} ranges {shown} do not cover [0, {total}) in card order "
+                              f"(card {r} should start at {start}); regenerate the plan")
+        out.append(range(*got))
+        start = got[1]
+    if start != total:
+        shown = [list(g) for g in ranges if g is not None]
+        raise ConfigError(f"shard parts: {name} ranges {shown} end at {start}, not at {total}; regenerate the plan")
+    return tuple(out)
+
+
+def part_ranges(parts: Sequence[ShardParts], name: str, total: int) -> tuple[range, ...]:
+    """Each card's range of dimension ``name`` (``mlp_columns``, ``vocab``) in a proportional split.
+
+    Raises:
+        ConfigError: the cards' ranges do not cover ``[0, total)`` once, in card order.
+    """
+    return _check_tiling(name, [getattr(p, name) for p in parts], total)
+
+
+def split_heads_from_parts(num_heads: int, num_kv_heads: int, parts: Sequence[ShardParts]) -> HeadSplit:
+    """The heads of each card of a proportional split, as the plan's ``shard_parts`` record them.
+
+    Each card's query heads are a range; its KV heads are those they read
+    (:func:`cachefit.partition.split.kv_heads_read`), which are whole KV groups or one group's KV head
+    (a copy where the group's query heads lie on several cards), as
+    :func:`cachefit.partition.split.kv_heads_read` counts them. Nothing is padded.
+
+    Raises:
+        ConfigError: the query-head ranges do not cover every head once in card order, a card's KV
+            heads are not those its query heads read, or a card holds part of a group beside others.
+    """
+    a, g = num_heads, num_kv_heads
+    if a < 1 or g < 1 or a % g:
+        raise ConfigError(f"cannot split {a} attention heads with {g} key/value heads: the key/value heads must "
+                          "divide the attention heads")
+    per_group = a // g
+    query = _check_tiling("heads", [p.heads for p in parts], a)
+    kv: list[tuple[int, ...]] = []
+    for r, (p, q) in enumerate(zip(parts, query)):
+        lo, hi = q.start // per_group, (q.stop - 1) // per_group + 1  # as cachefit.partition.split.kv_heads_read
+        if hi - lo > 1 and (q.start % per_group or q.stop % per_group):
+            raise ConfigError(f"shard parts: card {r} holds query heads [{q.start}, {q.stop}), which cut a group of "
+                              f"{per_group} heads and span {hi - lo} key/value heads; a card holds whole groups or "
+                              "part of one group; regenerate the plan")
+        if p.kv_heads is not None and tuple(p.kv_heads) != (lo, hi):
+            raise ConfigError(f"shard parts: card {r} holds query heads [{q.start}, {q.stop}), which read key/value "
+                              f"heads [{lo}, {hi}), but the plan gives it {list(p.kv_heads)}; regenerate the plan")
+        kv.append(tuple(range(lo, hi)))
+    return HeadSplit(num_heads=a, num_kv_heads=g, query=tuple(tuple(q) for q in query), kv=tuple(kv), padded=False)
 
 
 def _padded(index: Sequence[int], slots: int) -> list[int | None]:
@@ -170,19 +245,47 @@ class _SumOverShards(torch.autograd.Function):
 
 
 class _GatherOverShards(torch.autograd.Function):
-    """All-gather along the last dimension (equal widths); backward keeps the card's own slice."""
+    """The logits of every card, concatenated along the last dimension; backward keeps the card's own slice.
+
+    Card ``r`` computes ``sizes[r]`` logits a token. An even split (``padded``) holds the largest
+    card's rows on every card (the rest zeros): one ``all_gather`` of equal parts (what gloo's needs),
+    concatenated, the padding dropped after it. A proportional split's cards hold their own rows only:
+    each card's part is broadcast from it straight into its rows of a vocabulary-major buffer (one
+    broadcast per card, no padding), so a card holds its own logits and the gathered ones, whatever
+    the other cards' sizes; the logits returned are that buffer's transposed view.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any, rank: int, shards: int) -> torch.Tensor:
-        ctx.rank, ctx.width = rank, x.shape[-1]
+    def forward(ctx: Any, x: torch.Tensor, group: Any, rank: int, sizes: tuple[int, ...],
+                padded: bool) -> torch.Tensor:
+        ctx.local, ctx.start, ctx.size = x.shape[-1], sum(sizes[:rank]), sizes[rank]
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(shards)]
-        dist.all_gather(parts, x, group=group)
-        return torch.cat(parts, dim=-1)
+        if padded:
+            width = x.shape[-1]
+            parts = [torch.empty_like(x) for _ in sizes]
+            dist.all_gather(parts, x, group=group)
+            logits = torch.cat(parts, dim=-1)
+            if all(n == width for n in sizes):
+                return logits
+            return torch.cat([logits[..., r * width:r * width + n] for r, n in enumerate(sizes)], dim=-1)
+        lead = x.shape[:-1]
+        tokens = x.numel() // max(1, x.shape[-1])
+        gathered = x.new_empty((sum(sizes), tokens))  # each card's rows contiguous, as broadcast needs
+        start = 0
+        for r, n in enumerate(sizes):
+            rows = gathered[start:start + n]
+            if r == rank:
+                rows.copy_(x.reshape(tokens, n).t())
+            dist.broadcast(rows, src=dist.get_global_rank(group, r), group=group)
+            start += n
+        return gathered.t().view(*lead, start)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        return grad[..., ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width].contiguous(), None, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        mine = grad[..., ctx.start:ctx.start + ctx.size]
+        if ctx.local > ctx.size:  # padded rows get no gradient
+            mine = F.pad(mine, (0, ctx.local - ctx.size))
+        return mine.contiguous(), None, None, None, None
 
 
 def _tracked(x: torch.Tensor) -> bool:
@@ -297,28 +400,30 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelHead(nn.Module):
-    """An LM head over the card's vocabulary range; the logits gathered from every card, padding dropped."""
+    """An LM head over the card's vocabulary range; the logits gathered from every card, padding dropped.
+
+    ``sizes``: real vocabulary rows per card. A card holds ``max(sizes)`` rows (an even split, smaller
+    shards padded with zero rows) or exactly its own (a proportional split).
+    """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, *, sizes: Sequence[int], rank: int,
-                 group: Any) -> None:
+                 group: Any, padded: bool = True) -> None:
         super().__init__()
         self.weight = weight
         self.bias = bias
         self.sizes = tuple(sizes)
-        """Real vocabulary rows per card (each holds ``max(sizes)``)."""
+        """Real vocabulary rows per card."""
+        self.padded = padded
+        """Every card holds ``max(sizes)`` rows (an even split); False: its own rows only."""
         self.rank = rank
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = F.linear(copy_to_shards(x, self.group), self.weight, self.bias)
-        logits = _GatherOverShards.apply(local, self.group, self.rank, len(self.sizes))
-        slots = self.weight.shape[0]
-        if all(n == slots for n in self.sizes):
-            return logits
-        return torch.cat([logits[..., r * slots:r * slots + n] for r, n in enumerate(self.sizes)], dim=-1)
+        return _GatherOverShards.apply(local, self.group, self.rank, self.sizes, self.padded)
 
     def extra_repr(self) -> str:
-        return f"rows_per_card={self.sizes}, local_weight={tuple(self.weight.shape)}"
+        return f"rows_per_card={self.sizes}, padded={self.padded}, local_weight={tuple(self.weight.shape)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +503,7 @@ def _row(root: nn.Module, fqn: str, index: Sequence[int | None], shard: _Shard, 
 def _shard_attention(root: nn.Module, layer: str, heads: HeadSplit, shard: _Shard, where: str) -> None:
     spec, r = shard.spec, shard.rank
     attention = _module(root, f"{layer}.{spec.attention}", where)
-    qs, ks = heads.query_slots, heads.kv_slots
+    qs, ks = heads.slots(r)
     if spec.fused_qkv is not None:
         fused = f"{layer}.{spec.fused_qkv}"
         module = _module(root, fused, where)
@@ -415,8 +520,11 @@ def _shard_attention(root: nn.Module, layer: str, heads: HeadSplit, shard: _Shar
                  + _head_features(heads.kv[r], ks, head_dim, offset=(a + g) * head_dim))
         _column(root, fused, index, shard, where)
         if heads.shared_kv:  # the k and v blocks follow the query block in the card's columns
-            _sum_shared_kv_grads_(_module(root, fused, where), heads, shard, start=qs * head_dim,
-                                  width=2 * ks * head_dim, transposed=shard.is_transposed(f"{fused}.weight"))
+            module = _module(root, fused, where)
+            transposed = shard.is_transposed(f"{fused}.weight")
+            for block in range(2):
+                _sum_shared_kv_grads_(module, heads, shard, start=(qs + block * ks) * head_dim, head_dim=head_dim,
+                                      transposed=transposed)
     else:
         query = f"{layer}.{spec.query}"
         head_dim = _out_features(_module(root, query, where), shard.is_transposed(f"{query}.weight")) // heads.num_heads
@@ -425,7 +533,7 @@ def _shard_attention(root: nn.Module, layer: str, heads: HeadSplit, shard: _Shar
             _column(root, f"{layer}.{name}", _head_features(heads.kv[r], ks, head_dim), shard, where)
             if heads.shared_kv:
                 _sum_shared_kv_grads_(_module(root, f"{layer}.{name}", where), heads, shard, start=0,
-                                      width=ks * head_dim, transposed=shard.is_transposed(f"{layer}.{name}.weight"))
+                                      head_dim=head_dim, transposed=shard.is_transposed(f"{layer}.{name}.weight"))
     _row(root, f"{layer}.{spec.attention_out}", _head_features(heads.query[r], qs, head_dim), shard, where)
     for attr in spec.head_count_attrs:
         setattr(attention, attr, qs)
@@ -435,65 +543,83 @@ def _shard_attention(root: nn.Module, layer: str, heads: HeadSplit, shard: _Shar
         setattr(attention, spec.group_attr, qs // ks)
 
 
-def _sum_shared_kv_grads_(module: nn.Module, heads: HeadSplit, shard: _Shard, *, start: int, width: int,
+def _sum_shared_kv_grads_(module: nn.Module, heads: HeadSplit, shard: _Shard, *, start: int, head_dim: int,
                           transposed: bool) -> None:
-    """Sum the gradients of a KV head's copies over the cards holding one (more cards than KV heads).
+    """Sum the gradients of a KV head's copies over the cards holding one (several cards read it).
 
     Each copy sees the gradient of its own card's query heads only; the unsplit KV head's is their
-    sum. The features ``start .. start + width`` of ``module`` are the card's KV head; every card
-    adds its part at its KV head's slot of a ``(kv heads, ...)`` buffer, summed over the group (one
-    all-reduce, the same on every card, so the cards' backward passes stay in step).
+    sum. The features ``start ..`` of ``module`` (``head_dim`` per KV head) are the card's KV heads,
+    global heads ``kv[0] .. kv[-1]``; every card adds its part at those heads' place in a buffer of
+    every KV head's features, summed over the group (one all-reduce, the same on every card, so the
+    cards' backward passes stay in step). A KV head held by one card only gets its own gradient back.
     """
-    (kv,) = heads.kv[shard.rank]
+    kv = heads.kv[shard.rank]
+    width, offset = len(kv) * head_dim, kv[0] * head_dim
     for param, dim in ((module.weight, 1 if transposed else 0), (getattr(module, "bias", None), 0)):
         if param is None or not param.requires_grad:
             continue
 
         def hook(grad: torch.Tensor, dim: int = dim) -> torch.Tensor:
-            part = grad.narrow(dim, start, width)
-            buffer = grad.new_zeros((heads.num_kv_heads, *part.shape))
-            buffer[kv] = part
+            shape = list(grad.shape)
+            shape[dim] = heads.num_kv_heads * head_dim
+            buffer = grad.new_zeros(shape)
+            buffer.narrow(dim, offset, width).copy_(grad.narrow(dim, start, width))
             dist.all_reduce(buffer, group=shard.group)
             out = grad.clone()
-            out.narrow(dim, start, width).copy_(buffer[kv])
+            out.narrow(dim, start, width).copy_(buffer.narrow(dim, offset, width))
             return out
 
         param.register_hook(hook)
 
 
-def _shard_mlp(root: nn.Module, layer: str, shard: _Shard, where: str) -> None:
+def _index(ranges: Sequence[range], rank: int, padded: bool) -> list[int | None]:
+    """Card ``rank``'s indices: its range, padded to the largest range's length where ``padded``."""
+    return _padded(ranges[rank], max(len(rg) for rg in ranges) if padded else len(ranges[rank]))
+
+
+def _card_ranges(parts: Sequence[ShardParts] | None, name: str, total: int, shards: int) -> tuple[range, ...]:
+    """Each card's range of ``name``: the plan's recorded ranges, or balanced sizes (an even split)."""
+    if parts is None:
+        return balanced_ranges(total, shards)
+    return part_ranges(parts, name, total)
+
+
+def _shard_mlp(root: nn.Module, layer: str, shard: _Shard, where: str,
+               parts: Sequence[ShardParts] | None = None) -> None:
     spec = shard.spec
     first = f"{layer}.{spec.mlp_in[0]}"
     columns = _out_features(_module(root, first, where), shard.is_transposed(f"{first}.weight"))
-    ranges = balanced_ranges(columns, shard.shards)
-    index = _padded(ranges[shard.rank], len(ranges[0]))
+    ranges = _card_ranges(parts, "mlp_columns", columns, shard.shards)
+    index = _index(ranges, shard.rank, padded=parts is None)
     for name in spec.mlp_in:
         _column(root, f"{layer}.{name}", index, shard, where)
     _row(root, f"{layer}.{spec.mlp_out}", index, shard, where)
 
 
-def _shard_embedding(root: nn.Module, fqn: str, shard: _Shard, where: str) -> None:
+def _shard_embedding(root: nn.Module, fqn: str, shard: _Shard, where: str,
+                     parts: Sequence[ShardParts] | None = None) -> None:
     old = _module(root, fqn, where)
-    ranges = balanced_ranges(old.weight.shape[0], shard.shards)
+    ranges = _card_ranges(parts, "vocab", old.weight.shape[0], shard.shards)
     mine = ranges[shard.rank]
-    index = _padded(mine, len(ranges[0]))
+    index = _index(ranges, shard.rank, padded=parts is None)
     weight = _take(old.weight, 0, index)
     _replace(root, fqn, VocabParallelEmbedding(_parameter(weight, old.weight, 0, index), start=mine.start,
                                                stop=mine.stop, padding_idx=getattr(old, "padding_idx", None),
                                                group=shard.group))
 
 
-def _shard_head(root: nn.Module, fqn: str, shard: _Shard, where: str) -> None:
+def _shard_head(root: nn.Module, fqn: str, shard: _Shard, where: str,
+                parts: Sequence[ShardParts] | None = None) -> None:
     old = _module(root, fqn, where)
     if shard.is_transposed(f"{fqn}.weight"):
         raise DeployError(f"{where}: {fqn} stores its weight (in, out); cachefit splits LM heads of nn.Linear only")
-    ranges = balanced_ranges(old.weight.shape[0], shard.shards)
-    index = _padded(ranges[shard.rank], len(ranges[0]))
+    ranges = _card_ranges(parts, "vocab", old.weight.shape[0], shard.shards)
+    index = _index(ranges, shard.rank, padded=parts is None)
     weight = _take(old.weight, 0, index)
     bias = _take(old.bias, 0, index) if getattr(old, "bias", None) is not None else None
     _replace(root, fqn, VocabParallelHead(_parameter(weight, old.weight, 0, index),
                                           _parameter(bias, old.bias, 0, index), sizes=[len(rg) for rg in ranges],
-                                          rank=shard.rank, group=shard.group))
+                                          rank=shard.rank, group=shard.group, padded=parts is None))
 
 
 def model_head_counts(config: Any) -> tuple[int, int]:
@@ -503,14 +629,18 @@ def model_head_counts(config: Any) -> tuple[int, int]:
 
 
 def shard_stage_(root: nn.Module, steps: Sequence[tuple[str, int | None]], family: FamilySpec, *, rank: int,
-                 shards: int, group: Any, where: str) -> None:
+                 shards: int, group: Any, where: str,
+                 parts: Sequence[Sequence[ShardParts]] | None = None) -> None:
     """Replace the split units' modules of ``root`` by this card's shards, in place.
 
     ``steps``: the stage's units as ``(kind, layer index)`` (``embed``, ``layer``, ``attn``, ``mlp``,
-    ``head``). The weights are cut from the materialized unsplit tensors, so ``root`` holds each
-    card's part only afterwards.
+    ``head``). ``parts``: for a proportional split, per step, every card's
+    :class:`~cachefit.partition.split.ShardParts` (the plan stages' ``shard_parts``), which each card
+    holds unpadded; None: an even split in balanced sizes, padded to the largest. The weights are cut
+    from the materialized unsplit tensors, so ``root`` holds each card's part only afterwards.
 
     Raises:
+        ConfigError: ``parts`` do not give every step every card's ranges, covering each dimension once.
         DeployError: the family runs no split units, or its spec names modules the model lacks.
     """
     spec = family.tensor_parallel
@@ -518,17 +648,24 @@ def shard_stage_(root: nn.Module, steps: Sequence[tuple[str, int | None]], famil
         raise DeployError(f"{where}: family {family.name} has no TensorParallelSpec; its units run whole")
     if not 0 <= rank < shards:
         raise DeployError(f"{where}: card index {rank} is outside a split over {shards} cards")
+    if parts is not None and (len(parts) != len(steps) or any(len(p) != shards for p in parts)):
+        raise ConfigError(f"{where}: shard parts must give each of the {len(steps)} units the ranges of all "
+                          f"{shards} cards; regenerate the plan")
     shard = _Shard(rank=rank, shards=shards, group=group, spec=spec, transposed=family.transposed_weights)
-    heads = split_heads(*model_head_counts(root.config), shards)
-    for kind, i in steps:
+    counts = model_head_counts(root.config)
+    even_heads = split_heads(*counts, shards) if parts is None else None
+    for k, (kind, i) in enumerate(steps):
+        cards = parts[k] if parts is not None else None
         if kind == "embed" and spec.embedding is not None:
-            _shard_embedding(root, spec.embedding, shard, where)
+            _shard_embedding(root, spec.embedding, shard, where, cards)
         elif kind == "head" and spec.head is not None:
-            _shard_head(root, spec.head, shard, where)
+            _shard_head(root, spec.head, shard, where, cards)
         if kind in ("layer", "attn"):
+            heads = even_heads if cards is None else split_heads_from_parts(*counts, cards)
+            assert heads is not None
             _shard_attention(root, spec.layer.format(i=i), heads, shard, where)
         if kind in ("layer", "mlp"):
-            _shard_mlp(root, spec.layer.format(i=i), shard, where)
+            _shard_mlp(root, spec.layer.format(i=i), shard, where, cards)
 
 
 __all__ = [
@@ -540,7 +677,9 @@ __all__ = [
     "balanced_ranges",
     "copy_to_shards",
     "model_head_counts",
+    "part_ranges",
     "shard_stage_",
     "split_heads",
+    "split_heads_from_parts",
     "sum_over_shards",
 ]

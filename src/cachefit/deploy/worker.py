@@ -140,8 +140,10 @@ def _schedule(stages: list[Any], config: RunConfig, loss_fn: Callable[..., torch
 
 
 def _check_bytes(stage: BuiltStage, plan_dtype: str) -> None:
-    """The bytes the stage really holds, against the plan's (a mismatch: the plan is not this model's)."""
+    """The bytes the stage really holds, against what the plan gives this card (a mismatch: the plan is
+    not this model's)."""
     placement, module, entry = stage.placement, stage.module, stage.report
+    planned = placement.planned_weight_bytes_of(stage.shard)
     if placement.compressed:
         from cachefit.compress.apply import check_bytes, measure_module_bytes
         from cachefit.deploy.stages import compressed_weight_bytes
@@ -149,7 +151,7 @@ def _check_bytes(stage: BuiltStage, plan_dtype: str) -> None:
         held = compressed_weight_bytes(module, plan_dtype)
         entry["measured_weight_bytes"] = held
         entry["allocated_weight_bytes"] = sum(measure_module_bytes(module.model).values())
-        verdict = check_bytes(held, placement.planned_weight_bytes, what=placement.describe())
+        verdict = check_bytes(held, planned, what=placement.describe())
         if not verdict.ok:
             raise DeployError(f"compressed weights do not match the plan: {verdict.describe()}")
         return
@@ -158,10 +160,11 @@ def _check_bytes(stage: BuiltStage, plan_dtype: str) -> None:
     counted = stage_weight_bytes(module, plan_dtype)
     entry["measured_weight_bytes"] = counted["planned_dtype"]
     entry["allocated_weight_bytes"] = counted["allocated"]
-    if counted["planned_dtype"] != placement.planned_weight_bytes:
+    if counted["planned_dtype"] != planned:
+        card = f" card {placement.ranks[stage.shard]}" if placement.shards > 1 else ""
         raise DeployError(
-            f"{placement.describe()} holds {counted['planned_dtype']:,} B of weights (at {plan_dtype}) but the "
-            f"plan gives it {placement.planned_weight_bytes:,} B; the plan does not match this model"
+            f"{placement.describe()}{card} holds {counted['planned_dtype']:,} B of weights (at {plan_dtype}) but "
+            f"the plan gives it {planned:,} B; the plan does not match this model"
         )
 
 
@@ -185,7 +188,7 @@ def _run_rank(ctx: RankContext, build: BuildStage, inputs: tuple[torch.Tensor, .
             mesh = DeviceMesh.from_group(tp_groups[placement.stage_idx], ctx.device.type)
         stage = BuiltStage(placement=placement, shard=shard, module=build(placement, mesh).to(ctx.device), report={
             "rank": ctx.rank, "stage": placement.stage_idx, "shard": shard, "description": placement.describe(),
-            "unit_names": list(placement.unit_names), "planned_weight_bytes": placement.planned_weight_bytes})
+            "unit_names": list(placement.unit_names), "planned_weight_bytes": placement.planned_weight_bytes_of(shard)})
         if check_bytes:
             _check_bytes(stage, plan_dtype)
         stage.measure_memory()
