@@ -1,0 +1,285 @@
+"""Proportional splits deployed: a unit split over consecutive cards of different sizes, each card
+holding the ranges its plan stage's ``shard_parts`` record, against the unsplit model.
+
+The planner (``cachefit.partition.apportion``) gives each card the heads / MLP columns / vocabulary
+rows in proportion to what it holds; deploy cuts each card's tensors along those ranges, unpadded, so
+every card holds exactly its own planned weight bytes and is measured against its own capacity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tiny_models import WORKLOAD, padded_inputs  # noqa: E402
+
+from cachefit.deploy.models import inspect_model_dir  # noqa: E402
+from cachefit.deploy.run_report import _stages  # noqa: E402
+from cachefit.deploy.runtime import NodeConfig, RunConfig, launch  # noqa: E402
+from cachefit.deploy.stages import layout_from_plan  # noqa: E402
+from cachefit.deploy.tensor_parallel import part_ranges, shard_stage_, split_heads_from_parts  # noqa: E402
+from cachefit.deploy.verify import check_run  # noqa: E402
+from cachefit.errors import ConfigError  # noqa: E402
+from cachefit.families import get_family  # noqa: E402
+from cachefit.hardware import device_from_capacity, make_cluster  # noqa: E402
+from cachefit.partition.split import ShardParts  # noqa: E402
+from cachefit.plan.search import plan_partition  # noqa: E402
+from cachefit.profile import profile_model  # noqa: E402
+
+
+def _configs():
+    return {
+        # 8 heads in 4 KV groups of 2, hidden 64, MLP 96, vocabulary 96
+        "llama": transformers.LlamaConfig(
+            vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=8,
+            num_key_value_heads=4, max_position_embeddings=64),
+        # 8 heads in 2 KV groups of 4: a group's heads can lie on two cards, each with a copy of its KV head
+        "llama_g2": transformers.LlamaConfig(
+            vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=8,
+            num_key_value_heads=2, max_position_embeddings=64),
+        # a fused q/k/v Conv1D (stored (in, out)) and a tied LM head
+        "gpt2": transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=1, n_head=8, n_positions=64,
+                                        bos_token_id=0, eos_token_id=0),
+    }
+
+
+_CLASSES = {"llama": "LlamaForCausalLM", "llama_g2": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
+
+@pytest.fixture(scope="module")
+def mixed_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    out = {}
+    for k, (name, config) in enumerate(_configs().items()):
+        torch.manual_seed(200 + k)
+        getattr(transformers, _CLASSES[name])(config).save_pretrained(root / name, safe_serialization=True)
+        out[name] = root / name
+    return out
+
+
+def _mixed_plan(model_dir, fractions):
+    """The fewest-card plan on cards of ``fractions`` of the model's one layer's bytes (named by size)."""
+    profile = profile_model(model_dir, WORKLOAD)
+    layer = next(u for u in profile.units if u.kind == "layer").total_bytes
+    caps = [int(layer * f) for f in fractions]
+    plan, _ = plan_partition(profile, make_cluster([device_from_capacity(c, name=f"c{c}") for c in caps]))
+    return plan
+
+
+def _split_groups(plan):
+    """{units: [stage, ...]} of the plan's proportionally split units."""
+    groups: dict[tuple[int, int], list] = {}
+    for st in plan.stages:
+        if st.shard_parts:
+            groups.setdefault(st.units, []).append(st)
+    return groups
+
+
+# (model, card sizes as fractions of its layer's bytes, the split units' recorded ranges per card)
+_CASES = [
+    # the layer over three cards: heads 4 + 2 + 2 (whole KV groups), MLP columns 44 + 10 + 42
+    ("llama", (0.6, 0.6, 0.3, 0.5, 0.5),
+     {"layers.0": [{"heads": [0, 4], "kv_heads": [0, 2], "mlp_columns": [0, 44]},
+                   {"heads": [4, 6], "kv_heads": [2, 3], "mlp_columns": [44, 54]},
+                   {"heads": [6, 8], "kv_heads": [3, 4], "mlp_columns": [54, 96]}]}),
+    # embedding 58 + 38 rows, the layer 4 + 4 heads and 64 + 32 columns, the LM head 22 + 74 rows
+    ("llama", (0.2, 0.15, 0.7, 0.5, 0.2, 0.7),
+     {"embed": [{"vocab": [0, 58]}, {"vocab": [58, 96]}],
+      "layers.0": [{"heads": [0, 4], "kv_heads": [0, 2], "mlp_columns": [0, 64]},
+                   {"heads": [4, 8], "kv_heads": [2, 4], "mlp_columns": [64, 96]}],
+      "head": [{"vocab": [0, 22]}, {"vocab": [22, 96]}]}),
+    # heads 3 + 1 + 4: group 0's four heads on cards 1 and 2 (each a copy of KV head 0), group 1 whole
+    ("llama_g2", (0.6, 0.6, 0.3, 0.5, 0.5),
+     {"layers.0": [{"heads": [0, 3], "kv_heads": [0, 1], "mlp_columns": [0, 51]},
+                   {"heads": [3, 4], "kv_heads": [0, 1], "mlp_columns": [51, 64]},
+                   {"heads": [4, 8], "kv_heads": [1, 2], "mlp_columns": [64, 96]}]}),
+    # GPT-2: heads 3 + 3 + 2 of the fused c_attn, MLP columns 99 + 75 + 82
+    ("gpt2", (0.25, 0.6, 0.5, 0.5, 0.6, 0.3),
+     {"layers.0": [{"heads": [0, 3], "kv_heads": [0, 3], "mlp_columns": [0, 99]},
+                   {"heads": [3, 6], "kv_heads": [3, 6], "mlp_columns": [99, 174]},
+                   {"heads": [6, 8], "kv_heads": [6, 8], "mlp_columns": [174, 256]}]}),
+]
+_IDS = ["llama-layer", "llama-vocab-and-layer", "llama-shared-kv", "gpt2-layer"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name,fractions,recorded", _CASES, ids=_IDS)
+def test_proportional_split_matches_unsplit(mixed_dirs, name, fractions, recorded):
+    model_dir = mixed_dirs[name]
+    config = _configs()[name]
+    plan = _mixed_plan(model_dir, fractions)
+    groups = _split_groups(plan)
+    # the plan the planner makes today: these ranges, unequal between cards of different sizes
+    got = {stages[0].unit_names[0]: [st.shard_parts[0].to_dict() for st in stages] for stages in groups.values()}
+    assert got == recorded, [(st.card, st.unit_names, st.shard, st.capacity_bytes) for st in plan.stages]
+    for stages in groups.values():
+        assert len({st.capacity_bytes for st in stages}) > 1
+        assert len({st.footprint.weight_bytes for st in stages}) > 1
+    layout = layout_from_plan(plan, inspect_model_dir(model_dir))
+    ids, mask = padded_inputs(batch=4, vocab=config.vocab_size)
+    result = launch(model_dir, plan, nodes=NodeConfig(nproc_per_node=layout.world_size),
+                    config=RunConfig(micro_batches=2), input_ids=ids, attention_mask=mask, launcher="fork")
+    by_card = {st.card: st for st in plan.stages}
+    for stage in result.report["stages"]:
+        for shard in stage["shards"]:
+            planned = by_card[shard["rank"]]
+            # each card holds its own planned weight bytes, and is measured against its own capacity
+            assert shard["measured_weight_bytes"] == shard["planned_weight_bytes"] == planned.footprint.weight_bytes
+            assert shard["capacity_bytes"] == planned.capacity_bytes
+            assert shard["planned_total_bytes"] == planned.footprint.total_bytes
+    assert result.outputs.shape == (4, 8, config.vocab_size)
+    verdict = check_run(result, model_dir, layout=layout)
+    assert verdict.passed and verdict.comparisons[0].max_rel_error <= 1e-5, verdict.describe()
+
+
+# ---- refused before launch: one-line ConfigErrors -----------------------------------------------
+
+
+def _with_parts(plan, units, parts):
+    """``plan`` with the shard_parts of the stages splitting ``units`` replaced, card by card."""
+    cards = iter(parts)
+    stages = tuple(dataclasses.replace(st, shard_parts=(next(cards),)) if st.units == units and st.shard_parts
+                   else st for st in plan.stages)
+    return dataclasses.replace(plan, stages=stages)
+
+
+def _refused(plan, model_dir):
+    with pytest.raises(ConfigError) as err:
+        layout_from_plan(plan, inspect_model_dir(model_dir))
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_ranges_that_do_not_cover_a_dimension_are_refused(mixed_dirs):
+    plan = _mixed_plan(mixed_dirs["llama"], _CASES[0][1])
+    units = next(iter(_split_groups(plan)))
+    gap = [ShardParts(heads=(0, 4), kv_heads=(0, 2), mlp_columns=(0, 44)),
+           ShardParts(heads=(4, 6), kv_heads=(2, 3), mlp_columns=(45, 54)),
+           ShardParts(heads=(6, 8), kv_heads=(3, 4), mlp_columns=(54, 96))]
+    message = _refused(_with_parts(plan, units, gap), mixed_dirs["llama"])
+    assert "mlp_columns" in message and "card 1 should start at 44" in message and "layers.0" in message
+
+
+def test_a_card_whose_parts_are_not_its_planned_bytes_is_refused(mixed_dirs):
+    # the first two cards' ranges swapped: they still cover every head and column, but no card then
+    # holds the bytes the plan gives it
+    plan = _mixed_plan(mixed_dirs["llama"], _CASES[0][1])
+    units, stages = next(iter(_split_groups(plan).items()))
+    a, b, c = (st.shard_parts[0] for st in stages)
+    swapped = [ShardParts(heads=(0, 2), kv_heads=(0, 1), mlp_columns=(0, 10)),
+               ShardParts(heads=(2, 6), kv_heads=(1, 3), mlp_columns=(10, 54)), c]
+    message = _refused(_with_parts(plan, units, swapped), mixed_dirs["llama"])
+    assert f"card {stages[0].card}" in message and "re-plan" in message
+
+
+def test_heads_that_cut_a_group_beside_another_are_refused(mixed_dirs):
+    # 8 heads in 2 groups of 4: heads [3, 6) would read both KV heads while holding only part of each
+    plan = _mixed_plan(mixed_dirs["llama_g2"], _CASES[2][1])
+    units = next(iter(_split_groups(plan)))
+    bad = [ShardParts(heads=(0, 3), kv_heads=(0, 1), mlp_columns=(0, 51)),
+           ShardParts(heads=(3, 6), kv_heads=(0, 2), mlp_columns=(51, 64)),
+           ShardParts(heads=(6, 8), kv_heads=(1, 2), mlp_columns=(64, 96))]
+    message = _refused(_with_parts(plan, units, bad), mixed_dirs["llama_g2"])
+    assert "cut a group" in message and "card 1" in message
+
+
+def test_shard_parts_on_some_cards_of_a_split_only_are_refused(mixed_dirs):
+    plan = _mixed_plan(mixed_dirs["llama"], _CASES[0][1])
+    units = next(iter(_split_groups(plan)))
+    first = next(k for k, st in enumerate(plan.stages) if st.units == units)
+    stages = list(plan.stages)
+    stages[first] = dataclasses.replace(stages[first], shard_parts=())
+    message = _refused(dataclasses.replace(plan, stages=tuple(stages)), mixed_dirs["llama"])
+    assert "shard_parts are given for 2 of its 3 card(s)" in message
+
+
+# ---- how ranges become each card's heads (no processes) -------------------------------------------
+
+
+def test_head_ranges_give_each_card_the_kv_heads_its_query_heads_read():
+    parts = [ShardParts(heads=(0, 3)), ShardParts(heads=(3, 4)), ShardParts(heads=(4, 8))]
+    split = split_heads_from_parts(8, 2, parts)
+    assert split.query == ((0, 1, 2), (3,), (4, 5, 6, 7)) and split.kv == ((0,), (0,), (1,))
+    assert [split.slots(r) for r in range(3)] == [(3, 1), (1, 1), (4, 1)]  # unpadded
+    assert split.shared_kv  # KV head 0 on cards 0 and 1
+    whole = split_heads_from_parts(8, 4, [ShardParts(heads=(0, 4)), ShardParts(heads=(4, 8))])
+    assert whole.kv == ((0, 1), (2, 3)) and not whole.shared_kv
+    with pytest.raises(ConfigError, match="do not cover"):
+        split_heads_from_parts(8, 4, [ShardParts(heads=(0, 4)), ShardParts(heads=(5, 8))])
+    with pytest.raises(ConfigError, match="end at 6, not at 8"):
+        split_heads_from_parts(8, 4, [ShardParts(heads=(0, 4)), ShardParts(heads=(4, 6))])
+    with pytest.raises(ConfigError, match="but the plan gives it"):
+        split_heads_from_parts(8, 4, [ShardParts(heads=(0, 4), kv_heads=(0, 1)), ShardParts(heads=(4, 8))])
+    assert part_ranges([ShardParts(vocab=(0, 22)), ShardParts(vocab=(22, 96))], "vocab", 96) == \
+        (range(0, 22), range(22, 96))
+
+
+def test_a_split_stage_is_over_capacity_where_any_card_is_over_its_own():
+    # the smaller card is over its own capacity at a lower peak than the larger card's: the stage is over
+    def entry(rank, shard, peak, capacity):
+        return {"rank": rank, "stage": 0, "shard": shard, "description": "stage 0 (cards 0,1: layers.0)",
+                "unit_names": ["layers.0"], "planned_weight_bytes": 10, "measured_peak_bytes": peak,
+                "capacity_bytes": capacity, "over_capacity": peak > capacity}
+
+    (stage,) = _stages([{"stages": [entry(0, 0, 900, 1000)]}, {"stages": [entry(1, 1, 600, 500)]}])
+    assert stage["over_capacity"] is True
+    assert [s["over_capacity"] for s in stage["shards"]] == [False, True]
+    (fits,) = _stages([{"stages": [entry(0, 0, 900, 1000)]}, {"stages": [entry(1, 1, 400, 500)]}])
+    assert fits["over_capacity"] is False
+
+
+# ---- backward through proportional shards: each card's gradients are the unsplit model's parts -----
+
+
+def _grad_worker(rank: int, name: str, model_dir: str, store_path: str, parts) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    shards = len(parts[0])
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, shards), rank=rank, world_size=shards)
+    try:
+        cls = getattr(transformers, _CLASSES[name])
+        family = get_family(_configs()[name].model_type)
+        steps = [("embed", None), ("layer", 0), ("head", None)]
+        reference = cls.from_pretrained(model_dir, dtype=torch.float32).train(False)
+        sharded = cls.from_pretrained(model_dir, dtype=torch.float32).train(False)
+        shard_stage_(sharded, steps, family, rank=rank, shards=shards, group=dist.group.WORLD, where="test",
+                     parts=parts)
+        ids, mask = padded_inputs(batch=2, vocab=reference.config.vocab_size)
+        for model in (reference, sharded):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        cut = cls.from_pretrained(model_dir, dtype=torch.float32)
+        with torch.no_grad():
+            for (_, p), (_, q) in zip(reference.named_parameters(), cut.named_parameters(), strict=True):
+                q.copy_(p.grad)
+        shard_stage_(cut, steps, family, rank=rank, shards=shards, group=dist.group.WORLD, where="test", parts=parts)
+        expected = dict(cut.named_parameters())
+        for fqn, p in sharded.named_parameters():
+            want = expected[fqn].detach()
+            assert p.grad is not None and p.grad.shape == want.shape, fqn
+            err = (p.grad - want).abs().max().item()
+            assert err <= 1e-5 * max(want.abs().max().item(), 1e-12), (rank, fqn, err)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_backward_through_proportional_shards_gives_the_unsplit_gradients(mixed_dirs, tmp_path):
+    # 3 cards: vocabulary 50 + 10 + 36 rows, heads 3 + 1 + 4 (KV head 0 copied on cards 0 and 1,
+    # whose gradients sum), MLP columns 51 + 13 + 32
+    import torch.multiprocessing as mp
+
+    vocab = [ShardParts(vocab=(0, 50)), ShardParts(vocab=(50, 60)), ShardParts(vocab=(60, 96))]
+    layer = [ShardParts(heads=(0, 3), kv_heads=(0, 1), mlp_columns=(0, 51)),
+             ShardParts(heads=(3, 4), kv_heads=(0, 1), mlp_columns=(51, 64)),
+             ShardParts(heads=(4, 8), kv_heads=(1, 2), mlp_columns=(64, 96))]
+    mp.start_processes(_grad_worker, args=("llama_g2", str(mixed_dirs["llama_g2"]), str(tmp_path / "store"),
+                                           [vocab, layer, vocab]), nprocs=3, start_method="fork")
