@@ -298,7 +298,10 @@ def _as_shard(unit: Unit, shape: LayerShape, tensors: tuple[TensorSpec, ...], sh
         # a vocabulary-parallel head all-gathers its logits: every card then holds the gathered parts
         # (shards x the largest slice) and their concatenation, beside its own slice (measured on the
         # deployed stages: without this a split head's card held 2-3 % more than planned)
-        gathered = dtype_bytes(workload.act_dtype, workload.tokens * shards * shape.vocab_size)
+        # (a proportional split's card gathers the whole vocabulary beside its own rows: at most twice the
+        # larger of the two)
+        rows = max(unit.shape.vocab_size, shards * shape.vocab_size)
+        gathered = dtype_bytes(workload.act_dtype, workload.tokens * rows)
         buffer_parts = (*buffer_parts, ("gathered_logits", 2 * gathered))
     if shards > 1 and shape.part in ("layer", "attention", "mlp", "embedding") and shape.hidden_size:
         # a row-parallel output (or a vocabulary-parallel embedding's) is summed by an all-reduce that
