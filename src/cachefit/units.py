@@ -417,6 +417,9 @@ class ForwardSpec:
     caller_holds_probs: bool = False
     """The model's forward holds each layer's returned attention probabilities through the next layer
     (Falcon: ``outputs = block(...)``)."""
+    layer_holds_attn_norm: bool = False
+    """The layer keeps its attention norm's output in a local of its own name through the MLP (Falcon:
+    ``attention_layernorm_out``, never rebound), where Llama-style layers rebind ``hidden_states``."""
     logit_softcap: bool = False
     """The logits are soft-capped out of place (Gemma 2's ``final_logit_softcapping``)."""
 

@@ -48,20 +48,21 @@ def wl(mode: str = "prefill", **changes: object) -> Workload:
 #   N x h = 1024 el = 2048 B (residual stream, inputs_embeds, norms, attention output);
 #   q, q_rot N x a x d = 2048 B; k, v, k_rot N x kv x d = 1024 B; k_rep, v_rep B x a x S x d = 2048 B;
 #   scores B x a x S x S = 512 el = 1024 B in fp16, 2048 B in fp32; N x f = 2048 el = 4096 B;
-#   position_ids 1 x S int64 = 64 B. Held through the whole layer: its input (residual, held by the
-#   caller), inputs_embeds (held by the model's forward) and position_ids: 2048 + 2048 + 64 = 4160 B.
-HELD = 2048 + 2048 + 64
+#   position_ids 1 x S int64 = 64 B; the token ids B x S int64 = 128 B. Held through the whole layer: its
+#   input (residual, held by the caller), inputs_embeds and position_ids (held by the model's forward) and
+#   the token ids (the forward's argument): 2048 + 2048 + 64 + 128 = 4288 B.
+HELD = 2048 + 2048 + 64 + 128
 
 
 def test_prefill_eager_layer_peak_is_the_mlp_product() -> None:
-    # MLP product op (Llama: act(gate(x)) * up(x)): beside the held 4160 B, the eager probabilities
+    # MLP product op (Llama: act(gate(x)) * up(x)): beside the held 4288 B, the eager probabilities
     # (the layer keeps them in `_`) 1024, the attention output 2048 (GPT-2 keeps it; an upper bound
     # here), the attention residual 2048, the MLP's normed input (its argument) 2048, and act, up,
-    # hidden 3 x 4096: 4160 + 1024 + 3 x 2048 + 12288 = 23616 B.
+    # hidden 3 x 4096: 4288 + 1024 + 3 x 2048 + 12288 = 23744 B.
     est = estimate_activations(llama(), wl())
-    assert est.activation_bytes == HELD + 1024 + 3 * 2048 + 3 * 4096 == 23616
+    assert est.activation_bytes == HELD + 1024 + 3 * 2048 + 3 * 4096 == 23744
     assert dict(est.parts) == {
-        "residual": 2048, "inputs_embeds": 2048, "position_ids": 64, "probs": 1024, "attn_out": 2048,
+        "residual": 2048, "input_ids": 128, "inputs_embeds": 2048, "position_ids": 64, "probs": 1024, "attn_out": 2048,
         "attn_residual_out": 2048, "mlp_norm": 2048, "act": 4096, "up": 4096, "hidden": 4096,
     }  # fmt: skip
     assert est.persistent_bytes == 0  # prefill keeps no KV cache
@@ -72,13 +73,13 @@ def test_prefill_eager_layer_peak_is_the_mlp_product() -> None:
 
 
 def test_prefill_eager_attention_block_with_gqa_repeat_and_fp32_softmax() -> None:
-    # The softmax op, softmax(x, dtype=float32): beside the held 4160 B, the normed input 2048 (the
+    # The softmax op, softmax(x, dtype=float32): beside the held 4288 B, the normed input 2048 (the
     # attention's argument), v 1024, q_rot 2048, k_rot 1024, the repeat_kv copies 2 x 2048, the fp16
-    # masked scores 1024, and the fp32 copy and fp32 output 2 x 2048: 4160 + 14336 + 1024 = 19520 B.
+    # masked scores 1024, and the fp32 copy and fp32 output 2 x 2048: 4288 + 14336 + 1024 = 19648 B.
     est = estimate_activations(llama("attention"), wl())
-    assert est.activation_bytes == HELD + 2048 + 1024 + 2048 + 1024 + 2 * 2048 + 1024 + 2 * 2048 == 19520
+    assert est.activation_bytes == HELD + 2048 + 1024 + 2048 + 1024 + 2 * 2048 + 1024 + 2 * 2048 == 19648
     assert dict(est.parts) == {
-        "residual": 2048, "inputs_embeds": 2048, "position_ids": 64, "attn_norm": 2048, "v": 1024,
+        "residual": 2048, "input_ids": 128, "inputs_embeds": 2048, "position_ids": 64, "attn_norm": 2048, "v": 1024,
         "q_rot": 2048, "k_rot": 1024, "k_rep": 2048, "v_rep": 2048, "scores_masked": 1024,
         "probs_fp32": 2048, "softmax.fp32_input": 2048,
     }  # fmt: skip
@@ -99,10 +100,10 @@ def test_prefill_first_layer_input_is_the_embedding_output() -> None:
 
 def test_prefill_without_buffer_reuse_sums_the_two_scratches() -> None:
     # What the layer holds from its start (4160 B) once, then each block's live tensors at its own
-    # peak not counted yet: attention 19520 - 4160 = 15360, MLP 23616 - 4160 = 19456 -> 38976 B.
+    # peak not counted yet: attention 19648 - 4288 = 15360, MLP 23744 - 4288 = 19456 -> 39104 B.
     est = estimate_activations(llama(), wl(buffer_reuse=False))
-    assert est.activation_bytes == HELD + 15360 + 19456 == 38976
-    assert est.parts[:3] == (("residual", 2048), ("inputs_embeds", 2048), ("position_ids", 64))
+    assert est.activation_bytes == HELD + 15360 + 19456 == 39104
+    assert est.parts[:4] == (("residual", 2048), ("input_ids", 128), ("inputs_embeds", 2048), ("position_ids", 64))
     assert sum(nb for name, nb in est.parts if name.startswith("attn.")) == 15360
     assert sum(nb for name, nb in est.parts if name.startswith("mlp.")) == 19456
     # Reuse only ever helps.
@@ -114,19 +115,19 @@ def test_prefill_flash_and_fused_mlp() -> None:
     # normalizes in fp32: beside its 2048 B input two input-sized fp32 tensors (8 B x 1024 el = 8192 B,
     # the 2048 B output included), plus the fp32 variance and rsqrt per row (8 x 16 = 128 B):
     # workspace 8192 - 2048 + 128 = 6272 B.
-    # At that op: held 4160 + attention output 2048 + its input 2048 + output 2048 + 6272 = 16576 B.
+    # At that op: held 4288 + attention output 2048 + its input 2048 + output 2048 + 6272 = 16704 B.
     est = estimate_activations(llama(), wl(attention="flash", fused_mlp=True))
-    assert est.activation_bytes == HELD + 3 * 2048 + 6272 == 16576
+    assert est.activation_bytes == HELD + 3 * 2048 + 6272 == 16704
     assert dict(est.parts)["mlp_norm.workspace"] == 6272
     # Causal flash prefill needs no mask; rotary tables stay.
     assert est.buffer_parts == (("rotary_cos_sin", 512),)
-    # The fused product op alone: held 4160 + probs 1024 (eager) + attn_out, attn_residual_out,
-    # mlp_norm 3 x 2048 + hidden 4096 = 15424 B < its norm op (4160 + 1024 + 3 x 2048 + 6272).
+    # The fused product op alone: held 4288 + probs 1024 (eager) + attn_out, attn_residual_out,
+    # mlp_norm 3 x 2048 + hidden 4096 = 15552 B < its norm op (4288 + 1024 + 3 x 2048 + 6272).
     assert estimate_activations(llama("mlp"), wl(fused_mlp=True)).activation_bytes == HELD + 1024 + 3 * 2048 + 6272
     # GemmaRMSNorm multiplies in fp32 by (1 + weight.float()): that 4 x 64 = 256 B row beside the
     # normalized tensor and the product outweighs the 128 B of row statistics: 128 B more.
     gemma = llama(forward=ForwardSpec(norm="rms_fp32"))
-    assert estimate_activations(gemma, wl(attention="flash", fused_mlp=True)).activation_bytes == 16576 + 128
+    assert estimate_activations(gemma, wl(attention="flash", fused_mlp=True)).activation_bytes == 16704 + 128
 
 
 def test_encoder_flash_keeps_a_padding_mask() -> None:
@@ -139,17 +140,18 @@ def test_encoder_flash_keeps_a_padding_mask() -> None:
 # Decode with a KV cache
 #
 # T = 1, N = 2 tokens, a cache of S = 8 positions. N x h = 256 B; q_rot N x a x d = 256 B; k_rot, v
-# 128 B; held through the layer: residual 256 + inputs_embeds 256 + position_ids 8 = 520 B.
+# 128 B; held through the layer: residual 256 + inputs_embeds 256 + position_ids 8 + the token ids
+# B x 1 int64 16 = 536 B, and with a static cache its int64 fill counter 8 B: 544 B.
 # KV cache: 2 (k, v) x B x 8 x kv 2 x d 16 = 2 x 512 el = 2048 B, persistent.
 
 
 def test_decode_gqa_eager_counts_the_cache_and_its_repeated_copies() -> None:
-    # Softmax op: held 520 + attn_norm 256 + v 128 + q_rot 256 + k_rot 128 + k_rep, v_rep
+    # Softmax op: held 544 + attn_norm 256 + v 128 + q_rot 256 + k_rot 128 + k_rep, v_rep
     # (B x a x 8 x d = 1024 el) 2 x 2048 + masked scores B x a x 1 x 8 = 64 el = 128 B + fp32 copy
-    # and output 2 x 256 = 6024 B.
+    # and output 2 x 256 = 6048 B.
     est = estimate_activations(llama(), wl("decode"))
     assert est.persistent_bytes == 2048
-    assert est.activation_bytes == 2048 + 520 + 256 + 128 + 256 + 128 + 2 * 2048 + 128 + 2 * 256 == 2048 + 6024
+    assert est.activation_bytes == 2048 + 544 + 256 + 128 + 256 + 128 + 2 * 2048 + 128 + 2 * 256 == 2048 + 6048
     assert est.parts[0] == ("kv_cache", 2048)
     assert dict(est.parts)["k_rep"] == dict(est.parts)["v_rep"] == 2048
     # Mask B x 1 x 1 x 8 = 16 el = 32 B; rotary 2 x 1 x 1 x 16 = 32 el = 64 B.
@@ -170,21 +172,21 @@ def test_decode_with_one_kv_head_repeats_by_view() -> None:
 def test_decode_dynamic_cache_holds_old_and_new_together() -> None:
     # DynamicCache: torch.cat(old, new) for keys, then values; while the values are joined, the new
     # keys, the old and the new values are alive: one half (B x 8 x 2 x 16 x 2 B = 1024 B) more than
-    # the cache. With flash attention that op is the layer's peak: held 520 + attn_norm 256 + v 128
-    # + q_rot 256 + k_rot 128 + 1024 = 2312 B beside the 2048 B cache.
+    # the cache. With flash attention that op is the layer's peak: held 536 (no fill counter) + attn_norm
+    # 256 + v 128 + q_rot 256 + k_rot 128 + 1024 = 2328 B beside the 2048 B cache.
     static = estimate_activations(llama("attention"), wl("decode", attention="flash"))
     dynamic = estimate_activations(llama("attention"), wl("decode", attention="flash", kv_cache="dynamic"))
     assert dict(dynamic.parts)["kv_cache.grown"] == 1024
-    assert dynamic.activation_bytes == 2048 + 520 + 256 + 128 + 256 + 128 + 1024 == 4360
+    assert dynamic.activation_bytes == 2048 + 536 + 256 + 128 + 256 + 128 + 1024 == 4376
     assert static.activation_bytes < dynamic.activation_bytes
     assert dynamic.persistent_bytes == static.persistent_bytes == 2048
 
 
 def test_decode_flash_reads_the_cache_in_place() -> None:
-    # No repeat copies: the MLP product is the peak: held 520 + attn_out, attn_residual_out, mlp_norm
-    # 3 x 256 + act, up, hidden 3 x (N x f = 256 el = 512 B) = 2824 B, plus the 2048 B cache.
+    # No repeat copies: the MLP product is the peak: held 544 + attn_out, attn_residual_out, mlp_norm
+    # 3 x 256 + act, up, hidden 3 x (N x f = 256 el = 512 B) = 2848 B, plus the 2048 B cache.
     est = estimate_activations(llama(), wl("decode", attention="flash"))
-    assert est.activation_bytes == 2048 + 520 + 3 * 256 + 3 * 512 == 2048 + 2824
+    assert est.activation_bytes == 2048 + 544 + 3 * 256 + 3 * 512 == 2048 + 2848
     # SDPA over a cache gets a boolean mask B x 1 x 1 x 8 = 16 B.
     assert est.buffer_parts == (("attention_mask", 16), ("rotary_cos_sin", 64))
 
@@ -193,7 +195,7 @@ def test_decode_mlp_block_has_no_cache() -> None:
     # The eager layer's probabilities (B x a x 1 x 8 fp16 = 128 B) are held through its MLP.
     est = estimate_activations(llama("mlp"), wl("decode"))
     assert est.persistent_bytes == 0
-    assert est.activation_bytes == 2824 + 128
+    assert est.activation_bytes == 2848 + 128
     assert est.buffer_bytes == 0
 
 
@@ -207,16 +209,16 @@ def test_decode_sliding_window_caps_the_cache() -> None:
 def test_decode_int8_cache_is_read_through_dequantized_copies() -> None:
     # int8 cache: 2 x (B x 8 x 2 x 16 = 512 el) x 1 B = 1024 B. Attention reads fp16 copies
     # k_dequant, v_dequant of 512 el = 1024 B each; eager then repeats them (2048 B each).
-    # At repeat_v: held 520 + attn_norm 256 + v 128 + q_rot 256 + k_rot 128 + v_dequant 1024
-    # + k_rep 2048 + v_rep 2048 = 6408 B.
+    # At repeat_v: held 544 + attn_norm 256 + v 128 + q_rot 256 + k_rot 128 + v_dequant 1024
+    # + k_rep 2048 + v_rep 2048 = 6432 B.
     est = estimate_activations(llama("attention"), wl("decode", kv_dtype="int8"))
     assert est.persistent_bytes == 1024
-    assert est.activation_bytes == 1024 + 6408
+    assert est.activation_bytes == 1024 + 6432
     assert dict(est.parts)["v_dequant"] == 1024
-    # Flash reads the copies directly; its peak is the context's contiguous copy: held 520 + 256 + 128
-    # + 256 + 128 + 2 x 1024 + context 256 + its copy 256 = 3848 B.
+    # Flash reads the copies directly; its peak is the context's contiguous copy: held 544 + 256 + 128
+    # + 256 + 128 + 2 x 1024 + context 256 + its copy 256 = 3872 B.
     flash = estimate_activations(llama("attention"), wl("decode", kv_dtype="int8", attention="flash"))
-    assert flash.activation_bytes == 1024 + 3848
+    assert flash.activation_bytes == 1024 + 3872
 
 
 def test_decode_cache_grows_with_micro_batches_in_flight() -> None:
@@ -298,10 +300,10 @@ def test_moe_prefill_routes_token_expert_pairs() -> None:
     # N = 16 tokens, 2 experts each: P = 32 pairs. Router logits / probs N x E = 64 el = 128 B;
     # routing weights P = 64 B; int64 indices 32 x 8 = 256 B; gathered input P x h = 2048 el = 4096 B;
     # gate / act / up / product P x f = 1024 el = 2048 B each.
-    # At the product: held 4160 + probs 1024 + attn_out, attn_residual_out, mlp_norm 3 x 2048
+    # At the product: held 4288 + probs 1024 + attn_out, attn_residual_out, mlp_norm 3 x 2048
     # + weights 64 + index 256 + expert_in 4096 + act, up, hidden 3 x 2048 = 21888 B.
     est = estimate_activations(moe(), wl())
-    assert est.activation_bytes == HELD + 1024 + 3 * 2048 + 64 + 256 + 4096 + 3 * 2048 == 21888
+    assert est.activation_bytes == HELD + 1024 + 3 * 2048 + 64 + 256 + 4096 + 3 * 2048 == 22016
     parts = dict(est.parts)
     assert {k: parts[k] for k in ("routing_weights", "expert_index", "expert_in", "expert_act", "expert_up",
                                   "expert_hidden")} == {
@@ -328,36 +330,36 @@ def test_parallel_layer_keeps_both_outputs_until_the_sum() -> None:
     est = estimate_activations(shape, Workload(batch=2, seq_len=8, mode="prefill"))
     # The MLP runs while the residual, both normed inputs (Falcon norms for the MLP before the
     # attention), the eager probabilities and the attention output are held (f = 256: 8192 B):
-    # at the activation held 4160 + 2 x 2048 + probs 1024 + attn_out 2048 + up 8192 + act 8192 = 27712 B.
+    # at the activation held 4288 + 2 x 2048 + probs 1024 + attn_out 2048 + up 8192 + act 8192 = 27840 B.
     assert dict(est.parts) == {
-        "residual": 2048, "inputs_embeds": 2048, "position_ids": 64, "attn_norm": 2048, "mlp_norm": 2048,
+        "residual": 2048, "input_ids": 128, "inputs_embeds": 2048, "position_ids": 64, "attn_norm": 2048, "mlp_norm": 2048,
         "probs": 1024, "attn_out": 2048, "up": 8192, "act": 8192,
     }  # fmt: skip
-    assert est.activation_bytes == 27712
+    assert est.activation_bytes == 27840
 
 
 def test_embedding_unit() -> None:
-    # Token table only: the output N x h = 2048 B and the int64 position ids (arange, then + offset:
-    # 2 x 64 B while they are made).
-    assert estimate_activations(llama("embedding", vocab_size=100), wl()).activation_bytes == 2048 + 2 * 64
+    # Token table only: the token ids (B x S int64, 128 B, the forward's argument), the output N x h =
+    # 2048 B and the int64 position ids (arange, then + offset: 2 x 64 B while they are made).
+    assert estimate_activations(llama("embedding", vocab_size=100), wl()).activation_bytes == 128 + 2048 + 2 * 64
     # A second table, summed out of place: both lookups and their sum live at once (3 x 2048 B), the
     # position ids (64 B) beside them.
     two = estimate_activations(llama("embedding", vocab_size=100, embedding_tables=2), wl())
-    assert two.activation_bytes == 3 * 2048 + 64
+    assert two.activation_bytes == 128 + 3 * 2048 + 64
     assert two.buffer_bytes == 0
     # GPT-2's learned positions are one 1 x S x h lookup broadcast over the batch: 1024 B, not 2048 B.
     gpt2 = ForwardSpec(position_lookup="broadcast")
     broadcast = estimate_activations(llama("embedding", embedding_tables=2, forward=gpt2), wl())
     assert dict(broadcast.parts)["position_embeds"] == 1024
-    assert broadcast.activation_bytes == 2 * 2048 + 1024 + 64
+    assert broadcast.activation_bytes == 128 + 2 * 2048 + 1024 + 64
     # BERT's embedding ends in a LayerNorm (its output beside the sum: one more 2048 B and the fp32
     # mean and rstd per row, 8 x 16 = 128 B); Gemma scales the lookup out of place (2 x 2048 B, before
     # the position ids exist).
     bert = ForwardSpec(norm="layer", position_lookup="broadcast", embedding_norm=True)
     normed = estimate_activations(llama("embedding", embedding_tables=3, forward=bert), wl())
-    assert normed.activation_bytes == 2048 + 1024 + 2048 + 2048 + 2048 + 128 + 64
+    assert normed.activation_bytes == 128 + 2048 + 1024 + 2048 + 2048 + 2048 + 128 + 64
     scaled = estimate_activations(llama("embedding", forward=ForwardSpec(embedding_scale=True)), wl())
-    assert scaled.activation_bytes == 2 * 2048
+    assert scaled.activation_bytes == 128 + 2 * 2048
     # Train: backward keeps only the int64 indices, one tensor per table: 2 x 16 x 8 B.
     assert estimate_activations(llama("embedding", embedding_tables=2), wl("train")).persistent_bytes == 256
     assert estimate_flops_per_token(llama("embedding", vocab_size=100), wl()) == 0
@@ -365,14 +367,15 @@ def test_embedding_unit() -> None:
 
 def test_head_unit_prefill_decode_train() -> None:
     head = llama("head", vocab_size=1000)
-    # Prefill: the LM head op, final norm 2048 + logits N x V = 16000 el = 32000 B = 34048 B (the
-    # norm op before it: held 4160 + norm output 2048 + its fp32 workspace 6272 = 12480 B).
-    assert estimate_activations(head, wl()).activation_bytes == 2048 + 32000
-    # Decode, N = 2: norm output 256 + logits 2 x 1000 x 2 B = 4256 B.
-    assert estimate_activations(head, wl("decode")).activation_bytes == 256 + 4000
+    # Prefill: the LM head op, the token ids 128 (held by the forward's caller) + final norm 2048 + logits
+    # N x V = 16000 el = 32000 B = 34176 B (the norm op before it: held 4288 + norm output 2048 + its
+    # fp32 workspace 6272 = 12608 B).
+    assert estimate_activations(head, wl()).activation_bytes == 128 + 2048 + 32000
+    # Decode, N = 2: token ids 16 + norm output 256 + logits 2 x 1000 x 2 B = 4272 B.
+    assert estimate_activations(head, wl("decode")).activation_bytes == 16 + 256 + 4000
     # Gemma 2 soft-caps the logits out of place: two logits-sized tensors at once.
     capped = estimate_activations(llama("head", vocab_size=1000, forward=ForwardSpec(logit_softcap=True)), wl())
-    assert capped.activation_bytes == 2048 + 2 * 32000
+    assert capped.activation_bytes == 128 + 2048 + 2 * 32000
     # Train (V = 100): saved norm input 2048 + norm output 2048 + fp32 log-probs N x V x 4 = 6400
     # -> 10496 B; transient: the fp32 upcast and log-softmax live together, 6400 + 6400 = 12800 B.
     est = estimate_activations(llama("head", vocab_size=100), wl("train"))

@@ -205,8 +205,8 @@ def test_paper_16l_weight_roles_per_layer() -> None:
     # Prefill, eager, batch 1, 128 tokens: the MLP's activation makes the peak. Six tensors of
     # 128 x 4096 x 2 B = 1 MiB (the layer input, inputs_embeds, the eager probabilities 32 x 128 x 128
     # x 2 B, the attention output, its residual sum, the MLP's normed input), the int64 position ids
-    # 128 x 8 B, and up + act 2 x 128 x 16384 x 2 B = 8 MiB.
-    assert layer.footprint.activation_bytes == 6 * 2**20 + 128 * 8 + 2 * 128 * 16384 * 2 == 14_681_088
+    # and token ids 2 x 128 x 8 B, and up + act 2 x 128 x 16384 x 2 B = 8 MiB.
+    assert layer.footprint.activation_bytes == 6 * 2**20 + 2 * 128 * 8 + 2 * 128 * 16384 * 2 == 14_682_112
     # 2 FLOPs per MAC: 2 x (4 h^2 + 2 h f) + attention 4 x a x d x 128.
     assert layer.flops_per_token == 2 * (4 * 4096**2 + 2 * 4096 * 16384) + 4 * 4096 * 128
 
@@ -245,10 +245,10 @@ def test_layer_units_carry_tensors_shapes_and_split_dims() -> None:
     assert layer.footprint.weight_bytes == 73984
     assert dict(layer.footprint.weight_roles) == {"qkv": 16384, "attn_out": 8192, "mlp": 49152, "norm": 256}
     # Activations and buffers come straight from the activation model (tests/profile/test_activations.py
-    # derives 23616 B for a later layer; the first one's input is inputs_embeds itself, 2048 B less).
+    # derives 23744 B for a later layer; the first one's input is inputs_embeds itself, 2048 B less).
     est = estimate_activations(layer.shape, PREFILL)
-    assert layer.footprint.activation_bytes == est.activation_bytes == 23616 - 2048
-    assert units[2].footprint.activation_bytes == 23616
+    assert layer.footprint.activation_bytes == est.activation_bytes == 23744 - 2048
+    assert units[2].footprint.activation_bytes == 23744
     assert layer.footprint.buffer_bytes == est.buffer_bytes == 768
     assert layer.footprint.activation_parts == est.parts
     assert units[0].split_dims[0].name == "vocab" and units[-1].split_dims[0].size == 100
@@ -298,9 +298,9 @@ def test_gpt2_like_embedding_has_two_tables_and_tied_head() -> None:
     embed = prof.unit("embed")
     assert embed.shape is not None and embed.shape.embedding_tables == 2
     # token + position lookups and their sum live together: 3 x (16 tokens x 64 x 2 B), beside the
-    # int64 position ids (8 x 8 B). (This hand-built spec keeps the default forward facts, so its
-    # position lookup counts per sequence; the GPT-2 adapter says it broadcasts.)
-    assert embed.footprint.activation_bytes == 3 * 2048 + 64
+    # int64 token ids (16 x 8 B) and position ids (8 x 8 B). (This hand-built spec keeps the default
+    # forward facts, so its position lookup counts per sequence; the GPT-2 adapter says it broadcasts.)
+    assert embed.footprint.activation_bytes == 3 * 2048 + 128 + 64
     assert embed.params == 100 * 64 + 32 * 64
     # GPT-2 small formula per layer: 12 h^2 + 13 h (with biases and two LayerNorms).
     assert prof.unit("layers.0").params == 12 * 64**2 + 13 * 64
@@ -339,10 +339,10 @@ def test_decode_profile_puts_the_kv_cache_on_attention_units() -> None:
     assert [u.footprint.persistent_activation_bytes for u in prof.units] == [0, 2048, 0, 2048, 0, 0]
     head = prof.unit("head")
     # The final norm makes the head's peak (2 tokens, a 100-word vocabulary): its input 256 B, beside
-    # inputs_embeds 256 B, the position ids 8 B, the mask 32 B and rotary tables 64 B the model's
-    # forward still holds, its output 256 B and fp32 workspace 8 x 128 - 256 + 8 x 2 = 784 B: 1656 B
-    # (> the LM head: norm output 256 + logits 2 x 100 x 2 = 656 B).
-    assert head.footprint.activation_bytes == 256 + 256 + 8 + 32 + 64 + 256 + 784 == 1656
+    # the token ids 16 B, inputs_embeds 256 B, the position ids 8 B, the mask 32 B and rotary tables 64 B
+    # the model's forward still holds, its output 256 B and fp32 workspace 8 x 128 - 256 + 8 x 2 = 784 B:
+    # 1672 B (> the LM head: token ids 16 + norm output 256 + logits 2 x 100 x 2 = 672 B).
+    assert head.footprint.activation_bytes == 256 + 16 + 256 + 8 + 32 + 64 + 256 + 784 == 1672
 
 
 def test_weights_follow_the_weight_dtype() -> None:

@@ -90,8 +90,10 @@ def read_falcon(cfg: ConfigReader) -> TransformerSpec:
         notes=tuple(cfg.notes),
         # nn.LayerNorm; q, k, v views of query_key_value's output; FalconModel keeps each block's
         # (output, attn_weights) until the next block returns, and materializes the SDPA mask
-        # (create_causal_mask(..., allow_is_causal_skip=False)).
-        forward=ForwardSpec(norm="layer", fused_qkv=True, caller_holds_probs=True, sdpa_mask=True),
+        # (create_causal_mask(..., allow_is_causal_skip=False)); FalconDecoderLayer keeps
+        # attention_layernorm_out until it returns.
+        forward=ForwardSpec(norm="layer", fused_qkv=True, caller_holds_probs=True, sdpa_mask=True,
+                            layer_holds_attn_norm=True),
     )
 
 

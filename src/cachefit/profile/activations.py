@@ -449,7 +449,8 @@ def _caller_held(shape: LayerShape, workload: Workload) -> dict[str, int]:
     # GPT-2's and OPT's forward add the position lookup themselves and keep it; an embedding closed by
     # a norm (BERT) is one module whose lookups are freed when it returns its output.
     positions = _position_lookup_bytes(shape, workload) if not fw.embedding_norm else 0
-    held: dict[str, int] = {}
+    # The token ids (B x T int64) are the forward's argument: the caller holds them until it returns.
+    held: dict[str, int] = {"input_ids": _INDEX_BYTES * workload.tokens}
     if not (shape.first_layer and not positions):
         held["inputs_embeds"] = dtype_bytes(workload.act_dtype, workload.tokens * shape.hidden_size)
     if positions:
@@ -520,12 +521,21 @@ def _reference_layer_graph(shape: LayerShape, workload: Workload) -> _Graph:
     g.add_input("residual", b(n * h))
     for name, nbytes in _caller_held(shape, workload).items():
         g.add_input(name, nbytes)
+    if workload.mode is Mode.DECODE and workload.kv_cache is KVCache.STATIC:
+        # StaticLayer keeps an int64 fill counter (``cumulative_length = torch.tensor(0, dtype=int)``) beside
+        # its keys and values, one per micro-batch's cache; kept with the layer's activations here so that
+        # ``persistent_bytes`` stays the keys and values.
+        g.add_input("kv_cache.length", _INDEX_BYTES * workload.micro_batches)
     held = list(g.inputs)
     if fw.post_norm:
         # BERT: the attention reads the layer's input; the norms follow the residual adds.
         x_attn = "residual"
     else:
         x_attn = _norm_op(g, "attn_norm", "attn", "residual", n * h, n, workload, shape)
+        if fw.layer_holds_attn_norm and not shape.parallel_attn_mlp:
+            # Falcon: ``attention_layernorm_out = self.input_layernorm(hidden_states)``, a local of the
+            # layer never rebound, lives through the MLP until the layer returns.
+            held.append(x_attn)
     if shape.parallel_attn_mlp:
         # Falcon (new decoder architecture) normalizes for the MLP before the attention and holds both
         # normed inputs until the layer returns; GPT-NeoX normalizes for the MLP after the attention
@@ -654,9 +664,13 @@ def _reference_layer_graph(shape: LayerShape, workload: Workload) -> _Graph:
         g.add_op("attn_mlp_sum", "mlp", {"attn_mlp_out": b(n * h)}, (mlp_out, "attn_out"))
         g.add_op("residual_sum", "mlp", {"layer_out": b(n * h)}, ("attn_mlp_out", "residual"))
     elif fw.post_norm:
-        # BertOutput: LayerNorm(dense(intermediate) + attention_output).
-        g.add_op("mlp_residual", "mlp", {"mlp_sum": b(n * h)}, ("attn_residual_out", mlp_out))
-        _norm_op(g, "layer_out", "mlp", "mlp_sum", n * h, n, workload, shape, keep=(mlp_out, "attn_residual_out"))
+        # BertOutput: LayerNorm(dense(intermediate) + attention_output). Its argument, the activated
+        # intermediate, is also BertLayer.feed_forward_chunk's local ``intermediate_output``: alive until
+        # the output module returns.
+        intermediate = "act" if not shape.gated_mlp else "hidden"
+        keep_out = (mlp_out, "attn_residual_out", intermediate)
+        g.add_op("mlp_residual", "mlp", {"mlp_sum": b(n * h)}, keep_out)
+        _norm_op(g, "layer_out", "mlp", "mlp_sum", n * h, n, workload, shape, keep=keep_out)
     else:
         g.add_op("mlp_residual", "mlp", {"layer_out": b(n * h)}, ("attn_residual_out", mlp_out))
     g.outputs.extend(["layer_out", *held])
@@ -669,6 +683,8 @@ def _reference_embedding_graph(shape: LayerShape, workload: Workload) -> _Graph:
     n, h = workload.tokens, shape.hidden_size
     out = dtype_bytes(act, n * h)
     g = _Graph()
+    # The token ids (B x T int64), the forward's argument, live while the model runs.
+    g.add_input("input_ids", _INDEX_BYTES * n)
     if fw.embedding_scale:
         # Gemma: embedding(ids) * sqrt(h), out of place.
         g.add_op("token_lookup", "embed", {"token_lookup": out}, ())
@@ -694,7 +710,7 @@ def _reference_embedding_graph(shape: LayerShape, workload: Workload) -> _Graph:
         running = f"embed_sum_{i}"
     if fw.embedding_norm:
         running = _norm_op(g, "embedding_norm", "embed", running, n * h, n, workload, shape)
-    g.outputs.extend(dict.fromkeys([running, *kept]))
+    g.outputs.extend(dict.fromkeys([running, *kept, "input_ids"]))
     return g
 
 
@@ -718,10 +734,21 @@ def _reference_head_graph(shape: LayerShape, workload: Workload) -> _Graph:
         g.add_input(name, nbytes)
     if not shape.forward.post_norm:
         keep: tuple[str, ...] = (_norm_op(g, "final_norm", "head", "residual", n * h, n, workload, shape, keep=tuple(caller)),)
-    else:
-        # A post-norm encoder (BERT): the last layer's output norm closes the stack; the head reads
-        # the sequence output while the model's forward still holds the embedding output.
+    elif not shape.vocab_size:
+        # A post-norm encoder (BERT): the last layer's output norm closes the stack; the pooler reads
+        # the sequence output inside the model's forward, which still holds the embedding output.
         keep = ("residual", *caller)
+    else:
+        # BertForMaskedLM: the LM head runs after BertModel returned (``sequence_output = outputs[0]``,
+        # ``self.cls(sequence_output)``), so only the sequence output and the token ids are held; its
+        # BertPredictionHeadTransform runs dense, the activation and a LayerNorm, each rebinding
+        # ``hidden_states``, before the decoder.
+        keep = ("residual", "input_ids")
+        hidden = dtype_bytes(act, n * h)
+        g.add_op("head_transform_dense", "head", {"head_transform_dense": hidden}, keep)
+        g.add_op("head_transform_act", "head", {"head_transform_act": hidden}, ("head_transform_dense", *keep))
+        keep = (*keep, _norm_op(g, "head_transform_norm", "head", "head_transform_act", n * h, n, workload, shape,
+                                keep=keep))
     if shape.vocab_size:
         logits = dtype_bytes(act, n * shape.vocab_size)
         g.add_op("lm_head", "head", {"logits": logits}, keep)
@@ -736,7 +763,8 @@ def _reference_head_graph(shape: LayerShape, workload: Workload) -> _Graph:
         g.add_op("pooler_dense", "head", {"pooled": pooled}, keep)
         g.add_op("pooler_act", "head", {"pooler_out": pooled}, ("pooled", *keep))
         out = "pooler_out"
-    g.outputs.append(out)
+    # The token ids are the forward's argument: its caller holds them after the model's forward returns.
+    g.outputs.extend([out, "input_ids"])
     return g
 
 

@@ -525,7 +525,10 @@ def _cache_owners(cache: Any, analytic: ModelProfile) -> dict[int, list[Any]]:
                 if u.layer is not None and u.kind in ("layer", "attention")}
     for layer, cached in enumerate(getattr(cache, "layers", ())):
         index = by_layer.get(layer)
-        tensors = [t for t in (getattr(cached, "keys", None), getattr(cached, "values", None)) if t is not None]
+        # Keys, values and a static layer's fill counter (``StaticLayer.cumulative_length``, an int64
+        # scalar the cache keeps for the next step): the layer's cache state, no other unit's bytes.
+        tensors = [t for t in (getattr(cached, name, None) for name in ("keys", "values", "cumulative_length"))
+                   if hasattr(t, "untyped_storage")]  # a sliding-window layer counts in a Python int
         if index is not None and tensors:
             owners.setdefault(index, []).extend(tensors)
     return owners
