@@ -1,6 +1,10 @@
-"""The partial-fit search stays bounded: its space narrows past a named budget of stage evaluations."""
+"""The partial-fit search stays bounded: its space narrows past a named budget of stage evaluations;
+the longest stages from every start, found in one pass, are those grown one unit at a time."""
 
-from cachefit.plan.layout import PARTIAL_SEARCH_BUDGET, narrow_partial_search
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cachefit.plan.layout import PARTIAL_SEARCH_BUDGET, narrow_partial_search, stage_ends
 
 
 def test_small_searches_are_exact():
@@ -20,3 +24,28 @@ def test_large_searches_keep_the_degrees_near_cards_per_unit_and_short_stages():
     kept, longest = narrow_partial_search(254, 4, degrees)
     assert set(kept) <= set(range(1, 9)) and longest == 254
     assert 254 * longest * len(kept) < 254 * 255 // 2 * len(degrees)
+
+
+def _grown_ends(costs, a, n, capacity):
+    out = []
+    for i in range(a, n):
+        resident = peak = 0
+        end = i
+        for j in range(i, n):
+            if costs[j] is None:
+                break
+            resident += costs[j][0]
+            peak = max(peak, costs[j][1])
+            if resident + peak > capacity:
+                break
+            end = j + 1
+        out.append(end)
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.none() | st.tuples(st.integers(0, 10), st.integers(0, 10)), max_size=14),
+       st.integers(0, 14), st.integers(0, 45))
+def test_stage_ends_match_stages_grown_one_unit_at_a_time(costs, a, capacity):
+    a = min(a, len(costs))
+    assert stage_ends(costs, a, len(costs), capacity) == _grown_ends(costs, a, len(costs), capacity)

@@ -20,13 +20,17 @@ it grows, see :func:`cachefit.units.stack_footprints`), so a stage is extended u
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from fnmatch import fnmatchcase
+
 import numpy as np
 
-from cachefit.compress.techniques import CompressionConfig, compress_unit
+from cachefit.compress.techniques import GPT2_CONV1D_PATTERNS, CompressionConfig, compress_unit
 from cachefit.errors import ConfigError
+from cachefit.families import transposed_weight_patterns
 from cachefit.hardware.devices import Card
 from cachefit.partition.apportion import Apportioner
 from cachefit.partition.split import Shard, ShardParts, max_shards, shard_unit, shard_unit_parts
@@ -37,6 +41,9 @@ from cachefit.plan.offchip import (
     offchip_split,
 )
 from cachefit.units import Footprint, ModelProfile, Unit, Workload, stack_footprints
+
+# Name patterns splitting or compressing a tensor reads (transposed weights, over all families)
+_TRANSPOSED_PATTERNS = (*transposed_weight_patterns(), *GPT2_CONV1D_PATTERNS)
 
 DEGREES: tuple[int, ...] = (*range(1, 17), 24, 32, 48, 64)
 """Split degrees the fewest-cards search tries (every degree up to 16, then the common larger ones)."""
@@ -80,6 +87,31 @@ class Layout:
         return max(self.stage_bytes(g) for g in self.groups)
 
 
+def _alike_units(units: Sequence[Unit], config: CompressionConfig) -> list[int]:
+    """For each unit, the first unit alike it: the same kind, shape, footprint and split dimensions,
+    and tensors of the same shapes, roles and names but for the layer number (a dot-separated part
+    equal to the unit's ``layer``), matching the same patterns of transposed weights. Splitting and
+    compressing look at a tensor's name only for its role words, its suffix and those patterns, so
+    units alike have shards and compressed shards of the same bytes."""
+    patterns = (*_TRANSPOSED_PATTERNS, *config.transposed_tensors)
+    first: dict[object, int] = {}
+    out: list[int] = []
+    for i, u in enumerate(units):
+        if u.layer is None:
+            out.append(i)
+            continue
+        number = str(u.layer)
+
+        def canonical(name: str | None) -> str | None:
+            return None if name is None else ".".join("#" if p == number else p for p in name.split("."))
+
+        key = (u.kind, u.shape, u.footprint, u.params, u.flops_per_token, u.split_dims, u.compression,
+               tuple((canonical(t.name), t.shape, t.role, t.block, canonical(t.tied_to),
+                      tuple(fnmatchcase(t.name, p) for p in patterns)) for t in u.tensors))
+        out.append(first.setdefault(key, i))
+    return out
+
+
 def divides_evenly(unit: Unit, shards: int) -> bool:
     """Every split dimension of ``unit`` divides evenly over ``shards`` cards (KV heads: or the reverse)."""
     shape = unit.shape
@@ -116,6 +148,25 @@ class ShardTable:
         }
         for i, u in enumerate(profile.units):
             self.cache[(i, 1, True)] = (u, 0)
+        self._alike: list[int] | None = None
+        self._figures: dict[tuple[object, ...], tuple[Footprint, int] | None] = {}
+
+    def figures(self, i: int, shards: int) -> tuple[Footprint, int] | None:
+        """(the footprint of :meth:`get`'s shard, its collective bytes per token), or None where
+        :meth:`get` gives None. The searches ask this of every unit for every degree: units alike
+        (:func:`_alike_units`: the layers of a model, but for their number) share one computation."""
+        if shards == 1:
+            got = self.get(i, 1)
+            return None if got is None else (got[0].footprint, got[1])
+        if self._alike is None:
+            self._alike = _alike_units(self.profile.units, self.config)
+        raw = i in self.raw or not self.combo
+        forbidden = self.forbid.get(i, frozenset())
+        key = (self._alike[i], shards, raw, None if raw else forbidden & set(self.combo), i in self.keep_whole)
+        if key not in self._figures:
+            got = self.get(i, shards)
+            self._figures[key] = None if got is None else (got[0].footprint, got[1])
+        return self._figures[key]
 
     def get(self, i: int, shards: int) -> tuple[Unit, int] | None:
         """(unit ``i``'s largest shard over ``shards`` cards as a card holds it, collective bytes per
@@ -206,10 +257,10 @@ def fewest_cards_layout(table: ShardTable, capacity: int, stacking: str, degrees
             resident = 0
             peak = 0
             for j in range(i, n):
-                got = table.get(j, s)
+                got = table.figures(j, s)
                 if got is None:
                     break
-                fp = got[0].footprint
+                fp = got[0]
                 if reuse:
                     resident += fp.weight_bytes + fp.persistent_activation_bytes
                     peak = max(peak, fp.transient_activation_bytes + fp.buffer_bytes)
@@ -244,10 +295,10 @@ def _stage_totals(table: ShardTable, stacking: str, degrees: Sequence[int],
             totals: list[int] = []
             resident = peak = 0
             for j in range(i, n):
-                got = table.get(j, s)
+                got = table.figures(j, s)
                 if got is None:
                     break
-                fp = got[0].footprint
+                fp = got[0]
                 if reuse:
                     resident += fp.weight_bytes + fp.persistent_activation_bytes
                     peak = max(peak, fp.transient_activation_bytes + fp.buffer_bytes)
@@ -341,6 +392,59 @@ class MixedSearch:
     units_placed: int
 
 
+def stage_ends(costs: Sequence[tuple[int, int] | None], a: int, n: int, capacity: int) -> list[int]:
+    """For each start i in [a, n): the end of the longest stage [i, end) within ``capacity``, where
+    ``costs[j]`` is unit j's (resident, transient) bytes (a stage holds the sum of the resident and
+    the largest transient) or None for a unit no stage may hold.
+
+    A stage's bytes never shrink as it grows at either end, so the ends never move back as the start
+    moves on: one pass with two pointers and a running maximum (a deque of the transients that can
+    still be the largest), instead of growing every stage from its start.
+    """
+    out: list[int] = []
+    end = a
+    resident = 0
+    window: deque[int] = deque()  # indices in [i, end) with decreasing transients: the front is the largest
+    for i in range(a, n):
+        if end < i:
+            end, resident = i, 0
+            window.clear()
+        while window and window[0] < i:
+            window.popleft()
+        while end < n and costs[end] is not None:
+            res, trans = costs[end]  # type: ignore[misc]
+            peak = max(trans, costs[window[0]][1]) if window else trans  # type: ignore[index]
+            if resident + res + peak > capacity:
+                break
+            resident += res
+            while window and costs[window[-1]][1] <= trans:  # type: ignore[index]
+                window.pop()
+            window.append(end)
+            end += 1
+        out.append(end)
+        if end > i:
+            resident -= costs[i][0]  # type: ignore[index]
+    return out
+
+
+def card_kinds(cards: Sequence[Card]) -> tuple[list[Card], list[int]]:
+    """The distinct cards in order of first appearance, and each card's index among them (equal cards
+    are one kind; a cluster repeats the same card object, so identity settles most cards at once)."""
+    kinds: list[Card] = []
+    kind_of: list[int] = []
+    by_id: dict[int, int] = {}
+    for card in cards:
+        kind = by_id.get(id(card))
+        if kind is None:
+            kind = next((t for t, known in enumerate(kinds) if known == card), None)
+            if kind is None:
+                kinds.append(card)
+                kind = len(kinds) - 1
+            by_id[id(card)] = kind
+        kind_of.append(kind)
+    return kinds, kind_of
+
+
 def mixed_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degrees: Sequence[int],
                  num_cards: int | None, *, max_mixed: int = MIXED_MAX_SHARDS,
                  proportional: bool = True, unit_range: tuple[int, int] | None = None) -> MixedSearch:
@@ -362,50 +466,51 @@ def mixed_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degree
     limit = k_all if num_cards is None else min(num_cards, k_all)
     cards = list(cards[:limit])
     reuse = stacking == "reuse"
-    kinds: list[Card] = []
-    kind_of: list[int] = []
-    for card in cards:
-        if card not in kinds:
-            kinds.append(card)
-        kind_of.append(kinds.index(card))
+    kinds, kind_of = card_kinds(cards)
+    kind_caps = [card.capacity_bytes for card in kinds]
 
-    def farthest(i: int, shards: int, capacity: int) -> int:
-        """End of the longest stage from unit i split ``shards`` ways (1: whole) within capacity."""
-        resident = peak = 0
-        end = i
-        for j in range(i, n):  # n: the end of the units placed
-            got = table.get(j, shards)
-            if got is None:
-                break
-            fp = got[0].footprint
-            if reuse:
-                resident += fp.weight_bytes + fp.persistent_activation_bytes
-                peak = max(peak, fp.transient_activation_bytes + fp.buffer_bytes)
-            else:
-                resident += fp.total_bytes
-            if resident + peak > capacity:
-                break
-            end = j + 1
-        return end
+    def stage_costs(shards: int) -> list[tuple[int, int] | None]:
+        """Per unit split ``shards`` ways (1: whole): (resident, transient) bytes as a stage stacks
+        them; None where the unit cannot be split so."""
+        out: list[tuple[int, int] | None] = [None] * n
+        for j in range(a, n):
+            got = table.figures(j, shards)
+            if got is not None:
+                fp = got[0]
+                out[j] = ((fp.weight_bytes + fp.persistent_activation_bytes,
+                           fp.transient_activation_bytes + fp.buffer_bytes) if reuse else (fp.total_bytes, 0))
+        return out
 
     # masks of the cards a stage may start on: (shards, kind) for whole units and even splits over a
     # run of identical cards; (window of capacities) for proportional splits over mixed runs
+    # blocks: maximal runs of identical cards, (first card, end, kind); a run of s identical cards
+    # starts at c exactly where c's block has at least s cards from c on
+    blocks: list[tuple[int, int, int]] = []
+    for c in range(limit):
+        if blocks and kind_of[c] == blocks[-1][2]:
+            blocks[-1] = (blocks[-1][0], c + 1, kind_of[c])
+        else:
+            blocks.append((c, c + 1, kind_of[c]))
     runs: dict[tuple[int, int], int] = {}
     for s in sorted({1, *(d for d in degrees if 1 < d <= limit)}):
-        for c in range(limit - s + 1):
-            if all(kind_of[c + t] == kind_of[c] for t in range(1, s)):
-                runs[(s, kind_of[c])] = runs.get((s, kind_of[c]), 0) | (1 << c)
+        for first, end, kind in blocks:
+            if end - first >= s:  # starts first .. end - s
+                runs[(s, kind)] = runs.get((s, kind), 0) | (((1 << (end - s - first + 1)) - 1) << first)
     windows: dict[tuple[int, ...], int] = {}
     if proportional:
+        caps_of = [kind_caps[kind] for kind in kind_of]
+        changes = [first for first, _, _ in blocks[1:]]  # a window is mixed iff it spans a block's start
         for s in range(2, min(max_mixed, limit) + 1):
-            for c in range(limit - s + 1):
-                if any(kind_of[c + t] != kind_of[c] for t in range(1, s)):
-                    caps = tuple(card.capacity_bytes for card in cards[c:c + s])
-                    windows[caps] = windows.get(caps, 0) | (1 << c)
+            starts = sorted({c for b in changes for c in range(max(0, b - s + 1), min(b, limit - s + 1))})
+            for c in starts:
+                caps = tuple(caps_of[c:c + s])
+                windows[caps] = windows.get(caps, 0) | (1 << c)
     ends: dict[tuple[int, int, int], int] = {}
-    for i in range(a, n):
-        for (s, kind) in runs:
-            ends[(i, s, kind)] = farthest(i, s, kinds[kind].capacity_bytes)
+    for s in sorted({s for s, _ in runs}):
+        costs = stage_costs(s)
+        for kind in sorted({kind for s_, kind in runs if s_ == s}):
+            for i, end in enumerate(stage_ends(costs, a, n, kind_caps[kind]), start=a):
+                ends[(i, s, kind)] = end
     splittable = [i >= a and bool(table.apportioner(i).dims) and (i not in table.keep_whole)
                   for i in range(n)] if windows else [False] * n
     mask_all = (1 << (limit + 1)) - 1

@@ -136,6 +136,27 @@ def technique_sets(allow: Sequence[str]) -> tuple[tuple[str, ...], ...]:
     return tuple(sorted(set(combos), key=lambda c: ("batch" in c, compression_risk(c), len(c), c)))
 
 
+def _is_homogeneous(cluster: Cluster) -> bool:
+    """``cluster.is_homogeneous``, asked of each distinct card object once (a cluster of thousands of
+    cards repeats a few objects, and a card's capacity is recomputed each time it is read)."""
+    distinct = tuple({id(c): c for c in cluster.cards}.values())
+    first = distinct[0]
+    return all((c.device, c.level_name, c.capacity_bytes) == (first.device, first.level_name, first.capacity_bytes)
+               for c in distinct)
+
+
+def _capacities(cluster: Cluster) -> tuple[int, ...]:
+    """``cluster.capacities()``, each distinct card object's read once."""
+    known: dict[int, int] = {}
+    out = []
+    for card in cluster.cards:
+        got = known.get(id(card))
+        if got is None:
+            got = known[id(card)] = card.capacity_bytes
+        out.append(got)
+    return tuple(out)
+
+
 class _Cards:
     """The cards a plan may use: a fixed cluster, or unlimited copies of one card."""
 
@@ -150,6 +171,9 @@ class _Cards:
         self.mixed: MixedSearch | None = None
         """The furthest-reaching search over the mixed cluster's cards with splits (for messages)."""
         self.unlimited = len(cluster) == 1 and num_cards is None
+        # computed once: each reads every card's capacity, and the search asks for them per layout tried
+        self.capacities: tuple[int, ...] = _capacities(cluster)
+        self.homogeneous = _is_homogeneous(cluster)
         if num_cards is not None and len(cluster) > 1 and num_cards > len(cluster):
             raise ConfigError(
                 f"--cards {num_cards}: the cluster has only {len(cluster)} cards; give at most {len(cluster)} "
@@ -162,8 +186,8 @@ class _Cards:
 
     def capacity_arg(self) -> int | tuple[int, ...]:
         if len(self.cluster) == 1:
-            return self.cluster.cards[0].capacity_bytes
-        return self.cluster.capacities()
+            return self.capacities[0]
+        return self.capacities
 
     def partition(self, sizes: list[int], transient: list[int] | None) -> Partition:
         cap = self.capacity_arg()
@@ -262,14 +286,14 @@ def plan_partition(
     allow = _check_arguments(profile, cluster, num_cards=num_cards, allow=allow, stacking=stacking, config=config,
                              max_risk=max_risk, overrides=overrides)
     _check_objective(objective, pricing, overrides)
-    if (num_cards is not None and num_cards > len(profile.units) and not cluster.is_homogeneous
+    if (num_cards is not None and num_cards > len(profile.units) and not _is_homogeneous(cluster)
             and not any(max_shards(u) > 1 for u in profile.units)):
         raise ConfigError(
             f"--cards {num_cards}: the model has {len(profile.units)} units at this granularity and none can be "
             f"split over cards; use at most {len(profile.units)} cards of this cluster"
         )
     order_note = None
-    if reorder_cards and not cluster.is_homogeneous:
+    if reorder_cards and not _is_homogeneous(cluster):
         cluster, order_note = _reorder(profile, cluster, num_cards, stacking, even_splits)
     resolved = resolve_overrides(profile, overrides, num_cards=num_cards) if overrides and not overrides.empty else None
     cards = _Cards(cluster, num_cards, resolved)
@@ -366,7 +390,7 @@ def _fastest_plan(profile: ModelProfile, cards: _Cards, combo: tuple[str, ...], 
     the smallest largest stage), over the same space of layouts: contiguous stages, split only where
     ``chosen`` splits (then over the degrees an exact card count tries)."""
     k = chosen.cards
-    if not cards.cluster.is_homogeneous and any(st.shard is not None for st in chosen.stages):
+    if not cards.homogeneous and any(st.shard is not None for st in chosen.stages):
         why = ("the time objective re-cuts stages without splits over cards of different sizes; this plan splits "
                "units over them, so it is the cards objective's plan")
         return replace(chosen, notes=(*chosen.notes, why))
@@ -630,8 +654,8 @@ def _layout(cards: _Cards, profile: ModelProfile, combo: tuple[str, ...], config
         part = _try(cards, units, stacking)
         if part is not None:
             return _layout_from_partition(part, units, stacking)
-    caps = cards.cluster.capacities()
-    if not cards.cluster.is_homogeneous:
+    caps = cards.capacities
+    if not cards.homogeneous:
         if cards.overrides.shapes_partition:
             return None  # pins and cuts apply to plans without splits
         return _split_layouts(cards, _table(cards, profile, combo, config, units, shard_cache), stacking)
@@ -651,7 +675,7 @@ def _layout(cards: _Cards, profile: ModelProfile, combo: tuple[str, ...], config
 
 
 def _split_layouts(cards: _Cards, table: ShardTable, stacking: str) -> Layout | None:
-    if not cards.cluster.is_homogeneous:
+    if not cards.homogeneous:
         # cards of different sizes, in the given order: whole units, even splits over runs of
         # identical cards, and one unit split proportionally over consecutive cards of any kinds
         degrees = degrees_for(table.profile.units, cards.num_cards)
@@ -660,7 +684,7 @@ def _split_layouts(cards: _Cards, table: ShardTable, stacking: str) -> Layout | 
         if cards.mixed is None or got.units_placed >= cards.mixed.units_placed:
             cards.mixed = got
         return got.layout
-    capacity = min(cards.cluster.capacities())
+    capacity = min(cards.capacities)
     if cards.num_cards is None:
         limit = max(max_shards(u) for u in table.profile.units)
         got = fewest_cards_layout(table, capacity, stacking, tuple(d for d in DEGREES if d <= limit))
@@ -740,7 +764,7 @@ def _partial_plan(profile: ModelProfile, cards: _Cards, sets: Sequence[tuple[str
     k = cards.num_cards
     assert k is not None
     card_list = [cards.card(0)] if len(cards.cluster) == 1 else list(cards.cluster.cards[:k])
-    degrees = degrees_for(profile.units, k) if cards.cluster.is_homogeneous else (1,)
+    degrees = degrees_for(profile.units, k) if cards.homogeneous else (1,)
     degrees, longest = narrow_partial_search(len(profile.units), k, degrees)
     wl = profile.workload
     best: tuple[tuple[str, ...], ShardTable, Layout] | None = None
@@ -751,7 +775,7 @@ def _partial_plan(profile: ModelProfile, cards: _Cards, sets: Sequence[tuple[str
         got = partial_layouts(table, card_list, stacking, degrees, k, wl, max_stage_units=longest)
         if got and (best is None or got[0].offchip_bytes < best[2].offchip_bytes):
             best = (combo, table, got[0])
-    if best is None and not cards.cluster.is_homogeneous:
+    if best is None and not cards.homogeneous:
         raise ConfigError(
             f"--cards {k}: the {len(profile.units)} units of {profile.model} cannot be laid out on exactly {k} of "
             "these cards of different sizes (tried whole units per card, even splits over runs of identical cards "
@@ -899,10 +923,10 @@ def _infeasible(
     stacking: str,
 ) -> InfeasiblePlanError:
     """Say which unit or constraint cannot be met, and the minimal change that would fix it."""
-    capacity = max(cards.cluster.capacities())
+    capacity = max(cards.capacities)
     lightest = min(variants, key=lambda c: sum(u.total_bytes for u in variants[c]))
     units = variants[lightest]
-    if not cards.cluster.is_homogeneous and cards.mixed is not None and not cards.overrides.shapes_partition:
+    if not cards.homogeneous and cards.mixed is not None and not cards.overrides.shapes_partition:
         return _mixed_infeasible(profile, cards, cards.mixed, lightest)
     too_big = [(i, u) for i, u in enumerate(units) if u.total_bytes > capacity]
     if too_big:
@@ -936,13 +960,13 @@ def _infeasible(
             + ": a pinned card or a forced stage holds more than fits; move or drop a pin / cut, or allow compression",
             report={"overrides": pins},
         )
-    if not cards.cluster.is_homogeneous and cards.last_error is not None:
+    if not cards.homogeneous and cards.last_error is not None:
         err = cards.last_error
         return InfeasiblePlanError(
             f"{profile.model} on the cards {', '.join(c.device.name for c in cards.cluster.cards)} in this order"
             f"{' with ' + ','.join(lightest) if lightest else ''}: {err}"
             + ("; mixed clusters are not split tensor-parallel (use identical cards to allow splits)"
-               if any(u.total_bytes > min(cards.cluster.capacities()) for u in units) else ""),
+               if any(u.total_bytes > min(cards.capacities) for u in units) else ""),
             report=err.report,
         )
     resident, transient = _cost_arrays(units, stacking)
