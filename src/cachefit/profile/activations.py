@@ -411,8 +411,27 @@ def _norm_op(
     else:
         # nn.LayerNorm (aten.native_layer_norm): the output plus an fp32 mean and rstd per row.
         workspace = 8 * rows
-    g.add_op(name, block, {name: out, **({f"{name}.workspace": workspace} if workspace else {})}, (x, *keep))
+    outputs = {name: out, **({f"{name}.workspace": workspace} if workspace else {})}
+    if workload.mode is Mode.TRAIN:
+        outputs[f"{name}.saved"] = _norm_saved_bytes(shape, workload, numel, rows)
+    g.add_op(name, block, outputs, (x, *keep))
     return name
+
+
+def _norm_saved_bytes(shape: LayerShape, workload: Workload, numel: int, rows: int) -> int:
+    """What autograd keeps for a norm's backward beyond its input (kept too) and its output (the next
+    linear's input): the fp32 tensors of an RMSNorm, the mean and rstd of a LayerNorm."""
+    narrow = dtype_bytes(workload.act_dtype, 1) < 4
+    if shape.forward.norm == "rms":
+        # LlamaRMSNorm: pow and the rsqrt product keep the fp32 input (x.to(float32), a copy in 16-bit)
+        # and the rsqrt per row; weight * x.to(input_dtype) keeps its second factor (the 16-bit cast, or
+        # in fp32 the normalized tensor itself).
+        return 4 * numel + 4 * rows + dtype_bytes(workload.act_dtype, numel)
+    if shape.forward.norm == "rms_fp32":
+        # GemmaRMSNorm: x.float() (a copy in 16-bit) and the rsqrt, then output * (1.0 + weight.float())
+        # keeps the fp32 normalized tensor and the fp32 (1 + weight) row.
+        return (4 * numel if narrow else 0) + 4 * numel + 4 * rows + 4 * (numel // rows)
+    return 8 * rows  # native_layer_norm keeps its input, the mean and the rstd
 
 
 def _position_ids(shape: LayerShape, workload: Workload) -> tuple[dict[str, int], dict[str, int]]:
@@ -498,6 +517,10 @@ def _add_reference_mlp_ops(
         # A Python activation (GPT-2's gelu_new: 0.5 * x * (1 + tanh(c * (x + 0.044715 * x^3))))
         # keeps more MLP-width temporaries alive than its input and output.
         temporaries = {f"{p}act_fn.workspace": fw.activation_temporaries * inter} if fw.activation_temporaries else {}
+        if fw.activation_temporaries and workload.mode is Mode.TRAIN:
+            # Autograd keeps one more of them: gelu_new's 0.5 * x, tanh's output and 1 + tanh(...) beside
+            # its input (the up projection's output, kept too).
+            temporaries[f"{p}act_fn.saved"] = inter
         g.add_op(f"{p}act_fn", "mlp", {f"{p}act": inter, **temporaries}, (f"{p}up",))
         down_in, keep = f"{p}act", ()
     out = f"{p}down_out"
@@ -597,6 +620,11 @@ def _reference_layer_graph(shape: LayerShape, workload: Workload) -> _Graph:
             g.add_op("repeat_v", "attn", {"v_rep": rep}, (v, "k_rep"))
             k, v = "k_rep", "v_rep"
         # matmul(q, k^T) * scaling + mask: each out of place, the previous one freed after the next.
+        if workload.mode is Mode.TRAIN:
+            # matmul over 4-D operands runs bmm on reshaped copies of the transposed query and keys
+            # (and, at PV, of the values), which autograd keeps: B x a x S x d each.
+            k_copy = {"qk.saved": 2 * rep}
+            v_copy = {"pv.saved": rep}
         g.add_op("qk", "attn", {"scores": b(scores), **k_copy}, (q, k))
         g.add_op("scale", "attn", {"scores_scaled": b(scores)}, ("scores",))
         g.add_op("mask_add", "attn", {"scores_masked": b(scores)}, ("scores_scaled",))
@@ -662,7 +690,8 @@ def _reference_layer_graph(shape: LayerShape, workload: Workload) -> _Graph:
     if shape.parallel_attn_mlp:
         # mlp_out + attn_out + hidden_states (GPT-NeoX; Falcon adds the attention output in place).
         g.add_op("attn_mlp_sum", "mlp", {"attn_mlp_out": b(n * h)}, (mlp_out, "attn_out"))
-        g.add_op("residual_sum", "mlp", {"layer_out": b(n * h)}, ("attn_mlp_out", "residual"))
+        # mlp_output is the layer's local until it returns.
+        g.add_op("residual_sum", "mlp", {"layer_out": b(n * h)}, ("attn_mlp_out", "residual", mlp_out))
     elif fw.post_norm:
         # BertOutput: LayerNorm(dense(intermediate) + attention_output). Its argument, the activated
         # intermediate, is also BertLayer.feed_forward_chunk's local ``intermediate_output``: alive until
@@ -704,7 +733,12 @@ def _reference_embedding_graph(shape: LayerShape, workload: Workload) -> _Graph:
             name, nbytes = "position_embeds", position
         else:
             name, nbytes = f"table_{i}_embeds", out
-        g.add_op(f"lookup_{i}", "embed", {name: nbytes}, ())
+        lookup = {name: nbytes}
+        if i == 1 and fw.position_lookup == "batched" and workload.mode is Mode.TRAIN:
+            # OPT's embed_positions looks up ``position_ids + self.offset``, a new int64 B x T tensor that
+            # the embedding's backward keeps.
+            lookup[f"lookup_{i}.saved"] = _INDEX_BYTES * workload.tokens
+        g.add_op(f"lookup_{i}", "embed", lookup, ())
         g.add_op(f"embed_sum_{i}", "embed", {f"embed_sum_{i}": out}, (running, name))
         kept.append(name)
         running = f"embed_sum_{i}"
@@ -757,6 +791,8 @@ def _reference_head_graph(shape: LayerShape, workload: Workload) -> _Graph:
             # Gemma 2: logits / cap, tanh, * cap, each out of place: two logits-sized tensors at once.
             g.add_op("logit_softcap", "head", {"logits_capped": logits}, ("logits", *keep))
             out = "logits_capped"
+        if workload.mode is Mode.TRAIN:
+            out = _add_reference_loss_ops(g, shape, workload, out)
     else:
         # No LM head: a pooler (BERT) on the first token of each sequence, dense + tanh.
         pooled = dtype_bytes(act, workload.batch * h)
@@ -766,6 +802,70 @@ def _reference_head_graph(shape: LayerShape, workload: Workload) -> _Graph:
     # The token ids are the forward's argument: its caller holds them after the model's forward returns.
     g.outputs.extend([out, "input_ids"])
     return g
+
+
+def _add_reference_loss_ops(g: _Graph, shape: LayerShape, workload: Workload, logits: str) -> str:
+    """The loss the model computes from its logits and the token ids as labels (train)."""
+    nv = workload.tokens * shape.vocab_size
+    if shape.causal:
+        # ForCausalLMLoss: ``logits = logits.float()`` (a copy in 16-bit, while the model's forward still
+        # holds the 16-bit logits), labels padded by one and shifted (``nn.functional.pad(labels, (0, 1))``,
+        # ``labels[..., 1:].contiguous()``, int64), then cross-entropy, whose log-softmax output autograd keeps.
+        narrow = dtype_bytes(workload.act_dtype, 1) < 4
+        g.add_op("loss_upcast", "head", {"logits_fp32": 4 * nv} if narrow else {}, (logits,))
+        upcast = "logits_fp32" if narrow else logits
+        labels = _INDEX_BYTES * (workload.batch * (workload.query_len + 1) + workload.tokens)
+        g.add_op("loss_labels", "head", {"shift_labels": labels}, (logits, upcast))
+        g.add_op("log_softmax", "head", {"log_probs": 4 * nv}, (logits, upcast, "shift_labels"))
+    else:
+        # BertForMaskedLM: CrossEntropyLoss over the logits in their own dtype.
+        g.add_op("log_softmax", "head", {"log_probs": dtype_bytes(workload.act_dtype, nv)}, (logits,))
+    # aten.nll_loss_forward returns the loss and its total weight, two fp32 scalars.
+    g.add_op("nll_loss", "head", {"loss": 2 * _LOSS_BYTES}, ("log_probs", logits))
+    return "loss"
+
+
+# Ops of the reference forward whose first input autograd keeps for the backward pass: a linear's
+# input (its weight gradient), an activation's input.
+_KEEPS_FIRST_INPUT = ("_proj", "lm_head", "pooler_dense", "head_transform_dense", "head_transform_act", "act_fn",
+                      "router", "fused_up_act")
+
+
+def _train_forward_peak(shape: LayerShape, workload: Workload) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """Peak of the real forward in train: the reference forward (transformers' modules as they run)
+    with every tensor that autograd keeps for the unit's backward alive from its op to the unit's end.
+
+    The saved set of the Korthikanti accounting (``persistent_bytes``) idealizes the modules: it leaves
+    out the fp32 copies that an RMSNorm and an fp32 softmax keep, the reshaped copies that a 4-D matmul
+    keeps, a Python activation's intermediates, and the Python references the reference walk follows.
+    """
+    builders = {"embedding": _reference_embedding_graph, "head": _reference_head_graph}
+    g = builders.get(shape.part, _reference_layer_graph)(shape, workload)
+    blocks = tuple(blk for grp in _blocks_of(shape.part) for blk in grp)
+    kept: list[str] = []
+    for op in g.ops:
+        if op.block not in blocks:
+            continue  # another unit's saved tensors are its own (and live only as long as read here)
+        name = op.name
+        kept.extend(t for t in op.outputs if t.endswith(".saved"))
+        if f"{name}.saved" in op.outputs and op.inputs and not name.endswith(("qk", "pv", "act_fn")):
+            kept.append(op.inputs[0])  # a norm keeps its input (LayerNorm; RMSNorm in fp32)
+        if name.endswith("act_fn"):
+            kept.extend(t for t in op.outputs if t.endswith(".workspace"))  # a Python activation's intermediates
+        if name == "lm_head":
+            kept.append(op.inputs[-1])  # the normed states (its other inputs are what the caller holds)
+        elif name.endswith(_KEEPS_FIRST_INPUT):
+            kept.append(op.inputs[0])
+        elif name.endswith("mul"):
+            kept.extend(op.inputs[:2])  # act(gate) * up keeps both factors
+        elif name in ("qk", "pv"):
+            kept.extend(op.inputs[:2])  # q and k; the probabilities and v
+        elif name == "sdpa":
+            kept.extend((*op.inputs, "context", "lse"))  # the flash kernel keeps q, k, v, its output and LSE
+        elif name in ("softmax", "probs_cast", "log_softmax"):
+            kept.extend(t for t in op.outputs if t in ("probs_fp32", "probs", "log_probs"))
+    g.outputs.extend(t for t in dict.fromkeys(kept) if t in g.sizes and t not in g.outputs)
+    return g.peak(blocks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1020,6 +1120,11 @@ def estimate_activations(shape: LayerShape, workload: Workload) -> ActivationEst
             persistent_parts = tuple((f"saved.{name}", nb) for name, nb, _ in saved)
             parts = persistent_parts + grad_parts
         persistent = sum(nb for _, nb in persistent_parts)
+        # The forward itself can hold more than the saved set and the backward's gradients: the modules
+        # that really run keep fp32 copies and Python references (docs/activations.md, "Train").
+        forward_bytes, forward_live = _train_forward_peak(shape, workload)
+        if forward_bytes > sum(nb for _, nb in parts):
+            parts = tuple((f"forward.{t}", nb) for t, nb in forward_live)
     return ActivationEstimate(
         activation_bytes=sum(nb for _, nb in parts),
         persistent_bytes=persistent,
