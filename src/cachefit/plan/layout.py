@@ -620,11 +620,9 @@ def partial_layouts(table: ShardTable, cards: Sequence[Card], stacking: str, deg
     """
     n = len(table.profile.units)
     k = num_cards
-    kinds: list[Card] = []  # distinct cards, in order
-    for card in cards[:k]:
-        if card not in kinds:
-            kinds.append(card)
-    kind_of = np.asarray([kinds.index(c) for c in cards[:k]] if len(cards) > 1 else [0] * k, dtype=np.int64)
+    kinds, kind_list = card_kinds(cards[:k])  # distinct cards, in order
+    kind_of = np.asarray(kind_list if len(cards) > 1 else [0] * k, dtype=np.int64)
+    kind_caps = [card.capacity_bytes for card in kinds]
     tokens = workload.tokens
     reuse = stacking == "reuse"
 
@@ -671,8 +669,8 @@ def partial_layouts(table: ShardTable, cards: Sequence[Card], stacking: str, deg
                                    table_bytes=min(wb, tables), table_read_bytes=min(wb, tables, read),
                                    transient_traffic_bytes=transient)
                 offs, times = [], []
-                for card in kinds:
-                    off = offchip_split(stats, card.capacity_bytes, workload).offchip_bytes_per_micro_batch
+                for kind, card in enumerate(kinds):
+                    off = offchip_split(stats, kind_caps[kind], workload).offchip_bytes_per_micro_batch
                     took = None if stage_time is None else stage_time(i, tuple(members), footprint, s, traffic, card)
                     offs.append(off)
                     times.append(off / bandwidth(card) if took is None else took)
@@ -761,13 +759,10 @@ def fastest_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degr
     """
     n = len(table.profile.units)
     k = num_cards
-    kinds: list[Card] = []
-    for c in range(k):
-        card = cards[c] if len(cards) > 1 else cards[0]
-        if card not in kinds:
-            kinds.append(card)
-    kind_of = np.asarray([kinds.index(cards[c] if len(cards) > 1 else cards[0]) for c in range(k)], dtype=np.int64)
-    largest = max(c.capacity_bytes for c in kinds)
+    kinds, kind_list = card_kinds([cards[c] if len(cards) > 1 else cards[0] for c in range(k)])
+    kind_of = np.asarray(kind_list, dtype=np.int64)
+    kind_caps = [card.capacity_bytes for card in kinds]
+    largest = max(kind_caps)
     reuse = stacking == "reuse"
     inf = float("inf")
     # (start, degree) -> per end: (stacked bytes, time on each kind of card; inf where it does not fit)
@@ -807,7 +802,7 @@ def fastest_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degr
                                       persistent_activation_bytes=p)
                 times = np.full(len(kinds), inf)
                 for kind, card in enumerate(kinds):
-                    if total > card.capacity_bytes:
+                    if total > kind_caps[kind]:
                         continue
                     took = stage_time(i, tuple(members), footprint, s, traffic, card)
                     if took is None:
