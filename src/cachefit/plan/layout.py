@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from fnmatch import fnmatchcase
@@ -600,6 +600,55 @@ def narrow_partial_search(num_units: int, num_cards: int, degrees: Sequence[int]
     return kept, max(2, math.ceil(4 * num_units / max(1, num_cards)))
 
 
+@dataclass(slots=True)
+class _Growing:
+    """A stage from unit ``start`` to unit ``end`` (inclusive) over ``degree`` cards, as it grows."""
+    end: int
+    unit: Unit
+    """Its last unit (the shard a card holds)."""
+    members: tuple[Unit, ...]
+    traffic: int
+    """Collective bytes per token of its shards."""
+    weight_bytes: int
+    persistent_bytes: int
+    scratch: tuple[int, int]
+    """(transient activations, buffers) as the stage stacks them: the largest unit's, or all summed."""
+
+    @property
+    def footprint(self) -> Footprint:
+        return Footprint(weight_bytes=self.weight_bytes, activation_bytes=self.persistent_bytes + self.scratch[0],
+                         buffer_bytes=self.scratch[1], persistent_activation_bytes=self.persistent_bytes)
+
+
+def _growing_stages(table: ShardTable, start: int, degree: int, n: int, max_stage_units: int | None,
+                    reuse: bool) -> Iterator[_Growing]:
+    """The stages from unit ``start`` over ``degree`` cards, one unit longer each (as
+    :func:`~cachefit.units.stack_footprints` stacks them), until a unit cannot be split so or the
+    stage reaches ``max_stage_units``."""
+    wb = p = traffic = 0
+    peak: tuple[int, int] = (0, 0)  # (transient, buffers) of the unit with the largest sum
+    summed = (0, 0)
+    members: list[Unit] = []
+    for j in range(start, n):
+        if max_stage_units is not None and j - start >= max_stage_units:
+            return
+        got = table.get(j, degree)
+        if got is None:
+            return
+        unit = got[0]
+        traffic += got[1]
+        members.append(unit)
+        fp = unit.footprint
+        wb += fp.weight_bytes
+        p += fp.persistent_activation_bytes
+        t, b = fp.transient_activation_bytes, fp.buffer_bytes
+        if t + b > sum(peak):
+            peak = (t, b)
+        summed = (summed[0] + t, summed[1] + b)
+        yield _Growing(end=j, unit=unit, members=tuple(members), traffic=traffic, weight_bytes=wb, persistent_bytes=p,
+                       scratch=peak if reuse else summed)
+
+
 def partial_layouts(table: ShardTable, cards: Sequence[Card], stacking: str, degrees: Sequence[int],
                     num_cards: int, workload: Workload, *, stage_time: StageTime | None = None,
                     weights: Sequence[float] = (0.0,), max_stage_units: int | None = None) -> list[Layout]:
@@ -636,35 +685,15 @@ def partial_layouts(table: ShardTable, cards: Sequence[Card], stacking: str, deg
             if s > k:
                 break
             rows: list[tuple[np.ndarray, np.ndarray]] = []
-            wb = p = tables = read = transient = 0
-            peak: tuple[int, int] = (0, 0)  # (transient, buffers) of the unit with the largest sum
-            summed = [0, 0]
-            members: list[Unit] = []
-            traffic = 0
-            for j in range(i, n):
-                if max_stage_units is not None and j - i >= max_stage_units:
-                    break
-                got = table.get(j, s)
-                if got is None:
-                    break
-                unit = got[0]
-                traffic += got[1]
-                members.append(unit)
+            tables = read = transient = 0
+            for grown in _growing_stages(table, i, s, n, max_stage_units, reuse):
+                unit, members, traffic, footprint = grown.unit, grown.members, grown.traffic, grown.footprint
+                wb, p, scratch = grown.weight_bytes, grown.persistent_bytes, grown.scratch
                 fp = unit.footprint
-                wb += fp.weight_bytes
-                p += fp.persistent_activation_bytes
-                t, b = fp.transient_activation_bytes, fp.buffer_bytes
-                if t + b > sum(peak):
-                    peak = (t, b)
-                summed[0] += t
-                summed[1] += b
-                transient += t
+                transient += fp.transient_activation_bytes
                 if is_embedding(unit):
                     tables += fp.weight_bytes
                     read += embedding_read_bytes(unit, tokens)
-                scratch = peak if reuse else (summed[0], summed[1])
-                footprint = Footprint(weight_bytes=wb, activation_bytes=p + scratch[0], buffer_bytes=scratch[1],
-                                      persistent_activation_bytes=p)
                 stats = StageBytes(weight_bytes=wb, persistent_activation_bytes=p, other_bytes=sum(scratch),
                                    table_bytes=min(wb, tables), table_read_bytes=min(wb, tables, read),
                                    transient_traffic_bytes=transient)
@@ -772,34 +801,11 @@ def fastest_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degr
             if s > k:
                 break
             rows: list[tuple[int, np.ndarray]] = []
-            wb = p = 0
-            peak: tuple[int, int] = (0, 0)  # (transient, buffers) of the unit with the largest sum: stack_footprints
-            summed = [0, 0]
-            members: list[Unit] = []
-            traffic = 0
-            for j in range(i, n):
-                if max_stage_units is not None and j - i >= max_stage_units:
-                    break
-                got = table.get(j, s)
-                if got is None:
-                    break
-                unit = got[0]
-                traffic += got[1]
-                members.append(unit)
-                fp = unit.footprint
-                wb += fp.weight_bytes
-                p += fp.persistent_activation_bytes
-                t, b = fp.transient_activation_bytes, fp.buffer_bytes
-                if t + b > sum(peak):
-                    peak = (t, b)
-                summed[0] += t
-                summed[1] += b
-                scratch = peak if reuse else (summed[0], summed[1])
-                total = wb + p + scratch[0] + scratch[1]
+            for grown in _growing_stages(table, i, s, n, max_stage_units, reuse):
+                j, members, traffic, footprint = grown.end, grown.members, grown.traffic, grown.footprint
+                total = footprint.total_bytes
                 if total > largest:
                     break
-                footprint = Footprint(weight_bytes=wb, activation_bytes=p + scratch[0], buffer_bytes=scratch[1],
-                                      persistent_activation_bytes=p)
                 times = np.full(len(kinds), inf)
                 for kind, card in enumerate(kinds):
                     if total > kind_caps[kind]:
