@@ -26,10 +26,13 @@ WTE, WPE, BLOCK, LN = 77_194_752, 1_572_864, 14_175_744, 3_072
 #   a layer's transient peak (eager attention), what transformers' GPT2Model holds while it runs: the
 #   layer input (residual), inputs_embeds and the position lookup kept by the model's forward, the
 #   position id (8 B), ln_1's output, c_attn's q, k, v (3 x 1,536), scores and scaled scores 12 heads x
-#   1,024 x 2 B each: 4 x 1,536 + 8 + 4,608 + 2 x 24,576 = 59,912 B; its buffer, the mask row 1,024 x 2 B = 2,048 B
-#   embed's peak: the token lookup, the position id, the position lookup and their sum, 3 x 1,536 + 8 = 4,616 B;
-#   the head's: the final norm 1,536 B and the logits 50,257 x 2 B = 100,514 B, 102,050 B
-KV, LAYER_PEAK, MASK, EMBED_PEAK, HEAD_PEAK = 3_145_728, 59_912, 2_048, 4_616, 102_050
+#   1,024 x 2 B each, the int64 token id the caller holds (8 B) and the static cache's int64 fill counter
+#   of the layer (8 B): 4 x 1,536 + 8 + 4,608 + 2 x 24,576 + 8 + 8 = 59,928 B; its buffer, the mask row
+#   1,024 x 2 B = 2,048 B
+#   embed's peak: the token id, the token lookup, the position id, the position lookup and their sum,
+#   3 x 1,536 + 8 + 8 = 4,624 B; the head's: the token id 8 B, the final norm 1,536 B and the logits
+#   50,257 x 2 B = 100,514 B, 102,058 B
+KV, LAYER_PEAK, MASK, EMBED_PEAK, HEAD_PEAK = 3_145_728, 59_928, 2_048, 4_624, 102_058
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +77,17 @@ def test_accelerate_map_with_whole_blocks(gpt2_small):
     # activations are the larger peak, the head's 102,050 B: 78,869,666 B, which fits 100,000,000 B
     assert card0.weight_bytes == WTE + WPE == 78_767_616
     assert card0.units == ("embed", "head")
-    assert card0.total_bytes == WTE + WPE + max(EMBED_PEAK, HEAD_PEAK) == 78_869_666
+    assert card0.total_bytes == WTE + WPE + max(EMBED_PEAK, HEAD_PEAK) == 78_869_674
     assert card0.fits and card0.spill_bytes == 0 and card0.offchip_bytes_per_token == 0
     # card 1: 12 blocks + ln_f = 170,108,928 + 3,072 = 170,112,000 B of weights, 12 KV caches 37,748,736 B,
     # one layer's transient peak and mask 59,912 + 2,048 B: 207,922,696 B, 107,922,696 B beyond 100 MB
     assert card1.weight_bytes == 12 * BLOCK + LN == 170_112_000
     assert card1.footprint.persistent_activation_bytes == 12 * KV == 37_748_736
-    assert card1.total_bytes == 170_112_000 + 37_748_736 + LAYER_PEAK + MASK == 207_922_696
-    assert card1.spill_bytes == 107_922_696 and card1.onchip_bytes == 100_000_000
+    assert card1.total_bytes == 170_112_000 + 37_748_736 + LAYER_PEAK + MASK == 207_922_712
+    assert card1.spill_bytes == 107_922_712 and card1.onchip_bytes == 100_000_000
     # the spill comes out of the weights (170 MB of them), read from DRAM once per decode step of 1 token
-    assert card1.streamed_weight_bytes == 107_922_696 and card1.spilled_activation_bytes == 0
-    assert audit.offchip_bytes_per_token == 107_922_696
+    assert card1.streamed_weight_bytes == 107_922_712 and card1.spilled_activation_bytes == 0
+    assert audit.offchip_bytes_per_token == 107_922_712
     assert not audit.fits
     assert audit.split_units == ("head",) and audit.unmatched_keys == ("transformer.drop",)
     # 286.7 MB in all cannot fit two 100 MB cards: the fix is the fewest cards that fit
@@ -106,8 +109,8 @@ def test_accelerate_map_that_cuts_blocks(gpt2_small):
     assert audit.cards[1].units[0] == "layers.1" and audit.cards[2].units[0] == "layers.8"
     assert set(audit.split_units) == {"layers.1", "layers.8", "head"}
     # card 1: 99,230,208 + 7 KV caches (layers.1..7) 22,020,096 + 61,960 = 121,312,264 B: spills 21,312,264 B
-    assert audit.cards[1].total_bytes == 99_230_208 + 7 * KV + LAYER_PEAK + MASK == 121_312_264
-    assert audit.cards[1].streamed_weight_bytes == 21_312_264
+    assert audit.cards[1].total_bytes == 99_230_208 + 7 * KV + LAYER_PEAK + MASK == 121_312_280
+    assert audit.cards[1].streamed_weight_bytes == 21_312_280
 
 
 def test_offloaded_weights_stream_every_step(gpt2_small):
@@ -194,8 +197,8 @@ def test_check_cli_json_and_table(tmp_path):
     doc = json.loads(result.stdout)
     assert doc["schema"] == "cachefit.check/1"
     # the gpt2 preset is GPT-2 small: the same numbers as above
-    assert [c["total_bytes"] for c in doc["cards"]] == [78_869_666, 207_922_696]
-    assert doc["spill_bytes"] == 107_922_696 and doc["offchip_bytes_per_token"] == 107_922_696
+    assert [c["total_bytes"] for c in doc["cards"]] == [78_869_674, 207_922_712]
+    assert doc["spill_bytes"] == 107_922_712 and doc["offchip_bytes_per_token"] == 107_922_712
     assert doc["fix"]["feasible"] and doc["fix"]["plan"]["schema"] == "cachefit.plan/1"
     result = runner.invoke(app, ["check", "gpt2", "--device-map", str(path), "--capacity", "100MB"])
     assert result.exit_code == 0 and "does not fit" in result.stdout and "fix:" in result.stdout

@@ -657,14 +657,15 @@ def test_paper16l_preset_chain_matches_the_documented_numbers():
     totals = [s.after.total_bytes for s in steps]
     # Activations (docs/compression.md): the 33,554,432 B KV cache; beside it at the eager softmax
     # 6 x 8,192 B (layer input, normed input, q, k, v; 8 B of position ids) and the fp16 masked scores
-    # 1 x 32 x 1 x 2048 x 2 = 131,072 B with their fp32 copy and fp32 softmax 2 x 262,144 B:
-    # 34,250,760 B, + the 4,096 B mask. Fusion (flash, fused MLP): the MLP's RMSNorm makes the peak,
-    # 4 x 8,192 + 8 + its fp32 workspace 8 x 4096 - 8192 + 8 = 24,584 B: 33,611,792 B, + SDPA's
-    # 2,048 B boolean mask over the cache.
+    # 1 x 32 x 1 x 2048 x 2 = 131,072 B with their fp32 copy and fp32 softmax 2 x 262,144 B, the int64
+    # token id the caller holds and the static cache's int64 fill counter (8 B each): 34,250,776 B, + the
+    # 4,096 B mask. Fusion (flash, fused MLP): the MLP's RMSNorm makes the peak, 4 x 8,192 + 8 + its fp32
+    # workspace 8 x 4096 - 8192 + 8, + the same 16 B = 24,600 B: 33,611,808 B, + SDPA's 2,048 B boolean
+    # mask over the cache.
     assert totals == [
-        268_451_840 + 34_250_760 + 4_096, 134_291_456 + 34_250_760 + 4_096,
-        134_291_456 + 33_611_792 + 2_048, 134_291_456 + 33_611_792 + 2_048,
-    ] == [302_706_696, 168_546_312, 167_905_296, 167_905_296]
+        268_451_840 + 34_250_776 + 4_096, 134_291_456 + 34_250_776 + 4_096,
+        134_291_456 + 33_611_808 + 2_048, 134_291_456 + 33_611_808 + 2_048,
+    ] == [302_706_712, 168_546_328, 167_905_312, 167_905_312]
     assert steps[-1].after.weight_bytes == 134_275_072 + 16_384
     # the KV cache, 2 x 2048 x 4096 x 2 B, is untouched by the chain
     assert steps[-1].after.persistent_activation_bytes == 2 * 2048 * 4096 * 2
