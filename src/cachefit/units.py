@@ -402,6 +402,10 @@ class ForwardSpec:
     position_lookup: str = "none"
     """Learned positions: ``none`` (rotary or none), ``broadcast`` (a ``1 x T x h`` lookup added to
     every sequence: GPT-2, BERT), ``batched`` (``B x T x h`` from per-sequence positions: OPT)."""
+    embed_proj_dim: int = 0
+    """Width of the token lookup where a linear maps it to the hidden size before the layers (OPT's
+    ``project_in`` when ``word_embed_proj_dim != hidden_size``; 0: none, the lookup is ``hidden_size``
+    wide)."""
     embedding_norm: bool = False
     """A norm closes the embedding (BERT's ``embeddings.LayerNorm``)."""
     embedding_scale: bool = False
@@ -431,7 +435,7 @@ class ForwardSpec:
                 f"forward spec: position_lookup must be one of {', '.join(_POSITION_LOOKUPS)}, "
                 f"got {self.position_lookup!r}"
             )
-        for name, least in (("activation_temporaries", 0), ("attention_masks", 1)):
+        for name, least in (("activation_temporaries", 0), ("attention_masks", 1), ("embed_proj_dim", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"forward spec: {name} must be an int >= {least}, got {value!r}")

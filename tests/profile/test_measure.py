@@ -281,13 +281,7 @@ def _workloads(encoder: bool):
 
 # Where the analytic model (cachefit.profile.activations) is still below the real modules' peak. Each
 # entry: what the measured run held that the model leaves out (drop an entry once its family passes).
-PENDING_ANALYTIC: dict[str, str] = {
-    "gpt_neox": ("train, SDPA, bf16: the layer is a few % short (found at 40 examples: 47168 B against 49280 B "
-                 "measured, with query_key_value's output, the partial-rotary cat copies and the kernel's "
-                 "output kept for backward beside the MLP's)"),
-    "opt": ("train with word_embed_proj_dim != hidden_size: project_in keeps its input, the B x T x "
-            "word_embed_proj_dim token lookup, which the analytic embedding (no project_in) leaves out"),
-}
+PENDING_ANALYTIC: dict[str, str] = {}
 
 
 @pytest.mark.slow

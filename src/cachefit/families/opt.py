@@ -76,8 +76,8 @@ def read_opt(cfg: ConfigReader) -> TransformerSpec:
         head_tensors=tuple(head),
         notes=tuple(cfg.notes),
         # nn.LayerNorm; OPTDecoder derives positions from a cumsum over a B x S mask and looks them
-        # up per sequence (B x T x h).
-        forward=ForwardSpec(norm="layer", position_lookup="batched"),
+        # up per sequence (B x T x h); project_in maps a narrower (or wider) token lookup to h.
+        forward=ForwardSpec(norm="layer", position_lookup="batched", embed_proj_dim=proj if proj != hidden else 0),
     )
 
 

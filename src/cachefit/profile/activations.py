@@ -343,7 +343,13 @@ def _embedding_graph(shape: LayerShape, workload: Workload) -> _Graph:
     act = workload.act_dtype
     out = dtype_bytes(act, workload.tokens * shape.hidden_size)
     g = _Graph()
-    g.add_op("token_lookup", "embed", {"token_embeds": out}, ())
+    proj = shape.forward.embed_proj_dim
+    if proj:
+        # OPT: a token lookup proj wide, projected to h (project_in keeps its input in train).
+        g.add_op("token_lookup", "embed", {"token_lookup": dtype_bytes(act, workload.tokens * proj)}, ())
+        g.add_op("project_in", "embed", {"token_embeds": out}, ("token_lookup",))
+    else:
+        g.add_op("token_lookup", "embed", {"token_embeds": out}, ())
     running = "token_embeds"
     for i in range(1, shape.embedding_tables):
         # Learned position / token-type lookups, each up to B x T x h, summed out of place.
@@ -360,9 +366,14 @@ def _head_graph(shape: LayerShape, workload: Workload) -> _Graph:
     g = _Graph()
     g.add_input("residual", dtype_bytes(act, n * h))
     g.add_op("final_norm", "head", {"final_norm": dtype_bytes(act, n * h)}, ("residual",))
+    normed = "final_norm"
+    if shape.forward.embed_proj_dim:
+        # OPT: project_out maps the normed states back to the token lookup's width for the LM head.
+        g.add_op("project_out", "head", {"projected": dtype_bytes(act, n * shape.forward.embed_proj_dim)}, (normed,))
+        normed = "projected"
     if shape.vocab_size:
         # Logits for every position of the step (prefill: all T; decode: the one new token).
-        g.add_op("lm_head", "head", {"logits": dtype_bytes(act, n * shape.vocab_size)}, ("final_norm",))
+        g.add_op("lm_head", "head", {"logits": dtype_bytes(act, n * shape.vocab_size)}, (normed,))
         out = "logits"
         if workload.mode is Mode.TRAIN:
             logits_fp32 = n * shape.vocab_size * _LOSS_BYTES
@@ -690,8 +701,9 @@ def _reference_layer_graph(shape: LayerShape, workload: Workload) -> _Graph:
     if shape.parallel_attn_mlp:
         # mlp_out + attn_out + hidden_states (GPT-NeoX; Falcon adds the attention output in place).
         g.add_op("attn_mlp_sum", "mlp", {"attn_mlp_out": b(n * h)}, (mlp_out, "attn_out"))
-        # mlp_output is the layer's local until it returns.
-        g.add_op("residual_sum", "mlp", {"layer_out": b(n * h)}, ("attn_mlp_out", "residual", mlp_out))
+        # mlp_output and attn_output are the layer's locals until it returns, beside the partial sum
+        # (GPT-NeoX's ``mlp_output + attn_output + hidden_states``: two out-of-place adds).
+        g.add_op("residual_sum", "mlp", {"layer_out": b(n * h)}, ("attn_mlp_out", "residual", mlp_out, "attn_out"))
     elif fw.post_norm:
         # BertOutput: LayerNorm(dense(intermediate) + attention_output). Its argument, the activated
         # intermediate, is also BertLayer.feed_forward_chunk's local ``intermediate_output``: alive until
@@ -714,17 +726,28 @@ def _reference_embedding_graph(shape: LayerShape, workload: Workload) -> _Graph:
     g = _Graph()
     # The token ids (B x T int64), the forward's argument, live while the model runs.
     g.add_input("input_ids", _INDEX_BYTES * n)
+    proj = fw.embed_proj_dim
     if fw.embedding_scale:
         # Gemma: embedding(ids) * sqrt(h), out of place.
         g.add_op("token_lookup", "embed", {"token_lookup": out}, ())
         g.add_op("embed_scale", "embed", {"inputs_embeds": out}, ("token_lookup",))
+    elif proj:
+        # OPT with word_embed_proj_dim != h: ``inputs_embeds = self.embed_tokens(input_ids)`` is proj
+        # wide and lives through the position lookup, until ``self.project_in(inputs_embeds)`` rebinds it
+        # (which keeps it for backward in train).
+        g.add_op("token_lookup", "embed", {"token_lookup": dtype_bytes(act, n * proj)}, ())
     else:
         g.add_op("token_lookup", "embed", {"inputs_embeds": out}, ())
     held, transient = _position_ids(shape, workload)
-    g.add_op("position_ids", "embed", {**held, **transient}, ())
+    g.add_op("position_ids", "embed", {**held, **transient}, ("token_lookup",) if proj else ())
     kept = ["inputs_embeds", *held]
     running = "inputs_embeds"
     position = _position_lookup_bytes(shape, workload)
+
+    def project_in() -> None:
+        if proj and "inputs_embeds" not in g.sizes:
+            g.add_op("project_in", "embed", {"inputs_embeds": out}, ("token_lookup",))
+
     for i in range(1, shape.embedding_tables):
         # Each lookup is summed out of place; the lookups are locals alive until the embedding
         # returns (GPT-2's and OPT's forward keep them through every layer), each running sum until
@@ -738,10 +761,12 @@ def _reference_embedding_graph(shape: LayerShape, workload: Workload) -> _Graph:
             # OPT's embed_positions looks up ``position_ids + self.offset``, a new int64 B x T tensor that
             # the embedding's backward keeps.
             lookup[f"lookup_{i}.saved"] = _INDEX_BYTES * workload.tokens
-        g.add_op(f"lookup_{i}", "embed", lookup, ())
+        g.add_op(f"lookup_{i}", "embed", lookup, ("token_lookup",) if proj else ())
+        project_in()
         g.add_op(f"embed_sum_{i}", "embed", {f"embed_sum_{i}": out}, (running, name))
         kept.append(name)
         running = f"embed_sum_{i}"
+    project_in()
     if fw.embedding_norm:
         running = _norm_op(g, "embedding_norm", "embed", running, n * h, n, workload, shape)
     g.outputs.extend(dict.fromkeys([running, *kept, "input_ids"]))
@@ -768,6 +793,13 @@ def _reference_head_graph(shape: LayerShape, workload: Workload) -> _Graph:
         g.add_input(name, nbytes)
     if not shape.forward.post_norm:
         keep: tuple[str, ...] = (_norm_op(g, "final_norm", "head", "residual", n * h, n, workload, shape, keep=tuple(caller)),)
+        if shape.forward.embed_proj_dim:
+            # OPTDecoder: ``hidden_states = self.project_out(hidden_states)`` after the final norm, still
+            # inside the model's forward (which holds what it held through the layers); the LM head
+            # reads the proj-wide states.
+            projected = dtype_bytes(act, n * shape.forward.embed_proj_dim)
+            g.add_op("project_out", "head", {"projected": projected}, (*keep, *caller))
+            keep = ("projected",)
     elif not shape.vocab_size:
         # A post-norm encoder (BERT): the last layer's output norm closes the stack; the pooler reads
         # the sequence output inside the model's forward, which still holds the embedding output.
@@ -827,8 +859,8 @@ def _add_reference_loss_ops(g: _Graph, shape: LayerShape, workload: Workload, lo
 
 # Ops of the reference forward whose first input autograd keeps for the backward pass: a linear's
 # input (its weight gradient), an activation's input.
-_KEEPS_FIRST_INPUT = ("_proj", "lm_head", "pooler_dense", "head_transform_dense", "head_transform_act", "act_fn",
-                      "router", "fused_up_act")
+_KEEPS_FIRST_INPUT = ("_proj", "project_in", "project_out", "lm_head", "pooler_dense", "head_transform_dense",
+                      "head_transform_act", "act_fn", "router", "fused_up_act")
 
 
 def _train_forward_peak(shape: LayerShape, workload: Workload) -> tuple[int, tuple[tuple[str, int], ...]]:
@@ -950,6 +982,10 @@ def _saved_embedding(shape: LayerShape, workload: Workload) -> list[tuple[str, i
     n = workload.tokens
     # Embedding backward needs only the indices (one int64 index tensor per lookup table).
     saved: list[tuple[str, int, str | None]] = [("input_ids", n * _INDEX_BYTES * shape.embedding_tables, "input_ids")]
+    if shape.forward.embed_proj_dim:
+        # OPT's project_in keeps its input, the token lookup (B x T x word_embed_proj_dim).
+        saved.append(("project_in.input", dtype_bytes(workload.act_dtype, n * shape.forward.embed_proj_dim),
+                      "token_lookup"))
     if workload.dropout:
         saved.append(("embed_dropout.mask", n * shape.hidden_size * _MASK_BYTES, None))
     return saved
@@ -962,6 +998,9 @@ def _saved_head(shape: LayerShape, workload: Workload) -> list[tuple[str, int, s
         ("final_norm.input", dtype_bytes(act, n * h), "residual"),
         ("final_norm.output", dtype_bytes(act, n * h), "final_norm"),  # LM head / pooler input
     ]
+    if shape.forward.embed_proj_dim:
+        # OPT's project_out keeps the normed states (above); the LM head keeps its output.
+        saved.append(("project_out.output", dtype_bytes(act, n * shape.forward.embed_proj_dim), "projected"))
     if shape.vocab_size:
         saved.append(("loss.log_probs", n * shape.vocab_size * _LOSS_BYTES, None))  # fp32 log-softmax output
     else:
