@@ -16,8 +16,8 @@ over the ops that run while the unit runs, counting
   rotary tables made then, which cachefit books on the attention units (and the head).
 
 cachefit's figure for the unit is ``activation_bytes + buffer_bytes`` of ``cachefit profile`` for
-the same config and workload; the test asserts ``1.0 <= analytic / measured <= 1.35`` (DESIGN.md,
-Footprint). Run as a script it prints the table of docs/activations.md::
+the same config and workload; the test asserts ``1.0 <= analytic / measured <= 1.35`` (the contract
+of a unit's ``Footprint``). Run as a script it prints the table of docs/activations.md::
 
     python tests/profile/test_activation_peaks.py
 """
