@@ -152,3 +152,23 @@ def test_decode_report_puts_the_prediction_beside_the_measurement(model_dirs):
     bare = launch(model_dir, plan, nodes=NodeConfig(nproc_per_node=2), launcher="fork", input_ids=_prompt(batch=2),
                   config=RunConfig(mode="decode", new_tokens=NEW_TOKENS, micro_batches=2))
     assert "--device" in bare.report["predicted"]["unavailable"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kv_cache", ["static", "dynamic"])
+def test_decode_through_tensor_parallel_stages_matches_generate(model_dirs, kv_cache):
+    # 2 stages of 2 shards each (4 processes): each shard decodes its own heads with its own KV caches,
+    # the leaders pass the hidden states and the tokens on
+    model_dir = model_dirs["llama_tp"]
+    plan = make_plan(model_dir, "150KB")
+    layout = layout_from_plan(plan, inspect_model_dir(model_dir))
+    assert [p.shards for p in layout.stages] == [2, 2]
+    ids = _prompt(batch=4)
+    result = launch(model_dir, plan, nodes=NodeConfig(nproc_per_node=4), launcher="fork", input_ids=ids,
+                    config=RunConfig(mode="decode", new_tokens=NEW_TOKENS, micro_batches=2, kv_cache=kv_cache))
+    out = _generate(model_dir, ids, "static" if kv_cache == "static" else None)
+    assert result.report["generated_ids"] == out.sequences[:, ids.shape[1]:].tolist()
+    expected = torch.stack(out.logits, dim=1)
+    assert float((result.outputs - expected).abs().max() / expected.abs().max()) <= 1e-5
+    assert check_run(result, model_dir, layout=layout, mode="decode").passed
+    assert [len(stage["shards"]) for stage in result.report["stages"]] == [2, 2]

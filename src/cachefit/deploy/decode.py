@@ -47,10 +47,16 @@ def split_groups(batch: int, groups: int) -> list[slice]:
     return [slice(g * size, (g + 1) * size) for g in range(groups)]
 
 
-def decode_rank(ctx: RankContext, stage: BuiltStage, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+def decode_rank(ctx: RankContext, stage: BuiltStage, inputs: tuple[torch.Tensor, ...], *,
+                tp_group: Any = None) -> torch.Tensor | None:
     """Run ``warmup + steps`` generations (fresh caches each) of ``new_tokens`` tokens; report them.
 
-    Returns the last stage's logits ``(batch, new_tokens, vocab)`` (None on other stages).
+    A stage split over several cards (``tp_group``) decodes as one: its leader receives each job's input
+    (hidden states, or on the first stage the token ids) and broadcasts it to the other shards, every
+    shard runs the job on its own heads (its KV caches hold its own KV heads) and the shards' collectives
+    join the partial results; only the leader sends on. Every rank knows the jobs' order and shapes.
+
+    Returns the last stage's logits ``(batch, new_tokens, vocab)`` on its leader (None elsewhere).
     """
     layout, config, device, rank = ctx.layout, ctx.config, ctx.device, ctx.rank
     placement, module = stage.placement, stage.module
@@ -61,6 +67,8 @@ def decode_rank(ctx: RankContext, stage: BuiltStage, inputs: tuple[torch.Tensor,
     nxt = layout.stages[idx + 1].leader if idx < count - 1 else None
     first, last = layout.stages[0].leader, layout.stages[-1].leader
     is_first, is_last = prev is None, nxt is None
+    leads = stage.shard == 0  # a split stage's other shards take their inputs from it
+    split = placement.shards > 1 and tp_group is not None
     groups = split_groups(ids.shape[0], config.micro_batches)
     prompt = ids.shape[1]
     hidden_size = module.model.config.hidden_size
@@ -89,15 +97,22 @@ def decode_rank(ctx: RankContext, stage: BuiltStage, inputs: tuple[torch.Tensor,
                 position = 0 if step == 0 else prompt + step - 1
                 for g, sl in enumerate(groups):
                     rows = sl.stop - sl.start
-                    if not is_first:
+                    if not leads:
+                        x = (torch.empty(rows, q, hidden_size, dtype=dtype, device=device) if not is_first
+                             else torch.empty(rows, q, dtype=torch.int64, device=device))
+                    elif not is_first:
                         x = torch.empty(rows, q, hidden_size, dtype=dtype, device=device)
                         dist.recv(x, src=prev)
                     elif step > 0 and not is_last:
                         x = torch.empty(rows, 1, dtype=torch.int64, device=device)
                         dist.recv(x, src=last)  # the token this group's previous step produced
                     else:
-                        x = next_in[g]
+                        x = next_in[g].contiguous()
+                    if split:
+                        dist.broadcast(x, src=placement.leader, group=tp_group)
                     out = module.decode(x, mask[sl] if step == 0 else None, caches[g], position)
+                    if not leads:
+                        continue
                     if not is_last:
                         pending.append(dist.isend(out.contiguous(), dst=nxt))
                         continue
@@ -116,9 +131,9 @@ def decode_rank(ctx: RankContext, stage: BuiltStage, inputs: tuple[torch.Tensor,
             wall = time.perf_counter() - t0
             if run >= config.warmup:
                 walls.append(wall)
-                if is_last:
+                if is_last and leads:
                     runs.append(_run_timings(produced, wall))
-            if is_last:
+            if is_last and leads:
                 tokens = torch.cat([torch.cat(t, dim=1) for t in got_tokens], dim=0).cpu()
                 logits = torch.cat([torch.stack(lg, dim=1) for lg in got_logits], dim=0).cpu()
             advance()
@@ -128,17 +143,18 @@ def decode_rank(ctx: RankContext, stage: BuiltStage, inputs: tuple[torch.Tensor,
     stage.record_memory(resident_extra_bytes=kv_all - kv_all // len(groups))
     stage.report["busy_fraction"] = stage.report["busy_s"] / sum(walls) if sum(walls) > 0 else None
     gathered: list[Any] = [None] * ctx.world if rank == 0 else None  # type: ignore[assignment]
-    dist.gather_object({"stages": [stage.report], "step_s": walls, "losses": [], "holds_last": is_last,
-                        "decode_runs": runs, "tokens": tokens.tolist() if is_last and tokens is not None else None},
+    holds_last = is_last and leads
+    dist.gather_object({"stages": [stage.report], "step_s": walls, "losses": [], "holds_last": holds_last,
+                        "decode_runs": runs, "tokens": tokens.tolist() if holds_last and tokens is not None else None},
                        gathered, dst=0)
-    if is_last and logits is not None:
+    if holds_last and logits is not None:
         save_tensors({"outputs": logits, "tokens": tokens}, ctx.run_dir / "outputs.safetensors")
     if rank == 0:
         write_report(ctx.run_dir, layout, config, gathered, inputs,
                      timings=decode_timings(config, gathered, int(ids.shape[0])),
                      extra={"generated_ids": next((item["tokens"] for item in gathered if item.get("holds_last")),
                                                   None)})
-    return logits if is_last else None
+    return logits if holds_last else None
 
 
 def _cache_bytes(caches: list[Any]) -> int:

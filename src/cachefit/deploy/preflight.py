@@ -353,8 +353,6 @@ def _check_decode(layout: Any, config: RunConfig) -> None:
             f"--mode decode (a pipelined KV cache) runs {decoding} checkpoints, not "
             f"{family.name if family is not None else 'an nn.Sequential'}; use --mode prefill"
         )
-    if layout.tensor_parallel:
-        raise ConfigError("--mode decode runs plans without split stages; re-plan with larger cards or use --mode prefill")
     if config.schedule == "interleaved":
         raise ConfigError("--mode decode runs one stage per process; use --schedule gpipe")
 

@@ -200,7 +200,7 @@ def _run_rank(ctx: RankContext, build: BuildStage, inputs: tuple[torch.Tensor, .
     if config.mode == "decode":
         from cachefit.deploy.decode import decode_rank
 
-        return decode_rank(ctx, built[0], inputs)
+        return decode_rank(ctx, built[0], inputs, tp_group=tp_groups.get(built[0].placement.stage_idx))
     return _run_schedule(ctx, built, tp_groups, pp_group, inputs, target, loss_fn)
 
 
