@@ -343,8 +343,9 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
-class ColumnParallelLinear(nn.Module):
-    """The card's output features of a linear layer (``transposed``: stored (in, out) as Conv1D)."""
+class _ShardedLinear(nn.Module):
+    """A card's part of a linear layer (``transposed``: stored (in, out) as Conv1D), with the group
+    its collectives run over."""
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, *, transposed: bool, group: Any) -> None:
         super().__init__()
@@ -352,30 +353,24 @@ class ColumnParallelLinear(nn.Module):
         self.bias = bias
         self.transposed = transposed
         self.group = group
+
+    def extra_repr(self) -> str:
+        return f"local_weight={tuple(self.weight.shape)}, transposed={self.transposed}"
+
+
+class ColumnParallelLinear(_ShardedLinear):
+    """The card's output features of a linear layer."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _project(copy_to_shards(x, self.group), self.weight, self.bias, self.transposed)
 
-    def extra_repr(self) -> str:
-        return f"local_weight={tuple(self.weight.shape)}, transposed={self.transposed}"
 
-
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardedLinear):
     """The card's input features of a linear layer; outputs summed over the cards, the bias added once."""
-
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, *, transposed: bool, group: Any) -> None:
-        super().__init__()
-        self.weight = weight
-        self.bias = bias
-        self.transposed = transposed
-        self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = sum_over_shards(_project(x, self.weight, None, self.transposed), self.group)
         return out + self.bias if self.bias is not None else out
-
-    def extra_repr(self) -> str:
-        return f"local_weight={tuple(self.weight.shape)}, transposed={self.transposed}"
 
 
 class VocabParallelEmbedding(nn.Module):
