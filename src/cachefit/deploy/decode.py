@@ -70,6 +70,10 @@ def decode_rank(ctx: RankContext, stage: BuiltStage, inputs: tuple[torch.Tensor,
     leads = stage.shard == 0  # a split stage's other shards take their inputs from it
     split = placement.shards > 1 and tp_group is not None
     groups = split_groups(ids.shape[0], config.micro_batches)
+    if stage.probe is not None:
+        # the fit is the plan's workload, a one-token step with the caches filled, not the prompts' prefill
+        # (a forward over the whole prompt, a prefill plan's workload): measure the first group's first step
+        stage.probe.skip = len(groups)
     prompt = ids.shape[1]
     hidden_size = module.model.config.hidden_size
     dtype = next(module.parameters()).dtype
@@ -138,7 +142,8 @@ def decode_rank(ctx: RankContext, stage: BuiltStage, inputs: tuple[torch.Tensor,
                 logits = torch.cat([torch.stack(lg, dim=1) for lg in got_logits], dim=0).cpu()
             advance()
     stage.record_times()
-    # the measured call (the first group's prompt) saw its own group's cache; the other groups' stay resident too
+    # the measured call (the first group's first one-token step) saw its own group's cache; the other groups'
+    # stay resident too
     kv_all = _cache_bytes(caches) if total else 0
     stage.record_memory(resident_extra_bytes=kv_all - kv_all // len(groups))
     stage.report["busy_fraction"] = stage.report["busy_s"] / sum(walls) if sum(walls) > 0 else None

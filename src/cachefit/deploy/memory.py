@@ -78,6 +78,8 @@ class PeakProbe:
     def __init__(self, module: nn.Module, *, calls: int = 1) -> None:
         self.module = module
         self.remaining = calls
+        self.skip = 0
+        """Real calls to let pass unmeasured first (decode: the prompts' prefills, not the plan's workload)."""
         self.peak_bytes: int | None = None
         self.method = "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "live-storage tracker"
 
@@ -85,6 +87,9 @@ class PeakProbe:
         @functools.wraps(fn)
         def measured(*args: Any, **kwargs: Any) -> Any:
             if self.remaining <= 0 or any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args):
+                return fn(*args, **kwargs)
+            if self.skip > 0:
+                self.skip -= 1
                 return fn(*args, **kwargs)
             self.remaining -= 1
             if torch.cuda.is_available():

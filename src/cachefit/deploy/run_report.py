@@ -101,8 +101,9 @@ def write_report(run_dir: Path, layout: DeployLayout, config: RunConfig, gathere
     report["fit"] = {
         "over_capacity": over,
         "note": "measured_peak_bytes: the stage's weights as allocated (in the run's dtype) plus the peak of its live "
-                "non-weight bytes during its first real call (inputs, intermediates, KV caches; in decode the other "
-                "groups' caches too), beside the plan's planned_total_bytes and the card's capacity_bytes",
+                "non-weight bytes during its first real call (inputs, intermediates, KV caches; in decode the first "
+                "one-token step, not the prompt's prefill, and the other groups' caches too), beside the plan's "
+                "planned_total_bytes and the card's capacity_bytes",
     }
     report.update(extra or {})
     write_text_atomic(run_dir / "result.json", json.dumps(report, indent=2), what="run file")
