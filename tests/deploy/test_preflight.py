@@ -150,7 +150,9 @@ def test_workload_notes_say_what_differs():
     assert any("run in bf16; the plan counts its bytes in fp32" in n for n in notes)
     # decode: the prompt and the tokens made must fit a decode plan's KV cache (8 positions)
     decode = plan_for(mode="decode", micro_batches=1)
-    assert check_workload(decode, (2, 5), RunConfig(mode="decode", new_tokens=4)) == ()
+    # (the prompts' prefill is said to hold more than the plan's one-token step, which the fit is checked on)
+    assert [n[:41] for n in check_workload(decode, (2, 5), RunConfig(mode="decode", new_tokens=4))] == [
+        "the prompts' prefill (5 tokens a sequence"]
     with pytest.raises(ConfigError, match=r"KV cache of 9 positions \(6 prompt tokens \+ 3 generated before the "
                                           r"last\) where the plan's holds 8.*--seq 5"):
         check_workload(decode, (2, 6), RunConfig(mode="decode", new_tokens=4))

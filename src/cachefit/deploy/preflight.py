@@ -295,6 +295,9 @@ def check_workload(plan: Plan, input_shape: tuple[int, int], config: RunConfig) 
     elif decode and p_mode != "decode":
         notes.append(f"decoding on a {p_mode} plan: the stages' KV caches ({positions} positions) are not in the "
                      "plan's bytes")
+    elif decode and p_mode == "decode" and seq > 1:
+        notes.append(f"the prompts' prefill ({seq} tokens a sequence) runs through the decode plan's stages and "
+                     "holds more activation bytes than its one-token step; the fit is checked on the one-token steps")
     elif config.mode == "prefill" and p_mode == "decode":
         notes.append(f"one forward over {seq} tokens on a decode plan (planned for one token per step): attention "
                      "over the whole sequence holds more activation bytes than planned")
