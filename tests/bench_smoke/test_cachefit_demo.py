@@ -1,23 +1,15 @@
 """The INT8 cache-fit benchmark's bookkeeping (bench/cachefit_demo.py), without measuring anything."""
 
-import importlib.util
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "cachefit_demo.py"
+from bench_scripts import bench_script
 
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("cachefit_demo_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_script("cachefit_demo") as module:
+        yield module
 
 
 def test_every_block_runs_once_a_round_in_a_shuffled_order(demo):

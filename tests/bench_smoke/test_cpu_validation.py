@@ -1,40 +1,20 @@
 """bench/cpu_validation.py end to end on a tiny model and a given device file: the output's shape only
 (no timing is checked: the rates depend on the host and its load)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import DEVICE, bench_script
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "cpu_validation.py"
-
-# a made-up CPU: one cache level and DRAM, with every figure the decode estimate needs (link included,
-# so the script measures nothing but the runs)
-DEVICE = {
-    "device": "tiny-cpu", "full_name": "test CPU", "default_level": "l3",
-    "levels": [{"name": "l3", "capacity_bytes": 1 << 20, "bandwidth_bytes_per_s": 5e10},
-               {"name": "dram", "capacity_bytes": 1 << 32, "bandwidth_bytes_per_s": 1e10}],
-    "offchip_bandwidth_bytes_per_s": 1e10, "offchip_capacity_bytes": 1 << 32,
-    "peak_flops": {"fp32": 1e11}, "kernel_overhead": {"value": 3e-6, "source": "test", "as_of": "2026-01-01"},
-    "link_bandwidth": {"value": 2e9, "source": "test", "as_of": "2026-01-01"},
-    "hop_latency": {"value": 5e-5, "source": "test", "as_of": "2026-01-01"},
-    "source": "test", "as_of": "2026-01-01",
-}
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("cpu_validation_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_script("cpu_validation") as module:
+        yield module
 
 
 @pytest.mark.slow

@@ -1,29 +1,19 @@
 """bench/decode_bench.py end to end on a tiny model and a given device file: the output's shape only
 (no timing is checked: the rates depend on the host and its load)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import DEVICE, bench_script
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from test_cpu_validation import DEVICE  # noqa: E402  (the made-up CPU of the sibling benchmark's test)
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "decode_bench.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("decode_bench_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_script("decode_bench") as module:
+        yield module
 
 
 @pytest.mark.slow
