@@ -9,14 +9,13 @@ every card holds exactly its own planned weight bytes and is measured against it
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tiny_models import WORKLOAD, padded_inputs
+from tiny_models import WORKLOAD, check_shard_gradients, padded_inputs, save_models
 
 from cachefit.deploy.models import inspect_model_dir
 from cachefit.deploy.run_report import _stages
@@ -24,12 +23,10 @@ from cachefit.deploy.runtime import NodeConfig, RunConfig, launch
 from cachefit.deploy.stages import layout_from_plan
 from cachefit.deploy.tensor_parallel import (
     part_ranges,
-    shard_stage_,
     split_heads_from_parts,
 )
 from cachefit.deploy.verify import check_run
 from cachefit.errors import ConfigError
-from cachefit.families import get_family
 from cachefit.hardware import device_from_capacity, make_cluster
 from cachefit.partition.split import ShardParts
 from cachefit.plan.search import plan_partition
@@ -57,13 +54,7 @@ _CLASSES = {"llama": "LlamaForCausalLM", "llama_g2": "LlamaForCausalLM", "gpt2":
 
 @pytest.fixture(scope="module")
 def mixed_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixed")
-    out = {}
-    for k, (name, config) in enumerate(_configs().items()):
-        torch.manual_seed(200 + k)
-        getattr(transformers, _CLASSES[name])(config).save_pretrained(root / name, safe_serialization=True)
-        out[name] = root / name
-    return out
+    return save_models(tmp_path_factory.mktemp("mixed"), _configs(), _CLASSES, seed=200)
 
 
 def _mixed_plan(model_dir, fractions):
@@ -246,40 +237,6 @@ def test_a_split_stage_is_over_capacity_where_any_card_is_over_its_own():
 # ---- backward through proportional shards: each card's gradients are the unsplit model's parts -----
 
 
-def _grad_worker(rank: int, name: str, model_dir: str, store_path: str, parts) -> None:
-    import torch.distributed as dist
-
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    shards = len(parts[0])
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, shards), rank=rank, world_size=shards)
-    try:
-        cls = getattr(transformers, _CLASSES[name])
-        family = get_family(_configs()[name].model_type)
-        steps = [("embed", None), ("layer", 0), ("head", None)]
-        reference = cls.from_pretrained(model_dir, dtype=torch.float32).train(False)
-        sharded = cls.from_pretrained(model_dir, dtype=torch.float32).train(False)
-        shard_stage_(sharded, steps, family, rank=rank, shards=shards, group=dist.group.WORLD, where="test",
-                     parts=parts)
-        ids, mask = padded_inputs(batch=2, vocab=reference.config.vocab_size)
-        for model in (reference, sharded):
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-        cut = cls.from_pretrained(model_dir, dtype=torch.float32)
-        with torch.no_grad():
-            for (_, p), (_, q) in zip(reference.named_parameters(), cut.named_parameters(), strict=True):
-                q.copy_(p.grad)
-        shard_stage_(cut, steps, family, rank=rank, shards=shards, group=dist.group.WORLD, where="test", parts=parts)
-        expected = dict(cut.named_parameters())
-        for fqn, p in sharded.named_parameters():
-            want = expected[fqn].detach()
-            assert p.grad is not None and p.grad.shape == want.shape, fqn
-            err = (p.grad - want).abs().max().item()
-            assert err <= 1e-5 * max(want.abs().max().item(), 1e-12), (rank, fqn, err)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.multiprocess
 def test_backward_through_proportional_shards_gives_the_unsplit_gradients(mixed_dirs, tmp_path):
     # 3 cards: vocabulary 50 + 10 + 36 rows, heads 3 + 1 + 4 (KV head 0 copied on cards 0 and 1,
@@ -290,5 +247,6 @@ def test_backward_through_proportional_shards_gives_the_unsplit_gradients(mixed_
     layer = [ShardParts(heads=(0, 3), kv_heads=(0, 1), mlp_columns=(0, 51)),
              ShardParts(heads=(3, 4), kv_heads=(0, 1), mlp_columns=(51, 64)),
              ShardParts(heads=(4, 8), kv_heads=(1, 2), mlp_columns=(64, 96))]
-    mp.start_processes(_grad_worker, args=("llama_g2", str(mixed_dirs["llama_g2"]), str(tmp_path / "store"),
-                                           [vocab, layer, vocab]), nprocs=3, start_method="fork")
+    mp.start_processes(check_shard_gradients, args=(_CLASSES["llama_g2"], str(mixed_dirs["llama_g2"]),
+                                                    str(tmp_path / "store"), 3, [vocab, layer, vocab]),
+                       nprocs=3, start_method="fork")

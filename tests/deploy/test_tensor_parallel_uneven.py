@@ -9,7 +9,6 @@ splits the same way and pads the smaller shards with zeros, so every card holds 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 
@@ -18,7 +17,14 @@ transformers = pytest.importorskip("transformers")
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import WORKLOAD, make_plan, model_dirs, padded_inputs  # noqa: F401 (model_dirs: a fixture)
+from tiny_models import (  # noqa: F401 (model_dirs: a fixture)
+    WORKLOAD,
+    check_shard_gradients,
+    make_plan,
+    model_dirs,
+    padded_inputs,
+    save_models,
+)
 
 from cachefit.deploy.models import build_skeleton, inspect_model_dir
 from cachefit.deploy.runtime import NodeConfig, RunConfig, launch
@@ -27,7 +33,7 @@ from cachefit.deploy.stages import (
     layout_from_plan,
     tensor_parallel_plan,
 )
-from cachefit.deploy.tensor_parallel import balanced_ranges, shard_stage_, split_heads
+from cachefit.deploy.tensor_parallel import balanced_ranges, split_heads
 from cachefit.deploy.verify import check_run
 from cachefit.errors import ConfigError
 from cachefit.families import FAMILIES, TensorParallelSpec, get_family
@@ -154,13 +160,7 @@ _CLASSES = {"llama": "LlamaForCausalLM", "llama_mqa": "LlamaForCausalLM", "llama
 
 @pytest.fixture(scope="module")
 def uneven_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("uneven")
-    out = {}
-    for k, (name, config) in enumerate(_configs().items()):
-        torch.manual_seed(100 + k)
-        getattr(transformers, _CLASSES[name])(config).save_pretrained(root / name, safe_serialization=True)
-        out[name] = root / name
-    return out
+    return save_models(tmp_path_factory.mktemp("uneven"), _configs(), _CLASSES, seed=100)
 
 
 # (model, card capacity giving a 3-way split at the test workload, granularity, query heads per card)
@@ -205,39 +205,6 @@ def test_uneven_split_matches_unsplit(uneven_dirs, name, capacity, granularity, 
 # ---- backward through the shards: each card's gradients are the unsplit model's parts --------------
 
 
-def _grad_worker(rank: int, name: str, model_dir: str, store_path: str, shards: int) -> None:
-    import torch.distributed as dist
-
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, shards), rank=rank, world_size=shards)
-    try:
-        cls = getattr(transformers, _CLASSES[name])
-        family = get_family(_configs()[name].model_type)
-        steps = [("embed", None), ("layer", 0), ("head", None)]
-        reference = cls.from_pretrained(model_dir, dtype=torch.float32).train(False)
-        sharded = cls.from_pretrained(model_dir, dtype=torch.float32).train(False)
-        shard_stage_(sharded, steps, family, rank=rank, shards=shards, group=dist.group.WORLD, where="test")
-        ids, mask = padded_inputs(batch=2, vocab=reference.config.vocab_size)
-        for model in (reference, sharded):
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-        # the reference's gradients cut as the weights are: the card's part, zeros where it pads
-        cut = cls.from_pretrained(model_dir, dtype=torch.float32)
-        with torch.no_grad():
-            for (_, p), (_, q) in zip(reference.named_parameters(), cut.named_parameters(), strict=True):
-                q.copy_(p.grad)
-        shard_stage_(cut, steps, family, rank=rank, shards=shards, group=dist.group.WORLD, where="test")
-        expected = dict(cut.named_parameters())
-        for fqn, p in sharded.named_parameters():
-            want = expected[fqn].detach()
-            assert p.grad is not None and p.grad.shape == want.shape, fqn
-            err = (p.grad - want).abs().max().item()
-            assert err <= 1e-5 * max(want.abs().max().item(), 1e-12), (rank, fqn, err)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_backward_through_uneven_shards_gives_the_unsplit_gradients(uneven_dirs, tmp_path, name):
@@ -245,6 +212,6 @@ def test_backward_through_uneven_shards_gives_the_unsplit_gradients(uneven_dirs,
     # head, so its zero input column of o_proj would get a gradient without the padding mask
     import torch.multiprocessing as mp
 
-    mp.start_processes(_grad_worker, args=(name, str(uneven_dirs[name]), str(tmp_path / "store"), 3), nprocs=3,
-                       start_method="fork")
+    mp.start_processes(check_shard_gradients, args=(_CLASSES[name], str(uneven_dirs[name]), str(tmp_path / "store"),
+                                                    3), nprocs=3, start_method="fork")
 

@@ -64,15 +64,63 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """name -> a saved tiny model directory (config.json + model.safetensors), built once a session."""
     if _BUILT:
         return _BUILT
-    root = tmp_path_factory.mktemp("models")
-    out = _BUILT
-    for k, (name, config) in enumerate(_configs().items()):
-        torch.manual_seed(k)
-        model = getattr(transformers, _CLASSES[name])(config)
-        path = root / name
-        model.save_pretrained(path, safe_serialization=True)
-        out[name] = path
+    _BUILT.update(save_models(tmp_path_factory.mktemp("models"), _configs(), _CLASSES, seed=0))
+    return _BUILT
+
+
+def save_models(root: Path, configs: dict[str, object], classes: dict[str, str], *, seed: int) -> dict[str, Path]:
+    """name -> ``root / name``: each config's ``transformers`` class (``classes[name]``) with random
+    weights (seed ``seed + its index``), saved with safetensors."""
+    out = {}
+    for k, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(seed + k)
+        getattr(transformers, classes[name])(config).save_pretrained(root / name, safe_serialization=True)
+        out[name] = root / name
     return out
+
+
+def check_shard_gradients(rank: int, class_name: str, model_dir: str, store_path: str, shards: int,
+                          parts: object = None) -> None:
+    """One of ``shards`` forked processes: a backward through this card's shard of a one-layer model
+    (embedding, layer and head split, balanced or by ``parts``) gives the card's part of the unsplit
+    model's gradients, within 1e-5 of their largest value."""
+    import os
+
+    import torch.distributed as dist
+
+    from cachefit.deploy.tensor_parallel import shard_stage_
+    from cachefit.families import get_family
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, shards), rank=rank, world_size=shards)
+    try:
+        cls = getattr(transformers, class_name)
+        steps = [("embed", None), ("layer", 0), ("head", None)]
+        reference = cls.from_pretrained(model_dir, dtype=torch.float32).train(False)
+        sharded = cls.from_pretrained(model_dir, dtype=torch.float32).train(False)
+        family = get_family(reference.config.model_type)
+        cut_kwargs = {"rank": rank, "shards": shards, "group": dist.group.WORLD, "where": "test",
+                      **({"parts": parts} if parts is not None else {})}
+        shard_stage_(sharded, steps, family, **cut_kwargs)
+        ids, mask = padded_inputs(batch=2, vocab=reference.config.vocab_size)
+        for model in (reference, sharded):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        # the reference's gradients cut as the weights are: the card's part (zeros where a balanced split pads)
+        cut = cls.from_pretrained(model_dir, dtype=torch.float32)
+        with torch.no_grad():
+            for (_, p), (_, q) in zip(reference.named_parameters(), cut.named_parameters(), strict=True):
+                q.copy_(p.grad)
+        shard_stage_(cut, steps, family, **cut_kwargs)
+        expected = dict(cut.named_parameters())
+        for fqn, p in sharded.named_parameters():
+            want = expected[fqn].detach()
+            assert p.grad is not None and p.grad.shape == want.shape, fqn
+            err = (p.grad - want).abs().max().item()
+            assert err <= 1e-5 * max(want.abs().max().item(), 1e-12), (rank, fqn, err)
+    finally:
+        dist.destroy_process_group()
 
 
 def make_plan(model_dir: Path, capacity: str, *, granularity: str = "layer", allow: tuple[str, ...] = (),
