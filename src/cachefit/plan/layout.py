@@ -249,26 +249,12 @@ def fewest_cards_layout(table: ShardTable, capacity: int, stacking: str, degrees
     best: list[tuple[float, float]] = [inf] * (n + 1)
     back: list[tuple[int, int] | None] = [None] * (n + 1)
     best[0] = (0, 0.0)
-    reuse = stacking == "reuse"
+    totals = _stage_totals(table, stacking, degrees, capacity)
     for i in range(n):
         if best[i] == inf:
             continue
         for s in degrees:
-            resident = 0
-            peak = 0
-            for j in range(i, n):
-                got = table.figures(j, s)
-                if got is None:
-                    break
-                fp = got[0]
-                if reuse:
-                    resident += fp.weight_bytes + fp.persistent_activation_bytes
-                    peak = max(peak, fp.transient_activation_bytes + fp.buffer_bytes)
-                else:
-                    resident += fp.total_bytes
-                total = resident + peak
-                if total > capacity:
-                    break
+            for j, total in enumerate(totals.get((i, s), ()), start=i):
                 cand = (best[i][0] + s, max(best[i][1], total / capacity))
                 if cand < best[j + 1]:
                     best[j + 1], back[j + 1] = cand, (i, s)
