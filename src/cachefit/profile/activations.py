@@ -26,6 +26,7 @@ formula and gives the source line of every inference term.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cachefit.errors import ConfigError
@@ -218,6 +219,28 @@ def _check_shape(shape: LayerShape) -> None:
 # ``parts`` names.
 
 
+def _add_moe_ops(g: _Graph, shape: LayerShape, workload: Workload, n: int, mlp_in: str,
+                 add_mlp: Callable[..., str], *, combine_reads: tuple[str, ...] = ()) -> str:
+    """A mixture-of-experts MLP: the router (logits, softmax, top-k), the routed tokens gathered, each
+    token-expert pair through an expert MLP (``add_mlp``), their outputs combined; returns the output's name."""
+    dims = _dims(shape, workload)
+    h = dims.hidden
+
+    def b(numel: int) -> int:
+        return dtype_bytes(workload.act_dtype, numel)
+
+    pairs = n * dims.top_k  # token-expert pairs: only routed tokens flow through an expert
+    g.add_op("router", "mlp", {"router_logits": b(n * dims.experts)}, (mlp_in,))
+    g.add_op("router_softmax", "mlp", {"router_probs": b(n * dims.experts)}, ("router_logits",))
+    topk = {"routing_weights": b(pairs), "expert_index": pairs * _INDEX_BYTES}
+    g.add_op("router_topk", "mlp", topk, ("router_probs",))
+    g.add_op("expert_gather", "mlp", {"expert_in": b(pairs * h)}, (mlp_in, "expert_index"))
+    expert_out = add_mlp(g, shape, workload, pairs, "expert_in", "expert_")
+    g.add_op("expert_combine", "mlp", {"moe_out": b(n * h)},
+             (expert_out, "routing_weights", "expert_index", *combine_reads))
+    return "moe_out"
+
+
 def _add_mlp_ops(g: _Graph, shape: LayerShape, workload: Workload, rows: int, x_in: str, prefix: str) -> str:
     """Up (+ gate), activation, down over ``rows`` tokens; returns the name of the down output."""
     act = workload.act_dtype
@@ -314,17 +337,7 @@ def _layer_graph(shape: LayerShape, workload: Workload) -> _Graph:
         g.add_op("mlp_norm", "mlp", {"mlp_norm": b(n * h)}, ("attn_residual_out",))
         mlp_in = "mlp_norm"
     if dims.experts:
-        pairs = n * dims.top_k  # token-expert pairs: only routed tokens flow through an expert
-        g.add_op("router", "mlp", {"router_logits": b(n * dims.experts)}, (mlp_in,))
-        g.add_op("router_softmax", "mlp", {"router_probs": b(n * dims.experts)}, ("router_logits",))
-        topk = {"routing_weights": b(pairs), "expert_index": pairs * _INDEX_BYTES}
-        g.add_op("router_topk", "mlp", topk, ("router_probs",))
-        g.add_op("expert_gather", "mlp", {"expert_in": b(pairs * h)}, (mlp_in, "expert_index"))
-        expert_out = _add_mlp_ops(g, shape, workload, pairs, "expert_in", "expert_")
-        g.add_op(
-            "expert_combine", "mlp", {"moe_out": b(n * h)}, (expert_out, "routing_weights", "expert_index")
-        )
-        mlp_out = "moe_out"
+        mlp_out = _add_moe_ops(g, shape, workload, n, mlp_in, _add_mlp_ops)
     else:
         mlp_out = _add_mlp_ops(g, shape, workload, n, mlp_in, "")
     if dropout:
@@ -686,16 +699,8 @@ def _reference_layer_graph(shape: LayerShape, workload: Workload) -> _Graph:
         held.append("attn_out")
         mlp_in = _norm_op(g, "mlp_norm", "mlp", "attn_residual_out", n * h, n, workload, shape)
     if dims.experts:
-        pairs = n * dims.top_k  # token-expert pairs: only routed tokens flow through an expert
-        g.add_op("router", "mlp", {"router_logits": b(n * dims.experts)}, (mlp_in,))
-        g.add_op("router_softmax", "mlp", {"router_probs": b(n * dims.experts)}, ("router_logits",))
-        topk = {"routing_weights": b(pairs), "expert_index": pairs * _INDEX_BYTES}
-        g.add_op("router_topk", "mlp", topk, ("router_probs",))
-        g.add_op("expert_gather", "mlp", {"expert_in": b(pairs * h)}, (mlp_in, "expert_index"))
-        expert_out = _add_reference_mlp_ops(g, shape, workload, pairs, "expert_in", "expert_")
-        combine = (expert_out, "routing_weights", "expert_index", mlp_in)
-        g.add_op("expert_combine", "mlp", {"moe_out": b(n * h)}, combine)
-        mlp_out = "moe_out"
+        # the reference forward keeps the router's input through the combine
+        mlp_out = _add_moe_ops(g, shape, workload, n, mlp_in, _add_reference_mlp_ops, combine_reads=(mlp_in,))
     else:
         mlp_out = _add_reference_mlp_ops(g, shape, workload, n, mlp_in, "")
     if shape.parallel_attn_mlp:
