@@ -549,6 +549,35 @@ def _weight_storages(module: nn.Module) -> list[torch.UntypedStorage]:
     return storages
 
 
+def _hook_every_module(module: nn.Module, tracker: Any) -> list[Any]:
+    """``tracker``'s pre- and post-forward hooks on each module object once (even if reachable by two names)."""
+    handles = []
+    for m in module.modules():
+        handles.append(m.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
+        handles.append(m.register_forward_hook(tracker.post_hook, with_kwargs=True))
+    return handles
+
+
+def _tracked_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], tracker: Any, *, grad: bool,
+                     failed: str, hint: str = "", contexts: Sequence[Any] = ()) -> Any:
+    """``module(*args, **kwargs)`` under ``contexts`` and ``tracker`` (innermost), with autograd's saved
+    tensors reported to the tracker when ``grad``; a failure of the forward is a ProfileError saying
+    ``failed``, the error, and ``hint``."""
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
+        if grad:
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracker.pack_hook, lambda t: t))
+        stack.enter_context(tracker)
+        try:
+            return module(*args, **kwargs)
+        except CachefitError:
+            raise
+        except Exception as exc:
+            raise ProfileError(f"{failed}: {type(exc).__name__}: {exc}{hint}") from exc
+
+
 def _run_forward(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], workload: Workload, model_name: str
 ) -> _LiveTensorTracker:
@@ -566,30 +595,17 @@ def _run_forward(
                 saved_buffers.append((m, buf_name, buf, None))
     flop_counter = _flop_counter()
     tracker = _LiveTensorTracker(flop_counter, _weight_storages(module))
-    handles = []
+    handles = _hook_every_module(module, tracker)
     try:
-        for m in module.modules():  # each module object once, even if reachable by two names
-            handles.append(m.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
-            handles.append(m.register_forward_hook(tracker.post_hook, with_kwargs=True))
         module.train(train)
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=[]))
-            stack.enter_context(torch.enable_grad() if train else torch.no_grad())
-            if train:
-                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracker.pack_hook, lambda t: t))
-            stack.enter_context(flop_counter)
-            stack.enter_context(tracker)
-            try:
-                output = module(*args, **kwargs)
-            except CachefitError:
-                raise
-            except Exception as exc:
-                raise ProfileError(
-                    f"forward of {model_name} ({type(module).__name__}) failed on the example inputs: "
-                    f"{type(exc).__name__}: {exc}. Check that example_inputs match the forward signature "
-                    "(a tuple is passed positionally, a dict by keyword) and live on the module's device"
-                ) from exc
-            del output
+        output = _tracked_forward(
+            module, args, kwargs, tracker, grad=train,
+            contexts=(torch.random.fork_rng(devices=[]), flop_counter),
+            failed=f"forward of {model_name} ({type(module).__name__}) failed on the example inputs",
+            hint=". Check that example_inputs match the forward signature (a tuple is passed positionally, a "
+                 "dict by keyword) and live on the module's device",
+        )
+        del output
     finally:
         for handle in handles:
             handle.remove()
@@ -1249,25 +1265,11 @@ def measure_unit_peaks(
             unit_of_module[id(root)] = index
     tracker = _TimelineTracker(_weight_storages(module), unit_of_module, names,
                                frozenset(id(m) for m in buffer_modules), tuple(buffer_code))
-    handles = []
+    handles = _hook_every_module(module, tracker)
     try:
-        for m in module.modules():
-            handles.append(m.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
-            handles.append(m.register_forward_hook(tracker.post_hook, with_kwargs=True))
         tracker.track_inputs((args, kwargs))
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
-            if grad:
-                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tracker.pack_hook, lambda t: t))
-            stack.enter_context(tracker)
-            try:
-                output = module(*args, **kwargs)
-            except CachefitError:
-                raise
-            except Exception as exc:
-                raise ProfileError(
-                    f"forward of {type(module).__name__} failed while measuring: {type(exc).__name__}: {exc}"
-                ) from exc
+        output = _tracked_forward(module, args, kwargs, tracker, grad=grad,
+                                  failed=f"forward of {type(module).__name__} failed while measuring")
         kept: dict[int, set[int]] = {}
         if kept_for_later is not None:
             for index, tensors in kept_for_later().items():
