@@ -89,7 +89,8 @@ def write_report(run_dir: Path, layout: DeployLayout, config: RunConfig, gathere
             "mean_step_s": mean_step,
             "tokens_per_s": tokens / mean_step if mean_step else None,
             "note": "step: from a barrier before schedule.step to a barrier after it; forward_s: the stage's "
-                    "own compute per micro-batch (the first step's includes shape inference); tokens: samples "
+                    "own compute per micro-batch (the first step's includes shape inference and the memory "
+                    "measurement of each stage's first call: use --warmup 1 for timings); tokens: samples "
                     "when the inputs are not token ids",
         },
         "stages": _stages(gathered),
