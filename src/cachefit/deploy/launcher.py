@@ -140,7 +140,7 @@ def launch(model_dir: str | os.PathLike[str], plan: Plan | str | os.PathLike[str
     if config.mode == "decode" and "timings" in report:
         from cachefit.deploy.predict import compare_decode, predict_run
 
-        predicted = predict_run(plan_obj, source.path, micro_batches=config.micro_batches, devices=devices)
+        predicted = predict_run(plan_obj, checked.profile, micro_batches=config.micro_batches, devices=devices)
         if "prediction" in predicted:
             predicted["measured_vs_predicted"] = compare_decode(predicted["prediction"], report["timings"],
                                                                 report.get("stages", []))

@@ -13,17 +13,13 @@ from typing import Any
 from cachefit.errors import CachefitError
 
 
-def predict_run(plan: Any, model_path: Any, *, micro_batches: int, devices: Any = None) -> dict[str, Any]:
-    """``{"prediction": ...}`` for a decode run of ``plan`` with ``micro_batches`` groups, or
-    ``{"unavailable": why}`` (a device missing from the catalog, a figure the times need)."""
+def predict_run(plan: Any, profile: Any, *, micro_batches: int, devices: Any = None) -> dict[str, Any]:
+    """``{"prediction": ...}`` for a decode run of ``plan`` (made from ``profile``) with ``micro_batches``
+    groups, or ``{"unavailable": why}`` (a device missing from the catalog, a figure the times need)."""
     from cachefit.cost import estimate_cost
     from cachefit.cost.decode import predict_decode
-    from cachefit.deploy.stages import plan_granularity, plan_workload
-    from cachefit.profile import profile_model
 
     try:
-        profile = profile_model(model_path, plan_workload(plan), granularity=plan_granularity(plan),
-                                measure=plan.memory_source == "measured")
         cost = estimate_cost(plan, profile, devices, micro_batches=micro_batches, schedule="gpipe")
     except CachefitError as exc:
         return {"unavailable": f"{exc} (give the plan's cards with --device FILE to price them)"}

