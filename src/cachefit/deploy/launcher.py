@@ -300,4 +300,4 @@ def _module_worker(job: _ModuleJob) -> torch.Tensor | None:
 
     return run_rank_process(layout=job.layout, config=job.config, build=build, inputs=(job.inputs,),
                             target=job.target, loss_fn=job.loss_fn, run_dir=Path(job.run_dir),
-                            plan_dtype=job.layout.weight_dtype, check_bytes=False)
+                            plan_dtype=job.layout.weight_dtype, check_bytes=False, forked=True)

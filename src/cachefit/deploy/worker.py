@@ -57,12 +57,22 @@ def device_for_rank() -> torch.device:
 def run_rank_process(*, layout: DeployLayout, config: RunConfig, build: BuildStage,
                      inputs: tuple[torch.Tensor, ...], target: torch.Tensor | None,
                      loss_fn: Callable[..., torch.Tensor] | None, run_dir: Path, plan_dtype: str,
-                     check_bytes: bool) -> torch.Tensor | None:
-    """One process: join, build its stage(s), run, report. Returns the outputs on the last stage."""
+                     check_bytes: bool, forked: bool = False) -> torch.Tensor | None:
+    """One process: join, build its stage(s), run, report. Returns the outputs on the last stage.
+
+    ``forked``: this process was forked by the ``fork`` launcher (see :func:`wait_for_forks`).
+    """
     device = device_for_rank()
     backend = "nccl" if device.type == "cuda" else "gloo"
     env_rank = int(os.environ.get("RANK", "0"))
     write_pid(run_dir, env_rank)
+    if forked:
+        try:
+            wait_for_forks(run_dir, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))),
+                           config.startup_timeout_s)
+        except DeployError as exc:
+            write_error(run_dir, env_rank, f"rank {env_rank} (joining)", exc)
+            raise
     # joining is bounded by the startup timeout (ranks arrive as their imports finish); every wait of
     # the run itself by --timeout, set once all ranks have built their stages (_run_rank)
     try:
@@ -334,16 +344,41 @@ def prepare_forked_worker() -> None:
     launcher's, after any multi-threaded torch work, as a test's reference model) inherits that pool
     broken, and its first parallel region waits forever (seen here: a one-process run stuck in the
     rotary embedding's first op after earlier tests); one thread never enters a parallel region.
-    (torchrun's fresh processes have no such limit.) And it must not
-    resolve a host name: the launcher's own threads may be inside glibc's ``getaddrinfo`` at the
-    moment of the fork, and the child then inherits the resolver's lock held, so its first lookup
-    waits forever (seen here: a rank stuck in ``__resolv_context_get`` under ``TCPStore``'s connect
-    while its peers waited for it). The store is reached at the numeric loopback address and gloo
-    binds to the loopback interface, neither of which takes that lock.
+    (torchrun's fresh processes have no such limit.) The store is reached at the numeric loopback
+    address and gloo binds to the loopback interface, so no host name is looked up; the resolver lock
+    a fork can leave held (c10d still formats every socket's address with ``getnameinfo``) is what
+    :func:`wait_for_forks` guards against.
     """
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def wait_for_forks(run_dir: Path, world: int, timeout_s: float) -> None:
+    """Return once every rank of this node has been forked (its pid file exists); no socket before.
+
+    The launching process has threads of its own while it forks the ranks one after another (torch's
+    elastic agent: the rendezvous store's server, its keep-alive timer). While a rank connects to the
+    store, one of those threads may be inside glibc's resolver (c10d formats each socket's peer
+    address with ``getnameinfo``, under the resolver's lock); a rank forked at that moment inherits the
+    lock held and waits forever at its own first connect (seen here in about one run in 20 on a loaded
+    2-core machine: a rank stuck in ``__resolv_context_get`` under ``TCPStore``'s connect, its peers
+    waiting for it until the startup timeout). Each rank writes its pid file first thing, so once all
+    of them exist no fork is left, and connecting is safe.
+
+    Raises:
+        DeployError: a rank did not start within ``timeout_s`` seconds.
+    """
+    deadline = time.monotonic() + timeout_s
+    files = [run_dir / f"pid-rank{r}.json" for r in range(world)]
+    while True:
+        missing = [r for r, f in enumerate(files) if not f.exists()]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise DeployError(f"rank(s) {', '.join(map(str, missing))} did not start within --startup-timeout "
+                              f"{timeout_s:g} s (no pid file in {run_dir})")
+        time.sleep(0.005)
 
 
 def run_worker(argv: Sequence[str]) -> None:
@@ -383,7 +418,7 @@ def run_worker(argv: Sequence[str]) -> None:
     loss = source.family.loss
     run_rank_process(layout=layout, config=config, build=build, inputs=(ids, mask),
                      target=labels_for(loss, ids, mask), loss_fn=loss_for(loss), run_dir=run_dir,
-                     plan_dtype=layout.weight_dtype, check_bytes=True)
+                     plan_dtype=layout.weight_dtype, check_bytes=True, forked=args.forked)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
