@@ -115,3 +115,13 @@ def test_no_loss_for_an_uncompressed_plan_and_a_clear_error_for_a_bad_kind():
     mask = torch.tensor([[1, 1, 0]])
     # pooled: ref (0.5, 0.5), out (1, 0): cosine 1/sqrt(2)
     assert output_loss("encoder", ref, out, mask) == pytest.approx(1 - 2 ** -0.5)
+
+
+def test_the_prediction_of_a_plan_written_before_the_field_is_read_from_its_notes():
+    from types import SimpleNamespace
+
+    old = SimpleNamespace(notes=("compression chosen per unit ...; predicted loss 0.0125 (kl) against 0.02",))
+    assert predicted_quality_loss(old) == (0.0125, "kl")
+    new = SimpleNamespace(predicted_quality={"loss": 0.5, "metric": "1-cos", "source": None}, notes=old.notes)
+    assert predicted_quality_loss(new) == (0.5, "1-cos")  # the field first
+    assert predicted_quality_loss(SimpleNamespace(notes=())) is None

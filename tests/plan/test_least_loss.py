@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from cachefit.compress.quality_profile import QualityProfile, TechniqueQuality
 from cachefit.hardware import device_from_capacity, make_cluster
+from cachefit.plan import Plan
 from cachefit.plan.quality import UnitOption, least_loss_partition, least_loss_plan, plan_loss
 from cachefit.plan.search import plan_partition, technique_sets
 from cachefit.profile import profile_model
@@ -107,6 +108,25 @@ def test_least_loss_plan_fits_the_same_cards_and_loses_no_more():
     names = [n for s in better.stages for n in s.unit_names]
     assert names == [u.name for u in profile.units]
     assert json.loads(json.dumps(better.to_dict()))["objective"] == "least_loss"
+    # the prediction as a field, read back from the JSON as written
+    assert better.predicted_quality == {"loss": pytest.approx(11.1), "metric": "kl", "source": "q.json"}
+    back = Plan.from_dict(json.loads(better.to_json()))
+    assert back.predicted_quality == better.predicted_quality and plan.predicted_quality is None
+    # the search's plan kept (no better per-unit choice): still its prediction
+    kept = least_loss_plan(profile, cluster, better, technique_sets(allow), quality)
+    assert kept.predicted_quality["loss"] == pytest.approx(11.1) and kept.predicted_quality["source"] is None
+
+
+def test_a_malformed_predicted_quality_is_refused():
+    from cachefit.errors import ConfigError
+
+    profile = profile_model("gpt2", Workload(batch=1, seq_len=128, mode="decode"))
+    plan, _ = plan_partition(profile, make_cluster(device_from_capacity("1GB")))
+    data = plan.to_dict()
+    assert data["predicted_quality"] is None and Plan.from_dict(data).predicted_quality is None
+    data["predicted_quality"] = {"loss": 0.1}
+    with pytest.raises(ConfigError, match="predicted_quality must be an object with loss, metric and source"):
+        Plan.from_dict(data)
 
 
 def test_a_quality_file_of_another_model_is_refused():

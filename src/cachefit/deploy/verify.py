@@ -202,15 +202,19 @@ def save_outputs(path: str | os.PathLike[str], outputs: torch.Tensor, **extra: t
     return Path(path)
 
 
-# how cachefit.plan.quality writes a plan's predicted loss into its notes: "predicted quality loss 0.01 (kl, ..."
-# or "...; predicted loss 0.01 (kl) against ..."
+# how cachefit.plan.quality wrote a plan's predicted loss into its notes before Plan.predicted_quality:
+# "predicted quality loss 0.01 (kl, ..." or "...; predicted loss 0.01 (kl) against ..."
 _PREDICTED = re.compile(r"predicted (?:quality )?loss ([-+0-9.eE]+|inf|nan) \(([^,)]+)")
 NO_PREDICTION = "no prediction: plan made without --quality"
 
 
 def predicted_quality_loss(plan: Any) -> tuple[float, str] | None:
     """The quality loss a plan made with ``--quality`` predicts (summed measured per-unit losses) and its
-    metric, read from the plan's notes; None for a plan made without a quality file."""
+    metric: the plan's ``predicted_quality``, or for a plan written before that field, its notes; None
+    for a plan made without a quality file."""
+    field = getattr(plan, "predicted_quality", None)
+    if field:
+        return float(field["loss"]), str(field["metric"])
     for note in getattr(plan, "notes", ()) or ():
         found = _PREDICTED.search(str(note))
         if found:

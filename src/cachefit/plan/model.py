@@ -149,6 +149,11 @@ class Plan:
     memory_source: str = "analytic"
     """Where the units' bytes come from: ``analytic`` (:mod:`cachefit.profile.activations`) or
     ``measured`` (the real module run on fake tensors: ``--measure``, ``cachefit.profile.measure``)."""
+    predicted_quality: Mapping[str, Any] | None = None
+    """A plan made with a quality file (``plan --quality``): ``{"loss": the sum of each compressed
+    unit's measured loss, "metric": "kl" | "1-cos", "source": the quality file or None}``; None
+    otherwise (and for plans written before the field: :func:`cachefit.deploy.verify.predicted_quality_loss`
+    reads their notes)."""
 
     def __post_init__(self) -> None:
         if self.memory_source not in MEMORY_SOURCES:
@@ -212,6 +217,7 @@ class Plan:
             },
             "stages": [s.to_dict() for s in self.stages],
             "notes": list(self.notes),
+            "predicted_quality": dict(self.predicted_quality) if self.predicted_quality else None,
             "provenance": dict(self.provenance) if self.provenance else None,
         }
 
@@ -268,10 +274,22 @@ class Plan:
                 cards_to_fit=None if data.get("cards_to_fit") is None else int(data["cards_to_fit"]),
                 compress_roles=tuple(str(r) for r in data.get("compress_roles", ())),
                 memory_source=str(data.get("memory_source", "analytic")),  # plans made before it: analytic
+                predicted_quality=_predicted_quality(data.get("predicted_quality"), where),
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
             raise ConfigError(f"{where}: malformed plan ({type(exc).__name__}: {exc}); regenerate it with `cachefit plan --json`") from None
         return plan
+
+
+def _predicted_quality(value: Any, where: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not isinstance(value.get("metric"), str):
+        raise ConfigError(f"{where}: predicted_quality must be an object with loss, metric and source "
+                          "(or null); regenerate the plan with `cachefit plan --json`")
+    source = value.get("source")
+    return {"loss": float(value["loss"]), "metric": value["metric"],
+            "source": None if source is None else str(source)}
 
 
 def _check_sizes(data: Mapping[str, Any], where: str) -> None:

@@ -18,8 +18,10 @@ never lead to a better plan, so dropping it is exact. The test checks it against
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from cachefit.compress.quality_profile import QualityProfile
 from cachefit.compress.techniques import CompressionConfig, compress_unit
@@ -175,11 +177,15 @@ def least_loss_plan(
     _check_units(profile, quality)
     label = f" ({source})" if source else ""
     before = plan_loss(plan, quality)
+
+    def predicted(loss: float) -> dict[str, Any] | None:
+        # a loss that is not finite (a unit measured as inf) stays in the notes only: plans hold finite numbers
+        return {"loss": loss, "metric": quality.metric, "source": source or None} if math.isfinite(loss) else None
     if not plan.feasible or any(s.shard is not None for s in plan.stages):
         why = "it does not fit" if not plan.feasible else "it splits units over cards"
         note = (f"predicted quality loss {before:.4g} ({quality.metric}, summed measured losses{label}); the "
                 f"least-loss search covers whole units on fitting plans, and {why}: plan kept")
-        return replace(plan, notes=(*plan.notes, note))
+        return replace(plan, notes=(*plan.notes, note), predicted_quality=predicted(before))
     sets = [s for s in sets if "batch" not in s]
     if () not in sets:
         sets = [(), *sets]
@@ -199,7 +205,7 @@ def least_loss_plan(
     found = least_loss_partition(options, capacities, exact=plan.objective == "balanced")
     if found is None or found[2] > before + 1e-12:
         note = f"predicted quality loss {before:.4g} ({quality.metric}, summed measured losses{label})"
-        return replace(plan, notes=(*plan.notes, note))
+        return replace(plan, notes=(*plan.notes, note), predicted_quality=predicted(before))
     choice, parts, loss = found
     units = [options[i][j].unit for i, j in enumerate(choice)]
     stages = []
@@ -214,7 +220,7 @@ def least_loss_plan(
     )
     made = plan_from_stages(profile, stages, objective="least_loss", stacking=stacking, notes=notes, cluster=cluster)
     return replace(made, cards_to_fit=plan.cards_to_fit, compress_roles=plan.compress_roles,
-                   memory_source=plan.memory_source)
+                   memory_source=plan.memory_source, predicted_quality=predicted(loss))
 
 
 def _card(cluster: Cluster, index: int) -> Card:
