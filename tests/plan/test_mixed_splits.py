@@ -177,3 +177,32 @@ def test_qwen2_5_1_5b_on_mi300x_b200_groq_any_order(tmp_path):
     # without --any-order the given order is kept, and a plan is still found (even splits over runs of MI300X)
     plain = CliRunner().invoke(app, args[:-2] + ["--json"])
     assert plain.exit_code == 0, plain.output
+
+
+def test_the_cost_model_prices_each_proportional_shard_as_the_slice_it_holds(tiny):
+    # each card of a proportional split runs its own heads and MLP columns: more of them, more FLOPs,
+    # and the FLOPs of a unit's shards add up to those of the unit (an even split's largest shard,
+    # priced on every card, would count more)
+    from cachefit.cost import estimate_cost
+
+    layer = tiny.units[1].total_bytes
+    caps = [layer * 6 // 10, layer // 2, layer * 6 // 10, layer // 2, layer * 6 // 10, layer * 6 // 10]
+    cluster = _cluster(caps)
+    plan, _ = plan_partition(tiny, cluster)
+    cost = estimate_cost(plan, tiny, cluster)
+    by_unit = {}
+    for stage, stage_cost in zip(plan.stages, cost.stages):
+        if stage.shard_parts:
+            assert stage.units[1] - stage.units[0] == 1
+            by_unit.setdefault(stage.units[0], []).append((stage.shard_parts[0], stage_cost.flops_per_micro_batch))
+    assert by_unit
+    for i, shards in by_unit.items():
+        sizes = [p.count("heads") + p.count("mlp_columns") for p, _ in shards]
+        flops = [f for _, f in shards]
+        assert len(set(sizes)) > 1, shards  # an uneven split, as the capacities ask
+        for (a, fa), (b, fb) in zip(zip(sizes, flops), zip(sizes[1:], flops[1:])):
+            assert (a > b) == (fa > fb) and (a == b) == (fa == fb), shards
+        held = [shard_unit_parts(tiny.units[i], p, len(shards), WL).unit.flops_per_token for p, _ in shards]
+        per_token = flops[0] / held[0]  # FLOPs of a micro-batch per FLOP of one token
+        assert flops == [pytest.approx(h * per_token) for h in held]
+        assert sum(flops) == pytest.approx(tiny.units[i].flops_per_token * per_token, rel=0.05)

@@ -59,7 +59,7 @@ from cachefit.cost.roofline import (
 )
 from cachefit.errors import ConfigError
 from cachefit.hardware.devices import Cluster, DeviceSpec, get_device
-from cachefit.partition.split import max_shards, shard_unit
+from cachefit.partition.split import ShardParts, max_shards, shard_unit, shard_unit_parts
 from cachefit.plan import Plan, Stage
 from cachefit.units import Mode, ModelProfile, Unit, dtype_bytes
 
@@ -393,18 +393,21 @@ class _UnitCache:
 
     def __init__(self, profile: ModelProfile, config: CompressionConfig) -> None:
         self.profile, self.config = profile, config
-        self.cache: dict[tuple[int, int, tuple[str, ...]], tuple[Unit, int]] = {}
+        self.cache: dict[tuple[int, int, tuple[str, ...], ShardParts | None], tuple[Unit, int]] = {}
 
-    def get(self, i: int, shards: int, techniques: tuple[str, ...]) -> tuple[Unit, int]:
-        """(unit, latency steps of its collectives) for unit ``i`` split ``shards`` ways, compressed."""
-        key = (i, shards, techniques)
+    def get(self, i: int, shards: int, techniques: tuple[str, ...],
+            parts: ShardParts | None = None) -> tuple[Unit, int]:
+        """(unit, latency steps of its collectives) for unit ``i`` split ``shards`` ways, compressed:
+        the largest of an even split, or with ``parts`` (a proportional split over cards of different
+        sizes) the slice this card holds, whose FLOPs and traffic are its own."""
+        key = (i, shards, techniques, parts)
         if key not in self.cache:
             unit = self.profile.units[i]
             wl = self.profile.workload
             degree = min(shards, max_shards(unit))
             steps = 0
             if degree > 1:
-                shard = shard_unit(unit, degree, wl)
+                shard = shard_unit_parts(unit, parts, degree, wl) if parts is not None else shard_unit(unit, degree, wl)
                 unit = shard.unit
                 steps = collective_latency_steps(shard.collectives, degree)
             if techniques:
@@ -489,7 +492,8 @@ def estimate_cost(
             start, end = stage.units
             shards = stage.shard[1] if stage.shard else 1
             techs = stage.unit_compression or ((),) * (end - start)
-            got = [units_cache.get(i, shards, tuple(techs[i - start])) for i in range(start, end)]
+            parts = stage.shard_parts or (None,) * (end - start)
+            got = [units_cache.get(i, shards, tuple(techs[i - start]), parts[i - start]) for i in range(start, end)]
             fp = stage.footprint
             cost = estimate_stage(
                 card=stage.card,
