@@ -4,7 +4,7 @@ the longest stages from every start, found in one pass, are those grown one unit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachefit.plan.layout import PARTIAL_SEARCH_BUDGET, narrow_partial_search, stage_ends
+from cachefit.plan.layout import PARTIAL_SEARCH_BUDGET, _OrWindow, narrow_partial_search, stage_ends
 
 
 def test_small_searches_are_exact():
@@ -49,3 +49,23 @@ def _grown_ends(costs, a, n, capacity):
 def test_stage_ends_match_stages_grown_one_unit_at_a_time(costs, a, capacity):
     a = min(a, len(costs))
     assert stage_ends(costs, a, len(costs), capacity) == _grown_ends(costs, a, len(costs), capacity)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 255)), max_size=40), st.data())
+def test_or_window_is_the_or_of_the_values_that_reach(steps, data):
+    # pushes with ends that never decrease, queries at points that never decrease, interleaved:
+    # against the OR of every pushed value whose end reaches the point
+    window, pushed, end, j = _OrWindow(), [], 0, 0
+    for grow, value in steps:
+        if data.draw(st.booleans()):
+            end += grow
+            window.push(end, value)
+            pushed.append((end, value))
+        else:
+            j += data.draw(st.integers(0, 3))
+            expected = 0
+            for e, v in pushed:
+                if e >= j:
+                    expected |= v
+            assert window.reaching(j) == expected

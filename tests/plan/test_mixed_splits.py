@@ -206,3 +206,27 @@ def test_the_cost_model_prices_each_proportional_shard_as_the_slice_it_holds(tin
         per_token = flops[0] / held[0]  # FLOPs of a micro-batch per FLOP of one token
         assert flops == [pytest.approx(h * per_token) for h in held]
         assert sum(flops) == pytest.approx(tiny.units[i].flops_per_token * per_token, rel=0.05)
+
+
+@settings(max_examples=40, deadline=None)
+@given(fractions=strategies.lists(strategies.sampled_from([20, 35, 50, 60, 80, 100, 130]), min_size=2, max_size=6),
+       raw=strategies.sets(strategies.integers(0, 3)), exact=strategies.booleans())
+def test_counting_the_cards_of_a_mixed_layout_without_building_it_counts_the_same(tiny, fractions, raw, exact):
+    # the compression search asks only how many cards a layout takes (count_only) and builds the
+    # layout of its final choice once: the count must be the built layout's, for any units left raw
+    from cachefit.compress.techniques import CompressionConfig, compress_unit
+    from cachefit.plan.layout import ShardTable, degrees_for, mixed_layout
+
+    assume(len(set(fractions)) > 1)
+    layer = tiny.units[1].total_bytes
+    cards = _cluster([layer * f // 100 for f in fractions]).cards
+    compressed = [compress_unit(u, ("int8",), WL, CompressionConfig()) for u in tiny.units]
+    assert any(c.total_bytes < u.total_bytes for c, u in zip(compressed, tiny.units))
+    table = ShardTable(tiny, ("int8",), CompressionConfig(), compressed, {})
+    table.raw = set(raw)
+    num_cards = len(cards) if exact else None
+    degrees = degrees_for(tiny.units, num_cards)
+    built = mixed_layout(table, cards, "reuse", degrees, num_cards)
+    counted = mixed_layout(table, cards, "reuse", degrees, num_cards, count_only=True)
+    assert counted.layout is None and counted.units_placed == built.units_placed
+    assert counted.cards == (built.layout.cards if built.layout is not None else None) == built.cards

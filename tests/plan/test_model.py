@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from cachefit.errors import ConfigError
-from cachefit.hardware import device_from_capacity, get_device, make_cluster
+from cachefit.hardware import device_from_capacity, make_cluster
 from cachefit.hardware.devices import cluster_to_dict
 from cachefit.plan.search import plan_partition
 from cachefit.plan import Plan, check_provenance, cluster_digest, load_plan

@@ -376,6 +376,9 @@ class MixedSearch:
 
     layout: Layout | None
     units_placed: int
+    cards: int | None = None
+    """The cards the layout found uses (None: none fits); with ``count_only``, the layout itself is
+    not built and only this is set."""
 
 
 def stage_ends(costs: Sequence[tuple[int, int] | None], a: int, n: int, capacity: int) -> list[int]:
@@ -431,9 +434,41 @@ def card_kinds(cards: Sequence[Card]) -> tuple[list[Card], list[int]]:
     return kinds, kind_of
 
 
+class _OrWindow:
+    """The OR of the values pushed with an end >= j, for j that never decreases, where the ends of
+    the pushed values never decrease either (a sliding window: two stacks, each value ORed about twice)."""
+
+    __slots__ = ("back", "back_or", "front")
+
+    def __init__(self) -> None:
+        self.back: list[tuple[int, int]] = []  # (end, value), oldest first
+        self.back_or = 0
+        self.front: list[tuple[int, int]] = []  # (end, OR of it and every newer one in front), oldest last
+
+    def push(self, end: int, value: int) -> None:
+        self.back.append((end, value))
+        self.back_or |= value
+
+    def reaching(self, j: int) -> int:
+        """Drop the values whose end is before ``j``; the OR of the rest."""
+        while True:
+            if not self.front:
+                if not self.back:
+                    return 0
+                acc = 0
+                for end, value in reversed(self.back):
+                    acc |= value
+                    self.front.append((end, acc))
+                self.back, self.back_or = [], 0
+            if self.front[-1][0] >= j:
+                return self.front[-1][1] | self.back_or
+            self.front.pop()
+
+
 def mixed_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degrees: Sequence[int],
                  num_cards: int | None, *, max_mixed: int = MIXED_MAX_SHARDS,
-                 proportional: bool = True, unit_range: tuple[int, int] | None = None) -> MixedSearch:
+                 proportional: bool = True, unit_range: tuple[int, int] | None = None,
+                 count_only: bool = False) -> MixedSearch:
     """Units over the cards of a mixed cluster in the given order: the fewest cards (a prefix of
     ``cards``), or with ``num_cards`` exactly that many, every stage fitting its card(s).
 
@@ -446,6 +481,8 @@ def mixed_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degree
     cards it may start on (a mask per kind of card, run or window of capacities) by its card count.
     ``proportional=False`` leaves (c) out (even splits only, as ``cachefit run`` deploys);
     ``unit_range`` places only units [a, b) (the layout's groups then cover just those).
+    ``count_only``: how many cards the layout takes, without building it (the walk back through the
+    reachable sets, most of the time on thousands of cards).
     """
     a, n = unit_range if unit_range is not None else (0, len(table.profile.units))
     k_all = len(cards)
@@ -502,17 +539,23 @@ def mixed_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degree
     mask_all = (1 << (limit + 1)) - 1
     reach = [0] * (n + 1)
     reach[a] = 1
+    # a stage of kind (s, kind) from unit i reaches every end in (i, ends[i]]; the ends never move back
+    # as i moves on, so the starts whose stages reach end j form a window [lo_j, j) sliding forward:
+    # its OR is kept in a queue (_OrWindow), two ORs per start instead of one per start and end
+    pending = {key: _OrWindow() for key in runs}
     for i in range(a, n):
         here = reach[i]
-        if not here:
-            continue
+        got = 0
         for (s, kind), starts in runs.items():
-            shifted = ((here & starts) << s) & mask_all
-            if not shifted:
-                continue
-            for j in range(i + 1, ends[(i, s, kind)] + 1):
-                reach[j] |= shifted
-        if splittable[i]:
+            queue = pending[(s, kind)]
+            if here:
+                end = ends[(i, s, kind)]
+                shifted = ((here & starts) << s) & mask_all
+                if shifted and end > i:
+                    queue.push(end, shifted)
+            got |= queue.reaching(i + 1)
+        reach[i + 1] = got
+        if here and splittable[i]:
             apportioner = table.apportioner(i)
             for caps, starts in windows.items():
                 shifted = ((here & starts) << len(caps)) & mask_all
@@ -527,6 +570,8 @@ def mixed_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degree
         if num_cards > k_all or not reach[n] >> num_cards & 1:
             return MixedSearch(None, placed)
         used = num_cards
+    if count_only:
+        return MixedSearch(None, placed, used)
     groups: list[Group] = []
     j, c = n, used
     while j > a:  # walk back: a stage ending at (j, c) whose start is reachable
@@ -552,7 +597,7 @@ def mixed_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degree
         assert chosen is not None, "a reachable layout has a last stage"
         groups.append(chosen)
         j, c = chosen.start, c - chosen.shards
-    return MixedSearch(Layout(tuple(reversed(groups)), stacking), placed)
+    return MixedSearch(Layout(tuple(reversed(groups)), stacking), placed, used)
 
 
 StageTime = Callable[[int, Sequence[Unit], Footprint, int, int, Card], "float | None"]

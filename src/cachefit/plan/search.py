@@ -674,13 +674,17 @@ def _layout(cards: _Cards, profile: ModelProfile, combo: tuple[str, ...], config
     return _split_layouts(cards, _table(cards, profile, combo, config, units, shard_cache), stacking)
 
 
+def _mixed_search(cards: _Cards, table: ShardTable, stacking: str, *, count_only: bool = False) -> MixedSearch:
+    # cards of different sizes, in the given order: whole units, even splits over runs of identical
+    # cards, and one unit split proportionally over consecutive cards of any kinds
+    degrees = degrees_for(table.profile.units, cards.num_cards)
+    return mixed_layout(table, cards.cluster.cards, stacking, degrees, cards.num_cards,
+                        proportional=not cards.even_splits, count_only=count_only)
+
+
 def _split_layouts(cards: _Cards, table: ShardTable, stacking: str) -> Layout | None:
     if not cards.homogeneous:
-        # cards of different sizes, in the given order: whole units, even splits over runs of
-        # identical cards, and one unit split proportionally over consecutive cards of any kinds
-        degrees = degrees_for(table.profile.units, cards.num_cards)
-        got = mixed_layout(table, cards.cluster.cards, stacking, degrees, cards.num_cards,
-                           proportional=not cards.even_splits)
+        got = _mixed_search(cards, table, stacking)
         if cards.mixed is None or got.units_placed >= cards.mixed.units_placed:
             cards.mixed = got
         return got.layout
@@ -713,19 +717,34 @@ def _revert_unneeded(
     )
     split = any(g.shards > 1 for g in layout.groups)
     table = _table(cards, profile, combo, config, compressed, shard_cache) if split else None
+    # on mixed cards a trial needs only the card count (the walk back that builds a layout is most of
+    # a search on thousands of cards): the layout of the final choice is built once, at the end
+    count_only = table is not None and not cards.homogeneous
+    best, changed = layout.cards, False
     for i in order:
         trial = list(compressed)
         trial[i] = original[i]
         if table is None:
             got = _try(cards, trial, stacking)
             new = _layout_from_partition(got, trial, stacking) if got is not None else None
+            count = None if new is None else new.cards
         else:
             table.raw.add(i)
-            new = _split_layouts(cards, table, stacking)
-        if new is not None and new.cards <= layout.cards:
-            compressed, layout = trial, new
+            if count_only:
+                new, count = None, _mixed_search(cards, table, stacking, count_only=True).cards
+            else:
+                new = _split_layouts(cards, table, stacking)
+                count = None if new is None else new.cards
+        if count is not None and count <= best:
+            compressed, best, changed = trial, count, True
+            if new is not None:
+                layout = new
         elif table is not None:
             table.raw.discard(i)
+    if count_only and changed:
+        final = _split_layouts(cards, table, stacking)  # type: ignore[arg-type]
+        assert final is not None and final.cards == best, "the search is deterministic"
+        layout = final
     return layout
 
 
