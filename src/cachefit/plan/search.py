@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import logging
 import numbers
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -53,6 +54,7 @@ from cachefit.plan.layout import (
     fastest_layout,
     MIXED_MAX_SHARDS,
     MixedSearch,
+    card_kinds,
     fewest_cards_layout,
     mixed_layout,
     narrow_partial_search,
@@ -537,12 +539,19 @@ def _split_aware_order(profile: ModelProfile, cluster: Cluster, num_cards: int |
         return cluster, (f"card order kept as given: no order fits the uncompressed units whole, and with splits none "
                          f"of the orders tried ({tried}) fits them")
     _, name, order = best
+    # report the chosen order as indices into the given cluster: each card the first unused index of
+    # an equal card (one queue of indices per kind of card, not a scan of the cluster per card)
+    kinds, kind_of = card_kinds(given)
+    queues: list[deque[int]] = [deque() for _ in kinds]
+    for i, kind in enumerate(kind_of):
+        queues[kind].append(i)
+    by_id = {id(card): kind for card, kind in zip(given, kind_of)}
     positions: list[int] = []
-    used: set[int] = set()
-    for card in order:  # report the chosen order as indices into the given cluster
-        i = next(i for i, c in enumerate(given) if c == card and i not in used)
-        used.add(i)
-        positions.append(i)
+    for card in order:
+        kind = by_id.get(id(card))
+        if kind is None:
+            kind = next(k for k, known in enumerate(kinds) if known == card)
+        positions.append(queues[kind].popleft())
     shown = ", ".join(str(i) for i in positions[:32]) + (", ..." if len(positions) > 32 else "")
     return _replace(cluster, cards=tuple(order)), (
         f"card order chosen with splits ({name}; no order fits the units whole; tried {tried}): {shown}")
