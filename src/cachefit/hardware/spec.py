@@ -379,6 +379,8 @@ class Card:
     @property
     def capacity_bytes(self) -> int:
         """What a partition may use: ``floor(total * (1 - headroom)) - reserved_bytes``."""
+        if not self.headroom:  # most cards: no exact fraction to build (read per card on thousands of cards)
+            return self.total_bytes - self.reserved_bytes
         return math.floor(self.total_bytes * (1 - _exact_fraction(self.headroom))) - self.reserved_bytes
 
     def describe(self) -> str:
