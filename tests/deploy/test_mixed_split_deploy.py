@@ -160,6 +160,25 @@ def _layer_split(model_dir, fractions):
     return plan, units, [st.shard_parts[0] for st in stages], stages
 
 
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", ["llama-shared-kv", "gpt2-layer"])
+def test_proportional_split_trains_like_unsplit(mixed_dirs, case):
+    # a training step through shards of different sizes: losses and every gradient as the unsplit
+    # model's (a KV head two cards hold counted once, GPT-2's fused q/k/v by unequal head ranges)
+    name, fractions, _ = _CASES[_IDS.index(case)]
+    model_dir = mixed_dirs[name]
+    plan = _mixed_plan(model_dir, fractions)
+    assert any(st.shard_parts for st in plan.stages)
+    layout = layout_from_plan(plan, inspect_model_dir(model_dir))
+    ids, mask = padded_inputs(batch=4, vocab=_configs()[name].vocab_size)
+    result = launch(model_dir, plan, nodes=NodeConfig(nproc_per_node=layout.world_size), launcher="fork",
+                    config=RunConfig(micro_batches=2, mode="train", save_grads=True), input_ids=ids,
+                    attention_mask=mask)
+    verdict = check_run(result, model_dir, layout=layout, mode="train", micro_batches=2)
+    assert verdict.passed, verdict.describe()
+    assert {c.what for c in verdict.comparisons} >= {"losses", "gradients"}
+
+
 def test_ranges_that_do_not_cover_a_dimension_are_refused(mixed_dirs):
     plan, units, parts, _ = _layer_split(mixed_dirs["llama"], _CASES[0][1])
     start, end = parts[1].mlp_columns

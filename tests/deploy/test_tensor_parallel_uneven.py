@@ -202,6 +202,29 @@ def test_uneven_split_matches_unsplit(uneven_dirs, name, capacity, granularity, 
     assert verdict.passed and verdict.comparisons[0].max_rel_error <= 1e-5, verdict.describe()
 
 
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ["gpt2", "qwen2", "qwen3", "bert"])
+def test_uneven_split_trains_like_unsplit(uneven_dirs, name):
+    # a training step through 3-way splits: GPT-2's fused, transposed q/k/v; qwen2's KV head copies
+    # (their gradients summed over the cards holding one); qwen3's per-head norms (a weight every card
+    # holds whole, fed by its own heads: summed too); BERT's encoder loss. Losses and every gradient
+    # as the unsplit model's
+    model_dir = uneven_dirs[name]
+    _, capacity, granularity, _ = next(c for c in _CASES if c[0] == name)
+    config = _configs()[name]
+    plan = make_plan(model_dir, capacity, granularity=granularity)
+    layout = layout_from_plan(plan, inspect_model_dir(model_dir))
+    ids, mask = padded_inputs(batch=4, vocab=config.vocab_size, left=name != "bert")
+    result = launch(model_dir, plan, nodes=NodeConfig(nproc_per_node=layout.world_size), launcher="fork",
+                    config=RunConfig(micro_batches=2, mode="train", save_grads=True), input_ids=ids,
+                    attention_mask=mask)
+    assert any(len(s["ranks"]) == 3 for s in result.report["stages"])
+    verdict = check_run(result, model_dir, layout=layout, mode="train", micro_batches=2)
+    assert verdict.passed, verdict.describe()
+    what = {c.what: c for c in verdict.comparisons}
+    assert what["gradients"].max_rel_error <= 1e-5 and what["gradients"].tensors > 0, verdict.describe()
+
+
 # ---- backward through the shards: each card's gradients are the unsplit model's parts --------------
 
 

@@ -343,11 +343,6 @@ def check_world(layout: Any, nodes: NodeConfig, config: RunConfig) -> None:
             f"--schedule 1f1b needs at least as many micro-batches as stages: {config.micro_batches} < "
             f"{layout.num_stages}; give --micro-batches {layout.num_stages} or more (with a batch that is a multiple)"
         )
-    if config.mode == "train" and layout.tensor_parallel:
-        raise ConfigError(
-            "training steps run on plans without split stages only (tensor-parallel stages run inference); "
-            "use --mode prefill or re-plan with larger cards"
-        )
 
 
 def _check_decode(layout: Any, config: RunConfig) -> None:

@@ -876,6 +876,9 @@ class TransformerStage(nn.Module):
         self.forward_times_s: list[float] = []
         self.pre_forward: Callable[..., tuple[Any, ...]] | None = None
         """Set by the runtime on a tensor-parallel leader: shares the inputs with its followers."""
+        self.post_forward: Callable[[Any], Any] | None = None
+        """Set by the runtime on a tensor-parallel leader in a training step: its output's gradient
+        goes to its followers (:meth:`cachefit.deploy.tp_sync.TensorParallelSync.share_grad`)."""
         self.compression_reports: tuple[Any, ...] = ()
         """What real compression did to the stage's units (empty: uncompressed)."""
 
@@ -898,7 +901,8 @@ class TransformerStage(nn.Module):
             return self._meta_outputs(x, attention_mask)
         if self.pre_forward is not None:
             x, attention_mask = self.pre_forward(x, attention_mask)
-        return self.compute(x, attention_mask)
+        out = self.compute(x, attention_mask)
+        return self.post_forward(out) if self.post_forward is not None else out
 
     def compute(self, x: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         """The stage's units on real tensors (tensor-parallel followers call this directly)."""

@@ -323,6 +323,8 @@ def _parameter(t: torch.Tensor | None, like: torch.Tensor | None, dim: int = 0,
     if t is None:
         return None
     param = nn.Parameter(t, requires_grad=like.requires_grad if like is not None else True)
+    if index and like is not None:
+        param.unsplit_slices = (dim, tuple(index), tuple(like.shape))  # type: ignore[attr-defined]
     pads = [k for k, i in enumerate(index) if i is None]
     if pads and param.requires_grad:
         shape = [1] * param.dim()
@@ -332,6 +334,28 @@ def _parameter(t: torch.Tensor | None, like: torch.Tensor | None, dim: int = 0,
         keep = keep.view(shape)
         param.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
     return param
+
+
+def unsplit_gradient(param: nn.Parameter) -> torch.Tensor | None:
+    """A shard's gradient in the unsplit parameter's shape: its slices where they belong, zeros
+    elsewhere (padding dropped; a KV head several cards hold, whose copies' gradients were summed over
+    them, from the first of those cards only), so that the cards' tensors add up to the unsplit
+    gradient. None for a parameter that is not a shard (replicated on every card)."""
+    cut = getattr(param, "unsplit_slices", None)
+    if cut is None or param.grad is None:
+        return None
+    dim, index, shape = cut
+    grad = param.grad.detach()
+    full = torch.zeros(shape, dtype=grad.dtype, device=grad.device)
+    copy_dim, copies = getattr(param, "summed_copies", (dim, ()))
+    if copy_dim != dim:
+        raise DeployError(f"a shard of shape {tuple(param.shape)} sums KV-head copies along dimension {copy_dim}, "
+                          f"but is split along {dim}")
+    skip = set(copies)
+    held = [k for k, i in enumerate(index) if i is not None and k not in skip]
+    where = torch.tensor([index[k] for k in held], dtype=torch.long, device=grad.device)
+    rows = grad.index_select(dim, torch.tensor(held, dtype=torch.long, device=grad.device))
+    return full.index_add_(dim, where, rows)
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -536,6 +560,28 @@ def _shard_attention(root: nn.Module, layer: str, heads: HeadSplit, shard: _Shar
         setattr(attention, attr, qs * head_dim)
     if spec.group_attr is not None:
         setattr(attention, spec.group_attr, qs // ks)
+    _sum_per_head_grads_(root, layer, shard, where)
+
+
+def _sum_per_head_grads_(root: nn.Module, layer: str, shard: _Shard, where: str) -> None:
+    """The parameters the attention holds whole besides its projections (Qwen3's ``q_norm`` /
+    ``k_norm``: an RMSNorm weight shared by every head) act on the card's own heads, so each card
+    sees its heads' part of their gradient: summed over the cards (one all-reduce each, the same on
+    every card), every copy gets the unsplit gradient and stays equal to the others. The output
+    projection's whole bias is left alone: it is added after the sum, and sees the whole gradient."""
+    spec = shard.spec
+    attention = _module(root, f"{layer}.{spec.attention}", where)
+    out_prefix = spec.attention_out.removeprefix(f"{spec.attention}.") + "."
+    for name, param in attention.named_parameters():
+        if name.startswith(out_prefix) or hasattr(param, "unsplit_slices") or not param.requires_grad:
+            continue
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad, group=shard.group)
+            return grad
+
+        param.register_hook(hook)
 
 
 def _sum_shared_kv_grads_(module: nn.Module, heads: HeadSplit, shard: _Shard, *, start: int, head_dim: int,
@@ -550,9 +596,14 @@ def _sum_shared_kv_grads_(module: nn.Module, heads: HeadSplit, shard: _Shard, *,
     """
     kv = heads.kv[shard.rank]
     width, offset = len(kv) * head_dim, kv[0] * head_dim
+    # after the sum every copy holds the whole gradient: the unsplit one counts it once, from the
+    # first card holding the head (unsplit_gradient leaves the other copies out)
+    copies = [j * head_dim + f for j, h in enumerate(kv)
+              if next(r for r, held in enumerate(heads.kv) if h in held) != shard.rank for f in range(head_dim)]
     for param, dim in ((module.weight, 1 if transposed else 0), (getattr(module, "bias", None), 0)):
         if param is None or not param.requires_grad:
             continue
+        param.summed_copies = (dim, tuple(start + f for f in copies))  # type: ignore[attr-defined]
 
         def hook(grad: torch.Tensor, dim: int = dim) -> torch.Tensor:
             shape = list(grad.shape)

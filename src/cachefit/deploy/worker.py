@@ -227,6 +227,10 @@ def _run_schedule(ctx: RankContext, built: list[BuiltStage], tp_groups: dict[int
         sync = TensorParallelSync(tp_groups[me.placement.stage_idx], me.placement.leader, device)
         if not me.is_follower:
             me.module.pre_forward = sync.lead
+            if config.mode == "train":
+                me.module.requires_grad_(True)
+                sync.watch(me.module)
+                me.module.post_forward = sync.share_grad
     fault = planned_fault()
     result: torch.Tensor | None = None
     step_times: list[float] = []
@@ -234,7 +238,10 @@ def _run_schedule(ctx: RankContext, built: list[BuiltStage], tp_groups: dict[int
     holds_last = any(b.placement.stage_idx == layout.num_stages - 1 for b in built) and not me.is_follower
     if me.is_follower:
         me.module.eval()
-        sync.follow(me.module)  # type: ignore[union-attr]
+        if config.mode == "train":
+            me.module.requires_grad_(True)
+        sync.follow(me.module, train=config.mode == "train",  # type: ignore[union-attr]
+                    input_grads=me.placement.stage_idx > 0)
     else:
         pipe_stages = []
         for stage in built:
@@ -256,6 +263,11 @@ def _run_schedule(ctx: RankContext, built: list[BuiltStage], tp_groups: dict[int
                         stage.module.forward_times_s.clear()
                 if fault and fault.due(rank, step - config.warmup):
                     fault.inject(ctx.run_dir, rank)
+                if config.mode == "train":  # each step's gradients alone (what the check compares)
+                    for stage in built:
+                        stage.module.zero_grad(set_to_none=True)
+                    if sync is not None:
+                        sync.command(TensorParallelSync.ZERO)
                 barrier(sync)
                 t0 = time.perf_counter()
                 losses: list[torch.Tensor] = []
@@ -265,6 +277,9 @@ def _run_schedule(ctx: RankContext, built: list[BuiltStage], tp_groups: dict[int
                     if holds_last and config.mode == "train":
                         kwargs = {"target": tgt, "losses": losses}
                     out = schedule.step(*first_args, **kwargs)
+                if sync is not None and config.mode == "train":
+                    # the schedule divided this stage's gradients by the micro-batches: the shards too
+                    sync.command(TensorParallelSync.SCALE, config.micro_batches)
                 barrier(sync)
                 if timed:
                     step_times.append(time.perf_counter() - t0)
@@ -290,13 +305,22 @@ def _run_schedule(ctx: RankContext, built: list[BuiltStage], tp_groups: dict[int
 
 
 def _save_grads(built: list[BuiltStage], run_dir: Path, rank: int) -> None:
+    """Each parameter's gradient under the unsplit model's name and shape: a tensor-parallel shard's
+    part scattered into zeros where it belongs (the files of a stage's cards then add up to the unsplit
+    gradient), a parameter every shard holds whole from the stage's first card only."""
+    from cachefit.deploy.tensor_parallel import unsplit_gradient
+
     grads = {}
     for stage in built:
         for name, p in stage.module.named_parameters():
-            if p.grad is not None:
-                # TransformerStage keeps the model as `model`, SequentialStage its children in `blocks`
-                key = name.removeprefix("model.") if hasattr(stage.module, "adapter_name") else name.removeprefix("blocks.")
-                grads[key] = p.grad.detach().float().cpu()
+            if p.grad is None:
+                continue
+            # TransformerStage keeps the model as `model`, SequentialStage its children in `blocks`
+            key = name.removeprefix("model.") if hasattr(stage.module, "adapter_name") else name.removeprefix("blocks.")
+            grad = unsplit_gradient(p)
+            if grad is None and stage.shard > 0:
+                continue  # replicated over the shards, with the same gradient on each: saved once
+            grads[key] = (grad if grad is not None else p.grad).detach().float().cpu()
     save_tensors(grads, run_dir / f"grads-rank{rank}.safetensors")
 
 
