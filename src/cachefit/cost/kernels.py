@@ -63,6 +63,8 @@ smaller tensors; its collectives are costed apart).
 
 from __future__ import annotations
 
+import functools
+
 from cachefit.errors import ConfigError
 from cachefit.units import Attention, LayerShape, Mode, Unit, Workload
 
@@ -179,8 +181,10 @@ def list_kernels(shape: LayerShape, workload: Workload) -> tuple[tuple[str, int]
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def count_forward_kernels(shape: LayerShape, workload: Workload) -> int:
-    """Kernels one forward pass of the unit launches (the sum of :func:`list_kernels`)."""
+    """Kernels one forward pass of the unit launches (the sum of :func:`list_kernels`). Cached: shapes
+    and workloads are frozen, and a plan on thousands of cards prices the same units again and again."""
     return sum(n for _, n in list_kernels(shape, workload))
 
 

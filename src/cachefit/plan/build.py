@@ -22,7 +22,8 @@ def stage_for(card_index: int, card: Card, start: int, units: Sequence[Unit], *,
     Its bytes stack the units' footprints (``stacking``: ``reuse`` shares scratch, ``sum`` adds all).
     """
     # canonical order; units may differ (a least-loss plan gives one int8 and its neighbour int4)
-    applied = tuple(name for name in CANONICAL_ORDER if any(name in u.compression for u in units))
+    present = {name for u in units for name in u.compression}
+    applied = tuple(name for name in CANONICAL_ORDER if name in present)
     return Stage(
         card=card_index,
         device=card.device.name,
