@@ -23,6 +23,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fnmatch import fnmatchcase
 
@@ -746,6 +747,29 @@ def partial_layouts(table: ShardTable, cards: Sequence[Card], stacking: str, deg
     return found
 
 
+def _dp_starts(value: np.ndarray, stages: Mapping[tuple[int, int], Sequence[Any]], degrees: Sequence[int],
+               kind_of: np.ndarray) -> Iterator[tuple[int, int, Sequence[Any], int, np.ndarray, np.ndarray]]:
+    """The stages a dynamic program over (units placed, cards used) extends from, in order:
+    ``(start i, degree s, its stages' rows, width, live, kinds)`` for every start reached
+    (``value[i]`` finite somewhere) and degree with stages, ``live`` the card counts ``c < width``
+    (``width = k + 1 - s``) that reach it and ``kinds`` their cards' kinds. Lazy: the caller's
+    updates of later rows are seen when their start comes."""
+    n, k = value.shape[0] - 1, value.shape[1] - 1
+    for i in range(n):
+        if not np.isfinite(value[i]).any():
+            continue
+        for s in degrees:
+            if s > k:
+                break
+            rows = stages.get((i, s))
+            if not rows:
+                continue
+            width = k + 1 - s
+            live = np.isfinite(value[i, :width])
+            if live.any():
+                yield i, s, rows, width, live, kind_of[:width]
+
+
 def _partial_dp(n: int, k: int, degrees: Sequence[int], stages: Mapping[tuple[int, int], list[tuple[np.ndarray,
                 np.ndarray]]], kind_of: np.ndarray, bandwidths: Sequence[float], weight: float, table: ShardTable,
                 stacking: str) -> Layout | None:
@@ -759,34 +783,21 @@ def _partial_dp(n: int, k: int, degrees: Sequence[int], stages: Mapping[tuple[in
     back_s = np.zeros((n + 1, k + 1), dtype=np.int64)
     obj[0, 0] = tie[0, 0] = total[0, 0] = 0.0
     bw = np.asarray(bandwidths, dtype=np.float64)
-    for i in range(n):
-        if not np.isfinite(obj[i]).any():
-            continue
-        for s in degrees:
-            if s > k:
-                break
-            rows = stages.get((i, s))
-            if not rows:
-                continue
-            width = k + 1 - s
-            live = np.isfinite(obj[i, :width])
-            if not live.any():
-                continue
-            kinds = kind_of[:width]
-            for offset, (offs, times) in enumerate(rows):
-                j = i + offset + 1
-                stage_off = s * offs[kinds]  # every shard moves what the largest one does
-                stage_time = times[kinds]
-                cand_obj = obj[i, :width] + stage_off + weight * stage_time * bw[kinds]
-                cand_tie = tie[i, :width] + stage_time
-                tgt_obj, tgt_tie = obj[j, s:], tie[j, s:]
-                better = live & ((cand_obj < tgt_obj) | ((cand_obj == tgt_obj) & (cand_tie < tgt_tie)))
-                if better.any():
-                    tgt_obj[better] = cand_obj[better]
-                    tgt_tie[better] = cand_tie[better]
-                    total[j, s:][better] = (total[i, :width] + stage_off)[better]
-                    back_i[j, s:][better] = i
-                    back_s[j, s:][better] = s
+    for i, s, rows, width, live, kinds in _dp_starts(obj, stages, degrees, kind_of):
+        for offset, (offs, times) in enumerate(rows):
+            j = i + offset + 1
+            stage_off = s * offs[kinds]  # every shard moves what the largest one does
+            stage_time = times[kinds]
+            cand_obj = obj[i, :width] + stage_off + weight * stage_time * bw[kinds]
+            cand_tie = tie[i, :width] + stage_time
+            tgt_obj, tgt_tie = obj[j, s:], tie[j, s:]
+            better = live & ((cand_obj < tgt_obj) | ((cand_obj == tgt_obj) & (cand_tie < tgt_tie)))
+            if better.any():
+                tgt_obj[better] = cand_obj[better]
+                tgt_tie[better] = cand_tie[better]
+                total[j, s:][better] = (total[i, :width] + stage_off)[better]
+                back_i[j, s:][better] = i
+                back_s[j, s:][better] = s
     if not np.isfinite(obj[n, k]):
         return None
     groups: list[Group] = []
@@ -861,36 +872,23 @@ def fastest_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degr
         back_i = np.full((n + 1, k + 1), -1, dtype=np.int64)
         back_s = np.zeros((n + 1, k + 1), dtype=np.int64)
         value[0, 0] = 0.0
-        for i in range(n):
-            if not np.isfinite(value[i]).any():
-                continue
-            for s in degrees:
-                if s > k:
-                    break
-                rows = stages.get((i, s))
-                if not rows:
-                    continue
-                width = k + 1 - s
-                here = value[i, :width]
-                live = np.isfinite(here)
-                if not live.any():
-                    continue
-                kinds_here = kind_of[:width]
-                for offset, (total, times) in enumerate(rows):
-                    j = i + offset + 1
-                    took = times[kinds_here]
-                    ok = live & np.isfinite(took)
-                    if bound_s is None:
-                        cand = np.maximum(here, took)
-                    else:
-                        ok &= took <= bound_s
-                        cand = np.maximum(here, float(total))
-                    target = value[j, s:]
-                    better = ok & (cand < target)
-                    if better.any():
-                        target[better] = cand[better]
-                        back_i[j, s:][better] = i
-                        back_s[j, s:][better] = s
+        for i, s, rows, width, live, kinds_here in _dp_starts(value, stages, degrees, kind_of):
+            here = value[i, :width]
+            for offset, (total, times) in enumerate(rows):
+                j = i + offset + 1
+                took = times[kinds_here]
+                ok = live & np.isfinite(took)
+                if bound_s is None:
+                    cand = np.maximum(here, took)
+                else:
+                    ok &= took <= bound_s
+                    cand = np.maximum(here, float(total))
+                target = value[j, s:]
+                better = ok & (cand < target)
+                if better.any():
+                    target[better] = cand[better]
+                    back_i[j, s:][better] = i
+                    back_s[j, s:][better] = s
         if not np.isfinite(value[n, k]):
             return None
         return value, back_i, back_s
