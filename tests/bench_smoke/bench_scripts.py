@@ -1,9 +1,11 @@
-"""Helpers of the bench/ smoke tests: loading a script as a module (bench/ is not a package), a made-up CPU."""
+"""Helpers of the bench/ smoke tests: loading a script as a module (bench/ is not a package), a made-up CPU,
+the arguments of a run on a tiny Llama."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,3 +38,13 @@ def bench_script(name: str) -> Iterator[ModuleType]:
         yield module
     finally:
         sys.modules.pop(spec.name, None)
+
+
+def tiny_run_args(tmp_path: Path, docs: Path) -> list[str]:
+    """The arguments the decode benchmarks share for a run on a tiny Llama: an output folder and the
+    made-up CPU's device file under ``tmp_path``, the docs page ``docs`` to write into."""
+    device = tmp_path / "tiny-cpu.json"
+    device.write_text(json.dumps(DEVICE))
+    return ["--out-dir", str(tmp_path / "out"), "--device-file", str(device), "--docs", str(docs),
+            "--hidden", "64", "--layers", "2", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
+            "--vocab", "128", "--warmup", "0", "--steps", "1"]

@@ -4,7 +4,7 @@
 import json
 
 import pytest
-from bench_scripts import DEVICE, bench_script
+from bench_scripts import bench_script, tiny_run_args
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -20,13 +20,9 @@ def bench():
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_the_script_writes_a_row_per_process_count(bench, tmp_path):
-    device = tmp_path / "tiny-cpu.json"
-    device.write_text(json.dumps(DEVICE))
     docs = tmp_path / "validation.md"
     docs.write_text("# Validation\n\nabove\n")
-    argv = ["--out-dir", str(tmp_path / "out"), "--device-file", str(device), "--docs", str(docs),
-            "--hidden", "64", "--layers", "2", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
-            "--vocab", "128", "--new-tokens", "2", "--warmup", "0", "--steps", "1"]
+    argv = [*tiny_run_args(tmp_path, docs), "--new-tokens", "2"]
     assert bench.main(argv) == 0
     doc = json.loads((tmp_path / "out" / "cpu_validation.json").read_text())
     assert [r["cards"] for r in doc["rows"]] == [1, 2]

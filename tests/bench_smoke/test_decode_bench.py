@@ -4,7 +4,7 @@
 import json
 
 import pytest
-from bench_scripts import DEVICE, bench_script
+from bench_scripts import bench_script, tiny_run_args
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -19,14 +19,9 @@ def bench():
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_the_script_writes_a_row_per_group_count(bench, tmp_path):
-    device = tmp_path / "tiny-cpu.json"
-    device.write_text(json.dumps(DEVICE))
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nabove\n")
-    argv = ["--out-dir", str(tmp_path / "out"), "--device-file", str(device), "--docs", str(docs),
-            "--hidden", "64", "--layers", "2", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
-            "--vocab", "128", "--groups", "1,2", "--group-batch", "2", "--new-tokens", "3", "--warmup", "0",
-            "--steps", "1"]
+    argv = [*tiny_run_args(tmp_path, docs), "--groups", "1,2", "--group-batch", "2", "--new-tokens", "3"]
     assert bench.main(argv) == 0
     doc = json.loads((tmp_path / "out" / "decode_bench.json").read_text())
     assert [r["groups"] for r in doc["rows"]] == [1, 2] and [r["sequences"] for r in doc["rows"]] == [2, 4]
