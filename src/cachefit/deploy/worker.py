@@ -222,13 +222,17 @@ def _run_schedule(ctx: RankContext, built: list[BuiltStage], tp_groups: dict[int
 
     layout, config, device, rank = ctx.layout, ctx.config, ctx.device, ctx.rank
     me = built[0]
+    train = config.mode == "train"
+    for stage in built:
+        stage.module.eval()  # dropout off: a training step is compared exactly with the unsplit model
+        if train:
+            stage.module.requires_grad_(True)
     sync = None
     if me.placement.shards > 1:
         sync = TensorParallelSync(tp_groups[me.placement.stage_idx], me.placement.leader, device)
         if not me.is_follower:
             me.module.pre_forward = sync.lead
-            if config.mode == "train":
-                me.module.requires_grad_(True)
+            if train:
                 sync.watch(me.module)
                 me.module.post_forward = sync.share_grad
     fault = planned_fault()
@@ -237,20 +241,11 @@ def _run_schedule(ctx: RankContext, built: list[BuiltStage], tp_groups: dict[int
     losses_all: list[float] = []
     holds_last = any(b.placement.stage_idx == layout.num_stages - 1 for b in built) and not me.is_follower
     if me.is_follower:
-        me.module.eval()
-        if config.mode == "train":
-            me.module.requires_grad_(True)
-        sync.follow(me.module, train=config.mode == "train",  # type: ignore[union-attr]
-                    input_grads=me.placement.stage_idx > 0)
+        sync.follow(me.module, train=train, input_grads=me.placement.stage_idx > 0)  # type: ignore[union-attr]
     else:
-        pipe_stages = []
-        for stage in built:
-            stage.module.eval()  # dropout off: a training step is compared exactly with the unsplit model
-            if config.mode == "train":
-                stage.module.requires_grad_(True)
-            pipe_stages.append(PipelineStage(stage.module, stage.placement.stage_idx, layout.num_stages, device,
-                                             group=pp_group))
-        schedule = _schedule(pipe_stages, config, loss_fn if config.mode == "train" else None)
+        pipe_stages = [PipelineStage(stage.module, stage.placement.stage_idx, layout.num_stages, device, group=pp_group)
+                       for stage in built]
+        schedule = _schedule(pipe_stages, config, loss_fn if train else None)
         holds_first = any(b.placement.stage_idx == 0 for b in built)
         first_args = tuple(t.to(device) for t in inputs) if holds_first else ()
         tgt = target.to(device) if (holds_last and target is not None) else None
@@ -263,7 +258,7 @@ def _run_schedule(ctx: RankContext, built: list[BuiltStage], tp_groups: dict[int
                         stage.module.forward_times_s.clear()
                 if fault and fault.due(rank, step - config.warmup):
                     fault.inject(ctx.run_dir, rank)
-                if config.mode == "train":  # each step's gradients alone (what the check compares)
+                if train:  # each step's gradients alone (what the check compares)
                     for stage in built:
                         stage.module.zero_grad(set_to_none=True)
                     if sync is not None:
@@ -274,10 +269,10 @@ def _run_schedule(ctx: RankContext, built: list[BuiltStage], tp_groups: dict[int
                 grad = torch.no_grad() if config.mode == "prefill" else contextlib.nullcontext()
                 with grad:
                     kwargs: dict[str, Any] = {}
-                    if holds_last and config.mode == "train":
+                    if holds_last and train:
                         kwargs = {"target": tgt, "losses": losses}
                     out = schedule.step(*first_args, **kwargs)
-                if sync is not None and config.mode == "train":
+                if sync is not None and train:
                     # the schedule divided this stage's gradients by the micro-batches: the shards too
                     sync.command(TensorParallelSync.SCALE, config.micro_batches)
                 barrier(sync)
@@ -289,7 +284,7 @@ def _run_schedule(ctx: RankContext, built: list[BuiltStage], tp_groups: dict[int
                 advance()
         if sync is not None:
             sync.command(TensorParallelSync.STOP)
-    if config.save_grads and config.mode == "train":
+    if config.save_grads and train:
         _save_grads(built, ctx.run_dir, rank)
     for stage in built:
         stage.record_times()
