@@ -770,6 +770,18 @@ def _dp_starts(value: np.ndarray, stages: Mapping[tuple[int, int], Sequence[Any]
                 yield i, s, rows, width, live, kind_of[:width]
 
 
+def _walk_back(table: ShardTable, back_i: np.ndarray, back_s: np.ndarray, n: int, k: int) -> tuple[Group, ...]:
+    """The groups of a dynamic program's layout of ``n`` units on ``k`` cards, from its back pointers
+    (``back_i[j, c]``, ``back_s[j, c]``: the start and cards of the last stage placing units [0, j) on c)."""
+    groups: list[Group] = []
+    j, left = n, k
+    while j > 0:
+        i, s = int(back_i[j, left]), int(back_s[j, left])
+        groups.append(table.group(i, j, s))
+        j, left = i, left - s
+    return tuple(reversed(groups))
+
+
 def _partial_dp(n: int, k: int, degrees: Sequence[int], stages: Mapping[tuple[int, int], list[tuple[np.ndarray,
                 np.ndarray]]], kind_of: np.ndarray, bandwidths: Sequence[float], weight: float, table: ShardTable,
                 stacking: str) -> Layout | None:
@@ -800,13 +812,7 @@ def _partial_dp(n: int, k: int, degrees: Sequence[int], stages: Mapping[tuple[in
                 back_s[j, s:][better] = s
     if not np.isfinite(obj[n, k]):
         return None
-    groups: list[Group] = []
-    j, left = n, k
-    while j > 0:
-        i, s = int(back_i[j, left]), int(back_s[j, left])
-        groups.append(table.group(i, j, s))
-        j, left = i, left - s
-    return Layout(tuple(reversed(groups)), stacking, offchip_bytes=int(round(total[n, k])))
+    return Layout(_walk_back(table, back_i, back_s, n, k), stacking, offchip_bytes=int(round(total[n, k])))
 
 
 def fastest_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degrees: Sequence[int], num_cards: int,
@@ -900,13 +906,7 @@ def fastest_layout(table: ShardTable, cards: Sequence[Card], stacking: str, degr
     second = sweep(bottleneck_s)
     assert second is not None, "the time-optimal layout itself passes its own bound"
     _, back_i, back_s = second
-    groups: list[Group] = []
-    j, left = n, k
-    while j > 0:
-        i, s = int(back_i[j, left]), int(back_s[j, left])
-        groups.append(table.group(i, j, s))
-        j, left = i, left - s
-    return Layout(tuple(reversed(groups)), stacking)
+    return Layout(_walk_back(table, back_i, back_s, n, k), stacking)
 
 
 __all__ = [
